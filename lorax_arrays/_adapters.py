@@ -1,0 +1,303 @@
+"""`Adapter` (one LoRA) and `AdapterStack` (many, ranks padded, ready to serve)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._errors import LoraIndexError
+from ._rules import LeafLayout, LoraRule, match_rules
+
+BASE = "__base__"
+
+
+class Adapter(eqx.Module):
+    """One LoRA adapter: an `(a, b)` pair per adapted leaf.
+
+    A pytree whose array leaves are exactly the A and B matrices, so `jax.tree.map`,
+    `eqx.partition`, optax and orbax work on it directly. Ranks, alphas and layouts
+    are static metadata.
+
+    **Fields:**
+
+    - `weights`: dict from each adapted '/'-joined path to `(a, b)`, with
+        `a: (*stack, *in, rank)` and `b: (*stack, rank, *out)`.
+    - `layouts`: the `LeafLayout` of each path (its shape and in/out/stack axes).
+    - `ranks`, `alphas`: per path, in the order of `layouts`.
+    - `use_rslora`: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
+    """
+
+    weights: dict[str, tuple[Array, Array]]
+    layouts: tuple[LeafLayout, ...] = eqx.field(static=True)
+    ranks: tuple[int, ...] = eqx.field(static=True)
+    alphas: tuple[float, ...] = eqx.field(static=True)
+    use_rslora: tuple[bool, ...] = eqx.field(static=True)
+
+    def __check_init__(self):
+        paths = [lay.path for lay in self.layouts]
+        if set(paths) != set(self.weights) or len(paths) != len(self.weights):
+            raise ValueError(
+                f"Adapter: weights have paths {sorted(self.weights)} but layouts "
+                f"have {sorted(paths)}."
+            )
+        for lay, r in zip(self.layouts, self.ranks):
+            a, b = self.weights[lay.path]
+            exp_a = (*lay.stack_shape, *lay.in_shape, r)
+            exp_b = (*lay.stack_shape, r, *lay.out_shape)
+            if tuple(a.shape) != exp_a or tuple(b.shape) != exp_b:
+                raise ValueError(
+                    f"Adapter: at {lay.path!r} expected a{exp_a} and b{exp_b}, got "
+                    f"a{tuple(a.shape)} and b{tuple(b.shape)}."
+                )
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The adapted paths, in order."""
+        return tuple(lay.path for lay in self.layouts)
+
+    def scale(self, path: str) -> float:
+        """`alpha / rank` (or `alpha / sqrt(rank)`) of the leaf at `path`."""
+        j = self.paths.index(path)
+        r = self.ranks[j]
+        return self.alphas[j] / (math.sqrt(r) if self.use_rslora[j] else r)
+
+
+def init_adapter(
+    tree: Any,
+    rules: LoraRule | Sequence[LoraRule],
+    *,
+    key: PRNGKeyArray,
+    dtype: Any = None,
+) -> Adapter:
+    """A new adapter for the leaves of `tree` that `rules` match.
+
+    `a` is drawn as in PEFT (`U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, Kaiming-uniform)
+    and `b` starts at zero, so a new adapter leaves the model unchanged.
+
+    **Arguments:**
+
+    - `tree`: the model or parameter tree (see [`lorax_arrays.match_rules`][]).
+    - `rules`: a `LoraRule` or a sequence of them; the first match wins.
+    - `key`: a JAX PRNG key.
+    - `dtype`: the adapter's dtype; defaults to each weight's own dtype.
+
+    **Returns:**
+
+    An [`lorax_arrays.Adapter`][].
+    """
+    matches = match_rules(tree, rules)
+    keys = jr.split(key, max(len(matches), 1))
+    weights = {}
+    for m, k in zip(matches, keys):
+        lay = m.layout
+        dt = m.dtype if dtype is None else dtype
+        fan_in = math.prod(lay.in_shape)
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jr.uniform(k, (*lay.stack_shape, *lay.in_shape, m.rank), dt, -bound, bound)
+        b = jnp.zeros((*lay.stack_shape, m.rank, *lay.out_shape), dt)
+        weights[lay.path] = (a, b)
+    return Adapter(
+        weights=weights,
+        layouts=tuple(m.layout for m in matches),
+        ranks=tuple(m.rank for m in matches),
+        alphas=tuple(m.alpha for m in matches),
+        use_rslora=tuple(m.use_rslora for m in matches),
+    )
+
+
+class AdapterStack(eqx.Module):
+    """Many adapters stacked for serving in one batch, ranks zero-padded.
+
+    Build it with [`lorax_arrays.stack_adapters`][]; pass it to
+    [`lorax_arrays.loraify`][].
+
+    **Fields:**
+
+    - `weights`: dict from path to `(a, b)`, `a: (*stack, n_adapters, *in, rank)`,
+        `b: (*stack, n_adapters, rank, *out)` with `rank` the largest at that path.
+    - `scales`: dict from path to `(n_adapters,)` scales; 0 for an adapter that
+        does not adapt that path.
+    - `layouts`: the `LeafLayout` of each path.
+    - `ranks`: per path, each adapter's own rank (0 where it has none).
+    - `alphas`, `use_rslora`: per path, per adapter.
+    - `names`: optional adapter names, for [`AdapterStack.indices`][].
+    """
+
+    weights: dict[str, tuple[Array, Array]]
+    scales: dict[str, Float[Array, " n_adapters"]]
+    layouts: tuple[LeafLayout, ...] = eqx.field(static=True)
+    ranks: tuple[tuple[int, ...], ...] = eqx.field(static=True)
+    alphas: tuple[tuple[float, ...], ...] = eqx.field(static=True)
+    use_rslora: tuple[tuple[bool, ...], ...] = eqx.field(static=True)
+    names: tuple[str, ...] | None = eqx.field(static=True, default=None)
+
+    @property
+    def n_adapters(self) -> int:
+        """How many adapters are stacked."""
+        return len(self.ranks[0]) if self.ranks else 0
+
+    def __len__(self) -> int:
+        return self.n_adapters
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The adapted paths, in order."""
+        return tuple(lay.path for lay in self.layouts)
+
+    def __getitem__(self, i: int | str) -> Adapter:
+        """Adapter `i` (an int, or a name), with its padding removed."""
+        i = self._position(i)
+        weights, layouts, ranks, alphas, rs = {}, [], [], [], []
+        for j, lay in enumerate(self.layouts):
+            r = self.ranks[j][i]
+            if r == 0:
+                continue
+            ns = len(lay.stack_axes)
+            a, b = self.weights[lay.path]
+            a_i = jnp.take(a, i, axis=ns)[..., :r]
+            b_i = jax.lax.slice_in_dim(jnp.take(b, i, axis=ns), 0, r, axis=ns)
+            weights[lay.path] = (a_i, b_i)
+            layouts.append(lay)
+            ranks.append(r)
+            alphas.append(self.alphas[j][i])
+            rs.append(self.use_rslora[j][i])
+        return Adapter(weights, tuple(layouts), tuple(ranks), tuple(alphas), tuple(rs))
+
+    def _position(self, i: int | str) -> int:
+        if isinstance(i, str):
+            if self.names is None or i not in self.names:
+                raise KeyError(
+                    f"No adapter named {i!r}; names are {self.names}. Give names "
+                    "with `lx.stack_adapters(adapters, names=[...])`."
+                )
+            return self.names.index(i)
+        n = self.n_adapters
+        if not -n <= i < n:
+            raise LoraIndexError(f"Adapter {i} out of range for {n} adapters.")
+        return i % n
+
+    def indices(self, which: Sequence[int | str | None]) -> Int[Array, " batch"]:
+        """An int32 index vector from adapter names (or numbers), one per request.
+
+        `None`, `-1` and `"__base__"` (PEFT's name) mean the base model alone.
+
+        **Arguments:**
+
+        - `which`: one entry per request.
+
+        **Returns:**
+
+        `(len(which),)` int32 indices for [`lorax_arrays.with_indices`][].
+        """
+        out = []
+        for w in which:
+            if w is None or w == BASE or (isinstance(w, int) and w == -1):
+                out.append(-1)
+            else:
+                out.append(self._position(w))
+        return jnp.asarray(np.asarray(out, dtype=np.int32))
+
+
+def stack_adapters(
+    adapters: Sequence[Adapter], *, names: Sequence[str] | None = None
+) -> AdapterStack:
+    """Stacks adapters for serving together, zero-padding ranks to the largest.
+
+    Adapters may adapt different sets of leaves; where one lacks a leaf that others
+    adapt, its factors there are zero (it sees the base weight at that leaf).
+
+    **Arguments:**
+
+    - `adapters`: the adapters, in the order their indices will refer to.
+    - `names`: optional names, so requests can be mapped with
+        [`AdapterStack.indices`][].
+
+    **Returns:**
+
+    An [`lorax_arrays.AdapterStack`][].
+    """
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("stack_adapters: need at least one adapter.")
+    for i, ad in enumerate(adapters):
+        if not isinstance(ad, Adapter):
+            raise TypeError(
+                f"stack_adapters: item {i} is a {type(ad).__name__}, not an Adapter."
+            )
+    if names is not None:
+        names = tuple(str(n) for n in names)
+        if len(names) != len(adapters):
+            raise ValueError(
+                f"stack_adapters: {len(names)} names for {len(adapters)} adapters."
+            )
+        if len(set(names)) != len(names) or BASE in names:
+            raise ValueError(
+                f"stack_adapters: names must be distinct and not {BASE!r}: {names}."
+            )
+    layouts: dict[str, LeafLayout] = {}
+    for i, ad in enumerate(adapters):
+        for lay in ad.layouts:
+            prev = layouts.setdefault(lay.path, lay)
+            if not prev.compatible(lay):
+                raise ValueError(
+                    f"stack_adapters: adapter {i} lays out {lay.path!r} as shape "
+                    f"{lay.shape}, in={lay.in_axes}, out={lay.out_axes}, "
+                    f"stack={lay.stack_axes}, but an earlier adapter has shape "
+                    f"{prev.shape}, in={prev.in_axes}, out={prev.out_axes}, "
+                    f"stack={prev.stack_axes}. Adapters served together must be "
+                    "made for the same model."
+                )
+    weights, scales, ranks, alphas, rs = {}, {}, [], [], []
+    for path, lay in layouts.items():
+        ns = len(lay.stack_axes)
+        per = [
+            (ad.weights[path], ad.paths.index(path)) if path in ad.weights else None
+            for ad in adapters
+        ]
+        r_each = tuple(ad.ranks[p[1]] if p else 0 for ad, p in zip(adapters, per))
+        r_max = max(r_each)
+        dtype = jnp.result_type(*[x for p in per if p for x in p[0]])
+        a_list, b_list = [], []
+        for p, r in zip(per, r_each):
+            if p is None:
+                a_list.append(
+                    jnp.zeros((*lay.stack_shape, *lay.in_shape, r_max), dtype)
+                )
+                b_list.append(
+                    jnp.zeros((*lay.stack_shape, r_max, *lay.out_shape), dtype)
+                )
+                continue
+            a, b = p[0]
+            a_pad = [(0, 0)] * (a.ndim - 1) + [(0, r_max - r)]
+            b_pad = [(0, 0)] * b.ndim
+            b_pad[ns] = (0, r_max - r)
+            a_list.append(jnp.pad(a.astype(dtype), a_pad))
+            b_list.append(jnp.pad(b.astype(dtype), b_pad))
+        weights[path] = (jnp.stack(a_list, axis=ns), jnp.stack(b_list, axis=ns))
+        al = tuple(ad.alphas[p[1]] if p else 0.0 for ad, p in zip(adapters, per))
+        rsl = tuple(ad.use_rslora[p[1]] if p else False for ad, p in zip(adapters, per))
+        sc = [
+            0.0 if r == 0 else a_ / (math.sqrt(r) if rs_ else r)
+            for r, a_, rs_ in zip(r_each, al, rsl)
+        ]
+        scales[path] = jnp.asarray(sc, jnp.float32)
+        ranks.append(r_each)
+        alphas.append(al)
+        rs.append(rsl)
+    return AdapterStack(
+        weights=weights,
+        scales=scales,
+        layouts=tuple(layouts.values()),
+        ranks=tuple(ranks),
+        alphas=tuple(alphas),
+        use_rslora=tuple(rs),
+        names=names,
+    )

@@ -1,0 +1,332 @@
+"""`BatchedLoraArray`: a frozen base weight plus many stacked LoRA adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import quax
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from ._errors import LoraIndexError, UnsupportedOperationError
+from ._layout import check_partition, dense_delta, factor_shapes, normalise_axes
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _shape_dtype(w: Any) -> tuple[tuple[int, ...], Any]:
+    if isinstance(w, quax.ArrayValue):
+        aval = w.aval()
+        return tuple(aval.shape), aval.dtype
+    if isinstance(w, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+        return tuple(w.shape), w.dtype
+    raise TypeError(
+        "BatchedLoraArray: `w` must be a JAX/NumPy array or a quax.ArrayValue, got "
+        f"{type(w).__name__}."
+    )
+
+
+class BatchedLoraArray(quax.ArrayValue):
+    """A frozen weight `w` with many LoRA adapters, one chosen per example or token.
+
+    For an example `e` that uses adapter `i = indices[e]`, the array stands for
+
+        w + scale[i] * (a[i] ⊗ b[i])     laid out on w's axes,
+
+    and for `i = -1` for `w` alone. That sum is never built: under
+    [`lorax_arrays.quaxify`][], `dot_general(x, W)` is rewritten to
+    `dot_general(x, w) + scale[i] * ((x · a[i]) · b[i])`.
+
+    Layout (`stack` = the sizes of `stack_axes`, `in` of `in_axes`, `out` of
+    `out_axes`, each in the order given):
+
+    | field | shape |
+    |---|---|
+    | `w` | the base weight's own shape, e.g. `(in, out)` or `(L, out, in)` |
+    | `a` | `(*stack, n_adapters, *in, rank)` |
+    | `b` | `(*stack, n_adapters, rank, *out)` |
+    | `scale` | `(n_adapters,)`: alpha / rank (alpha / sqrt(rank) for rsLoRA) |
+    | `indices` | `()` in `vmap`, `(batch,)`, or `(batch, seq)`; `-1` = base only |
+
+    Adapters of different ranks are zero-padded to the largest rank;
+    [`lorax_arrays.stack_adapters`][] does that for you.
+    """
+
+    w: Any
+    a: Float[Array, ...]
+    b: Float[Array, ...]
+    scale: Float[Array, " n_adapters"]
+    indices: Int[Array, ...] | None
+    in_axes: tuple[int, ...] = eqx.field(static=True)
+    out_axes: tuple[int, ...] = eqx.field(static=True)
+    stack_axes: tuple[int, ...] = eqx.field(static=True)
+    allow_materialise: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        w: Any,
+        a: Float[ArrayLike, ...],
+        b: Float[ArrayLike, ...],
+        *,
+        scale: Float[ArrayLike, " n_adapters"] | float,
+        indices: Int[ArrayLike, ...] | None = None,
+        in_axes: int | Sequence[int],
+        out_axes: int | Sequence[int],
+        stack_axes: int | Sequence[int] = (),
+        allow_materialise: bool = False,
+    ):
+        """**Arguments:**
+
+        - `w`: the frozen base weight: an array, or another `quax.ArrayValue` (a
+            quantised weight, say) whose own rules handle `dot_general(x, w)`.
+        - `a`: every adapter's A, shape `(*stack, n_adapters, *in, rank)`.
+        - `b`: every adapter's B, shape `(*stack, n_adapters, rank, *out)`.
+        - `scale`: `(n_adapters,)` multipliers (alpha / rank), or one float for all.
+        - `indices`: which adapter each example (or token) uses; `-1` means the
+            base weight alone. `None` leaves them unset: set them later with
+            [`lorax_arrays.with_indices`][].
+        - `in_axes`: the axes of `w` an activation contracts with.
+        - `out_axes`: the axes of `w` that the product produces.
+        - `stack_axes`: layer-stack axes of `w` (consumed by `lax.scan`).
+        - `allow_materialise`: opt in to building the dense per-example weight for
+            operations that have no low-rank rule. Off by default: such an operation
+            raises an error instead.
+        """
+        shape, _ = _shape_dtype(w)
+        ndim = len(shape)
+        self.in_axes = normalise_axes(in_axes, ndim, "in_axes")
+        self.out_axes = normalise_axes(out_axes, ndim, "out_axes")
+        self.stack_axes = normalise_axes(stack_axes, ndim, "stack_axes")
+        self.w = w
+        self.a = jnp.asarray(a)
+        self.b = jnp.asarray(b)
+        scale = jnp.asarray(scale)
+        if scale.ndim == 0 and self.a.ndim > len(self.stack_axes):
+            scale = jnp.broadcast_to(scale, (self.a.shape[len(self.stack_axes)],))
+        if not jnp.issubdtype(scale.dtype, jnp.inexact):
+            scale = scale.astype(jnp.float32)
+        self.scale = scale
+        if indices is not None:
+            if isinstance(indices, (list, tuple, int)):
+                indices = np.asarray(indices, dtype=np.int32)
+            indices = jnp.asarray(indices)
+        self.indices = indices
+        self.allow_materialise = bool(allow_materialise)
+
+    def __check_init__(self):
+        shape, dtype = _shape_dtype(self.w)
+        what = f"BatchedLoraArray(w.shape={shape})"
+        check_partition(len(shape), self.in_axes, self.out_axes, self.stack_axes, what)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(f"{what}: `w` must be floating point, got dtype {dtype}.")
+        for name in ("a", "b", "scale"):
+            arr = getattr(self, name)
+            if not jnp.issubdtype(arr.dtype, jnp.inexact):
+                raise TypeError(
+                    f"{what}: `{name}` must be floating point, got dtype {arr.dtype}."
+                )
+        ns = len(self.stack_axes)
+        if self.a.ndim != ns + len(self.in_axes) + 2:
+            exp_a, _ = factor_shapes(
+                shape, self.in_axes, self.out_axes, self.stack_axes, 0, 0
+            )
+            raise ValueError(
+                f"{what}: `a` has shape {self.a.shape}; expected "
+                f"(*stack, n_adapters, *in, rank) = {_pretty(exp_a)} "
+                f"({ns + len(self.in_axes) + 2} axes)."
+            )
+        n, rank = self.a.shape[ns], self.a.shape[-1]
+        exp_a, exp_b = factor_shapes(
+            shape, self.in_axes, self.out_axes, self.stack_axes, rank, n
+        )
+        if self.a.shape != exp_a:
+            raise ValueError(
+                f"{what}: `a` has shape {self.a.shape}; expected "
+                f"(*stack, n_adapters, *in, rank) = {exp_a} for in_axes="
+                f"{self.in_axes}, stack_axes={self.stack_axes}."
+            )
+        if self.b.shape != exp_b:
+            raise ValueError(
+                f"{what}: `b` has shape {self.b.shape}; expected "
+                f"(*stack, n_adapters, rank, *out) = {exp_b} for out_axes="
+                f"{self.out_axes}, stack_axes={self.stack_axes} (n_adapters={n} and "
+                f"rank={rank} come from `a`)."
+            )
+        if self.scale.shape != (n,):
+            raise ValueError(
+                f"{what}: `scale` has shape {self.scale.shape}; expected (n_adapters,) "
+                f"= ({n},)."
+            )
+        if self.indices is not None:
+            check_indices(self.indices, n)
+
+    # -- quax interface ---------------------------------------------------------
+
+    def aval(self) -> jax.core.ShapedArray:
+        shape, dtype = _shape_dtype(self.w)
+        return jax.core.ShapedArray(shape, dtype)
+
+    def materialise(self) -> Array:
+        """The dense weight `w + scale[i] * a[i] ⊗ b[i]`, only with scalar indices.
+
+        Refuses unless `allow_materialise=True`: the point of this type is never to
+        build it.
+        """
+        if not self.allow_materialise:
+            raise UnsupportedOperationError(
+                "Refusing to materialise a BatchedLoraArray into the dense W + AB. "
+                "Pass `allow_materialise=True` (to `lx.loraify` or the "
+                "BatchedLoraArray constructor) to allow it."
+            )
+        return materialise_per_example(self)
+
+    @staticmethod
+    def default(primitive, values, params):
+        loras = [v for v in values if isinstance(v, BatchedLoraArray)]
+        if not all(v.allow_materialise for v in loras):
+            lora = next(v for v in loras if not v.allow_materialise)
+            raise UnsupportedOperationError(_unsupported_message(primitive, lora))
+        arrays = []
+        for v in values:
+            if isinstance(v, BatchedLoraArray):
+                if v.indices is not None and v.indices.ndim > 0:
+                    raise UnsupportedOperationError(
+                        f"`{primitive.name}` has no low-rank rule, and materialising "
+                        "was allowed, but the BatchedLoraArray holds per-example "
+                        f"indices of shape {v.indices.shape}: one dense weight per "
+                        "example cannot stand in for a single weight here. Run the "
+                        "model under `jax.vmap` with per-example (scalar) indices "
+                        "(see `lx.with_indices`), or register a rule for "
+                        f"`{primitive.name}` with `lx.register`."
+                    )
+                arrays.append(v.materialise())
+            elif isinstance(v, quax.Value):
+                arrays.append(type(v).materialise(v))
+            else:
+                arrays.append(v)
+        return primitive.bind(*arrays, **params)
+
+    # -- conveniences -----------------------------------------------------------
+
+    @property
+    def n_adapters(self) -> int:
+        """How many adapters are stacked."""
+        return self.a.shape[len(self.stack_axes)]
+
+    @property
+    def rank(self) -> int:
+        """The (padded) rank shared by all stacked adapters."""
+        return self.a.shape[-1]
+
+    def replace(self, **changes: Any) -> BatchedLoraArray:
+        """A copy with some fields changed, validated again.
+
+        **Arguments:**
+
+        - `**changes`: new values for any of the constructor's arguments.
+
+        **Returns:**
+
+        A new `BatchedLoraArray`.
+        """
+        kwargs = dict(
+            w=self.w,
+            a=self.a,
+            b=self.b,
+            scale=self.scale,
+            indices=self.indices,
+            in_axes=self.in_axes,
+            out_axes=self.out_axes,
+            stack_axes=self.stack_axes,
+            allow_materialise=self.allow_materialise,
+        )
+        kwargs.update(changes)
+        return BatchedLoraArray(**kwargs)
+
+
+def _pretty(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join("?" if s == 0 else str(s) for s in shape) + ")"
+
+
+def check_indices(indices: Any, n_adapters: int) -> None:
+    """Dtype always; range only when the values are concrete."""
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(
+            f"`indices` must be an integer array (adapter numbers, -1 for the base "
+            f"weight); got dtype {indices.dtype}. Convert with "
+            "`jnp.asarray(indices, jnp.int32)`."
+        )
+    if _is_traced(indices) or indices.size == 0:
+        return
+    values = np.asarray(indices)
+    lo, hi = int(values.min()), int(values.max())
+    if lo < -1 or hi >= n_adapters:
+        bad = lo if lo < -1 else hi
+        raise LoraIndexError(
+            f"adapter index {bad} is out of range: there are {n_adapters} adapters, "
+            f"so indices must lie in [-1, {n_adapters - 1}] (-1 = base weight only)."
+        )
+
+
+def gathered_scale(scale: Array, indices: Array) -> Array:
+    """`scale[indices]`, and 0 where `indices == -1`."""
+    safe = jnp.clip(indices, 0, scale.shape[0] - 1)
+    return jnp.where(indices >= 0, scale[safe], jnp.zeros((), scale.dtype))
+
+
+def materialise_per_example(lora: BatchedLoraArray) -> Array:
+    """`w + s·a⊗b` with one extra leading axis per axis of `indices`.
+
+    With scalar indices this is exactly the weight's shape.
+    """
+    if lora.indices is None:
+        raise UnsetIndicesError.for_array(lora)
+    ns = len(lora.stack_axes)
+    idx = jnp.clip(lora.indices, 0, lora.n_adapters - 1)
+    s = gathered_scale(lora.scale, lora.indices)
+    a = jnp.moveaxis(jnp.take(lora.a, idx, axis=ns), range(ns, ns + idx.ndim), 0)
+    b = jnp.moveaxis(jnp.take(lora.b, idx, axis=ns), range(ns, ns + idx.ndim), 0)
+    delta_fn = lambda a_, b_: dense_delta(  # noqa: E731
+        a_, b_, lora.in_axes, lora.out_axes, lora.stack_axes
+    )
+    for _ in range(idx.ndim):
+        delta_fn = jax.vmap(delta_fn)
+    delta = delta_fn(a, b)
+    w = quax.quaxify(jnp.asarray)(lora.w) if isinstance(lora.w, quax.Value) else lora.w
+    w = jax.lax.stop_gradient(w)
+    s = s.reshape(s.shape + (1,) * w.ndim)
+    return (w + s * delta).astype(w.dtype)
+
+
+def _unsupported_message(primitive, lora: BatchedLoraArray) -> str:
+    name = primitive.name
+    return (
+        f"`{name}` has no rule for BatchedLoraArray (weight shape {lora.shape}, "
+        f"in_axes={lora.in_axes}, out_axes={lora.out_axes}, "
+        f"stack_axes={lora.stack_axes}). lorax_arrays keeps the low-rank form and "
+        "never silently builds the dense W + AB. Either register a rule for this "
+        f"primitive (`@lx.register(jax.lax.{name}_p)`, see the docs' page on custom "
+        "rules), or opt in to building the dense per-example weight with "
+        "`allow_materialise=True` (in `lx.loraify(...)` or the BatchedLoraArray "
+        "constructor), which costs a dense copy of W per example."
+    )
+
+
+class UnsetIndicesError(ValueError):
+    """Raised when a BatchedLoraArray is used before its indices are set."""
+
+    @classmethod
+    def for_array(cls, lora: BatchedLoraArray) -> UnsetIndicesError:
+        return cls(
+            f"This BatchedLoraArray (weight shape {lora.shape}) has no indices: "
+            "say which adapter each example uses with "
+            "`tree = lx.with_indices(tree, indices)` (or `lx.loraify(tree, "
+            "adapters, indices)`); use -1 for rows that should see the base "
+            "weight alone."
+        )

@@ -1,0 +1,13 @@
+"""Exception types raised by lorax_arrays."""
+
+
+class UnsupportedOperationError(NotImplementedError):
+    """An operation met a BatchedLoraArray that has no low-rank rule for it."""
+
+
+class LoraIndexError(IndexError):
+    """An adapter index is outside `[-1, n_adapters - 1]`."""
+
+
+class IndicesShapeError(ValueError):
+    """The activation's leading axes do not line up with the adapter indices."""

@@ -1,0 +1,165 @@
+"""Rules that change how the weight is laid out without building W + AB.
+
+`transpose` permutes the layout, `convert_element_type` casts the base weight (the
+low-rank term is computed in the activation's dtype), `reshape` merges or splits axes
+inside one group, and `copy` is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import quax
+from jax import lax
+
+from ._array import BatchedLoraArray
+from ._errors import UnsupportedOperationError
+
+
+def _on_w(primitive, w, params):
+    """Binds `primitive` on the base weight, dispatching if it is itself a Value."""
+    if isinstance(w, quax.Value):
+        return quax.quaxify(lambda v: primitive.bind(v, **params))(w)
+    return primitive.bind(w, **params)
+
+
+@quax.register(lax.transpose_p)
+def _(operand: BatchedLoraArray, *, permutation):
+    perm = tuple(permutation)
+    new_axis = {old: new for new, old in enumerate(perm)}
+    return operand.replace(
+        w=_on_w(lax.transpose_p, operand.w, dict(permutation=permutation)),
+        in_axes=tuple(new_axis[ax] for ax in operand.in_axes),
+        out_axes=tuple(new_axis[ax] for ax in operand.out_axes),
+        stack_axes=tuple(new_axis[ax] for ax in operand.stack_axes),
+    )
+
+
+@quax.register(lax.convert_element_type_p)
+def _(operand: BatchedLoraArray, **params):
+    new_dtype = params["new_dtype"]
+    if not jnp.issubdtype(new_dtype, jnp.inexact):
+        raise UnsupportedOperationError(
+            f"Casting a BatchedLoraArray to the non-floating dtype {new_dtype} has "
+            "no low-rank meaning. Cast the activations instead."
+        )
+    return operand.replace(w=_on_w(lax.convert_element_type_p, operand.w, params))
+
+
+@quax.register(lax.copy_p)
+def _(operand: BatchedLoraArray, **params):
+    return operand
+
+
+def reshape_groups(
+    old: tuple[int, ...], new: tuple[int, ...]
+) -> list[tuple[list[int], list[int]]] | None:
+    """Pairs runs of old axes with runs of new axes of equal total size.
+
+    Size-1 axes that appear or vanish get a group of their own with an empty side.
+    Returns None if the shapes do not describe a row-major reshape.
+    """
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(old) or j >= len(new):
+            return None
+        og, ng = [i], [j]
+        po, pn = old[i], new[j]
+        i, j = i + 1, j + 1
+        while po != pn:
+            if po < pn:
+                if i >= len(old):
+                    return None
+                og.append(i)
+                po *= old[i]
+                i += 1
+            else:
+                if j >= len(new):
+                    return None
+                ng.append(j)
+                pn *= new[j]
+                j += 1
+        groups.append((og, ng))
+    return groups
+
+
+def _sorted_factors(lora: BatchedLoraArray) -> BatchedLoraArray:
+    """The same array with `in_axes`/`out_axes` listed in increasing order."""
+    ns = len(lora.stack_axes)
+    in_order = sorted(range(len(lora.in_axes)), key=lambda j: lora.in_axes[j])
+    out_order = sorted(range(len(lora.out_axes)), key=lambda j: lora.out_axes[j])
+    a_perm = [*range(ns + 1), *(ns + 1 + j for j in in_order), lora.a.ndim - 1]
+    b_perm = [*range(ns + 2), *(ns + 2 + j for j in out_order)]
+    return lora.replace(
+        a=jnp.transpose(lora.a, a_perm),
+        b=jnp.transpose(lora.b, b_perm),
+        in_axes=tuple(sorted(lora.in_axes)),
+        out_axes=tuple(sorted(lora.out_axes)),
+    )
+
+
+@quax.register(lax.reshape_p)
+def _(operand: BatchedLoraArray, **params):
+    old = tuple(operand.shape)
+    new = tuple(params["new_sizes"])
+    groups = reshape_groups(old, new) if params.get("dimensions") is None else None
+    role = {}
+    for name in ("in_axes", "out_axes", "stack_axes"):
+        for ax in getattr(operand, name):
+            role[ax] = name
+
+    def fail(why: str):
+        raise UnsupportedOperationError(
+            f"Cannot reshape a BatchedLoraArray of shape {old} (in_axes="
+            f"{operand.in_axes}, out_axes={operand.out_axes}, stack_axes="
+            f"{operand.stack_axes}) to {new}: {why}. Reshapes may only merge or "
+            "split axes within the input group or within the output group. Pass "
+            "`allow_materialise=True` to build the dense weight instead."
+        )
+
+    if groups is None:
+        fail("it is not a plain row-major reshape")
+    lora = _sorted_factors(operand)
+    new_role: dict[int, str] = {}
+    for og, ng in groups:
+        roles = {role[ax] for ax in og}
+        if len(roles) > 1:
+            fail(f"axes {og} mix the groups {sorted(roles)}")
+        if not og:
+            fail(f"new size-1 axis {ng[0]} belongs to no group")
+        (r,) = roles
+        if r == "stack_axes" and [old[a] for a in og] != [new[b] for b in ng]:
+            fail("it merges or splits a layer-stack axis")
+        for ax in ng:
+            new_role[ax] = r
+    in_axes = tuple(ax for ax in range(len(new)) if new_role[ax] == "in_axes")
+    out_axes = tuple(ax for ax in range(len(new)) if new_role[ax] == "out_axes")
+    stack_axes = tuple(ax for ax in range(len(new)) if new_role[ax] == "stack_axes")
+    if not in_axes or not out_axes:
+        fail("it would leave no input or no output axis")
+    ns = len(lora.stack_axes)
+    if stack_axes and [new[a] for a in stack_axes] != [old[a] for a in lora.stack_axes]:
+        fail("it reorders layer-stack axes")
+    in_shape = tuple(new[a] for a in in_axes)
+    out_shape = tuple(new[a] for a in out_axes)
+    assert math.prod(in_shape) == math.prod(old[a] for a in lora.in_axes)
+    a = lora.a.reshape(*lora.a.shape[: ns + 1], *in_shape, lora.rank)
+    b = lora.b.reshape(*lora.b.shape[: ns + 2], *out_shape)
+    return lora.replace(
+        w=_on_w(lax.reshape_p, lora.w, params),
+        a=a,
+        b=b,
+        in_axes=in_axes,
+        out_axes=out_axes,
+        stack_axes=stack_axes,
+    )

@@ -1,0 +1,235 @@
+"""Putting adapters into a tree (`loraify`), choosing adapters per request
+(`with_indices`), folding one in (`merge`) and selecting trainable leaves
+(`adapter_mask`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import ArrayLike, Int
+
+from ._adapters import Adapter, AdapterStack, stack_adapters
+from ._array import BatchedLoraArray
+from ._layout import dense_delta
+from ._paths import close_matches, flatten_with_paths
+
+
+def _is_lora(x: Any) -> bool:
+    return isinstance(x, BatchedLoraArray)
+
+
+def _as_stack(adapters: Any) -> AdapterStack:
+    if isinstance(adapters, AdapterStack):
+        return adapters
+    if isinstance(adapters, Adapter):
+        return stack_adapters([adapters])
+    if isinstance(adapters, Sequence):
+        return stack_adapters(adapters)
+    raise TypeError(
+        "Expected an AdapterStack, an Adapter or a list of Adapters, got "
+        f"{type(adapters).__name__}."
+    )
+
+
+def _replace_at_paths(tree: Any, fn, paths: Sequence[str], what: str) -> Any:
+    leaves, treedef = flatten_with_paths(tree, is_leaf=_is_lora)
+    position = {p: i for i, (p, _) in enumerate(leaves)}
+    new = [leaf for _, leaf in leaves]
+    for path in paths:
+        if path not in position:
+            raise KeyError(
+                f"{what}: the adapter has a weight at {path!r}, but the tree has no "
+                f"leaf there.{close_matches(path, position)} Adapters must be used "
+                "with the model (and the same pytree structure) they were made for."
+            )
+        new[position[path]] = fn(path, new[position[path]])
+    return jtu.tree_unflatten(treedef, new)
+
+
+def _to_indices(indices: Any) -> Any:
+    if indices is None:
+        return None
+    if isinstance(indices, (list, tuple, int)):
+        return jnp.asarray(np.asarray(indices, dtype=np.int32))
+    return indices
+
+
+def loraify(
+    tree: Any,
+    adapters: AdapterStack | Adapter | Sequence[Adapter],
+    indices: Int[ArrayLike, ...] | None = None,
+    *,
+    allow_materialise: bool = False,
+) -> Any:
+    """Replaces each adapted weight of `tree` by a `BatchedLoraArray`.
+
+    Call the model through [`lorax_arrays.quaxify`][] afterwards; nothing else in
+    the model changes.
+
+    **Arguments:**
+
+    - `tree`: the model or parameter tree the adapters were made for.
+    - `adapters`: an [`lorax_arrays.AdapterStack`][], or an `Adapter` or a list of
+        them (stacked for you).
+    - `indices`: which adapter each example (`(batch,)`) or token
+        (`(batch, seq)`) uses, `-1` for the base model; scalar inside `jax.vmap`.
+        May be left `None` and set later with [`lorax_arrays.with_indices`][].
+    - `allow_materialise`: let operations without a low-rank rule build the dense
+        per-example weight instead of raising an error.
+
+    **Returns:**
+
+    A copy of `tree` whose adapted leaves are `BatchedLoraArray`s.
+    """
+    stack = _as_stack(adapters)
+    indices = _to_indices(indices)
+    layouts = {lay.path: lay for lay in stack.layouts}
+
+    def put(path, leaf):
+        if _is_lora(leaf):
+            raise ValueError(
+                f"loraify: {path!r} is already a BatchedLoraArray. Loraify the base "
+                "tree, or change the requests with `lx.with_indices`."
+            )
+        lay = layouts[path]
+        if tuple(leaf.shape) != lay.shape:
+            raise ValueError(
+                f"loraify: the adapter was made for a weight of shape {lay.shape} at "
+                f"{path!r}, but the tree's leaf there has shape {tuple(leaf.shape)}."
+            )
+        a, b = stack.weights[path]
+        return BatchedLoraArray(
+            leaf,
+            a,
+            b,
+            scale=stack.scales[path],
+            indices=indices,
+            in_axes=lay.in_axes,
+            out_axes=lay.out_axes,
+            stack_axes=lay.stack_axes,
+            allow_materialise=allow_materialise,
+        )
+
+    return _replace_at_paths(tree, put, stack.paths, "loraify")
+
+
+def with_indices(tree: Any, indices: Int[ArrayLike, ...]) -> Any:
+    """The same tree with a new request-to-adapter mapping in every BatchedLoraArray.
+
+    Only array values change, so a `jax.jit`-compiled forward pass is not retraced
+    when the new indices have the same shape.
+
+    **Arguments:**
+
+    - `tree`: a tree from [`lorax_arrays.loraify`][].
+    - `indices`: `(batch,)` per example, `(batch, seq)` per token, or a scalar (for
+        a single example inside `jax.vmap`); `-1` means the base model.
+
+    **Returns:**
+
+    A copy of `tree` whose BatchedLoraArrays use `indices`.
+    """
+    indices = _to_indices(indices)
+    found = False
+
+    def swap(x):
+        nonlocal found
+        if _is_lora(x):
+            found = True
+            return x.replace(indices=indices)
+        return x
+
+    out = jtu.tree_map(swap, tree, is_leaf=_is_lora)
+    if not found and any(
+        type(x).__name__ == "_QuaxTracer" for x in jtu.tree_leaves(tree)
+    ):
+        raise ValueError(
+            "with_indices was called inside `lx.quaxify`, where the weights are "
+            "already being traced. Call it outside: for a per-example model under "
+            "`jax.vmap`, write `jax.vmap(lambda m, x, i: lx.quaxify(call)("
+            "lx.with_indices(m, i), x), in_axes=(None, 0, 0))`."
+        )
+    if not found:
+        raise ValueError(
+            "with_indices: the tree holds no BatchedLoraArray. Put adapters in "
+            "first with `lx.loraify(tree, adapters)`."
+        )
+    return out
+
+
+def merge(tree: Any, adapter: Adapter) -> Any:
+    """Folds one adapter into plain weights: `w + scale * a ⊗ b` at each path.
+
+    The result needs no `quaxify`: it is the model that adapter alone describes.
+    Useful to check a batched forward pass against, or to export.
+
+    **Arguments:**
+
+    - `tree`: the base tree (a tree from `loraify` counts as its base weights).
+    - `adapter`: one [`lorax_arrays.Adapter`][]; pick one out of a stack with
+        `stack[i]`.
+
+    **Returns:**
+
+    A copy of `tree` with the adapter's weights merged, and every other
+    BatchedLoraArray replaced by its base weight.
+    """
+    if not isinstance(adapter, Adapter):
+        raise TypeError(
+            f"merge: expected an Adapter, got {type(adapter).__name__}; pick one out "
+            "of an AdapterStack with `stack[i]`."
+        )
+    base = jtu.tree_map(lambda x: x.w if _is_lora(x) else x, tree, is_leaf=_is_lora)
+    layouts = {lay.path: lay for lay in adapter.layouts}
+
+    def fold(path, leaf):
+        lay = layouts[path]
+        if tuple(leaf.shape) != lay.shape:
+            raise ValueError(
+                f"merge: the adapter was made for shape {lay.shape} at {path!r}, but "
+                f"the tree's leaf there has shape {tuple(leaf.shape)}."
+            )
+        a, b = adapter.weights[path]
+        delta = dense_delta(a, b, lay.in_axes, lay.out_axes, lay.stack_axes)
+        return (leaf + adapter.scale(path) * delta).astype(leaf.dtype)
+
+    return _replace_at_paths(base, fold, adapter.paths, "merge")
+
+
+def adapter_mask(tree: Any) -> Any:
+    """A bool pytree, True exactly on the adapter factors `a` and `b`.
+
+    Use it wherever a filter is taken: `eqx.partition(tree, lx.adapter_mask(tree))`
+    to differentiate with respect to the adapters only, `optax.masked(opt, mask)`,
+    or `eqx.filter(tree, mask)` to save only the adapters.
+
+    **Arguments:**
+
+    - `tree`: a tree from [`lorax_arrays.loraify`][] (or an `Adapter` /
+        `AdapterStack`, where every array leaf is a factor).
+
+    **Returns:**
+
+    A pytree of bools with the structure of `tree`.
+    """
+
+    def mark(x):
+        if _is_lora(x):
+            falses = jax.tree.map(lambda _: False, x)
+            return eqx.tree_at(lambda n: (n.a, n.b), falses, (True, True))
+        if isinstance(x, Adapter):
+            return jax.tree.map(lambda _: True, x)
+        if isinstance(x, AdapterStack):
+            falses = jax.tree.map(lambda _: False, x)
+            trues = {p: (True, True) for p in x.weights}
+            return eqx.tree_at(lambda s: s.weights, falses, trues)
+        return False
+
+    is_leaf = lambda x: isinstance(x, (BatchedLoraArray, Adapter, AdapterStack))  # noqa: E731
+    return jtu.tree_map(mark, tree, is_leaf=is_leaf)

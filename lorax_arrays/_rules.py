@@ -1,0 +1,302 @@
+"""`LoraRule`: which leaves get a LoRA, and how their axes are laid out."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ._array import BatchedLoraArray
+from ._layout import check_partition, normalise_axes
+from ._paths import flatten_with_paths, path_str
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraRule:
+    """Adapt every weight whose '/'-joined pytree path matches `pattern`.
+
+    Paths join the keys of `jax.tree_util` key paths with '/': `'layers/0/weight'`
+    for an `eqx.nn.MLP`, `'params/Dense_0/kernel'` for a Flax linen parameter dict.
+    The pattern is searched (`re.search`), so `'q_proj'` matches
+    `'params/attn/q_proj/kernel'`; anchor it with `^...$` to match whole paths.
+    When several rules match a leaf, the first wins. Only floating-point leaves
+    with at least two axes are considered (biases and norms never are).
+
+    **Arguments:**
+
+    - `pattern`: a regular expression over the '/'-joined path.
+    - `rank`: the LoRA rank `r`.
+    - `alpha`: the LoRA alpha; the adapter is scaled by `alpha / rank`
+        (`alpha / sqrt(rank)` with `use_rslora`). Defaults to `rank` (scale 1).
+    - `in_axes`: the weight's axes that an activation contracts with. Inferred when
+        not given: `eqx.nn.Linear.weight` is `(out, in)`, any other 2-D leaf is
+        `(in, out)` as in `x @ W` (a Flax `kernel`).
+    - `out_axes`: the weight's axes that the product produces. Inferred as the
+        remaining axes when only `in_axes` is given (and vice versa).
+    - `stack_axes`: layer-stack axes (a scanned stack of layers). Leading axes of an
+        `eqx.nn.Linear.weight` with more than 2 axes are stack axes by default.
+    - `use_rslora`: scale by `alpha / sqrt(rank)` (rank-stabilised LoRA).
+    """
+
+    pattern: str
+    rank: int
+    alpha: float | None = None
+    _: dataclasses.KW_ONLY
+    in_axes: int | tuple[int, ...] | None = None
+    out_axes: int | tuple[int, ...] | None = None
+    stack_axes: int | tuple[int, ...] = ()
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool):
+            raise TypeError(f"LoraRule({self.pattern!r}): rank must be an int.")
+        if self.rank < 1:
+            raise ValueError(f"LoraRule({self.pattern!r}): rank must be >= 1.")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"LoraRule: invalid regex {self.pattern!r}: {e}") from e
+
+    @property
+    def scale(self) -> float:
+        """`alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA."""
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """How one adapted leaf is laid out: static metadata of adapters and matches."""
+
+    path: str
+    shape: tuple[int, ...]
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+    stack_axes: tuple[int, ...]
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.stack_axes)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.in_axes)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.out_axes)
+
+    def compatible(self, other: LeafLayout) -> bool:
+        return (self.shape, self.in_axes, self.out_axes, self.stack_axes) == (
+            other.shape,
+            other.in_axes,
+            other.out_axes,
+            other.stack_axes,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleMatch:
+    """One leaf that a rule matched: where it is, its layout, its rank and scale."""
+
+    layout: LeafLayout
+    dtype: Any
+    rank: int
+    alpha: float
+    use_rslora: bool
+    rule: LoraRule
+
+    @property
+    def path(self) -> str:
+        return self.layout.path
+
+    @property
+    def scale(self) -> float:
+        return self.rule.scale
+
+
+class RuleMatches(tuple):
+    """What a list of rules matched in a tree; prints as a table.
+
+    A tuple of `RuleMatch` (fields `path`, `layout`, `dtype`, `rank`, `alpha`,
+    `scale`, `rule`).
+    """
+
+    def __str__(self) -> str:
+        head = ("path", "shape", "in", "out", "stack", "rank", "scale", "rule")
+        rows = [
+            (
+                m.path,
+                str(m.layout.shape),
+                str(m.layout.in_axes),
+                str(m.layout.out_axes),
+                str(m.layout.stack_axes) if m.layout.stack_axes else "-",
+                str(m.rank),
+                f"{m.scale:g}",
+                repr(m.rule.pattern),
+            )
+            for m in self
+        ]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        params = sum(
+            m.rank
+            * (math.prod(m.layout.in_shape) + math.prod(m.layout.out_shape))
+            * max(1, math.prod(m.layout.stack_shape))
+            for m in self
+        )
+        lines = [fmt(head), fmt(tuple("-" * w for w in widths))]
+        lines += [fmt(r) for r in rows]
+        lines.append(f"{len(self)} leaves adapted, {params:,} adapter parameters.")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"RuleMatches(\n{self}\n)"
+
+
+def _is_linear(x: Any) -> bool:
+    return isinstance(x, eqx.nn.Linear)
+
+
+def _is_candidate(x: Any) -> bool:
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None or dtype is None or len(shape) < 2:
+        return False
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+def candidate_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
+    """(path, leaf, is an eqx.nn.Linear weight) for every weight a rule may adapt.
+
+    A leaf that is already a BatchedLoraArray stands for its base weight.
+    """
+    is_leaf = lambda x: _is_linear(x) or isinstance(x, BatchedLoraArray)  # noqa: E731
+    out = []
+    for path, leaf in flatten_with_paths(tree, is_leaf=is_leaf)[0]:
+        if _is_linear(leaf):
+            is_lora = lambda x: isinstance(x, BatchedLoraArray)  # noqa: E731
+            for sub, sub_leaf in flatten_with_paths(leaf, is_leaf=is_lora)[0]:
+                full = f"{path}/{sub}" if path else sub
+                if isinstance(sub_leaf, BatchedLoraArray):
+                    sub_leaf = sub_leaf.w
+                if _is_candidate(sub_leaf):
+                    out.append((full, sub_leaf, sub == "weight"))
+            continue
+        if isinstance(leaf, BatchedLoraArray):
+            leaf = leaf.w
+        if _is_candidate(leaf):
+            out.append((path, leaf, False))
+    return out
+
+
+def _infer_layout(path: str, shape, rule: LoraRule, is_linear_weight: bool):
+    ndim = len(shape)
+    stack = normalise_axes(rule.stack_axes, ndim, "stack_axes")
+    if is_linear_weight and not stack and ndim > 2 and rule.in_axes is None:
+        stack = tuple(range(ndim - 2))
+    rest = [ax for ax in range(ndim) if ax not in stack]
+    if rule.in_axes is not None and rule.out_axes is not None:
+        ins = normalise_axes(rule.in_axes, ndim, "in_axes")
+        outs = normalise_axes(rule.out_axes, ndim, "out_axes")
+    elif rule.in_axes is not None:
+        ins = normalise_axes(rule.in_axes, ndim, "in_axes")
+        outs = tuple(ax for ax in rest if ax not in ins)
+    elif rule.out_axes is not None:
+        outs = normalise_axes(rule.out_axes, ndim, "out_axes")
+        ins = tuple(ax for ax in rest if ax not in outs)
+    elif len(rest) == 2:
+        ins, outs = (
+            ((rest[1],), (rest[0],)) if is_linear_weight else ((rest[0],), (rest[1],))
+        )
+    else:
+        raise ValueError(
+            f"Cannot infer the layout of {path!r} (shape {tuple(shape)}) matched by "
+            f"LoraRule({rule.pattern!r}): only 2-D weights (after stack axes) have a "
+            "default. Say which axes are contracted and which are produced, e.g. "
+            "`LoraRule(pattern, rank, in_axes=(0,), out_axes=(1, 2))` for a Flax "
+            "DenseGeneral kernel of shape (in, heads, head_dim), or add "
+            "`stack_axes=(0,)` for a stack of layers."
+        )
+    check_partition(ndim, ins, outs, stack, f"LoraRule({rule.pattern!r}) on {path!r}")
+    return LeafLayout(path, tuple(shape), ins, outs, stack)
+
+
+def match_rules(tree: Any, rules: LoraRule | Sequence[LoraRule]) -> RuleMatches:
+    """Which leaves of `tree` the rules adapt, with their layouts, before committing.
+
+    `print(lx.match_rules(model, rules))` shows one line per adapted leaf: path,
+    shape, in/out/stack axes, rank and scale.
+
+    **Arguments:**
+
+    - `tree`: any pytree of weights: an Equinox module, a Flax parameter dict, a
+        dict of arrays. Leaves that are already `BatchedLoraArray`s count as their
+        base weight.
+    - `rules`: one `LoraRule` or a sequence of them; the first rule that matches a
+        path wins.
+
+    **Returns:**
+
+    A `RuleMatches` (a tuple of `RuleMatch`, printable as a table).
+
+    **Raises:**
+
+    `ValueError` if a rule matches nothing (naming the rule and some paths it could
+    have matched) or a matched leaf's layout cannot be inferred.
+    """
+    if isinstance(rules, LoraRule):
+        rules = [rules]
+    rules = list(rules)
+    if not rules:
+        raise ValueError("match_rules: no rules given.")
+    for r in rules:
+        if not isinstance(r, LoraRule):
+            raise TypeError(f"Expected LoraRule objects, got {type(r).__name__}.")
+    candidates = candidate_leaves(tree)
+    used = [False] * len(rules)
+    matches = []
+    for path, leaf, is_linear_weight in candidates:
+        for i, rule in enumerate(rules):
+            if re.search(rule.pattern, path):
+                used[i] = True
+                layout = _infer_layout(path, leaf.shape, rule, is_linear_weight)
+                alpha = float(rule.rank if rule.alpha is None else rule.alpha)
+                matches.append(
+                    RuleMatch(
+                        layout,
+                        np.dtype(leaf.dtype),
+                        rule.rank,
+                        alpha,
+                        rule.use_rslora,
+                        rule,
+                    )
+                )
+                break
+    for i, rule in enumerate(rules):
+        if not used[i]:
+            paths = [p for p, _, _ in candidates]
+            shown = ", ".join(repr(p) for p in paths[:12])
+            more = f" (and {len(paths) - 12} more)" if len(paths) > 12 else ""
+            raise ValueError(
+                f"LoraRule({rule.pattern!r}) matches no weight (earlier rules may "
+                "have claimed its leaves; 1-D leaves such as biases are never "
+                f"adapted). Weights that can be adapted: {shown}{more}."
+            )
+    return RuleMatches(matches)
+
+
+__all__ = [
+    "LoraRule",
+    "LeafLayout",
+    "RuleMatch",
+    "RuleMatches",
+    "match_rules",
+    "path_str",
+]
