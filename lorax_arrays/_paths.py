@@ -22,7 +22,7 @@ def key_str(key: Any) -> str:
 
 
 def path_str(keypath: Iterable[Any]) -> str:
-    """A key path such as `('params', 'Dense_0', 'kernel')` as `'params/Dense_0/kernel'`."""
+    """Joins a key path's keys with '/': `'params/Dense_0/kernel'`."""
     return "/".join(key_str(k) for k in keypath)
 
 
