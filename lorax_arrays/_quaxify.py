@@ -1,0 +1,55 @@
+"""`quaxify` and `register`: quax's transform and rule registry, documented for
+BatchedLoraArrays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import quax
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def quaxify(fn: _F, /, filter_spec: Any = True) -> _F:
+    """Makes `fn` understand `BatchedLoraArray`s (and every other quax type).
+
+    Call the wrapped function with a tree from [`lorax_arrays.loraify`][] in place of
+    the plain weights: each `x @ W` against an adapted weight becomes
+    `x @ w + s · (x @ A[i]) @ B[i]`, per example. Pair it with `jax.jit` (or
+    `eqx.filter_jit`): `jax.jit(lx.quaxify(model.apply))`.
+
+    This is `quax.quaxify`; importing `lorax_arrays` registers its rules.
+
+    **Arguments:**
+
+    - `fn`: any JAX function, e.g. a Flax `apply`, an Equinox module or a function of
+        raw parameters.
+    - `filter_spec`: which arguments to quaxify (advanced; see `quax.quaxify`).
+
+    **Returns:**
+
+    A function with the same signature as `fn`.
+    """
+    return quax.quaxify(fn, filter_spec)
+
+
+def register(primitive: Any, /, *, precedence: int = 0) -> Callable[[_F], _F]:
+    """Registers a dispatch rule for a JAX primitive and some argument types.
+
+    Use it to teach `lorax_arrays` an operation it lacks (the
+    `UnsupportedOperationError` names the primitive), or to give your own
+    `quax.ArrayValue` (a quantised base weight, say) rules that compose with ours.
+    This is `quax.register`; see the docs page "Custom rules".
+
+    **Arguments:**
+
+    - `primitive`: e.g. `jax.lax.mul_p`.
+    - `precedence`: breaks ties between equally specific rules.
+
+    **Returns:**
+
+    A decorator for a function whose positional arguments are annotated with the
+    types it handles and whose keyword arguments are the primitive's parameters.
+    """
+    return quax.register(primitive, precedence=precedence)
