@@ -128,7 +128,8 @@ class AdapterStack(eqx.Module):
     - `layouts`: the `LeafLayout` of each path.
     - `ranks`: per path, each adapter's own rank (0 where it has none).
     - `alphas`, `use_rslora`: per path, per adapter.
-    - `names`: optional adapter names, for [`AdapterStack.indices`][].
+    - `names`: optional adapter names, for
+        [`AdapterStack.indices`][lorax_arrays.AdapterStack.indices].
     """
 
     weights: dict[str, tuple[Array, Array]]
@@ -197,12 +198,32 @@ class AdapterStack(eqx.Module):
 
         `(len(which),)` int32 indices for [`lorax_arrays.with_indices`][].
         """
+        n = self.n_adapters
         out = []
         for w in which:
-            if w is None or w == BASE or (isinstance(w, int) and w == -1):
+            if w is None or (isinstance(w, str) and w == BASE):
                 out.append(-1)
-            else:
+                continue
+            if isinstance(w, str):
                 out.append(self._position(w))
+                continue
+            if isinstance(w, (jax.Array, np.ndarray, np.generic)) and w.ndim == 0:
+                is_int = jnp.issubdtype(w.dtype, jnp.integer)
+                w = int(w) if is_int else w
+            if isinstance(w, bool) or not isinstance(w, int):
+                raise TypeError(
+                    f"AdapterStack.indices: expected adapter names, ints or None, "
+                    f"got {w!r} of type {type(w).__name__}."
+                )
+            # -1 is the base model here, so negative numbers do not count from
+            # the end as they do in `stack[i]`.
+            if not -1 <= w < n:
+                raise LoraIndexError(
+                    f"AdapterStack.indices: adapter {w} out of range for {n} "
+                    f"adapters; use 0..{n - 1}, or -1 / None / {BASE!r} for the base "
+                    "model."
+                )
+            out.append(w)
         return jnp.asarray(np.asarray(out, dtype=np.int32))
 
 
@@ -218,7 +239,7 @@ def stack_adapters(
 
     - `adapters`: the adapters, in the order their indices will refer to.
     - `names`: optional names, so requests can be mapped with
-        [`AdapterStack.indices`][].
+        [`AdapterStack.indices`][lorax_arrays.AdapterStack.indices].
 
     **Returns:**
 

@@ -55,8 +55,15 @@ def _replace_at_paths(tree: Any, fn, paths: Sequence[str], what: str) -> Any:
 def _to_indices(indices: Any) -> Any:
     if indices is None:
         return None
-    if isinstance(indices, (list, tuple, int)):
-        return jnp.asarray(np.asarray(indices, dtype=np.int32))
+    if isinstance(indices, (list, tuple, int, float)):
+        values = np.asarray(indices)
+        if values.size and not np.issubdtype(values.dtype, np.integer):
+            # np.asarray(..., dtype=int32) would silently truncate 0.5 to 0.
+            raise TypeError(
+                "`indices` must be integers (adapter numbers, -1 for the base "
+                f"weight); got {indices!r} (dtype {values.dtype})."
+            )
+        return jnp.asarray(values.astype(np.int32))
     return indices
 
 

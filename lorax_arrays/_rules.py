@@ -40,7 +40,8 @@ class LoraRule:
     - `out_axes`: the weight's axes that the product produces. Inferred as the
         remaining axes when only `in_axes` is given (and vice versa).
     - `stack_axes`: layer-stack axes (a scanned stack of layers). Leading axes of an
-        `eqx.nn.Linear.weight` with more than 2 axes are stack axes by default.
+        `eqx.nn.Linear.weight` with more than 2 axes are stack axes by default
+        (unless `in_axes`/`out_axes` name them).
     - `use_rslora`: scale by `alpha / sqrt(rank)` (rank-stabilised LoRA).
     """
 
@@ -197,10 +198,31 @@ def candidate_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
 
 
 def _infer_layout(path: str, shape, rule: LoraRule, is_linear_weight: bool):
+    try:
+        return _infer_layout_unchecked(path, shape, rule, is_linear_weight)
+    except (ValueError, TypeError) as e:
+        if repr(path) in str(e):
+            raise
+        # normalise_axes does not know which leaf it is looking at.
+        raise type(e)(
+            f"LoraRule({rule.pattern!r}) on {path!r} (shape {tuple(shape)}): {e} "
+            "If the pattern also matched a leaf it should not (a 2-D bias, say), "
+            "anchor it, e.g. with '/kernel$'."
+        ) from e
+
+
+def _infer_layout_unchecked(path: str, shape, rule: LoraRule, is_linear_weight: bool):
     ndim = len(shape)
     stack = normalise_axes(rule.stack_axes, ndim, "stack_axes")
-    if is_linear_weight and not stack and ndim > 2 and rule.in_axes is None:
-        stack = tuple(range(ndim - 2))
+    if is_linear_weight and not stack and ndim > 2:
+        # A vmapped stack of eqx.nn.Linear: (*stack, out, in). Leading axes that the
+        # rule does not name as in/out axes are stack axes, whichever of in_axes /
+        # out_axes it gives.
+        named = set()
+        for axes, name in ((rule.in_axes, "in_axes"), (rule.out_axes, "out_axes")):
+            if axes is not None:
+                named |= set(normalise_axes(axes, ndim, name))
+        stack = tuple(ax for ax in range(ndim - 2) if ax not in named)
     rest = [ax for ax in range(ndim) if ax not in stack]
     if rule.in_axes is not None and rule.out_axes is not None:
         ins = normalise_axes(rule.in_axes, ndim, "in_axes")

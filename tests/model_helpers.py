@@ -1,0 +1,121 @@
+"""Helpers for the rule/adapter/model/training tests (independent of tests/helpers.py).
+
+The end-to-end reference is always "run this row alone through the plain model with
+that row's adapter merged in" (`lx.merge(base, stack[i])`, or the base model for
+`i == -1`): no `quaxify`, no BatchedLoraArray, no batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+import lorax_arrays as lx
+
+# float32: the batched low-rank form and the merged dense weight round differently
+# (x·W + s·(x·A)·B vs x·(W + s·A⊗B)); on these tiny models (outputs O(1), fan-in
+# <= 16) the difference is ~1e-6, so 2e-5 absolute + relative is a safe bound.
+F32_TOL = dict(rtol=2e-5, atol=2e-5)
+# bfloat16 (8-bit mantissa, eps 2**-8 ~ 4e-3): weights, factors, the rank-r
+# intermediate and every layer's output are rounded; a few roundings of O(1) values
+# through 2-3 layers stay below 5e-2.
+BF16_TOL = dict(rtol=5e-2, atol=5e-2)
+
+
+def randomize(tree: Any, seed: int, std: float = 0.1) -> Any:
+    """Every array leaf replaced by `std * N(0, 1)` (same shape and dtype).
+
+    Applied to an `Adapter`, this makes B non-zero (a freshly initialised adapter
+    has B = 0, which would hide every bug in the low-rank term). NumPy's generator
+    keeps this cheap: no JAX compilation per new shape.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        values = rng.standard_normal(x.shape).astype(np.float32) * std
+        return jnp.asarray(values).astype(x.dtype)
+
+    return jax.tree.map(draw, tree)
+
+
+def random_adapters(
+    tree: Any,
+    rule_sets: Sequence[Sequence[lx.LoraRule] | lx.LoraRule],
+    seed: int,
+    std: float = 0.1,
+) -> list[lx.Adapter]:
+    """One adapter per rule set, with random non-zero A and B."""
+    out = []
+    for j, rules in enumerate(rule_sets):
+        ad = lx.init_adapter(tree, rules, key=jr.key(seed + j))
+        out.append(randomize(ad, seed + 1000 + j, std))
+    return out
+
+
+def merged_or_base(base: Any, stack: lx.AdapterStack, i: int, cache: dict) -> Any:
+    """`lx.merge(base, stack[i])`, or `base` itself for `i == -1` (memoised)."""
+    i = int(i)
+    if i not in cache:
+        cache[i] = base if i < 0 else lx.merge(base, stack[i])
+    return cache[i]
+
+
+def per_row_reference(
+    base: Any,
+    stack: lx.AdapterStack,
+    indices: Any,
+    run_one: Callable[[Any, Any], Any],
+    xs: Any,
+) -> np.ndarray:
+    """`run_one(model_e, xs[e])` for every leading index `e` of `indices`.
+
+    `indices` may be `(B,)` (one adapter per example) or `(B, T)` (one per token:
+    `xs[b, t]` is then run alone, so the model must not mix tokens).
+    """
+    indices = np.asarray(indices)
+    cache: dict = {}
+    rows = []
+    for e in np.ndindex(*indices.shape):
+        model = merged_or_base(base, stack, indices[e], cache)
+        rows.append(np.asarray(jnp.asarray(run_one(model, xs[e]), jnp.float32)))
+    return np.stack(rows).reshape(indices.shape + rows[0].shape)
+
+
+def assert_close(actual: Any, expected: Any, *, rtol: float, atol: float) -> None:
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    expected = np.asarray(jnp.asarray(expected, jnp.float32))
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert np.all(np.isfinite(actual))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+def assert_adapters_matter(
+    reference: Any, base_out: Any, indices: Any, *, atol: float
+) -> None:
+    """Rows that use an adapter differ visibly from the base model's output.
+
+    Guards the comparison: if adapters changed the output by less than the
+    tolerance, a batched forward that ignored them would pass.
+    """
+    indices = np.asarray(indices)
+    reference = np.asarray(reference, np.float32)
+    base_out = np.asarray(base_out, np.float32)
+    diff = np.abs(reference - base_out).reshape(indices.shape + (-1,)).max(-1)
+    assert np.all(diff[indices >= 0] > 10 * atol), diff
+    assert np.all(diff[indices < 0] <= atol), diff
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """Every floating-point array leaf cast to `dtype`."""
+
+    def cast(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(cast, tree)
