@@ -113,8 +113,12 @@ class BatchedLoraArray(quax.ArrayValue):
             scale = scale.astype(jnp.float32)
         self.scale = scale
         if indices is not None:
-            if isinstance(indices, (list, tuple, int)):
-                indices = np.asarray(indices, dtype=np.int32)
+            if isinstance(indices, (list, tuple, int, float, bool)):
+                # Python numbers: ints become int32; anything else keeps its dtype
+                # so that `check_indices` refuses it instead of truncating floats.
+                indices = np.asarray(indices)
+                if np.issubdtype(indices.dtype, np.integer) or indices.size == 0:
+                    indices = indices.astype(np.int32)
             indices = jnp.asarray(indices)
         self.indices = indices
         self.allow_materialise = bool(allow_materialise)
@@ -290,8 +294,10 @@ def materialise_per_example(lora: BatchedLoraArray) -> Array:
     ns = len(lora.stack_axes)
     idx = jnp.clip(lora.indices, 0, lora.n_adapters - 1)
     s = gathered_scale(lora.scale, lora.indices)
-    a = jnp.moveaxis(jnp.take(lora.a, idx, axis=ns), range(ns, ns + idx.ndim), 0)
-    b = jnp.moveaxis(jnp.take(lora.b, idx, axis=ns), range(ns, ns + idx.ndim), 0)
+    # Move the gathered example axes (at ns, ..., ns + k - 1) to the front.
+    src, dst = tuple(range(ns, ns + idx.ndim)), tuple(range(idx.ndim))
+    a = jnp.moveaxis(jnp.take(lora.a, idx, axis=ns), src, dst)
+    b = jnp.moveaxis(jnp.take(lora.b, idx, axis=ns), src, dst)
     delta_fn = lambda a_, b_: dense_delta(  # noqa: E731
         a_, b_, lora.in_axes, lora.out_axes, lora.stack_axes
     )

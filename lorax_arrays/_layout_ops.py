@@ -131,6 +131,7 @@ def _(operand: BatchedLoraArray, **params):
         fail("it is not a plain row-major reshape")
     lora = _sorted_factors(operand)
     new_role: dict[int, str] = {}
+    stack_to_new: dict[int, int] = {}
     for og, ng in groups:
         roles = {role[ax] for ax in og}
         if len(roles) > 1:
@@ -138,18 +139,19 @@ def _(operand: BatchedLoraArray, **params):
         if not og:
             fail(f"new size-1 axis {ng[0]} belongs to no group")
         (r,) = roles
-        if r == "stack_axes" and [old[a] for a in og] != [new[b] for b in ng]:
-            fail("it merges or splits a layer-stack axis")
+        if r == "stack_axes":
+            if len(og) != 1 or len(ng) != 1:
+                fail("it merges, splits, adds or drops a layer-stack axis")
+            stack_to_new[og[0]] = ng[0]
         for ax in ng:
             new_role[ax] = r
     in_axes = tuple(ax for ax in range(len(new)) if new_role[ax] == "in_axes")
     out_axes = tuple(ax for ax in range(len(new)) if new_role[ax] == "out_axes")
-    stack_axes = tuple(ax for ax in range(len(new)) if new_role[ax] == "stack_axes")
+    # The factors' leading axes follow `stack_axes`' order, so keep that order.
+    stack_axes = tuple(stack_to_new[ax] for ax in lora.stack_axes)
     if not in_axes or not out_axes:
         fail("it would leave no input or no output axis")
     ns = len(lora.stack_axes)
-    if stack_axes and [new[a] for a in stack_axes] != [old[a] for a in lora.stack_axes]:
-        fail("it reorders layer-stack axes")
     in_shape = tuple(new[a] for a in in_axes)
     out_shape = tuple(new[a] for a in out_axes)
     assert math.prod(in_shape) == math.prod(old[a] for a in lora.in_axes)

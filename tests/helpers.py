@@ -1,0 +1,230 @@
+"""Shared test helpers: random factors and an independent float64 NumPy reference.
+
+The reference never calls into `lorax_arrays`: it builds, for every example `e`
+with adapter `i = indices[e]`, the dense weight
+
+    W_e = w + scale[i] * delta_i,
+    delta_i[w axes] = sum_r a[.., i, in.., r] * b[.., i, r, out..]
+
+(`W_e = w` where `i == -1`) with `np.einsum` in float64, and contracts activations
+with it by `np.einsum` as well.
+
+Tolerances are *relative to magnitude*: a float32 result may differ from the exact
+value by about `eps * sum |x| |W|` per output element, so every comparison is
+against an elementwise bound `rtol * mag` where `mag` is the same contraction of
+`|x|` with `|w| + |scale| * sum_r |a| |b|` (see `abs_weight=True`).
+"""
+
+from __future__ import annotations
+
+import string
+
+import jax.extend.core as jex_core
+import numpy as np
+
+# float32 computation vs float64 reference, relative to the magnitude bound.
+RTOL_F32 = 1e-4
+# bfloat16 (8-bit mantissa, eps = 2**-8): w, a, b, the rank-r intermediate and the
+# output are each rounded once: the worst seen over 200 random cases is ~0.9% of
+# the magnitude bound, so allow 2%.
+RTOL_BF16 = 2e-2
+
+_LETTERS = string.ascii_letters
+
+
+def nonzero(rng: np.random.Generator, shape, lo: float = 0.5, hi: float = 1.5):
+    """float32 values with |v| in [lo, hi] and random sign: never zero."""
+    mag = rng.uniform(lo, hi, size=shape)
+    sign = rng.choice(np.array([-1.0, 1.0]), size=shape)
+    return (mag * sign).astype(np.float32)
+
+
+def factor_shapes_ref(w_shape, in_axes, out_axes, stack_axes, n_adapters, rank):
+    """`a: (*stack, n, *in, rank)`, `b: (*stack, n, rank, *out)` (orders as given)."""
+    nd = len(w_shape)
+    stack = tuple(w_shape[ax % nd] for ax in stack_axes)
+    ins = tuple(w_shape[ax % nd] for ax in in_axes)
+    outs = tuple(w_shape[ax % nd] for ax in out_axes)
+    return (*stack, n_adapters, *ins, rank), (*stack, n_adapters, rank, *outs)
+
+
+def random_lora(
+    rng: np.random.Generator,
+    w_shape,
+    in_axes,
+    out_axes,
+    stack_axes=(),
+    *,
+    n_adapters: int,
+    rank: int,
+):
+    """Random non-zero float32 `w, a, b, scale` (NumPy) for the given layout.
+
+    `a` and `b` are sized so the low-rank term is of the same order as `w` (an
+    all-zero or negligible B would hide bugs in the rewrite).
+    """
+    a_shape, b_shape = factor_shapes_ref(
+        w_shape, in_axes, out_axes, stack_axes, n_adapters, rank
+    )
+    w = nonzero(rng, w_shape)
+    a = nonzero(rng, a_shape)
+    b = nonzero(rng, b_shape)
+    scale = nonzero(rng, (n_adapters,), 0.5, 2.0)
+    return w, a, b, scale
+
+
+def random_indices(rng: np.random.Generator, shape, n_adapters: int):
+    """int32 adapter indices in [-1, n_adapters)."""
+    return rng.integers(-1, n_adapters, size=shape).astype(np.int32)
+
+
+def dense_weight_per_example(
+    w,
+    a,
+    b,
+    scale,
+    indices,
+    in_axes,
+    out_axes,
+    stack_axes=(),
+    *,
+    abs_weight: bool = False,
+):
+    """float64 `W_e = w + scale[i] * delta_i` per example: `(*indices.shape, *w.shape)`.
+
+    With `abs_weight=True`, returns `|w| + |scale[i]| * sum_r |a| |b|` instead: the
+    magnitude against which rounding errors are measured.
+    """
+    w = np.asarray(w, np.float64)
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    scale = np.asarray(scale, np.float64)
+    indices = np.asarray(indices)
+    if abs_weight:
+        w, a, b, scale = np.abs(w), np.abs(a), np.abs(b), np.abs(scale)
+    nd = w.ndim
+    in_axes = [ax % nd for ax in in_axes]
+    out_axes = [ax % nd for ax in out_axes]
+    stack_axes = [ax % nd for ax in stack_axes]
+    assert sorted(in_axes + out_axes + stack_axes) == list(range(nd))
+    letter = {ax: _LETTERS[ax] for ax in range(nd)}
+    n_, r_ = "Y", "Z"
+    sa = "".join(letter[ax] for ax in stack_axes)
+    sub_a = sa + n_ + "".join(letter[ax] for ax in in_axes) + r_
+    sub_b = sa + n_ + r_ + "".join(letter[ax] for ax in out_axes)
+    sub_out = n_ + "".join(letter[ax] for ax in range(nd))
+    # delta[i] for every adapter i, laid out on w's axes.
+    delta = np.einsum(f"{sub_a},{sub_b}->{sub_out}", a, b)
+    out = np.empty(indices.shape + w.shape, np.float64)
+    for e in np.ndindex(*indices.shape):
+        i = int(indices[e])
+        out[e] = w if i == -1 else w + scale[i] * delta[i]
+    return out
+
+
+def reference_dot_general(x, w_e, dimension_numbers, lora_is_lhs: bool, k: int):
+    """float64 `dot_general(x, W)` (or `(W, x)`) with one weight per example.
+
+    `w_e`: `(*I, *w.shape)` with `len(I) == k`; the leading `k` free axes of `x` are
+    the example axes that pick the weight. The output follows `lax.dot_general`'s
+    layout: `(*batch, *lhs free, *rhs free)`.
+    """
+    x = np.asarray(x, np.float64)
+    w_e = np.asarray(w_e, np.float64)
+    (lc, rc), (lb, rb) = dimension_numbers
+    wnd = w_e.ndim - k
+    if lora_is_lhs:
+        wc, xc, wb, xb = lc, rc, lb, rb
+    else:
+        wc, xc, wb, xb = rc, lc, rb, lb
+    letters = iter(_LETTERS)
+    x_sub = [next(letters) for _ in range(x.ndim)]
+    w_sub = [None] * wnd
+    for dw, dx in zip(wc, xc):
+        w_sub[dw] = x_sub[dx]
+    for dw, dx in zip(wb, xb):
+        w_sub[dw] = x_sub[dx]
+    for d in range(wnd):
+        if w_sub[d] is None:
+            w_sub[d] = next(letters)
+    x_free = [d for d in range(x.ndim) if d not in xc and d not in xb]
+    w_free = [d for d in range(wnd) if d not in wc and d not in wb]
+    ex_sub = [x_sub[d] for d in x_free[:k]]
+    batch = [x_sub[d] for d in xb]
+    xf = [x_sub[d] for d in x_free]
+    wf = [w_sub[d] for d in w_free]
+    out = batch + (wf + xf if lora_is_lhs else xf + wf)
+    spec = f"{''.join(x_sub)},{''.join(ex_sub + w_sub)}->{''.join(out)}"
+    return np.einsum(spec, x, w_e)
+
+
+def assert_close_to_reference(actual, expected, magnitude, rtol: float = RTOL_F32):
+    """Elementwise `|actual - expected| <= rtol * magnitude` (+ a float32 floor)."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    magnitude = np.asarray(magnitude, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert np.all(np.isfinite(actual)), "non-finite values in the result"
+    tol = rtol * magnitude + 1e-30
+    err = np.abs(actual - expected)
+    bad = err > tol
+    if np.any(bad):
+        worst = np.unravel_index(np.argmax(err / tol), err.shape)
+        raise AssertionError(
+            f"{int(bad.sum())}/{bad.size} elements differ beyond rtol={rtol} of the "
+            f"magnitude bound; worst at {worst}: actual={actual[worst]!r}, "
+            f"expected={expected[worst]!r}, |err|={err[worst]:.3g}, "
+            f"tol={tol[worst]:.3g}"
+        )
+
+
+def check_dot(
+    x,
+    w,
+    a,
+    b,
+    scale,
+    indices,
+    in_axes,
+    out_axes,
+    stack_axes,
+    dn,
+    lora_is_lhs,
+    actual,
+    rtol=RTOL_F32,
+    x_for_ref=None,
+):
+    """Compare `actual` with the reference `dot_general` for this layout."""
+    indices = np.asarray(indices)
+    k = indices.ndim
+    xr = x if x_for_ref is None else x_for_ref
+    w_e = dense_weight_per_example(
+        w, a, b, scale, indices, in_axes, out_axes, stack_axes
+    )
+    w_abs = dense_weight_per_example(
+        w, a, b, scale, indices, in_axes, out_axes, stack_axes, abs_weight=True
+    )
+    expected = reference_dot_general(xr, w_e, dn, lora_is_lhs, k)
+    mag = reference_dot_general(
+        np.abs(np.asarray(xr, np.float64)), w_abs, dn, lora_is_lhs, k
+    )
+    assert_close_to_reference(actual, expected, mag, rtol)
+
+
+def walk_eqns(jaxpr):
+    """Every equation of a (closed) jaxpr, recursing into sub-jaxprs."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jex_core.jaxprs_in_params(eqn.params):
+            yield from walk_eqns(sub)
+
+
+def largest_intermediate(closed_jaxpr) -> int:
+    """The element count of the largest value any equation produces."""
+    sizes = [0]
+    for eqn in walk_eqns(closed_jaxpr):
+        for v in eqn.outvars:
+            shape = getattr(v.aval, "shape", ())
+            sizes.append(int(np.prod(shape, dtype=np.int64)))
+    return max(sizes)

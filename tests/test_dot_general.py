@@ -1,0 +1,471 @@
+"""Property tests of the `dot_general` rewrite against the float64 NumPy reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import lorax_arrays as lx
+from tests.helpers import (
+    RTOL_F32,
+    assert_close_to_reference,
+    check_dot,
+    dense_weight_per_example,
+    largest_intermediate,
+    random_indices,
+    random_lora,
+    reference_dot_general,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DotCase:
+    w_shape: tuple[int, ...]
+    in_axes: tuple[int, ...]  # as passed to the constructor (may be negative)
+    out_axes: tuple[int, ...]
+    stack_axes: tuple[int, ...]
+    n_adapters: int
+    rank: int
+    idx_shape: tuple[int, ...]
+    x_shape: tuple[int, ...]
+    dimension_numbers: tuple
+    lora_is_lhs: bool
+    seed: int
+    vmap_axis: int | None = None  # where the example axis sits, under jax.vmap
+
+    def arrays(self):
+        rng = np.random.default_rng(self.seed)
+        w, a, b, scale = random_lora(
+            rng,
+            self.w_shape,
+            self.in_axes,
+            self.out_axes,
+            self.stack_axes,
+            n_adapters=self.n_adapters,
+            rank=self.rank,
+        )
+        if self.vmap_axis is None:
+            idx = random_indices(rng, self.idx_shape, self.n_adapters)
+            x = rng.standard_normal(self.x_shape).astype(np.float32)
+        else:
+            (n_ex,) = self.idx_shape
+            idx = random_indices(rng, (n_ex,), self.n_adapters)
+            shape = list(self.x_shape)
+            shape.insert(self.vmap_axis, n_ex)
+            x = rng.standard_normal(shape).astype(np.float32)
+        return w, a, b, scale, idx, x
+
+    def lora(self, w, a, b, scale, idx, **kw):
+        return lx.BatchedLoraArray(
+            jnp.asarray(w),
+            a,
+            b,
+            scale=scale,
+            indices=idx,
+            in_axes=self.in_axes,
+            out_axes=self.out_axes,
+            stack_axes=self.stack_axes,
+            **kw,
+        )
+
+
+@st.composite
+def dot_cases(draw, idx_ndims=(0, 1, 2), vmapped=False):
+    ndim = draw(st.integers(2, 4))
+    extra_roles = draw(
+        st.lists(
+            st.sampled_from(["in", "out", "stack"]),
+            min_size=ndim - 2,
+            max_size=ndim - 2,
+        )
+    )
+    roles = draw(st.permutations(["in", "out", *extra_roles]))
+    w_shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
+
+    def axes_of(role):
+        axes = draw(st.permutations([ax for ax in range(ndim) if roles[ax] == role]))
+        negate = draw(st.lists(st.booleans(), min_size=len(axes), max_size=len(axes)))
+        return tuple(ax - ndim if neg else ax for ax, neg in zip(axes, negate))
+
+    in_axes, out_axes, stack_axes = axes_of("in"), axes_of("out"), axes_of("stack")
+    n_adapters = draw(st.integers(1, 5))
+    rank = draw(st.integers(1, 6))
+    k = draw(st.sampled_from(idx_ndims))
+    idx_shape = tuple(draw(st.lists(st.integers(1, 3), min_size=k, max_size=k)))
+    extra = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+
+    # The activation's axes, in a random order: one per contracted in-axis, one per
+    # stack (batch) axis, and the free axes (indexed ones first, then extras).
+    tokens = [("c", ax % ndim) for ax in in_axes]
+    tokens += [("b", ax % ndim) for ax in stack_axes]
+    tokens += [("f", None)] * (k + len(extra))
+    tokens = draw(st.permutations(tokens))
+    free_sizes = iter(idx_shape + tuple(extra))
+    x_shape, x_pos = [], {}
+    for pos, (kind, w_ax) in enumerate(tokens):
+        if kind == "f":
+            x_shape.append(next(free_sizes))
+        else:
+            x_shape.append(w_shape[w_ax])
+            x_pos[w_ax] = pos
+    c_w = draw(st.permutations([ax % ndim for ax in in_axes]))
+    b_w = draw(st.permutations([ax % ndim for ax in stack_axes]))
+    c_x = tuple(x_pos[ax] for ax in c_w)
+    b_x = tuple(x_pos[ax] for ax in b_w)
+    lora_is_lhs = draw(st.booleans())
+    if lora_is_lhs:
+        dn = ((tuple(c_w), c_x), (tuple(b_w), b_x))
+    else:
+        dn = ((c_x, tuple(c_w)), (b_x, tuple(b_w)))
+    vmap_axis = None
+    if vmapped:
+        idx_shape = (draw(st.integers(1, 4)),)
+        vmap_axis = draw(st.integers(0, len(x_shape)))
+    return DotCase(
+        w_shape=w_shape,
+        in_axes=in_axes,
+        out_axes=out_axes,
+        stack_axes=stack_axes,
+        n_adapters=n_adapters,
+        rank=rank,
+        idx_shape=idx_shape,
+        x_shape=tuple(x_shape),
+        dimension_numbers=dn,
+        lora_is_lhs=lora_is_lhs,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        vmap_axis=vmap_axis,
+    )
+
+
+def _dot_fn(case: DotCase):
+    dn = case.dimension_numbers
+    if case.lora_is_lhs:
+        return lambda W, x: jax.lax.dot_general(W, x, dn)
+    return lambda W, x: jax.lax.dot_general(x, W, dn)
+
+
+@given(dot_cases())
+def test_dot_general_matches_reference(case: DotCase):
+    w, a, b, scale, idx, x = case.arrays()
+    lora = case.lora(w, a, b, scale, idx)
+    out = jax.jit(lx.quaxify(_dot_fn(case)))(lora, x)
+    assert out.dtype == jnp.float32
+    check_dot(
+        x,
+        w,
+        a,
+        b,
+        scale,
+        idx,
+        case.in_axes,
+        case.out_axes,
+        case.stack_axes,
+        case.dimension_numbers,
+        case.lora_is_lhs,
+        out,
+    )
+
+
+@given(dot_cases(idx_ndims=(0,), vmapped=True))
+def test_dot_general_scalar_indices_under_vmap(case: DotCase):
+    w, a, b, scale, idx, x = case.arrays()
+    f = lx.quaxify(_dot_fn(case))
+
+    def per_example(i, x_e):
+        return f(case.lora(w, a, b, scale, i), x_e)
+
+    out = jax.jit(jax.vmap(per_example, in_axes=(0, case.vmap_axis)))(idx, x)
+    assert out.shape[0] == idx.shape[0]
+    for e in range(idx.shape[0]):
+        check_dot(
+            np.take(x, e, axis=case.vmap_axis),
+            w,
+            a,
+            b,
+            scale,
+            idx[e],
+            case.in_axes,
+            case.out_axes,
+            case.stack_axes,
+            case.dimension_numbers,
+            case.lora_is_lhs,
+            out[e],
+        )
+
+
+def test_vmap_outside_quaxify_with_batched_indices():
+    """`jax.vmap` over a BatchedLoraArray whose indices carry the example axis."""
+    rng = np.random.default_rng(0)
+    w, a, b, scale = random_lora(rng, (5, 3), (0,), (1,), n_adapters=3, rank=2)
+    idx = np.array([2, -1, 0, 1], np.int32)
+    x = rng.standard_normal((4, 6, 5)).astype(np.float32)
+    lora = lx.BatchedLoraArray(
+        jnp.asarray(w), a, b, scale=scale, indices=idx, in_axes=0, out_axes=1
+    )
+    # Build the in_axes pytree by hand: only `indices` is mapped.
+    in_axes = jax.tree_util.tree_map(lambda _: None, lora)
+    in_axes = _with_field(in_axes, "indices", 0)
+    out = jax.vmap(lx.quaxify(lambda W, x: x @ W), in_axes=(in_axes, 0))(lora, x)
+    w_e = dense_weight_per_example(w, a, b, scale, idx, (0,), (1,))
+    expected = np.einsum("btd,bdf->btf", x.astype(np.float64), w_e)
+    mag = np.einsum(
+        "btd,bdf->btf",
+        np.abs(x.astype(np.float64)),
+        dense_weight_per_example(w, a, b, scale, idx, (0,), (1,), abs_weight=True),
+    )
+    assert_close_to_reference(out, expected, mag)
+
+
+def _with_field(module, name, value):
+    return eqx.tree_at(
+        lambda m: getattr(m, name), module, value, is_leaf=lambda v: v is None
+    )
+
+
+# -- all -1 and repeated indices -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "idx",
+    [
+        np.full((3,), -1, np.int32),
+        np.array([1, 1, 1], np.int32),
+        np.array([[0, -1], [0, 0], [-1, 1]], np.int32),
+    ],
+    ids=["all-base", "repeated", "per-token"],
+)
+def test_index_patterns(idx):
+    rng = np.random.default_rng(1)
+    w, a, b, scale = random_lora(rng, (4, 5), (0,), (1,), n_adapters=2, rank=3)
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    lora = lx.BatchedLoraArray(
+        jnp.asarray(w), a, b, scale=scale, indices=idx, in_axes=0, out_axes=1
+    )
+    out = lx.quaxify(lambda W, x: x @ W)(lora, x)
+    dn = (((2,), (0,)), ((), ()))
+    check_dot(x, w, a, b, scale, idx, (0,), (1,), (), dn, False, out)
+    if np.all(idx == -1):
+        # Base weight only: exactly the plain product.
+        np.testing.assert_allclose(out, x @ w, rtol=1e-6, atol=1e-6)
+
+
+# -- no per-example dense weight in the jaxpr -------------------------------------
+
+
+def _jaxpr_case():
+    rng = np.random.default_rng(2)
+    n_ex, t, d, f = 4, 2, 16, 16
+    w, a, b, scale = random_lora(rng, (d, f), (0,), (1,), n_adapters=3, rank=2)
+    idx = np.array([0, 2, -1, 1], np.int32)
+    x = rng.standard_normal((n_ex, t, d)).astype(np.float32)
+    return w, a, b, scale, idx, x
+
+
+def test_rewrite_builds_no_per_example_weight():
+    w, a, b, scale, idx, x = _jaxpr_case()
+    lora = lx.BatchedLoraArray(
+        jnp.asarray(w), a, b, scale=scale, indices=idx, in_axes=0, out_axes=1
+    )
+    jaxpr = jax.make_jaxpr(lx.quaxify(lambda W, x: x @ W))(lora, x)
+    limit = idx.shape[0] * w.size
+    assert largest_intermediate(jaxpr) < limit, jaxpr
+    # Nothing larger than the base weight itself (stop_gradient(w) is that size).
+    assert largest_intermediate(jaxpr) <= w.size, jaxpr
+
+
+def test_jaxpr_check_detects_materialisation():
+    """The size check above can fail: the opt-in dense path trips it."""
+    w, a, b, scale, idx, x = _jaxpr_case()
+    lora = lx.BatchedLoraArray(
+        jnp.asarray(w),
+        a,
+        b,
+        scale=scale,
+        indices=idx,
+        in_axes=0,
+        out_axes=1,
+        allow_materialise=True,
+    )
+    # Contracting the *out* axis has no low-rank rule: it materialises.
+    xt = np.swapaxes(x, 1, 2)  # (B, F, T): contracts with W's axis 1 (an out axis)
+    f = lambda W, x: jnp.einsum("bft,df->btd", x, W)  # noqa: E731
+    jaxpr = jax.make_jaxpr(lx.quaxify(f))(lora, xt)
+    assert largest_intermediate(jaxpr) >= idx.shape[0] * w.size
+
+
+# -- tolerance sanity: the reference itself -------------------------------------
+
+
+def test_reference_detects_wrong_adapter():
+    """The reference comparison is sharp enough to see a swapped adapter."""
+    rng = np.random.default_rng(3)
+    w, a, b, scale = random_lora(rng, (4, 3), (0,), (1,), n_adapters=2, rank=2)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    idx = np.array([0, 1], np.int32)
+    dn = (((1,), (0,)), ((), ()))
+    w_right = dense_weight_per_example(w, a, b, scale, idx, (0,), (1,))
+    w_wrong = dense_weight_per_example(w, a, b, scale, idx[::-1], (0,), (1,))
+    w_abs = dense_weight_per_example(w, a, b, scale, idx, (0,), (1,), abs_weight=True)
+    mag = reference_dot_general(np.abs(x), w_abs, dn, False, 1)
+    right = reference_dot_general(x, w_right, dn, False, 1)
+    wrong = reference_dot_general(x, w_wrong, dn, False, 1)
+    assert_close_to_reference(right.astype(np.float32), right, mag, RTOL_F32)
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(wrong, right, mag, RTOL_F32)
+
+
+# -- opt-in materialisation for layouts without a low-rank rule ------------------
+
+
+@given(dot_cases())
+def test_materialised_dot_general_matches_reference(case: DotCase):
+    """Swap the roles of in/out: the product now contracts the *out* axes, which
+    has no low-rank rule; with allow_materialise it must still be right."""
+    rng = np.random.default_rng(case.seed)
+    w, a, b, scale = random_lora(
+        rng,
+        case.w_shape,
+        case.out_axes,
+        case.in_axes,
+        case.stack_axes,
+        n_adapters=case.n_adapters,
+        rank=case.rank,
+    )
+    idx = random_indices(rng, case.idx_shape, case.n_adapters)
+    x = rng.standard_normal(case.x_shape).astype(np.float32)
+    lora = lx.BatchedLoraArray(
+        jnp.asarray(w),
+        a,
+        b,
+        scale=scale,
+        indices=idx,
+        in_axes=case.out_axes,
+        out_axes=case.in_axes,
+        stack_axes=case.stack_axes,
+        allow_materialise=True,
+    )
+    out = jax.jit(lx.quaxify(_dot_fn(case)))(lora, x)
+    check_dot(
+        x,
+        w,
+        a,
+        b,
+        scale,
+        idx,
+        case.out_axes,
+        case.in_axes,
+        case.stack_axes,
+        case.dimension_numbers,
+        case.lora_is_lhs,
+        out,
+    )
+    # Without the opt-in the same product is refused.
+    with pytest.raises(lx.UnsupportedOperationError, match="allow_materialise"):
+        lx.quaxify(_dot_fn(case))(lora.replace(allow_materialise=False), x)
+
+
+def test_contract_out_axis_with_allow_materialise():
+    """`x @ W.T` on an (in, out) kernel contracts the out axis: dense fallback."""
+    rng = np.random.default_rng(12)
+    d, f = 5, 3
+    w, a, b, scale = random_lora(rng, (d, f), (0,), (1,), n_adapters=3, rank=2)
+    idx = np.array([2, -1, 0, 1], np.int32)
+    x = rng.standard_normal((4, 6, f)).astype(np.float32)
+    lora = lx.BatchedLoraArray(
+        jnp.asarray(w),
+        a,
+        b,
+        scale=scale,
+        indices=idx,
+        in_axes=0,
+        out_axes=1,
+        allow_materialise=True,
+    )
+    out = jax.jit(lx.quaxify(lambda W, x: x @ W.T))(lora, x)
+    w_e = dense_weight_per_example(w, a, b, scale, idx, (0,), (1,))
+    w_abs = dense_weight_per_example(w, a, b, scale, idx, (0,), (1,), abs_weight=True)
+    expected = np.einsum("btf,bdf->btd", x.astype(np.float64), w_e)
+    mag = np.einsum("btf,bdf->btd", np.abs(x.astype(np.float64)), w_abs)
+    assert_close_to_reference(out, expected, mag)
+
+
+# -- gradients ----------------------------------------------------------------------
+
+
+def _grad_case():
+    rng = np.random.default_rng(13)
+    n_ex, t, d, f, n, rank = 4, 3, 5, 3, 3, 2
+    w, a, b, scale = random_lora(rng, (d, f), (0,), (1,), n_adapters=n, rank=rank)
+    idx = np.array([2, -1, 0, 2], np.int32)
+    x = rng.standard_normal((n_ex, t, d)).astype(np.float32)
+    return w, a, b, scale, idx, x
+
+
+def _reference_loss(w, a, b, x, scale, idx):
+    """Plain float32 JAX: one dense weight per example, no lorax_arrays."""
+    safe = jnp.maximum(idx, 0)
+    s = jnp.where(idx >= 0, scale[safe], 0.0)
+    delta = jnp.einsum("edr,erf->edf", a[safe], b[safe])
+    w_e = w[None] + s[:, None, None] * delta
+    y = jnp.einsum("btd,bdf->btf", x, w_e)
+    return jnp.sum(y**2)
+
+
+def test_gradients_match_dense_reference():
+    w, a, b, scale, idx, x = _grad_case()
+
+    def loss(w, a, b, x):
+        lora = lx.BatchedLoraArray(
+            w, a, b, scale=scale, indices=idx, in_axes=0, out_axes=1
+        )
+        y = lx.quaxify(lambda W, x: x @ W)(lora, x)
+        return jnp.sum(y**2)
+
+    args = tuple(jnp.asarray(v) for v in (w, a, b, x))
+    g_w, g_a, g_b, g_x = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
+    r_a, r_b, r_x = jax.grad(_reference_loss, argnums=(1, 2, 3))(
+        *args, jnp.asarray(scale), jnp.asarray(idx)
+    )
+    # The base weight is frozen.
+    np.testing.assert_array_equal(np.asarray(g_w), np.zeros_like(w))
+    for got, ref in [(g_a, r_a), (g_b, r_b), (g_x, r_x)]:
+        ref = np.asarray(ref)
+        assert np.abs(ref).max() > 0
+        np.testing.assert_allclose(
+            np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max()
+        )
+    # Adapter 1 is used by no example: its factors get exactly zero gradient.
+    assert np.all(np.asarray(g_a)[1] == 0) and np.all(np.asarray(g_b)[1] == 0)
+
+
+def test_gradients_with_per_token_indices():
+    rng = np.random.default_rng(14)
+    w, a, b, scale = random_lora(rng, (4, 3), (0,), (1,), n_adapters=2, rank=3)
+    idx = np.array([[0, 1, -1], [1, 1, 0]], np.int32)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+
+    def loss(a, b):
+        lora = lx.BatchedLoraArray(
+            jnp.asarray(w), a, b, scale=scale, indices=idx, in_axes=0, out_axes=1
+        )
+        return jnp.sum(lx.quaxify(lambda W, x: x @ W)(lora, x) ** 2)
+
+    def ref_loss(a, b):
+        safe = jnp.maximum(idx, 0)
+        s = jnp.where(idx >= 0, jnp.asarray(scale)[safe], 0.0)
+        w_e = w + s[..., None, None] * jnp.einsum("btdr,btrf->btdf", a[safe], b[safe])
+        return jnp.sum(jnp.einsum("btd,btdf->btf", x, w_e) ** 2)
+
+    got = jax.grad(loss, argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+    ref = jax.grad(ref_loss, argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+    for g, r in zip(got, ref):
+        r = np.asarray(r)
+        np.testing.assert_allclose(
+            np.asarray(g), r, rtol=1e-4, atol=1e-4 * np.abs(r).max()
+        )
