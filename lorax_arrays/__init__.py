@@ -1,8 +1,15 @@
 """lorax_arrays: serve and train many LoRA adapters in one batch, in unmodified JAX
 models, through quax's multiple dispatch."""
 
-# Importing these modules registers the dispatch rules.
-from . import _dot as _dot, _layout_ops as _layout_ops
+# Importing these modules registers the dispatch rules (and _compat's custom_vjp
+# support for quax).
+from . import (
+    _compat as _compat,
+    _control_flow as _control_flow,
+    _dot as _dot,
+    _embedding as _embedding,
+    _layout_ops as _layout_ops,
+)
 from ._adapters import (
     Adapter as Adapter,
     AdapterStack as AdapterStack,

@@ -254,6 +254,20 @@ class BatchedLoraArray(quax.ArrayValue):
         return BatchedLoraArray(**kwargs)
 
 
+def swap_in_out(lora: BatchedLoraArray) -> BatchedLoraArray:
+    """The same array read the other way round: `(W + A B)` contracted over its
+    out-axes is `W` contracted there plus `B^T`-then-`A^T`, so the in and out groups
+    exchange roles and A and B exchange places. Used for tied output heads
+    (`h @ E.T`) and row lookups along an output axis."""
+    ns = len(lora.stack_axes)
+    return lora.replace(
+        a=jnp.moveaxis(lora.b, ns + 1, -1),  # (*stack, n, *out, r)
+        b=jnp.moveaxis(lora.a, -1, ns + 1),  # (*stack, n, r, *in)
+        in_axes=lora.out_axes,
+        out_axes=lora.in_axes,
+    )
+
+
 def _pretty(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join("?" if s == 0 else str(s) for s in shape) + ")"
 

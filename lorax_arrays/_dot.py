@@ -16,6 +16,7 @@ from ._array import (
     UnsetIndicesError,
     gathered_scale,
     materialise_per_example,
+    swap_in_out,
 )
 from ._errors import IndicesShapeError, UnsupportedOperationError
 
@@ -50,8 +51,11 @@ def lora_dot(
     lhs, rhs = (lora.w, x) if lora_is_lhs else (x, lora.w)
     lhs, rhs = (_frozen(lhs), rhs) if lora_is_lhs else (lhs, _frozen(rhs))
 
-    layout_ok = set(c_l) == set(lora.in_axes) and set(b_l) == set(lora.stack_axes)
-    if not layout_ok:
+    stack_ok = set(b_l) == set(lora.stack_axes)
+    if stack_ok and set(c_l) == set(lora.out_axes):
+        # Contracting the output group (a tied head, `h @ E.T`): still low rank.
+        return lora_dot(swap_in_out(lora), x, dimension_numbers, lora_is_lhs, params)
+    if not (stack_ok and set(c_l) == set(lora.in_axes)):
         if lora.allow_materialise:
             return _materialised_dot(lora, x, dimension_numbers, lora_is_lhs, params)
         raise UnsupportedOperationError(_layout_message(lora, c_l, b_l))
@@ -164,7 +168,8 @@ def _layout_message(lora, c_l, b_l) -> str:
         f"BatchedLoraArray with weight shape {lora.shape}, but its layout is "
         f"in_axes={lora.in_axes}, out_axes={lora.out_axes}, "
         f"stack_axes={lora.stack_axes}. The low-rank rewrite needs the contraction "
-        "to be exactly over the in-axes, with every stack axis a batch axis. If the "
+        "to be exactly over the in-axes (or exactly over the out-axes), with every "
+        "stack axis a batch axis. If the "
         "layout is wrong, fix `in_axes`/`out_axes` in the LoraRule; to build the "
         "dense per-example weight for this product instead, pass "
         "`allow_materialise=True`."

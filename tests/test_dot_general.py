@@ -281,7 +281,7 @@ def test_rewrite_builds_no_per_example_weight():
 
 def test_jaxpr_check_detects_materialisation():
     """The size check above can fail: the opt-in dense path trips it."""
-    w, a, b, scale, idx, x = _jaxpr_case()
+    w, a, b, scale, idx, x, f = _mixed_case()
     lora = lx.BatchedLoraArray(
         jnp.asarray(w),
         a,
@@ -289,13 +289,10 @@ def test_jaxpr_check_detects_materialisation():
         scale=scale,
         indices=idx,
         in_axes=0,
-        out_axes=1,
+        out_axes=(1, 2),
         allow_materialise=True,
     )
-    # Contracting the *out* axis has no low-rank rule: it materialises.
-    xt = np.swapaxes(x, 1, 2)  # (B, F, T): contracts with W's axis 1 (an out axis)
-    f = lambda W, x: jnp.einsum("bft,df->btd", x, W)  # noqa: E731
-    jaxpr = jax.make_jaxpr(lx.quaxify(f))(lora, xt)
+    jaxpr = jax.make_jaxpr(lx.quaxify(f))(lora, x)
     assert largest_intermediate(jaxpr) >= idx.shape[0] * w.size
 
 
@@ -324,9 +321,10 @@ def test_reference_detects_wrong_adapter():
 
 
 @given(dot_cases())
-def test_materialised_dot_general_matches_reference(case: DotCase):
-    """Swap the roles of in/out: the product now contracts the *out* axes, which
-    has no low-rank rule; with allow_materialise it must still be right."""
+def test_out_axis_contraction_matches_reference(case: DotCase):
+    """Swap the roles of in/out: the product now contracts the *out* axes (as a
+    tied output head does). The rewrite reads the array the other way round and
+    must still match the reference, with or without allow_materialise."""
     rng = np.random.default_rng(case.seed)
     w, a, b, scale = random_lora(
         rng,
@@ -365,13 +363,49 @@ def test_materialised_dot_general_matches_reference(case: DotCase):
         case.lora_is_lhs,
         out,
     )
+    # Without the opt-in it is the same low-rank computation.
+    plain = jax.jit(lx.quaxify(_dot_fn(case)))(lora.replace(allow_materialise=False), x)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(out))
+
+
+def _mixed_case(seed=21):
+    """A (D, N, H) kernel with in=D, out=(N, H), contracted over D *and* N: not a
+    low-rank product, so only the opt-in dense path can compute it."""
+    rng = np.random.default_rng(seed)
+    d, nh, h = 4, 3, 2
+    w, a, b, scale = random_lora(rng, (d, nh, h), (0,), (1, 2), n_adapters=3, rank=2)
+    idx = np.array([2, -1, 0, 1], np.int32)
+    x = rng.standard_normal((4, 5, d, nh)).astype(np.float32)
+    f = lambda W, x: jnp.einsum("btdn,dnh->bth", x, W)  # noqa: E731
+    return w, a, b, scale, idx, x, f
+
+
+def test_materialised_mixed_contraction_matches_reference():
+    w, a, b, scale, idx, x, f = _mixed_case()
+    lora = lx.BatchedLoraArray(
+        jnp.asarray(w),
+        a,
+        b,
+        scale=scale,
+        indices=idx,
+        in_axes=0,
+        out_axes=(1, 2),
+        allow_materialise=True,
+    )
+    out = jax.jit(lx.quaxify(f))(lora, x)
+    w_e = dense_weight_per_example(w, a, b, scale, idx, (0,), (1, 2))
+    w_abs = dense_weight_per_example(w, a, b, scale, idx, (0,), (1, 2), abs_weight=True)
+    expected = np.einsum("btdn,bdnh->bth", x.astype(np.float64), w_e)
+    mag = np.einsum("btdn,bdnh->bth", np.abs(x.astype(np.float64)), w_abs)
+    assert_close_to_reference(out, expected, mag)
     # Without the opt-in the same product is refused.
     with pytest.raises(lx.UnsupportedOperationError, match="allow_materialise"):
-        lx.quaxify(_dot_fn(case))(lora.replace(allow_materialise=False), x)
+        lx.quaxify(f)(lora.replace(allow_materialise=False), x)
 
 
 def test_contract_out_axis_with_allow_materialise():
-    """`x @ W.T` on an (in, out) kernel contracts the out axis: dense fallback."""
+    """`x @ W.T` on an (in, out) kernel contracts the out axis: it stays low rank
+    even when materialising is allowed."""
     rng = np.random.default_rng(12)
     d, f = 5, 3
     w, a, b, scale = random_lora(rng, (d, f), (0,), (1,), n_adapters=3, rank=2)
