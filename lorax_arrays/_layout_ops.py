@@ -165,3 +165,82 @@ def _(operand: BatchedLoraArray, **params):
         out_axes=out_axes,
         stack_axes=stack_axes,
     )
+
+
+def _factor_axes(lora: BatchedLoraArray, axis: int) -> tuple[int | None, int | None]:
+    """Which axis of `a` and of `b` carries axis `axis` of `w` (None: neither)."""
+    ns = len(lora.stack_axes)
+    if axis in lora.stack_axes:
+        j = lora.stack_axes.index(axis)
+        return j, j
+    if axis in lora.in_axes:
+        return ns + 1 + lora.in_axes.index(axis), None
+    return None, ns + 2 + lora.out_axes.index(axis)
+
+
+@quax.register(lax.slice_p)
+def _(operand: BatchedLoraArray, **params):
+    """A static slice of any axes: `(W + AB)[:, cols] = W[:, cols] + A · B[:, cols]`
+    (fused QKV kernels, `W[i]` on a layer stack)."""
+    shape = operand.shape
+    strides = params.get("strides") or (1,) * len(shape)
+    a, b = operand.a, operand.b
+    for axis, (lo, hi, st) in enumerate(
+        zip(params["start_indices"], params["limit_indices"], strides)
+    ):
+        if (lo, hi, st) == (0, shape[axis], 1):
+            continue
+        ax_a, ax_b = _factor_axes(operand, axis)
+        if ax_a is not None:
+            a = lax.slice_in_dim(a, lo, hi, st, axis=ax_a)
+        if ax_b is not None:
+            b = lax.slice_in_dim(b, lo, hi, st, axis=ax_b)
+    return operand.replace(w=_on_w(lax.slice_p, operand.w, params), a=a, b=b)
+
+
+@quax.register(lax.split_p)
+def _(operand: BatchedLoraArray, *, sizes, axis):
+    """`jnp.split(W, n, axis)`: each piece keeps the low-rank form."""
+    params = dict(sizes=sizes, axis=axis)
+    if isinstance(operand.w, quax.Value):
+        pieces = quax.quaxify(lambda v: lax.split_p.bind(v, **params))(operand.w)
+    else:
+        pieces = lax.split_p.bind(operand.w, **params)
+    ax_a, ax_b = _factor_axes(operand, axis)
+    a_parts = lax.split(operand.a, sizes, ax_a) if ax_a is not None else None
+    b_parts = lax.split(operand.b, sizes, ax_b) if ax_b is not None else None
+    return [
+        operand.replace(
+            w=w,
+            a=operand.a if a_parts is None else a_parts[j],
+            b=operand.b if b_parts is None else b_parts[j],
+        )
+        for j, w in enumerate(pieces)
+    ]
+
+
+@quax.register(lax.squeeze_p)
+def _(operand: BatchedLoraArray, *, dimensions):
+    """Dropping size-1 axes (`W[i]` on a layer stack is a slice then a squeeze)."""
+    dims = sorted(d % operand.ndim for d in dimensions)
+    drop_a = [ax for d in dims if (ax := _factor_axes(operand, d)[0]) is not None]
+    drop_b = [ax for d in dims if (ax := _factor_axes(operand, d)[1]) is not None]
+
+    def renumber(axes):
+        return tuple(ax - sum(d < ax for d in dims) for ax in axes if ax not in dims)
+
+    in_axes, out_axes = renumber(operand.in_axes), renumber(operand.out_axes)
+    if not in_axes or not out_axes:
+        raise UnsupportedOperationError(
+            f"Squeezing axes {tuple(dims)} of a BatchedLoraArray of shape "
+            f"{operand.shape} (in_axes={operand.in_axes}, out_axes="
+            f"{operand.out_axes}) would leave it with no input or no output axis."
+        )
+    return operand.replace(
+        w=_on_w(lax.squeeze_p, operand.w, dict(dimensions=dimensions)),
+        a=jnp.squeeze(operand.a, axis=tuple(drop_a)),
+        b=jnp.squeeze(operand.b, axis=tuple(drop_b)),
+        in_axes=in_axes,
+        out_axes=out_axes,
+        stack_axes=renumber(operand.stack_axes),
+    )
