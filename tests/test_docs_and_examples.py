@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "docs/quickstart.md", "docs/custom-rules.md"]
+DOCS = ["README.md", "docs/quickstart.md", "docs/custom-rules.md", "docs/coverage.md"]
 
 
 def _run(args, **kw):
