@@ -14,6 +14,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._errors import LoraIndexError, UnsupportedOperationError
 from ._layout import check_partition, dense_delta, factor_shapes, normalise_axes
+from ._strategies import check_strategy
 
 
 def _is_traced(x: Any) -> bool:
@@ -67,6 +68,7 @@ class BatchedLoraArray(quax.ArrayValue):
     out_axes: tuple[int, ...] = eqx.field(static=True)
     stack_axes: tuple[int, ...] = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    strategy: str = eqx.field(static=True)
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class BatchedLoraArray(quax.ArrayValue):
         out_axes: int | Sequence[int],
         stack_axes: int | Sequence[int] = (),
         allow_materialise: bool = False,
+        strategy: str = "auto",
     ):
         """**Arguments:**
 
@@ -97,6 +100,10 @@ class BatchedLoraArray(quax.ArrayValue):
         - `allow_materialise`: opt in to building the dense per-example weight for
             operations that have no low-rank rule. Off by default: such an operation
             raises an error instead.
+        - `strategy`: how the low-rank term is computed: `"gather"` (gather each
+            row's factors), `"segment"` (sort tokens by adapter, grouped matmul),
+            `"dense"` (all adapters, masked) or `"auto"` (chosen from the shapes
+            and backend). All give the same result; see the docs' performance page.
         """
         shape, _ = _shape_dtype(w)
         ndim = len(shape)
@@ -122,6 +129,7 @@ class BatchedLoraArray(quax.ArrayValue):
             indices = jnp.asarray(indices)
         self.indices = indices
         self.allow_materialise = bool(allow_materialise)
+        self.strategy = check_strategy(strategy)
 
     def __check_init__(self):
         shape, dtype = _shape_dtype(self.w)
@@ -249,6 +257,7 @@ class BatchedLoraArray(quax.ArrayValue):
             out_axes=self.out_axes,
             stack_axes=self.stack_axes,
             allow_materialise=self.allow_materialise,
+            strategy=self.strategy,
         )
         kwargs.update(changes)
         return BatchedLoraArray(**kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools as ft
+import math
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ from ._array import (
     swap_in_out,
 )
 from ._errors import IndicesShapeError, UnsupportedOperationError
+from ._strategies import low_rank, resolve
 
 
 def _base_dot(lhs, rhs, dimension_numbers, params):
@@ -78,41 +80,52 @@ def lora_dot(
 
 
 def _low_rank_term(lora, x, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params):
-    """`s · ((x · A[i]) · B[i])`, laid out as `dot_general(lhs, rhs)` would be."""
+    """`s · ((x · A[i]) · B[i])`, laid out as `dot_general(lhs, rhs)` would be.
+
+    The product is brought to the canonical problem of `_strategies` (x as
+    `(S, G, R, d_in)`), computed by the chosen strategy, and laid back out.
+    """
     dtype, pref = _compute_dtype(x, params)
     precision = params.get("precision")
     idx = lora.indices
     k = idx.ndim
-    ns = len(lora.stack_axes)
     nb = len(b_l)
-    safe = jnp.clip(idx, 0, lora.n_adapters - 1)
-    # Gather each example's factors: (*stack, *idx.shape, *in, r), (*stack, *I, r, *out)
-    a_g = jnp.take(lora.a, safe, axis=ns).astype(dtype)
-    b_g = jnp.take(lora.b, safe, axis=ns).astype(dtype)
-
-    stack_pos = [lora.stack_axes.index(ax) for ax in b_l]
-    a_contract = [ns + k + lora.in_axes.index(ax) for ax in c_l]
-    a_batch = stack_pos + [ns + j for j in range(k)]
-    x_batch = list(b_x) + x_free[:k]
-    dot = ft.partial(lax.dot_general, precision=precision, preferred_element_type=pref)
-    if isinstance(x, quax.Value):
-        dot = quax.quaxify(dot)
-    # t: (*batch, *I, *rest of x's free axes, r)
-    t = dot(x, a_g, ((tuple(c_x), tuple(a_contract)), (tuple(x_batch), tuple(a_batch))))
-    t = t.astype(dtype)
-    t_batch = tuple(range(nb + k))
-    b_batch = tuple(stack_pos + [ns + j for j in range(k)])
-    # u: (*batch, *x_free, *out in `out_axes` order)
-    u = lax.dot_general(
-        t,
-        b_g,
-        (((t.ndim - 1,), (ns + k,)), (t_batch, b_batch)),
-        precision=precision,
-        preferred_element_type=pref,
+    x_shape = tuple(x.shape)
+    # x as (batch (paired with stack axes), indexed, rest, in-axes in `in_axes` order)
+    x_in = [c_x[c_l.index(ax)] for ax in lora.in_axes]
+    x_perm = [*b_x, *x_free, *x_in]
+    batch_shape = tuple(x_shape[d] for d in b_x)
+    rest_shape = tuple(x_shape[d] for d in x_free[k:])
+    out_shape = tuple(lora.shape[ax] for ax in lora.out_axes)
+    sizes = (
+        math.prod(batch_shape),
+        math.prod(idx.shape),
+        math.prod(rest_shape),
+        math.prod(lora.shape[ax] for ax in lora.in_axes),
+        math.prod(out_shape),
+        lora.n_adapters,
+        lora.rank,
     )
-    s = gathered_scale(lora.scale, idx).astype(u.dtype)
-    n_rest = u.ndim - nb - k
-    u = u * s.reshape((1,) * nb + s.shape + (1,) * n_rest)
+    strategy = resolve(lora.strategy, sizes)
+    # The factors with their stack axes in the order of the batch axes.
+    ns = len(lora.stack_axes)
+    stack_perm = [lora.stack_axes.index(ax) for ax in b_l]
+    a = jnp.transpose(lora.a, [*stack_perm, *range(ns, lora.a.ndim)])
+    b = jnp.transpose(lora.b, [*stack_perm, *range(ns, lora.b.ndim)])
+    s_, g, r_tok, d_in, d_out, n, rank = sizes
+
+    def term(x, a, b, idx, scale):
+        x3 = jnp.transpose(x, x_perm).reshape(s_, g, r_tok, d_in)
+        a3 = a.reshape(s_, n, d_in, rank).astype(dtype)
+        b3 = b.reshape(s_, n, rank, d_out).astype(dtype)
+        ids = jnp.clip(idx, 0, n - 1).reshape(g)
+        s = gathered_scale(scale, idx).reshape(g)
+        u = low_rank(strategy, x3, a3, b3, ids, s, precision=precision, pref=pref)
+        return u.reshape(*batch_shape, *idx.shape, *rest_shape, *out_shape)
+
+    if isinstance(x, quax.Value):
+        term = quax.quaxify(term)
+    u = term(x, a, b, idx, lora.scale)  # (*batch, *x_free, *out in `out_axes` order)
 
     # dot_general's layout: (*batch, *lhs free, *rhs free); lora's free axes are
     # its out axes in increasing order.

@@ -3,15 +3,18 @@ BatchedLoraArrays."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import quax
 
+from ._strategies import call_strategy, check_strategy
+
 _F = TypeVar("_F", bound=Callable)
 
 
-def quaxify(fn: _F, /, filter_spec: Any = True) -> _F:
+def quaxify(fn: _F, /, filter_spec: Any = True, *, strategy: str | None = None) -> _F:
     """Makes `fn` understand `BatchedLoraArray`s (and every other quax type).
 
     Call the wrapped function with a tree from [`lorax_arrays.loraify`][] in place of
@@ -26,12 +29,25 @@ def quaxify(fn: _F, /, filter_spec: Any = True) -> _F:
     - `fn`: any JAX function, e.g. a Flax `apply`, an Equinox module or a function of
         raw parameters.
     - `filter_spec`: which arguments to quaxify (advanced; see `quax.quaxify`).
+    - `strategy`: force how every adapted product in this call computes its
+        low-rank term (`"gather"`, `"segment"`, `"dense"` or `"auto"`), overriding
+        each array's own `strategy`. `None` (the default) leaves each array's.
 
     **Returns:**
 
     A function with the same signature as `fn`.
     """
-    return quax.quaxify(fn, filter_spec)
+    quaxified = quax.quaxify(fn, filter_spec)
+    if strategy is None:
+        return quaxified
+    check_strategy(strategy)
+
+    @functools.wraps(fn)
+    def with_strategy(*args, **kwargs):
+        with call_strategy(strategy):
+            return quaxified(*args, **kwargs)
+
+    return with_strategy
 
 
 def register(primitive: Any, /, *, precedence: int = 0) -> Callable[[_F], _F]:

@@ -1,0 +1,383 @@
+"""The benchmark suite: batched multi-LoRA against the base model and the
+alternatives, on the workloads of the performance issue.
+
+- W1 prefill: 16 sequences x 128 tokens through a stack of MLP layers
+  (d_model 1024, d_ff 4096), 16 adapters of rank 16, one adapter per sequence.
+- W2 the same tokens, a random adapter per token.
+- W3 decode: 64 single-token rows over 8 adapters; and over 64 distinct adapters
+  (there the adapters hold more bytes than the base weight).
+- W4 scaling, one 1024 -> 4096 layer, one adapter per sequence: adapters in
+  {1, 4, 16, 64, 256} x rank in {8, 16, 64}, and mixed ranks.
+
+Variants, timed interleaved in one process (median of `--repeats` runs each):
+`base` (no LoRA), `gather`/`segment`/`dense`/`auto` (ours, strategy forced),
+`merged` (W + s·A_i B_i built per example, then a batched matmul), `loop` (a
+per-adapter loop over sub-batches inside jit, as PEFT's mixed batches work),
+`quax` (quax's own single-adapter LoraArray, only with 1 adapter).
+
+Reported: time as a ratio to `base`, trace+compile time as a ratio to base's, and
+XLA's temporary memory (compiled memory analysis) in MiB. A table is printed and
+written to `--out` (Markdown), and a plot of overhead vs number of adapters is
+saved as PNG next to it.
+
+Run: python benchmarks/suite.py            (full; ~10 minutes on 2 CPU cores)
+     python benchmarks/suite.py --quick    (tiny shapes, seconds; used by tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import quax.examples.lora as quax_lora
+
+import lorax_arrays as lx
+
+OURS = ["gather", "segment", "dense", "auto"]
+
+
+def mlp_params(key, layers, d_model, d_ff):
+    k1, k2 = jr.split(key)
+    return {
+        "w1": jr.normal(k1, (layers, d_model, d_ff)) / d_model**0.5,
+        "w2": jr.normal(k2, (layers, d_ff, d_model)) / d_ff**0.5,
+    }
+
+
+def mlp(params, x):
+    def layer(h, p):
+        return h + jax.nn.gelu(h @ p["w1"]) @ p["w2"], None
+
+    return jax.lax.scan(layer, x, params)[0]
+
+
+def make_adapters(params, n, ranks, key):
+    """n adapters for every weight of `params`; ranks cycle through `ranks`."""
+    out = []
+    for i, k in enumerate(jr.split(key, n)):
+        r = ranks[i % len(ranks)]
+        rules = [lx.LoraRule(r"w[12]", rank=r, alpha=2 * r, stack_axes=0)]
+        ad = lx.init_adapter(params, rules, key=k)
+        leaves, tree = jax.tree.flatten(ad)
+        ks = jr.split(jr.fold_in(k, 1), len(leaves))
+        leaves = [x + 0.02 * jr.normal(kk, x.shape) for x, kk in zip(leaves, ks)]
+        out.append(jax.tree.unflatten(tree, leaves))
+    return lx.stack_adapters(out)
+
+
+def merged_forward(params, stack, idx, x):
+    """Merge per example: W_e = W + s·A_i B_i for every example and layer."""
+    ws = {}
+    for name, w in params.items():
+        a, b = stack.weights[name]  # (L, n, d_in, r), (L, n, r, d_out)
+        s = jnp.where(idx >= 0, stack.scales[name][jnp.maximum(idx, 0)], 0.0)
+        delta = jnp.einsum(
+            "lbir,lbro->lbio", a[:, jnp.maximum(idx, 0)], b[:, jnp.maximum(idx, 0)]
+        )
+        ws[name] = w[:, None] + s[None, :, None, None] * delta  # (L, B, in, out)
+
+    def layer(h, p):
+        up = jax.nn.gelu(jnp.einsum("bti,bio->bto", h, p["w1"]))
+        return h + jnp.einsum("bti,bio->bto", up, p["w2"]), None
+
+    return jax.lax.scan(layer, x, ws)[0]
+
+
+def loop_forward(params, stack, idx, x):
+    """PEFT-style: base matmul, then for each adapter the rows that use it."""
+    n = stack.n_adapters
+
+    def lin(h, name, w, layer):
+        y = h @ w
+        a, b = stack.weights[name]
+        for i in range(n):
+            rows = (idx == i)[:, None, None]
+            d = (h @ a[layer, i]) @ b[layer, i] * stack.scales[name][i]
+            y = y + jnp.where(rows, d, 0.0)
+        return y
+
+    h = x
+    for layer in range(params["w1"].shape[0]):
+        up = jax.nn.gelu(lin(h, "w1", params["w1"][layer], layer))
+        h = h + lin(up, "w2", params["w2"][layer], layer)
+    return h
+
+
+def quax_forward(params, stack, idx, x):
+    """quax's own LoraArray, one adapter for the whole batch (adapter 0)."""
+    lp = {}
+    for name, w in params.items():
+        a, b = stack.weights[name]
+        la = quax_lora.LoraArray(w, rank=1, key=jr.PRNGKey(0))
+        la = quax_lora.LoraArray.__new__(quax_lora.LoraArray)
+        object.__setattr__(la, "_w", w)
+        object.__setattr__(la, "a", a[:, 0] * stack.scales[name][0])
+        object.__setattr__(la, "b", b[:, 0])
+        object.__setattr__(la, "stop_gradient", True)
+        object.__setattr__(la, "allow_materialise", False)
+        lp[name] = la
+    return quax.quaxify(mlp)(lp, x)
+
+
+import quax  # noqa: E402  (used by quax_forward)
+
+
+def variants(params, stack, idx, x):
+    """name -> (jitted fn, args). All take the same arrays, so they are comparable."""
+    served = lx.loraify(params, stack, idx)
+    v = {"base": (jax.jit(mlp), (params, x))}
+    r = stack.weights["w1"][0].shape[-1]
+    for s in OURS:
+        if s == "dense" and stack.n_adapters * r > params["w1"].shape[-1]:
+            continue  # x·A for every adapter costs more than the base matmul
+        v[s] = (jax.jit(lx.quaxify(mlp, strategy=s)), (served, x))
+    if idx.ndim == 1:  # the alternatives serve one adapter per example
+        v["merged"] = (jax.jit(merged_forward), (params, stack, idx, x))
+        if stack.n_adapters <= 64:
+            v["loop"] = (jax.jit(loop_forward), (params, stack, idx, x))
+    if stack.n_adapters == 1:
+        v["quax"] = (jax.jit(quax_forward), (params, stack, idx, x))
+    return v
+
+
+def measure(v, repeats):
+    compile_s, mem = {}, {}
+    for name, (f, args) in v.items():
+        jax.clear_caches()  # measure a cold trace + compile for every variant
+        t = time.perf_counter()
+        compiled = f.lower(*args).compile()
+        compile_s[name] = time.perf_counter() - t
+        try:
+            ma = compiled.memory_analysis()
+            mem[name] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20
+        except Exception:  # backend without memory analysis
+            mem[name] = float("nan")
+        jax.block_until_ready(f(*args))
+    times = {k: [] for k in v}
+    for _ in range(repeats):
+        for name, (f, args) in v.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    return med, compile_s, mem
+
+
+def check_agree(v):
+    ref = np.asarray(v["gather"][0](*v["gather"][1]))
+    for name, (f, args) in v.items():
+        if name in ("base", "quax"):
+            continue
+        err = np.max(np.abs(np.asarray(f(*args)) - ref)) / np.max(np.abs(ref))
+        assert err < 1e-3, (name, err)
+
+
+def run_workload(
+    label, layers, batch, seq, d_model, d_ff, n, ranks, per_token, repeats, key
+):
+    kp, ka, kx, ki = jr.split(key, 4)
+    params = mlp_params(kp, layers, d_model, d_ff)
+    stack = make_adapters(params, n, ranks, ka)
+    x = jr.normal(kx, (batch, seq, d_model))
+    shape = (batch, seq) if per_token else (batch,)
+    idx = jr.randint(ki, shape, 0, n)
+    v = variants(params, stack, idx, x)
+    check_agree(v)
+    med, comp, mem = measure(v, repeats)
+    from lorax_arrays._strategies import choose
+
+    r = max(ranks)
+    g, r_tok = (batch * seq, 1) if per_token else (batch, seq)
+    picked = choose(1, g, r_tok, d_model, d_ff, n, r)
+    return {
+        "label": label,
+        "n": n,
+        "ranks": ranks,
+        "med": med,
+        "compile": comp,
+        "mem": mem,
+        "auto": picked,
+    }
+
+
+def fmt_row(res):
+    med, base = res["med"], res["med"]["base"]
+    cells = []
+    for k in ["gather", "segment", "dense", "auto", "merged", "loop", "quax"]:
+        cells.append(f"{med[k] / base:.2f}x" if k in med else "-")
+    best = min((k for k in OURS[:3] if k in med), key=lambda k: med[k])
+    comp = res["compile"]["auto"] / res["compile"]["base"]
+    mem = f"{res['mem']['auto']:.0f} / {res['mem']['base']:.0f}"
+    return (
+        f"| {res['label']} | {base * 1e3:.1f} | "
+        + " | ".join(cells)
+        + f" | {res['auto']} (best {best}) | {comp:.2f}x | {mem} |"
+    )
+
+
+HEADER = (
+    "| workload | base ms | gather | segment | dense | auto | merged | loop | "
+    "quax | auto picks | compile (auto/base) | MiB (auto / base) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--only", default="W1,W2,W3,W4")
+    p.add_argument("--out", default="benchmarks/results/suite.md")
+    args = p.parse_args()
+    if args.quick:
+        d_model, d_ff, seq, batch, layers, dec = 32, 64, 8, 4, 2, 8
+        scale_ns, scale_ranks, reps = [1, 4, 16], [4, 8], 2
+    else:
+        d_model, d_ff, seq, batch, layers, dec = 1024, 4096, 128, 16, 2, 64
+        scale_ns, scale_ranks, reps = [1, 4, 16, 64, 256], [8, 16, 64], args.repeats
+    key = jr.PRNGKey(0)
+    only = args.only.split(",")
+    rows = []
+    if "W1" in only:
+        rows.append(
+            run_workload(
+                "W1 prefill, adapter per sequence",
+                layers,
+                batch,
+                seq,
+                d_model,
+                d_ff,
+                16,
+                [16],
+                False,
+                reps,
+                key,
+            )
+        )
+    if "W2" in only:
+        rows.append(
+            run_workload(
+                "W2 prefill, adapter per token",
+                layers,
+                batch,
+                seq,
+                d_model,
+                d_ff,
+                16,
+                [16],
+                True,
+                reps,
+                key,
+            )
+        )
+    if "W3" in only:
+        rows.append(
+            run_workload(
+                "W3 decode, 8 adapters",
+                layers,
+                dec,
+                1,
+                d_model,
+                d_ff,
+                8,
+                [16],
+                False,
+                reps,
+                key,
+            )
+        )
+        rows.append(
+            run_workload(
+                "W3 decode, 64 adapters",
+                layers,
+                dec,
+                1,
+                d_model,
+                d_ff,
+                64,
+                [16],
+                False,
+                reps,
+                key,
+            )
+        )
+    scaling = []
+    if "W4" in only:
+        for r in scale_ranks:
+            for n in scale_ns:
+                res = run_workload(
+                    f"W4 n={n} r={r}",
+                    1,
+                    batch,
+                    seq,
+                    d_model,
+                    d_ff,
+                    n,
+                    [r],
+                    False,
+                    max(2, reps // 2),
+                    key,
+                )
+                rows.append(res)
+                scaling.append(res)
+        n = scale_ns[-1]
+        rows.append(
+            run_workload(
+                f"W4 n={n} mixed ranks",
+                1,
+                batch,
+                seq,
+                d_model,
+                d_ff,
+                n,
+                scale_ranks,
+                False,
+                max(2, reps // 2),
+                key,
+            )
+        )
+    dev = jax.devices()[0]
+    head = (
+        f"Device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}; "
+        f"times are medians of interleaved runs; ratios to the base model."
+    )
+    table = "\n".join([head, "", HEADER, *[fmt_row(r) for r in rows]])
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    if scaling:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in scale_ranks:
+            res = [x for x in scaling if x["ranks"] == [r]]
+            ns = [x["n"] for x in res]
+            for k, style in [("auto", "-o"), ("merged", "--x"), ("loop", ":s")]:
+                ys = [
+                    x["med"][k] / x["med"]["base"] if k in x["med"] else np.nan
+                    for x in res
+                ]
+                ax.plot(ns, ys, style, label=f"{k}, rank {r}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("adapters in the batch")
+        ax.set_ylabel("time / base model")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+        ax.set_title("W4: overhead vs adapters (one adapter per sequence)")
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=120)
+        print(f"\nwrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
