@@ -3,7 +3,17 @@
 For a table `w: (vocab, d)` adapted with `in_axes=(0,)` (the vocabulary axis is what
 a one-hot token contracts with) and `out_axes=(1,)`, the lookup of token `t` for an
 example using adapter `i` is `w[t] + s_i * a[i, t] @ b[i]`: a gather of one row of A,
-never of the dense `W + AB`. This is the delta PEFT uses for embeddings.
+never of the dense `W + AB`. This is the delta PEFT uses for embeddings. A lookup
+along an out axis (`E[:, j]`) reads the table the other way round (`swap_in_out`).
+
+Also here, because they are the other ways JAX indexes a table:
+
+- `dynamic_slice` of any other block (`W[i]` with a traced `i` on a layer stack,
+  `lax.dynamic_index_in_dim`), and a `gather` of one layer (`jnp.take(W, i,
+  axis=0)`), slice `w`, and `a`/`b` along the same axes: the result is still a
+  BatchedLoraArray;
+- a squeeze that removes every in-axis (or out-axis), which is what a static lookup
+  `E[3]` becomes after `slice`: the row itself, for scalar indices.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from ._array import (
     BatchedLoraArray,
     UnsetIndicesError,
     gathered_scale,
+    materialise_per_example,
     swap_in_out,
 )
 from ._errors import IndicesShapeError, UnsupportedOperationError
@@ -83,6 +94,13 @@ def _(operand: BatchedLoraArray, start_indices, **params):
             and set(dn.collapsed_slice_dims) <= {axis}
         )
     if not ok:
+        block = _stack_gather(operand, start_indices, dn, sizes)
+        if block is not None:
+            return block
+        if operand.allow_materialise:  # opted in: dense per-example weights
+            return BatchedLoraArray.default(
+                lax.gather_p, (operand, start_indices), params
+            )
         raise UnsupportedOperationError(
             f"`gather` on a BatchedLoraArray of shape {shape} with {dn} and "
             f"slice_sizes={sizes}: only whole-row lookups (`E[tokens]`, "
@@ -106,11 +124,8 @@ def _(operand: BatchedLoraArray, *starts, slice_sizes):
     shape = tuple(operand.shape)
     sizes = tuple(slice_sizes)
     rows = [ax for ax in range(len(shape)) if sizes[ax] != shape[ax]]
-    if len(shape) != 2 or len(rows) != 1 or sizes[rows[0]] != 1 or len(starts) != 2:
-        raise UnsupportedOperationError(
-            f"`dynamic_slice` of a BatchedLoraArray of shape {shape} to {sizes}: only "
-            "single-row lookups (an Equinox Embedding) keep the low-rank form."
-        )
+    if len(shape) != 2 or len(rows) != 1 or sizes[rows[0]] != 1:
+        return _dynamic_block(operand, starts, sizes)
     (axis,) = rows
     a, b = _lookup_view(operand, axis, what)
     base = _on_w(lax.dynamic_slice_p, operand.w, starts, dict(slice_sizes=sizes))
@@ -126,3 +141,85 @@ def _(operand: BatchedLoraArray, *starts, slice_sizes):
         )
     delta = jnp.expand_dims(delta, axis)
     return base + delta.astype(base.dtype)
+
+
+def _stack_gather(lora: BatchedLoraArray, start_indices, dn, sizes):
+    """One layer of a stack by `gather` (`jnp.take(W, i, axis=0)`, scalar `i`): the
+    same block as `dynamic_slice` (out-of-range `i` is clamped, not filled), then
+    the collapsed axes squeezed. `None` when the gather is not of that form."""
+    shape = tuple(lora.shape)
+    rows = [ax for ax in range(len(shape)) if sizes[ax] != shape[ax]]
+    n_out = len(shape) - len(dn.collapsed_slice_dims)
+    if not (
+        rows
+        and all(ax in lora.stack_axes and sizes[ax] == 1 for ax in rows)
+        and set(dn.start_index_map) == set(rows)
+        and set(dn.collapsed_slice_dims) <= set(rows)
+        and not dn.operand_batching_dims
+        and tuple(start_indices.shape) == (len(rows),)
+        and tuple(dn.offset_dims) == tuple(range(n_out))
+    ):
+        return None
+    starts = [0] * len(shape)
+    for j, ax in enumerate(dn.start_index_map):
+        starts[ax] = start_indices[j]
+    block = _dynamic_block(lora, starts, sizes)
+    dims = tuple(dn.collapsed_slice_dims)
+    if dims:
+        block = quax.quaxify(lambda v: lax.squeeze(v, dims))(block)
+    return block
+
+
+def _dynamic_block(lora: BatchedLoraArray, starts, sizes) -> BatchedLoraArray:
+    """`(W + AB)[block]` at dynamic offsets is `W[block] + A[in part] B[out part]`:
+    still low rank. `A` is sliced on its in and stack axes, `B` on its out and stack
+    axes, with the same (clamped) starts. The common case: one layer of a stack
+    inside `fori_loop` (`lax.dynamic_index_in_dim(W, i)`, `W[i]` with a traced `i`),
+    a dynamic slice of the stack axis followed by a squeeze."""
+    ns = len(lora.stack_axes)
+    starts = [jnp.asarray(st, jnp.int32) for st in starts]
+    zero = jnp.zeros((), jnp.int32)
+    a_starts, a_sizes = [zero] * lora.a.ndim, list(lora.a.shape)
+    b_starts, b_sizes = [zero] * lora.b.ndim, list(lora.b.shape)
+    for ax in range(lora.ndim):
+        if sizes[ax] == lora.shape[ax]:
+            continue
+        if ax in lora.stack_axes:
+            pos_a = pos_b = lora.stack_axes.index(ax)
+        elif ax in lora.in_axes:
+            pos_a, pos_b = ns + 1 + lora.in_axes.index(ax), None
+        else:
+            pos_a, pos_b = None, ns + 2 + lora.out_axes.index(ax)
+        if pos_a is not None:
+            a_starts[pos_a], a_sizes[pos_a] = starts[ax], sizes[ax]
+        if pos_b is not None:
+            b_starts[pos_b], b_sizes[pos_b] = starts[ax], sizes[ax]
+    return lora.replace(
+        w=_on_w(lax.dynamic_slice_p, lora.w, starts, dict(slice_sizes=tuple(sizes))),
+        a=lax.dynamic_slice(lora.a, a_starts, a_sizes),
+        b=lax.dynamic_slice(lora.b, b_starts, b_sizes),
+    )
+
+
+def squeezed_lookup(lora: BatchedLoraArray, dims: tuple[int, ...]):
+    """A squeeze that removes every (size-1) in-axis or every out-axis: what is left
+    is no longer a weight but a looked-up row or column. A static lookup `E[3]` (an
+    Equinox Embedding called with a Python int) is a slice, then this squeeze.
+
+    The result is a plain array the size of the row, `w[3] + s_i * a[i, 3] @ b[i]`,
+    which needs one adapter for the whole call: scalar indices (inside `jax.vmap`).
+    """
+    if lora.indices is None:
+        raise UnsetIndicesError.for_array(lora)
+    if lora.indices.ndim:
+        raise UnsupportedOperationError(
+            f"Squeezing axes {tuple(dims)} of a BatchedLoraArray of shape "
+            f"{lora.shape} (in_axes={lora.in_axes}, out_axes={lora.out_axes}) leaves "
+            "no input or no output axis: the result is one row or column of the "
+            "table (a static lookup such as `E[3]`), a single vector, but the "
+            f"adapter indices have shape {tuple(lora.indices.shape)} and one vector "
+            "cannot hold each example's adapter. Look rows up with an array of "
+            "token ids, one per example (`E[tokens]`), or, inside `jax.vmap`, set "
+            "one example's scalar index with `lx.with_indices`."
+        )
+    return jnp.squeeze(materialise_per_example(lora), dims)

@@ -14,6 +14,7 @@ import quax
 from jax import lax
 
 from ._array import BatchedLoraArray
+from ._embedding import squeezed_lookup
 from ._errors import UnsupportedOperationError
 
 
@@ -230,12 +231,8 @@ def _(operand: BatchedLoraArray, *, dimensions):
         return tuple(ax - sum(d < ax for d in dims) for ax in axes if ax not in dims)
 
     in_axes, out_axes = renumber(operand.in_axes), renumber(operand.out_axes)
-    if not in_axes or not out_axes:
-        raise UnsupportedOperationError(
-            f"Squeezing axes {tuple(dims)} of a BatchedLoraArray of shape "
-            f"{operand.shape} (in_axes={operand.in_axes}, out_axes="
-            f"{operand.out_axes}) would leave it with no input or no output axis."
-        )
+    if not in_axes or not out_axes:  # `E[3]`: a row of a table, no longer a weight
+        return squeezed_lookup(operand, tuple(dims))
     return operand.replace(
         w=_on_w(lax.squeeze_p, operand.w, dict(dimensions=dimensions)),
         a=jnp.squeeze(operand.a, axis=tuple(drop_a)),
