@@ -26,7 +26,10 @@ class LoraRule:
     The pattern is searched (`re.search`), so `'q_proj'` matches
     `'params/attn/q_proj/kernel'`; anchor it with `^...$` to match whole paths.
     When several rules match a leaf, the first wins. Only floating-point leaves
-    with at least two axes are considered (biases and norms never are).
+    with at least two axes are considered (biases and norms never are). In an
+    `eqx.nn.Linear` only the weight is, and the parameters of Equinox norm layers
+    never are, even in a vmapped stack of layers where biases and norm scales are
+    2-D.
 
     **Arguments:**
 
@@ -165,6 +168,15 @@ def _is_linear(x: Any) -> bool:
     return isinstance(x, eqx.nn.Linear)
 
 
+# Equinox layers whose parameters are only ever used elementwise: never adapted, even
+# when a vmapped stack of them makes their 1-D weights 2-D.
+_ELEMENTWISE = (eqx.nn.LayerNorm, eqx.nn.RMSNorm, eqx.nn.GroupNorm)
+
+
+def _is_elementwise(x: Any) -> bool:
+    return isinstance(x, _ELEMENTWISE)
+
+
 def _is_candidate(x: Any) -> bool:
     shape = getattr(x, "shape", None)
     dtype = getattr(x, "dtype", None)
@@ -178,17 +190,26 @@ def candidate_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
 
     A leaf that is already a BatchedLoraArray stands for its base weight.
     """
-    is_leaf = lambda x: _is_linear(x) or isinstance(x, BatchedLoraArray)  # noqa: E731
+
+    def is_leaf(x):
+        return _is_linear(x) or _is_elementwise(x) or isinstance(x, BatchedLoraArray)
+
     out = []
     for path, leaf in flatten_with_paths(tree, is_leaf=is_leaf)[0]:
+        if _is_elementwise(leaf):
+            continue
         if _is_linear(leaf):
+            # Only the weight: in a vmapped stack of Linears (`eqx.filter_vmap`,
+            # scan over layers) the bias is 2-D, (*stack, out), but it is never a
+            # matrix that an activation contracts with.
             is_lora = lambda x: isinstance(x, BatchedLoraArray)  # noqa: E731
             for sub, sub_leaf in flatten_with_paths(leaf, is_leaf=is_lora)[0]:
-                full = f"{path}/{sub}" if path else sub
+                if sub != "weight":
+                    continue
                 if isinstance(sub_leaf, BatchedLoraArray):
                     sub_leaf = sub_leaf.w
                 if _is_candidate(sub_leaf):
-                    out.append((full, sub_leaf, sub == "weight"))
+                    out.append((f"{path}/{sub}" if path else sub, sub_leaf, True))
             continue
         if isinstance(leaf, BatchedLoraArray):
             leaf = leaf.w
@@ -209,6 +230,21 @@ def _infer_layout(path: str, shape, rule: LoraRule, is_linear_weight: bool):
             "If the pattern also matched a leaf it should not (a 2-D bias, say), "
             "anchor it, e.g. with '/kernel$'."
         ) from e
+
+
+def _stack_hint(shape, stack) -> str:
+    if stack or len(shape) < 3:
+        return ""
+    return (
+        f" If axis 0 (size {shape[0]}) is a stack of layers (Flax `nn.scan` with "
+        "`variable_axes={'params': 0}`, or layers built with `jax.vmap`), add "
+        f"`stack_axes=(0,)`: each layer's weight then has shape {tuple(shape[1:])}"
+        + (
+            ", and a 2-D one gets the default (in, out) layout."
+            if len(shape) == 3
+            else "."
+        )
+    )
 
 
 def _infer_layout_unchecked(path: str, shape, rule: LoraRule, is_linear_weight: bool):
@@ -241,10 +277,10 @@ def _infer_layout_unchecked(path: str, shape, rule: LoraRule, is_linear_weight: 
         raise ValueError(
             f"Cannot infer the layout of {path!r} (shape {tuple(shape)}) matched by "
             f"LoraRule({rule.pattern!r}): only 2-D weights (after stack axes) have a "
-            "default. Say which axes are contracted and which are produced, e.g. "
-            "`LoraRule(pattern, rank, in_axes=(0,), out_axes=(1, 2))` for a Flax "
-            "DenseGeneral kernel of shape (in, heads, head_dim), or add "
-            "`stack_axes=(0,)` for a stack of layers."
+            f"default.{_stack_hint(shape, stack)} Say which axes are contracted and "
+            "which are produced, e.g. `LoraRule(pattern, rank, in_axes=(0,), "
+            "out_axes=(1, 2))` for a Flax DenseGeneral kernel of shape (in, heads, "
+            "head_dim)."
         )
     check_partition(ndim, ins, outs, stack, f"LoraRule({rule.pattern!r}) on {path!r}")
     return LeafLayout(path, tuple(shape), ins, outs, stack)
