@@ -221,6 +221,16 @@ def fmt_row(res):
     )
 
 
+class _Rows(list):
+    """Prints each row as soon as it is measured (long runs show progress)."""
+
+    def append(self, res):
+        if not self:
+            print(HEADER, flush=True)
+        print(fmt_row(res), flush=True)
+        super().append(res)
+
+
 HEADER = (
     "| workload | base ms | gather | segment | dense | auto | merged | loop | "
     "quax | auto picks | compile (auto/base) | MiB (auto / base) |\n"
@@ -243,7 +253,7 @@ def main():
         scale_ns, scale_ranks, reps = [1, 4, 16, 64, 256], [8, 16, 64], args.repeats
     key = jr.PRNGKey(0)
     only = args.only.split(",")
-    rows = []
+    rows = _Rows()
     if "W1" in only:
         rows.append(
             run_workload(
@@ -348,7 +358,7 @@ def main():
         f"times are medians of interleaved runs; ratios to the base model."
     )
     table = "\n".join([head, "", HEADER, *[fmt_row(r) for r in rows]])
-    print(table)
+    print("\n" + head)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
