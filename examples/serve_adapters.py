@@ -17,6 +17,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 import lorax_arrays as lx
 
@@ -57,12 +58,13 @@ def make_adapters(model, ranks, key):
         adapter = lx.init_adapter(model, rules, key=k_init)
         # init_adapter starts B at zero (the adapter is a no-op until trained);
         # pretend these were trained by drawing B at random.
+        rng = np.random.default_rng(int(jr.randint(k_b, (), 0, 2**31 - 1)))
         adapter = eqx.tree_at(
             lambda ad: ad.weights,
             adapter,
             {
-                path: (a, 0.1 * jr.normal(jr.fold_in(k_b, i), b.shape))
-                for i, (path, (a, b)) in enumerate(adapter.weights.items())
+                path: (a, jnp.asarray(0.1 * rng.standard_normal(b.shape), b.dtype))
+                for path, (a, b) in adapter.weights.items()
             },
         )
         adapters.append(adapter)

@@ -94,15 +94,19 @@ def init_adapter(
     An [`lorax_arrays.Adapter`][].
     """
     matches = match_rules(tree, rules)
-    keys = jr.split(key, max(len(matches), 1))
+    a_shapes = [(*m.layout.stack_shape, *m.layout.in_shape, m.rank) for m in matches]
+    # One draw for the whole adapter, split on the host: eager JAX would compile a
+    # random kernel per distinct shape, which dominates setting up many adapters.
+    sizes = [math.prod(shape) for shape in a_shapes]
+    draw = np.asarray(jr.uniform(key, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0))
+    offsets = np.cumsum([0, *sizes])
     weights = {}
-    for m, k in zip(matches, keys):
+    for m, shape, lo, hi in zip(matches, a_shapes, offsets[:-1], offsets[1:]):
         lay = m.layout
-        dt = m.dtype if dtype is None else dtype
-        fan_in = math.prod(lay.in_shape)
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jr.uniform(k, (*lay.stack_shape, *lay.in_shape, m.rank), dt, -bound, bound)
-        b = jnp.zeros((*lay.stack_shape, m.rank, *lay.out_shape), dt)
+        dt = np.dtype(m.dtype if dtype is None else dtype)
+        bound = 1.0 / math.sqrt(math.prod(lay.in_shape))
+        a = jnp.asarray((draw[lo:hi] * bound).reshape(shape).astype(dt))
+        b = jnp.asarray(np.zeros((*lay.stack_shape, m.rank, *lay.out_shape), dt))
         weights[lay.path] = (a, b)
     return Adapter(
         weights=weights,

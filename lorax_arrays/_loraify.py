@@ -73,6 +73,7 @@ def loraify(
     indices: Int[ArrayLike, ...] | None = None,
     *,
     allow_materialise: bool = False,
+    strategy: str = "auto",
 ) -> Any:
     """Replaces each adapted weight of `tree` by a `BatchedLoraArray`.
 
@@ -89,6 +90,8 @@ def loraify(
         May be left `None` and set later with [`lorax_arrays.with_indices`][].
     - `allow_materialise`: let operations without a low-rank rule build the dense
         per-example weight instead of raising an error.
+    - `strategy`: how the low-rank terms are computed (`"auto"`, `"gather"`,
+        `"segment"` or `"dense"`); see [`lorax_arrays.BatchedLoraArray`][].
 
     **Returns:**
 
@@ -121,6 +124,7 @@ def loraify(
             out_axes=lay.out_axes,
             stack_axes=lay.stack_axes,
             allow_materialise=allow_materialise,
+            strategy=strategy,
         )
 
     return _replace_at_paths(tree, put, stack.paths, "loraify")
