@@ -95,10 +95,14 @@ def init_adapter(
     """
     matches = match_rules(tree, rules)
     a_shapes = [(*m.layout.stack_shape, *m.layout.in_shape, m.rank) for m in matches]
-    # One draw for the whole adapter, split on the host: eager JAX would compile a
+    # One draw for the whole adapter, split afterwards: eager JAX would compile a
     # random kernel per distinct shape, which dominates setting up many adapters.
+    # Split on the host when the key is concrete, with traced slices under a
+    # transform (`jax.jit`, `eqx.filter_eval_shape`).
     sizes = [math.prod(shape) for shape in a_shapes]
-    draw = np.asarray(jr.uniform(key, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0))
+    draw = jr.uniform(key, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0)
+    xp = jnp if isinstance(draw, jax.core.Tracer) else np
+    draw = draw if xp is jnp else np.asarray(draw)
     offsets = np.cumsum([0, *sizes])
     weights = {}
     for m, shape, lo, hi in zip(matches, a_shapes, offsets[:-1], offsets[1:]):
@@ -106,7 +110,7 @@ def init_adapter(
         dt = np.dtype(m.dtype if dtype is None else dtype)
         bound = 1.0 / math.sqrt(math.prod(lay.in_shape))
         a = jnp.asarray((draw[lo:hi] * bound).reshape(shape).astype(dt))
-        b = jnp.asarray(np.zeros((*lay.stack_shape, m.rank, *lay.out_shape), dt))
+        b = jnp.asarray(xp.zeros((*lay.stack_shape, m.rank, *lay.out_shape), dt))
         weights[lay.path] = (a, b)
     return Adapter(
         weights=weights,

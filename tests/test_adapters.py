@@ -362,3 +362,20 @@ def test_adapter_stack_is_a_pytree(mlp):
     halved = jax.tree.map(lambda x: x / 2, stack)
     assert isinstance(halved, lx.AdapterStack)
     assert halved.ranks == stack.ranks
+
+
+def test_init_adapter_under_jit_and_eval_shape_matches_eager():
+    """init_adapter is traceable (jit, eval_shape) and gives the same values."""
+    params = {"dense": {"kernel": jnp.ones((6, 5)), "bias": jnp.zeros(5)}}
+    rules = [lx.LoraRule("kernel", rank=3)]
+    key = jax.random.key(4)
+    eager = lx.init_adapter(params, rules, key=key)
+    jitted = jax.jit(lambda k: lx.init_adapter(params, rules, key=k))(key)
+    shapes = jax.eval_shape(lambda k: lx.init_adapter(params, rules, key=k), key)
+    for e, j, s in zip(
+        jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(shapes)
+    ):
+        np.testing.assert_array_equal(np.asarray(e), np.asarray(j))
+        assert e.shape == s.shape and e.dtype == s.dtype
+    a, b = eager.weights["dense/kernel"]
+    assert np.all(np.asarray(b) == 0) and np.any(np.asarray(a) != 0)
