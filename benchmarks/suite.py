@@ -244,6 +244,7 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--only", default="W1,W2,W3,W4")
     p.add_argument("--out", default="benchmarks/results/suite.md")
+    p.add_argument("--w4-ranks", default=None, help="e.g. 16 or 8,16,64")
     args = p.parse_args()
     if args.quick:
         d_model, d_ff, seq, batch, layers, dec = 32, 64, 8, 4, 2, 8
@@ -251,6 +252,8 @@ def main():
     else:
         d_model, d_ff, seq, batch, layers, dec = 1024, 4096, 128, 16, 2, 64
         scale_ns, scale_ranks, reps = [1, 4, 16, 64, 256], [8, 16, 64], args.repeats
+    if args.w4_ranks:
+        scale_ranks = [int(r) for r in args.w4_ranks.split(",")]
     key = jr.PRNGKey(0)
     only = args.only.split(",")
     rows = _Rows()
@@ -337,6 +340,7 @@ def main():
                 rows.append(res)
                 scaling.append(res)
         n = scale_ns[-1]
+        mixed = scale_ranks if args.quick else [8, 16, 64]
         rows.append(
             run_workload(
                 f"W4 n={n} mixed ranks",
@@ -346,7 +350,7 @@ def main():
                 d_model,
                 d_ff,
                 n,
-                scale_ranks,
+                mixed,
                 False,
                 max(2, reps // 2),
                 key,

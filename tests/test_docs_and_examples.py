@@ -68,3 +68,12 @@ def test_generation_example_matches_rows_alone():
     # The adapters must actually change what is generated, or the check is empty.
     differ = int(re.search(r"differ from the base model's: (\d+) of", out)[1])
     assert differ > 0, out
+
+
+def test_benchmark_suite_runs_quick(tmp_path):
+    out_file = tmp_path / "suite.md"
+    out = _run(
+        ["benchmarks/suite.py", "--quick", "--only", "W1,W3", "--out", str(out_file)]
+    )
+    assert "| W1 prefill, adapter per sequence |" in out
+    assert out_file.read_text().count("\n| W") == 3  # W1 and both W3 rows
