@@ -281,6 +281,14 @@ def _pretty(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join("?" if s == 0 else str(s) for s in shape) + ")"
 
 
+def bind(primitive, *args, **params):
+    """`primitive.bind(*args, **params)`, dispatched through quax when an argument is
+    itself a quax value (a quantised base weight, say), so its own rules apply."""
+    if any(isinstance(x, quax.Value) for x in args):
+        return quax.quaxify(lambda *xs: primitive.bind(*xs, **params))(*args)
+    return primitive.bind(*args, **params)
+
+
 def check_indices(indices: Any, n_adapters: int) -> None:
     """Dtype always; range only when the values are concrete."""
     if not jnp.issubdtype(indices.dtype, jnp.integer):

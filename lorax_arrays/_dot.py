@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools as ft
 import math
 from typing import Any
 
@@ -15,20 +14,13 @@ from jaxtyping import ArrayLike
 from ._array import (
     BatchedLoraArray,
     UnsetIndicesError,
+    bind,
     gathered_scale,
     materialise_per_example,
     swap_in_out,
 )
 from ._errors import IndicesShapeError, UnsupportedOperationError
 from ._strategies import low_rank, resolve
-
-
-def _base_dot(lhs, rhs, dimension_numbers, params):
-    """`dot_general` against the base weight, dispatching if `w` is itself a Value."""
-    bind = ft.partial(lax.dot_general_p.bind, dimension_numbers=dimension_numbers)
-    if isinstance(lhs, quax.Value) or isinstance(rhs, quax.Value):
-        return quax.quaxify(lambda lh, rh: bind(lh, rh, **params))(lhs, rhs)
-    return bind(lhs, rhs, **params)
 
 
 def _frozen(w):
@@ -72,7 +64,9 @@ def lora_dot(
     if lead != tuple(idx.shape):
         raise IndicesShapeError(_indices_message(lora, x_shape, x_free, idx.shape))
 
-    base = _base_dot(lhs, rhs, dimension_numbers, params)
+    base = bind(
+        lax.dot_general_p, lhs, rhs, dimension_numbers=dimension_numbers, **params
+    )
     delta = _low_rank_term(lora, x, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params)
     if isinstance(base, quax.Value):
         return quax.quaxify(jnp.add)(base, delta.astype(base.dtype))
