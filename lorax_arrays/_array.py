@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import quax
+from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._errors import LoraIndexError, UnsupportedOperationError
+from ._lax import clamp_indices, take
 from ._layout import check_partition, dense_delta, factor_shapes, normalise_axes
 from ._strategies import check_strategy
 
@@ -309,10 +311,13 @@ def check_indices(indices: Any, n_adapters: int) -> None:
         )
 
 
-def gathered_scale(scale: Array, indices: Array) -> Array:
-    """`scale[indices]`, and 0 where `indices == -1`."""
-    safe = jnp.clip(indices, 0, scale.shape[0] - 1)
-    return jnp.where(indices >= 0, scale[safe], jnp.zeros((), scale.dtype))
+def gathered_scale(scale: Array, indices: Array, safe: Array | None = None) -> Array:
+    """`scale[indices]`, and 0 where `indices == -1`. `safe` is the clamped
+    indices, when the caller has them already."""
+    if safe is None:
+        safe = clamp_indices(indices, scale.shape[0])
+    keep = lax.ge(indices, lax.full_like(indices, 0))
+    return lax.select(keep, take(scale, safe, 0), lax.full_like(safe, 0, scale.dtype))
 
 
 def materialise_per_example(lora: BatchedLoraArray) -> Array:
@@ -323,8 +328,8 @@ def materialise_per_example(lora: BatchedLoraArray) -> Array:
     if lora.indices is None:
         raise UnsetIndicesError.for_array(lora)
     ns = len(lora.stack_axes)
-    idx = jnp.clip(lora.indices, 0, lora.n_adapters - 1)
-    s = gathered_scale(lora.scale, lora.indices)
+    idx = clamp_indices(lora.indices, lora.n_adapters)
+    s = gathered_scale(lora.scale, lora.indices, idx)
     # Move the gathered example axes (at ns, ..., ns + k - 1) to the front.
     src, dst = tuple(range(ns, ns + idx.ndim)), tuple(range(idx.ndim))
     a = jnp.moveaxis(jnp.take(lora.a, idx, axis=ns), src, dst)

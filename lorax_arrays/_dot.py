@@ -11,6 +11,7 @@ import quax
 from jax import lax
 from jaxtyping import ArrayLike
 
+from . import _lax
 from ._array import (
     BatchedLoraArray,
     UnsetIndicesError,
@@ -20,6 +21,7 @@ from ._array import (
     swap_in_out,
 )
 from ._errors import IndicesShapeError, UnsupportedOperationError
+from ._lax import clamp_indices
 from ._strategies import low_rank, resolve
 
 
@@ -104,18 +106,19 @@ def _low_rank_term(lora, x, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params):
     # The factors with their stack axes in the order of the batch axes.
     ns = len(lora.stack_axes)
     stack_perm = [lora.stack_axes.index(ax) for ax in b_l]
-    a = jnp.transpose(lora.a, [*stack_perm, *range(ns, lora.a.ndim)])
-    b = jnp.transpose(lora.b, [*stack_perm, *range(ns, lora.b.ndim)])
+    a = _lax.transpose(lora.a, [*stack_perm, *range(ns, lora.a.ndim)])
+    b = _lax.transpose(lora.b, [*stack_perm, *range(ns, lora.b.ndim)])
     s_, g, r_tok, d_in, d_out, n, rank = sizes
 
     def term(x, a, b, idx, scale):
-        x3 = jnp.transpose(x, x_perm).reshape(s_, g, r_tok, d_in)
-        a3 = a.reshape(s_, n, d_in, rank).astype(dtype)
-        b3 = b.reshape(s_, n, rank, d_out).astype(dtype)
-        ids = jnp.clip(idx, 0, n - 1).reshape(g)
-        s = gathered_scale(scale, idx).reshape(g)
+        x3 = _lax.reshape(_lax.transpose(x, x_perm), (s_, g, r_tok, d_in))
+        a3 = _lax.convert(_lax.reshape(a, (s_, n, d_in, rank)), dtype)
+        b3 = _lax.convert(_lax.reshape(b, (s_, n, rank, d_out)), dtype)
+        safe = clamp_indices(idx, n)
+        s = _lax.reshape(gathered_scale(scale, idx, safe), (g,))
+        ids = _lax.reshape(safe, (g,))
         u = low_rank(strategy, x3, a3, b3, ids, s, precision=precision, pref=pref)
-        return u.reshape(*batch_shape, *idx.shape, *rest_shape, *out_shape)
+        return _lax.reshape(u, (*batch_shape, *idx.shape, *rest_shape, *out_shape))
 
     if isinstance(x, quax.Value):
         term = quax.quaxify(term)
@@ -129,7 +132,7 @@ def _low_rank_term(lora, x, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params):
     batch_part = list(range(nb))
     x_part = list(range(nb, nb + n_xf))
     perm = batch_part + (perm_out + x_part if lora_is_lhs else x_part + perm_out)
-    return jnp.transpose(u, perm)
+    return _lax.transpose(u, perm)
 
 
 def _materialised_dot(lora, x, dimension_numbers, lora_is_lhs, params):

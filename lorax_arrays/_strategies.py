@@ -30,6 +30,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from ._lax import clamp_indices, convert, take
 
 STRATEGIES = ("auto", "gather", "segment", "dense")
 
@@ -107,21 +110,41 @@ def _einsum(spec, *ops, precision, pref):
     return jnp.einsum(spec, *ops, precision=precision, preferred_element_type=pref)
 
 
+def _bmm(x, y, precision, pref):
+    """`(S, G, t, i) · (S, G, i, o) -> (S, G, t, o)`: one batched `dot_general`."""
+    dn = (((3,), (2,)), ((0, 1), (0, 1)))
+    return lax.dot_general(x, y, dn, precision=precision, preferred_element_type=pref)
+
+
+def _scaled(u, s):
+    """`u * s` over the G axis of `(S, G, R, d_out)`."""
+    s = lax.broadcast_in_dim(convert(s, u.dtype), u.shape, (1,))
+    return lax.mul(u, s)
+
+
 def _gather(x, a, b, ids, s, precision, pref):
-    a_g = jnp.take(a, ids, axis=1)  # (S, G, d_in, r)
-    b_g = jnp.take(b, ids, axis=1)  # (S, G, r, d_out)
-    t = _einsum("sgti,sgir->sgtr", x, a_g, precision=precision, pref=pref)
-    t = t.astype(x.dtype)
-    u = _einsum("sgtr,sgro->sgto", t, b_g, precision=precision, pref=pref)
-    return u * s[None, :, None, None].astype(u.dtype)
+    a_g = take(a, ids, 1)  # (S, G, d_in, r)
+    b_g = take(b, ids, 1)  # (S, G, r, d_out)
+    t = convert(_bmm(x, a_g, precision, pref), x.dtype)
+    return _scaled(_bmm(t, b_g, precision, pref), s)
 
 
 def _dense(x, a, b, ids, s, precision, pref):
+    s_, g, r_tok, d_in = x.shape
     n = a.shape[1]
-    mask = jax.nn.one_hot(ids, n, dtype=x.dtype) * s[:, None].astype(x.dtype)
-    t = _einsum("sgti,snir->sgtnr", x, a, precision=precision, pref=pref)
-    t = (t * mask[None, :, None, :, None].astype(t.dtype)).astype(x.dtype)
-    return _einsum("sgtnr,snro->sgto", t, b, precision=precision, pref=pref)
+    # mask[g, j] = s[g] if ids[g] == j else 0: a scaled one-hot.
+    hit = lax.eq(
+        lax.broadcast_in_dim(ids, (g, n), (0,)),
+        lax.broadcasted_iota(ids.dtype, (g, n), 1),
+    )
+    scale = lax.broadcast_in_dim(convert(s, x.dtype), (g, n), (0,))
+    mask = lax.select(hit, scale, lax.full((g, n), 0, x.dtype))
+    dn = (((3,), (2,)), ((0,), (0,)))  # x · A for every adapter: (S, G, R, n, r)
+    t = lax.dot_general(x, a, dn, precision=precision, preferred_element_type=pref)
+    mask = lax.broadcast_in_dim(convert(mask, t.dtype), t.shape, (1, 3))
+    t = convert(lax.mul(t, mask), x.dtype)
+    dn = (((3, 4), (1, 2)), ((0,), (0,)))  # summed over adapters and rank
+    return lax.dot_general(t, b, dn, precision=precision, preferred_element_type=pref)
 
 
 def _tile_size(m: int, n: int) -> int:
@@ -131,22 +154,41 @@ def _tile_size(m: int, n: int) -> int:
     return int(min(128, max(8, 2 ** math.floor(math.log2(target)))))
 
 
+def _group_ranks(tok_ids, n):
+    """Each token's rank among the tokens of its adapter (in token order), and the
+    token count per adapter: where a stable sort by adapter would put it, without
+    the sort. A cumulative one-hot count when `(tokens, n)` is small, else one
+    argsort and a scatter (no second sort for the inverse)."""
+    m = tok_ids.shape[0]
+    if m * n <= 2**22:
+        onehot = (tok_ids[:, None] == jnp.arange(n, dtype=tok_ids.dtype)).astype(
+            jnp.int32
+        )
+        seen = jnp.cumsum(onehot, axis=0)  # (m, n): tokens of each adapter so far
+        return jnp.sum(seen * onehot, axis=1) - 1, seen[-1]
+    order = jnp.argsort(tok_ids, stable=True)
+    counts = jnp.bincount(tok_ids, length=n)
+    where = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))
+    start = jnp.cumsum(counts) - counts
+    return where - start[tok_ids], counts
+
+
 def _segment(x, a, b, ids, s, precision, pref):
     s_, g, r_tok, d_in = x.shape
     n = a.shape[1]
     m = g * r_tok
-    tok_ids = jnp.repeat(ids, r_tok, total_repeat_length=m)
+    tok_ids = jnp.repeat(ids, r_tok, total_repeat_length=m) if r_tok > 1 else ids
     xt = x.reshape(s_, m, d_in)
-    order = jnp.argsort(tok_ids, stable=True)
-    inverse = jnp.argsort(order)
-    counts = jnp.bincount(tok_ids, length=n)
+    rank, counts = _group_ranks(tok_ids, n)
     kernel = _segment_kernel.get()
     if kernel is None:
         kernel = "tiled" if jax.default_backend() == "cpu" else "ragged"
     if kernel == "ragged":
+        start = jnp.cumsum(counts) - counts
+        dest = start[tok_ids] + rank  # each token's row in adapter-sorted order
+        x_sorted = _scatter_rows(xt, dest, m)
         # ragged_dot has no batching rule over its group axis: loop over the
         # (static, usually single) stack groups instead.
-        x_sorted = xt[:, order]
         u = jnp.stack(
             [
                 _ragged(x_sorted[j], a[j], b[j], counts, precision, pref)
@@ -154,10 +196,15 @@ def _segment(x, a, b, ids, s, precision, pref):
             ]
         )
     else:
-        u = _tiled(xt, a, b, tok_ids, order, counts, precision, pref)
-    u = u[:, inverse]  # back to token order
-    u = u.reshape(s_, g, r_tok, -1)
-    return u * s[None, :, None, None].astype(u.dtype)
+        u, dest = _tiled(xt, a, b, tok_ids, rank, counts, precision, pref)
+    u = take(u, dest, 1)  # back to token order
+    return _scaled(u.reshape(s_, g, r_tok, -1), s)
+
+
+def _scatter_rows(xt, dest, rows):
+    """`out[:, dest[t]] = xt[:, t]` into `rows` zero rows (`dest` has no repeats)."""
+    out = jnp.zeros((xt.shape[0], rows, xt.shape[2]), xt.dtype)
+    return out.at[:, dest].set(xt, unique_indices=True, mode="promise_in_bounds")
 
 
 def _ragged(x_sorted, a, b, counts, precision, pref):
@@ -169,27 +216,25 @@ def _ragged(x_sorted, a, b, counts, precision, pref):
     )
 
 
-def _tiled(xt, a, b, tok_ids, order, counts, precision, pref):
-    """Grouped matmul without ragged_dot: each adapter's (sorted) tokens are padded
-    to whole tiles, each tile gathers its adapter's factors once."""
+def _tiled(xt, a, b, tok_ids, rank, counts, precision, pref):
+    """Grouped matmul without ragged_dot: each adapter's tokens are laid out
+    contiguously and padded to whole tiles; each tile gathers its adapter's factors
+    once. Returns the padded result and each token's row in it."""
     s_, m, d_in = xt.shape
     n = a.shape[1]
     tile = _tile_size(m, n)
+    shift = jnp.asarray(tile.bit_length() - 1, counts.dtype)  # tile is a power of 2
     n_tiles = -(-m // tile) + n  # every group adds at most one partial tile
-    padded = (counts + tile - 1) // tile * tile
+    padded = lax.shift_left(lax.shift_right_logical(counts + (tile - 1), shift), shift)
     padded_end = jnp.cumsum(padded)
-    padded_start = padded_end - padded
-    start = jnp.cumsum(counts) - counts
-    sorted_ids = tok_ids[order]
-    pos = padded_start[sorted_ids] + jnp.arange(m) - start[sorted_ids]
-    tile_ids = jnp.searchsorted(padded_end, jnp.arange(n_tiles) * tile, side="right")
-    tile_ids = jnp.clip(tile_ids, 0, n - 1)
-    x_pad = jnp.zeros((s_, n_tiles * tile, d_in), xt.dtype).at[:, pos].set(xt[:, order])
-    x_pad = x_pad.reshape(s_, n_tiles, tile, d_in)
-    a_t = jnp.take(a, tile_ids, axis=1)  # (S, tiles, d_in, r)
-    b_t = jnp.take(b, tile_ids, axis=1)  # (S, tiles, r, d_out)
-    t = _einsum("stki,stir->stkr", x_pad, a_t, precision=precision, pref=pref)
-    u = _einsum(
-        "stkr,stro->stko", t.astype(xt.dtype), b_t, precision=precision, pref=pref
-    )
-    return u.reshape(s_, n_tiles * tile, -1)[:, pos]  # (S, M, d_out), sorted order
+    dest = (padded_end - padded)[tok_ids] + rank
+    tile_start = jnp.arange(n_tiles, dtype=padded_end.dtype) * tile
+    # The adapter of each tile: how many groups end at or before its start.
+    tile_ids = jnp.sum(padded_end[None, :] <= tile_start[:, None], axis=1)
+    tile_ids = clamp_indices(tile_ids.astype(jnp.int32), n)
+    x_pad = _scatter_rows(xt, dest, n_tiles * tile).reshape(s_, n_tiles, tile, d_in)
+    a_t = take(a, tile_ids, 1)  # (S, tiles, d_in, r)
+    b_t = take(b, tile_ids, 1)  # (S, tiles, r, d_out)
+    t = convert(_bmm(x_pad, a_t, precision, pref), xt.dtype)
+    u = _bmm(t, b_t, precision, pref)
+    return u.reshape(s_, n_tiles * tile, -1), dest
