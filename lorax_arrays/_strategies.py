@@ -20,6 +20,8 @@ differ in cost:
   For per-token indices and many adapters.
 
 `auto` picks one from the shapes and the backend (`choose`).
+With a single adapter (`n == 1`) they are all the plain LoRA product: two matmuls
+and a per-row scale, no gather, no mask.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ def choose(s: int, g: int, r_tok: int, d_in: int, d_out: int, n: int, rank: int)
 
 def low_rank(strategy, x, a, b, ids, s, *, precision=None, pref=None):
     """`s[g] · (x[:, g] · a[:, ids[g]]) · b[:, ids[g]]` for the canonical problem."""
+    if a.shape[1] == 1:  # one adapter: every strategy is the plain LoRA product
+        return _single(x, a, b, s, precision, pref)
     fn = {"gather": _gather, "dense": _dense, "segment": _segment}[strategy]
     return fn(x, a, b, ids, s, precision, pref)
 
@@ -117,9 +121,21 @@ def _bmm(x, y, precision, pref):
 
 
 def _scaled(u, s):
-    """`u * s` over the G axis of `(S, G, R, d_out)`."""
+    """`u * s` over the G axis of `(S, G, R, ...)`."""
     s = lax.broadcast_in_dim(convert(s, u.dtype), u.shape, (1,))
     return lax.mul(u, s)
+
+
+def _single(x, a, b, s, precision, pref):
+    """`n == 1`: `((x · A) * s) · B` with plain matmuls, no gather and no mask; the
+    per-row scale (0 for base-only rows) multiplies the small rank-wide product."""
+    s_, _, d_in, rank = a.shape
+    dn = (((3,), (1,)), ((0,), (0,)))
+    a1 = lax.reshape(a, (s_, d_in, rank))
+    t = lax.dot_general(x, a1, dn, precision=precision, preferred_element_type=pref)
+    t = convert(_scaled(t, s), x.dtype)  # (S, G, R, r)
+    b1 = lax.reshape(b, (s_, rank, b.shape[-1]))
+    return lax.dot_general(t, b1, dn, precision=precision, preferred_element_type=pref)
 
 
 def _gather(x, a, b, ids, s, precision, pref):

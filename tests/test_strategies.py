@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 
 import lorax_arrays as lx
 from lorax_arrays._strategies import choose, segment_kernel
-from tests.helpers import check_dot, walk_eqns
+from tests.helpers import check_dot, random_lora, walk_eqns
 from tests.test_dot_general import DotCase, _dot_fn, dot_cases
 
 VARIANTS = ["gather", "dense", "segment:tiled", "segment:ragged"]
@@ -102,3 +102,37 @@ def test_auto_choices():
     assert choose(1, 16, 128, 1024, 4096, 16, 16) == "gather"  # W1 prefill
     assert choose(1, 2048, 1, 1024, 4096, 64, 16) == "segment"  # per token, 64
     assert choose(1, 1, 128, 1024, 4096, 64, 16) == "gather"  # one row
+
+
+@pytest.mark.parametrize("strategy", ["auto", "gather", "dense", "segment"])
+@pytest.mark.parametrize("idx_shape", [(4,), (4, 3)])
+def test_single_adapter_is_the_plain_lora_product(strategy, idx_shape):
+    """With one adapter every strategy runs two plain matmuls and a per-row scale:
+    no factor is gathered, no one-hot is built, no token is moved; rows with -1
+    still see the base weight alone."""
+    rng = np.random.default_rng(1)
+    w, a, b, scale = random_lora(rng, (6, 5), (0,), (1,), n_adapters=1, rank=3)
+    idx = np.array([0, -1, 0, -1] if len(idx_shape) == 1 else [[0, -1, 0]] * 4)
+    idx = idx.astype(np.int32)
+    x = rng.standard_normal((4, 3, 6)).astype(np.float32)
+    lora = lx.BatchedLoraArray(
+        jnp.asarray(w),
+        jnp.asarray(a),
+        jnp.asarray(b),
+        scale=jnp.asarray(scale),
+        indices=jnp.asarray(idx),
+        in_axes=0,
+        out_axes=1,
+        strategy=strategy,
+    )
+    f = lx.quaxify(lambda W, x: x @ W)
+    eqns = list(walk_eqns(jax.make_jaxpr(f)(lora, x)))
+    names = {e.primitive.name for e in eqns}
+    assert not names & {"scatter", "eq", "sort"}
+    factor_gathers = [
+        e for e in eqns if e.primitive.name == "gather" and e.invars[0].aval.ndim > 1
+    ]
+    assert not factor_gathers
+    out = jax.jit(f)(lora, x)
+    dn = (((2,), (0,)), ((), ()))
+    check_dot(x, w, a, b, scale, idx, (0,), (1,), (), dn, False, out)
