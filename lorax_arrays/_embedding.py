@@ -31,6 +31,7 @@ from ._array import (
     swap_in_out,
 )
 from ._errors import IndicesShapeError, UnsupportedOperationError
+from ._lax import clamp_indices, convert, take
 
 
 def _lookup_view(lora: BatchedLoraArray, axis: int, what: str):
@@ -58,18 +59,30 @@ def _rows_delta(lora, a, b, tokens, what):
             "; the leading axes of the token ids must equal the indices' shape "
             "(give per-token indices if the model flattens batch and sequence)."
         )
-    n, vocab = a.shape[0], a.shape[1]
-    safe = jnp.clip(idx, 0, n - 1)
-    safe_b = safe.reshape(safe.shape + (1,) * (tokens.ndim - k))
-    rows = a[safe_b, jnp.clip(tokens, 0, vocab - 1)]  # (*tokens.shape, r)
-    b_g = jnp.take(b, safe, axis=0)  # (*I, r, d)
+    n, vocab, rank = a.shape
+    safe = clamp_indices(idx, n)
+    # rows[..] = a[safe[i], tokens[i, ..]]: one gather over (adapter, row) pairs.
+    pairs = [
+        lax.broadcast_in_dim(safe, tokens.shape, tuple(range(k))),
+        clamp_indices(tokens, vocab),
+    ]
+    pairs = lax.concatenate(
+        [lax.expand_dims(p, (tokens.ndim,)) for p in pairs], tokens.ndim
+    )
+    dnums = lax.GatherDimensionNumbers(
+        offset_dims=(tokens.ndim,), collapsed_slice_dims=(0, 1), start_index_map=(0, 1)
+    )
+    rows = lax.gather(
+        a, pairs, dnums, (1, 1, rank), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
+    )  # (*tokens.shape, r)
+    b_g = take(b, safe, 0)  # (*I, r, d)
     rest = tokens.ndim - k
     u = lax.dot_general(
         rows,
-        b_g.astype(rows.dtype),
+        convert(b_g, rows.dtype),
         (((rows.ndim - 1,), (k,)), (tuple(range(k)), tuple(range(k)))),
     )  # (*I, *rest, d)
-    s = gathered_scale(lora.scale, idx).astype(u.dtype)
+    s = convert(gathered_scale(lora.scale, idx, safe), u.dtype)
     return u * s.reshape(s.shape + (1,) * (rest + 1))
 
 
