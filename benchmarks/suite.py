@@ -15,7 +15,8 @@ Variants, timed interleaved in one process (median of `--repeats` runs each):
 per-adapter loop over sub-batches inside jit, as PEFT's mixed batches work),
 `quax` (quax's own single-adapter LoraArray, only with 1 adapter).
 
-Reported: time as a ratio to `base`, trace+compile time as a ratio to base's, and
+Reported: time as a ratio to `base`, trace+compile time (cold, median of 3) as a
+ratio to base's, and
 XLA's temporary memory (compiled memory analysis) in MiB. A table is printed and
 written to `--out` (Markdown), and a plot of overhead vs number of adapters is
 saved as PNG next to it.
@@ -147,17 +148,20 @@ def variants(params, stack, idx, x):
 
 
 def measure(v, repeats):
-    compile_s, mem = {}, {}
-    for name, (f, args) in v.items():
-        jax.clear_caches()  # measure a cold trace + compile for every variant
-        t = time.perf_counter()
-        compiled = f.lower(*args).compile()
-        compile_s[name] = time.perf_counter() - t
-        try:
-            ma = compiled.memory_analysis()
-            mem[name] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20
-        except Exception:  # backend without memory analysis
-            mem[name] = float("nan")
+    compile_s, mem = {k: [] for k in v}, {}
+    for _ in range(3):  # cold trace + compile, median of 3, interleaved
+        for name, (f, args) in v.items():
+            jax.clear_caches()
+            t = time.perf_counter()
+            compiled = f.lower(*args).compile()
+            compile_s[name].append(time.perf_counter() - t)
+            try:
+                ma = compiled.memory_analysis()
+                mem[name] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20
+            except Exception:  # backend without memory analysis
+                mem[name] = float("nan")
+    compile_s = {k: statistics.median(t) for k, t in compile_s.items()}
+    for f, args in v.values():
         jax.block_until_ready(f(*args))
     times = {k: [] for k in v}
     for _ in range(repeats):
@@ -334,7 +338,7 @@ def main():
                     n,
                     [r],
                     False,
-                    max(2, reps // 2),
+                    reps,
                     key,
                 )
                 rows.append(res)
@@ -352,7 +356,7 @@ def main():
                 n,
                 mixed,
                 False,
-                max(2, reps // 2),
+                reps,
                 key,
             )
         )
