@@ -6,6 +6,7 @@ Prints, per shape: each strategy's time as a ratio to the base matmul, the
 fastest, `auto`'s pick and its regret (time of the pick / time of the fastest).
 
 Run: python benchmarks/auto_check.py [--repeats 9]
+     python benchmarks/auto_check.py --quick   (tiny shapes, seconds; used by tests)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 import lorax_arrays as lx
 from lorax_arrays._strategies import choose
@@ -54,19 +56,26 @@ def programs(g, r_tok, n, d_in=1024, d_out=4096, rank=16):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--quick", action="store_true")
     args = p.parse_args()
+    dims = dict(d_in=32, d_out=64, rank=4) if args.quick else {}
+    reps = 2 if args.quick else args.repeats
     print(
         "| pattern | G x R tokens | adapters | gather | dense | segment | fastest | "
         "auto picks | regret |\n|---|---|---|---|---|---|---|---|---|"
     )
     regrets = []
     for label, g, r_tok, n in GRID:
-        progs, pick = programs(g, r_tok, n)
+        if args.quick:
+            g, r_tok = max(2, g // 16), max(1, r_tok // 16)
+        progs, pick = programs(g, r_tok, n, **dims)
         for f, a in progs.values():
             jax.block_until_ready(f(*a))
         times = {k: [] for k in progs}
-        for _ in range(args.repeats):
-            for k, (f, a) in progs.items():
+        order = np.random.default_rng(0)
+        for _ in range(reps):
+            for k in order.permutation(list(progs)):  # a fresh order every round
+                f, a = progs[k]
                 t = time.perf_counter()
                 jax.block_until_ready(f(*a))
                 times[k].append(time.perf_counter() - t)

@@ -17,7 +17,8 @@ adapted). Each is traced and compiled cold (`jax.clear_caches()`) `--repeats`
 times, interleaved; medians are reported as ratios to `base`, split into trace
 (Python: quax dispatch and our rules) and lower + compile (XLA).
 
-Run: python benchmarks/compile_time.py [--repeats 5]
+Run: python benchmarks/compile_time.py [--repeats 7]
+     python benchmarks/compile_time.py --quick   (a small MLP, 1 repeat; for tests)
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ def quax_weights(params, stack, prefix=""):
     return out
 
 
-def mlp_programs(n):
+def mlp_programs(n, d_model=1024, d_ff=4096, seq=128):
     kp, ka, kx, ki = jr.split(jr.PRNGKey(0), 4)
-    params = suite.mlp_params(kp, 2, 1024, 4096)
-    x = jr.normal(kx, (16, 128, 1024))
+    params = suite.mlp_params(kp, 2, d_model, d_ff)
+    x = jr.normal(kx, (16, seq, d_model))
     stack = suite.make_adapters(params, n, [16], ka)
     one = suite.make_adapters(params, 1, [16], ka)
     idx = jr.randint(ki, (16,), 0, n)
@@ -145,12 +146,15 @@ def measure(programs, repeats):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--quick", action="store_true")
     p.add_argument("--adapters", type=int, default=16)
     args = p.parse_args()
     n = args.adapters
+    mlp = mlp_programs(n, 32, 64, 8) if args.quick else mlp_programs(n)
+    repeats = 1 if args.quick else args.repeats
     rows = [
-        ("mlp", mlp_programs(n)),
+        ("mlp", mlp),
         ("generate", generate_programs(n, embed=False)),
         ("generate+embed", generate_programs(n, embed=True)),
     ]
@@ -165,7 +169,7 @@ def main():
             b = programs["quax"]
             err = np.max(np.abs(np.asarray(a[0](*a[1])) - np.asarray(b[0](*b[1]))))
             assert err < 1e-3, (label, err)
-        res = measure(programs, args.repeats)
+        res = measure(programs, repeats)
         tot = {k: sum(v) for k, v in res.items()}
         base = tot["base"]
         cells = [
@@ -183,7 +187,7 @@ def main():
         )
     dev = jax.devices()[0]
     print(
-        f"\n{dev.platform}, jax {jax.__version__}; medians of {args.repeats} cold "
+        f"\n{dev.platform}, jax {jax.__version__}; medians of {repeats} cold "
         f"traces+compiles, interleaved; ours uses {n} adapters."
     )
 

@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 import lorax_arrays as lx
 
@@ -86,8 +87,10 @@ def time_interleaved(fns, args, repeats):
         jax.block_until_ready(f(*args))
         jax.block_until_ready(f(*args))
     times = {k: [] for k in fns}
+    order = np.random.default_rng(0)
     for _ in range(repeats):
-        for k, f in fns.items():
+        for k in order.permutation(list(fns)):  # a fresh order every round
+            f = fns[k]
             t = time.perf_counter()
             jax.block_until_ready(f(*args))
             times[k].append(time.perf_counter() - t)

@@ -164,8 +164,12 @@ def measure(v, repeats):
     for f, args in v.values():
         jax.block_until_ready(f(*args))
     times = {k: [] for k in v}
+    order = np.random.default_rng(0)
     for _ in range(repeats):
-        for name, (f, args) in v.items():
+        # A fresh order every round: a variant that runs right after a heavy one
+        # (merged, loop) pays for the memory it freed; shuffling spreads that cost.
+        for name in order.permutation(list(v)):
+            f, args = v[name]
             t = time.perf_counter()
             jax.block_until_ready(f(*args))
             times[name].append(time.perf_counter() - t)

@@ -84,3 +84,34 @@ def test_benchmark_suite_runs_quick(tmp_path):
     for cell in (gather, segment, auto, merged, loop):
         assert re.fullmatch(r"\d+\.\d+x", cell), row[0]
     assert out_file.read_text().count("\n| W") == 1
+
+
+def test_auto_check_runs_quick():
+    """Every strategy is timed on every grid shape and auto's pick is one of them."""
+    out = _run(["benchmarks/auto_check.py", "--quick"])
+    lines = re.findall(r"^\| (?:prefill|decode).*$", out, re.M)
+    assert len(lines) == 10, out
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert all(re.fullmatch(r"\d+\.\d+x", c) for c in cells[3:6]), line
+        assert cells[6] in ("gather", "dense", "segment"), line
+        assert cells[7] in ("gather", "dense", "segment"), line
+        assert float(cells[8]) >= 1.0, line
+
+
+def test_compile_time_runs_quick():
+    """All three programs are compiled in every variant (quax where it applies);
+    the script also asserts that ours with one adapter equals quax's LoraArray."""
+    out = _run(["benchmarks/compile_time.py", "--quick"])
+    for label, has_quax in [
+        ("mlp", True),
+        ("generate", True),
+        ("generate+embed", False),
+    ]:
+        row = re.search(rf"^\| {re.escape(label)} \|.*$", out, re.M)
+        assert row, out
+        cells = [c.strip() for c in row[0].strip("|").split("|")]
+        assert re.fullmatch(r"\d+\.\d+x", cells[2]) and re.fullmatch(
+            r"\d+\.\d+x", cells[3]
+        ), row[0]
+        assert (cells[4] != "-") == has_quax, row[0]
