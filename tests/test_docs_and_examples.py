@@ -80,8 +80,8 @@ def test_benchmark_suite_runs_quick(tmp_path):
     # Quick mode only smoke-tests the script: ratios at toy sizes mean nothing,
     # but our strategies and the alternatives must each have been measured.
     cells = [c.strip() for c in row[0].strip("|").split("|")]
-    gather, segment, _dense, auto, merged, loop = cells[2:8]
-    for cell in (gather, segment, auto, merged, loop):
+    gather, segment, _dense, auto, merged, loop, sub_batch = cells[2:9]
+    for cell in (gather, segment, auto, merged, loop, sub_batch):
         assert re.fullmatch(r"\d+\.\d+x", cell), row[0]
     assert out_file.read_text().count("\n| W") == 1
 
