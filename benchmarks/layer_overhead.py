@@ -8,8 +8,11 @@ process (median of many runs):
 - base:      x @ W, no LoRA (the floor is ~1.02x: the extra flops of rank 16);
 - ours:      lx.quaxify(x @ W) with W a BatchedLoraArray (gather per sequence);
 - merged:    build W + s·A_i B_i for every sequence, then a batched matmul;
-- loop:      PEFT-style: base matmul, then one low-rank update per adapter on the
-             rows that use it (a Python loop over adapters inside jit);
+- loop:      base matmul, then one low-rank update per adapter, masked onto the
+             rows that use it (a Python loop over adapters inside jit; one
+             program for any assignment of adapters);
+- sub-batch: PEFT's mixed batch: each adapter's rows gathered, adapted and
+             scattered back (their counts are shapes: a program per composition);
 - one-hot:   x·A for every adapter, masked by a one-hot of the indices, then ·B.
 
 Prints each variant's median time as a ratio to the base matmul.
@@ -42,7 +45,7 @@ def build(batch, seq, d_in, d_out, n_adapters, rank, key):
     return w, a, b, scale, x, idx
 
 
-def variants(n_adapters):
+def variants(n_adapters, idx):
     @jax.jit
     def base(w, a, b, scale, x, idx):
         return x @ w
@@ -67,6 +70,15 @@ def variants(n_adapters):
             y = y + jnp.where(mask, scale[i] * ((x @ a[i]) @ b[i]), 0.0)
         return y
 
+    groups = [(int(i), np.nonzero(np.asarray(idx) == i)[0]) for i in np.unique(idx)]
+
+    @jax.jit
+    def sub_batch(w, a, b, scale, x, idx):
+        y = x @ w
+        for i, rows in groups:
+            y = y.at[rows].add(scale[i] * ((x[rows] @ a[i]) @ b[i]))
+        return y
+
     @jax.jit
     def one_hot(w, a, b, scale, x, idx):
         t = jnp.einsum("bti,nir->btnr", x, a)
@@ -78,6 +90,7 @@ def variants(n_adapters):
         "ours": ours,
         "merged": merged,
         "loop": loop,
+        "sub-batch": sub_batch,
         "one-hot": one_hot,
     }
 
@@ -119,7 +132,7 @@ def main():
         args.rank,
         jr.PRNGKey(0),
     )
-    fns = variants(args.adapters)
+    fns = variants(args.adapters, data[-1])
     ref = fns["merged"](*data)
     for k, f in fns.items():
         err = float(jnp.max(jnp.abs(f(*data) - ref)) / jnp.max(jnp.abs(ref)))
