@@ -170,13 +170,17 @@ def _tile_size(m: int, n: int) -> int:
     return int(min(128, max(8, 2 ** math.floor(math.log2(target)))))
 
 
+# Largest tokens x adapters for which `_group_ranks` counts with a one-hot.
+_ONEHOT_MAX = 2**22
+
+
 def _group_ranks(tok_ids, n):
     """Each token's rank among the tokens of its adapter (in token order), and the
     token count per adapter: where a stable sort by adapter would put it, without
     the sort. A cumulative one-hot count when `(tokens, n)` is small, else one
     argsort and a scatter (no second sort for the inverse)."""
     m = tok_ids.shape[0]
-    if m * n <= 2**22:
+    if m * n <= _ONEHOT_MAX:
         onehot = (tok_ids[:, None] == jnp.arange(n, dtype=tok_ids.dtype)).astype(
             jnp.int32
         )

@@ -4,6 +4,8 @@ tests/test_dot_general.py; strategies can be forced per array or per call."""
 
 from __future__ import annotations
 
+import unittest.mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import lorax_arrays as lx
+from lorax_arrays import _strategies
 from lorax_arrays._strategies import choose, segment_kernel
 from tests.helpers import check_dot, random_lora, walk_eqns
 from tests.test_dot_general import DotCase, _dot_fn, dot_cases
@@ -136,3 +139,45 @@ def test_single_adapter_is_the_plain_lora_product(strategy, idx_shape):
     out = jax.jit(f)(lora, x)
     dn = (((2,), (0,)), ((), ()))
     check_dot(x, w, a, b, scale, idx, (0,), (1,), (), dn, False, out)
+
+
+@pytest.mark.parametrize("onehot_max", [2**22, 0], ids=["one-hot", "argsort"])
+@given(
+    ids=st.lists(st.integers(0, 5), min_size=1, max_size=40),
+    n_extra=st.integers(0, 3),
+)
+def test_group_ranks_match_a_stable_sort(onehot_max, ids, n_extra):
+    """Each token's place within its adapter's group, and the group sizes, equal
+    what a stable argsort gives, by either method (one-hot count, or argsort for
+    large `tokens x adapters`)."""
+    ids_np = np.array(ids, np.int32)
+    n = int(ids_np.max()) + 1 + n_extra
+    with unittest.mock.patch.object(_strategies, "_ONEHOT_MAX", onehot_max):
+        ranks, counts = _strategies._group_ranks(jnp.asarray(ids_np), n)
+    order = np.argsort(ids_np, kind="stable")
+    start = np.concatenate([[0], np.cumsum(np.bincount(ids_np, minlength=n))[:-1]])
+    expected = np.empty_like(ids_np)
+    expected[order] = np.arange(len(ids_np)) - start[ids_np[order]]
+    np.testing.assert_array_equal(ranks, expected)
+    np.testing.assert_array_equal(counts, np.bincount(ids_np, minlength=n))
+
+
+@given(dot_cases(idx_ndims=(1, 2)), st.sampled_from(["tiled", "ragged"]))
+def test_segment_with_argsort_grouping_matches_reference(case: DotCase, kernel):
+    """The large-batch grouping path (argsort, forced here) end to end."""
+    with unittest.mock.patch.object(_strategies, "_ONEHOT_MAX", 0):
+        out, (w, a, b, scale, idx, x) = _run(case, f"segment:{kernel}")
+    check_dot(
+        x,
+        w,
+        a,
+        b,
+        scale,
+        idx,
+        case.in_axes,
+        case.out_axes,
+        case.stack_axes,
+        case.dimension_numbers,
+        case.lora_is_lhs,
+        out,
+    )
