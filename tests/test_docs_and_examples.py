@@ -57,7 +57,7 @@ def test_quantised_base_example():
 
 def test_layer_benchmark_runs_quick():
     out = _run(["benchmarks/layer_overhead.py", "--quick"])
-    for name in ["base", "ours", "merged", "loop", "one-hot"]:
+    for name in ["base", "ours", "merged", "loop", "sub-batch", "one-hot"]:
         assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+x", out, re.M), out
 
 
