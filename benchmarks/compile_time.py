@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import quax
-import quax.examples.lora as quax_lora
 
 import lorax_arrays as lx
 
@@ -42,25 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
 import generate as gen  # noqa: E402
 import suite  # noqa: E402
-
-
-def quax_weights(params, stack, prefix=""):
-    """`params` with every weight the stack adapts replaced by quax's LoraArray
-    holding adapter 0 (its scale folded into A)."""
-    out = dict(params)
-    for path, (a, b) in stack.weights.items():
-        name = path.removeprefix(prefix)
-        la = quax_lora.LoraArray.__new__(quax_lora.LoraArray)
-        for field, value in [
-            ("_w", params[name]),
-            ("a", a[:, 0] * stack.scales[path][0]),
-            ("b", b[:, 0]),
-            ("stop_gradient", True),
-            ("allow_materialise", False),
-        ]:
-            object.__setattr__(la, field, value)
-        out[name] = la
-    return out
 
 
 def mlp_programs(n, d_model=1024, d_ff=4096, seq=128):
@@ -80,7 +60,7 @@ def mlp_programs(n, d_model=1024, d_ff=4096, seq=128):
         ),
         "quax": (
             jax.jit(quax.quaxify(suite.mlp)),
-            (quax_weights(params, one), x),
+            (suite.quax_weights(params, one), x),
         ),
     }
 
@@ -119,7 +99,7 @@ def generate_programs(n, embed):
         ),
     }
     if not embed:
-        layers = quax_weights(params["layers"], stack_of(1), prefix="layers/")
+        layers = suite.quax_weights(params["layers"], stack_of(1), prefix="layers/")
         out["quax"] = (
             run(quax.quaxify(gen.generate)),
             ({**params, "layers": layers}, prompts, 12),

@@ -24,7 +24,7 @@ XLA's temporary memory (compiled memory analysis) in MiB. A table is printed and
 written to `--out` (Markdown), and a plot of overhead vs number of adapters is
 saved as PNG next to it.
 
-Run: python benchmarks/suite.py            (full; ~10 minutes on 2 CPU cores)
+Run: python benchmarks/suite.py            (full; ~30 minutes on 2 CPU cores)
      python benchmarks/suite.py --quick    (tiny shapes, seconds; used by tests)
 """
 
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import quax
 import quax.examples.lora as quax_lora
 
 import lorax_arrays as lx
@@ -93,24 +94,30 @@ def merged_forward(params, stack, idx, x):
     return jax.lax.scan(layer, x, ws)[0]
 
 
-def loop_forward(params, stack, idx, x):
-    """PEFT-style: base matmul, then for each adapter the rows that use it."""
-    n = stack.n_adapters
-
-    def lin(h, name, w, layer):
-        y = h @ w
-        a, b = stack.weights[name]
-        for i in range(n):
-            rows = (idx == i)[:, None, None]
-            d = (h @ a[layer, i]) @ b[layer, i] * stack.scales[name][i]
-            y = y + jnp.where(rows, d, 0.0)
-        return y
-
+def unrolled_mlp(params, x, lin):
+    """`mlp` with its layers unrolled in Python and every matmul `lin(h, name, w,
+    layer)`, for the loops, which treat each adapted matmul themselves."""
     h = x
     for layer in range(params["w1"].shape[0]):
         up = jax.nn.gelu(lin(h, "w1", params["w1"][layer], layer))
         h = h + lin(up, "w2", params["w2"][layer], layer)
     return h
+
+
+def loop_forward(params, stack, idx, x):
+    """Base matmul, then for each adapter its low-rank product over the whole batch,
+    masked onto the rows that use it: one program for any assignment."""
+
+    def lin(h, name, w, layer):
+        y = h @ w
+        a, b = stack.weights[name]
+        for i in range(stack.n_adapters):
+            rows = (idx == i)[:, None, None]
+            d = (h @ a[layer, i]) @ b[layer, i] * stack.scales[name][i]
+            y = y + jnp.where(rows, d, 0.0)
+        return y
+
+    return unrolled_mlp(params, x, lin)
 
 
 def make_subbatch_forward(idx):
@@ -129,32 +136,34 @@ def make_subbatch_forward(idx):
                 y = y.at[rows].add(d)
             return y
 
-        h = x
-        for layer in range(params["w1"].shape[0]):
-            up = jax.nn.gelu(lin(h, "w1", params["w1"][layer], layer))
-            h = h + lin(up, "w2", params["w2"][layer], layer)
-        return h
+        return unrolled_mlp(params, x, lin)
 
     return forward
 
 
+def quax_weights(params, stack, prefix=""):
+    """`params` with every weight the stack adapts replaced by quax's LoraArray
+    holding adapter 0 (its scale folded into A); `prefix` is stripped from the
+    stack's paths to find the weight in `params`."""
+    out = dict(params)
+    for path, (a, b) in stack.weights.items():
+        name = path.removeprefix(prefix)
+        la = quax_lora.LoraArray.__new__(quax_lora.LoraArray)
+        for field, value in [
+            ("_w", params[name]),
+            ("a", a[:, 0] * stack.scales[path][0]),
+            ("b", b[:, 0]),
+            ("stop_gradient", True),
+            ("allow_materialise", False),
+        ]:
+            object.__setattr__(la, field, value)
+        out[name] = la
+    return out
+
+
 def quax_forward(params, stack, idx, x):
     """quax's own LoraArray, one adapter for the whole batch (adapter 0)."""
-    lp = {}
-    for name, w in params.items():
-        a, b = stack.weights[name]
-        la = quax_lora.LoraArray(w, rank=1, key=jr.PRNGKey(0))
-        la = quax_lora.LoraArray.__new__(quax_lora.LoraArray)
-        object.__setattr__(la, "_w", w)
-        object.__setattr__(la, "a", a[:, 0] * stack.scales[name][0])
-        object.__setattr__(la, "b", b[:, 0])
-        object.__setattr__(la, "stop_gradient", True)
-        object.__setattr__(la, "allow_materialise", False)
-        lp[name] = la
-    return quax.quaxify(mlp)(lp, x)
-
-
-import quax  # noqa: E402  (used by quax_forward)
+    return quax.quaxify(mlp)(quax_weights(params, stack), x)
 
 
 def variants(params, stack, idx, x):

@@ -332,8 +332,8 @@ def materialise_per_example(lora: BatchedLoraArray) -> Array:
     s = gathered_scale(lora.scale, lora.indices, idx)
     # Move the gathered example axes (at ns, ..., ns + k - 1) to the front.
     src, dst = tuple(range(ns, ns + idx.ndim)), tuple(range(idx.ndim))
-    a = jnp.moveaxis(jnp.take(lora.a, idx, axis=ns), src, dst)
-    b = jnp.moveaxis(jnp.take(lora.b, idx, axis=ns), src, dst)
+    a = jnp.moveaxis(take(lora.a, idx, ns), src, dst)
+    b = jnp.moveaxis(take(lora.b, idx, ns), src, dst)
     delta_fn = lambda a_, b_: dense_delta(  # noqa: E731
         a_, b_, lora.in_axes, lora.out_axes, lora.stack_axes
     )

@@ -21,6 +21,7 @@ import string
 
 import jax.extend.core as jex_core
 import numpy as np
+from hypothesis import strategies as st
 
 # float32 computation vs float64 reference, relative to the magnitude bound.
 RTOL_F32 = 1e-4
@@ -228,3 +229,16 @@ def largest_intermediate(closed_jaxpr) -> int:
             shape = getattr(v.aval, "shape", ())
             sizes.append(int(np.prod(shape, dtype=np.int64)))
     return max(sizes)
+
+
+def draw_roles(draw, ndim: int) -> list[str]:
+    """Inside an `st.composite`: a role ("in", "out" or "stack") for every axis of
+    an `ndim`-D weight, with at least one in- and one out-axis, in random order."""
+    extra = draw(
+        st.lists(
+            st.sampled_from(["in", "out", "stack"]),
+            min_size=ndim - 2,
+            max_size=ndim - 2,
+        )
+    )
+    return draw(st.permutations(["in", "out", *extra]))

@@ -7,12 +7,12 @@ that row's adapter merged in" (`lx.merge(base, stack[i])`, or the base model for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
 
 import lorax_arrays as lx
@@ -46,20 +46,6 @@ def randomize(tree: Any, seed: int, std: float = 0.1) -> Any:
         return jnp.asarray(values).astype(x.dtype)
 
     return jax.tree.map(draw, tree)
-
-
-def random_adapters(
-    tree: Any,
-    rule_sets: Sequence[Sequence[lx.LoraRule] | lx.LoraRule],
-    seed: int,
-    std: float = 0.1,
-) -> list[lx.Adapter]:
-    """One adapter per rule set, with random non-zero A and B."""
-    out = []
-    for j, rules in enumerate(rule_sets):
-        ad = lx.init_adapter(tree, rules, key=jr.key(seed + j))
-        out.append(randomize(ad, seed + 1000 + j, std))
-    return out
 
 
 def merged_or_base(base: Any, stack: lx.AdapterStack, i: int, cache: dict) -> Any:
@@ -124,3 +110,23 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
         return x
 
     return jax.tree.map(cast, tree)
+
+
+def vmap_styles(call: Callable):
+    """Both Equinox batching styles for `call(model, x)`, jit-compiled once:
+    `quaxify` outside `jax.vmap` (`f(served, xs)`: the model holds `(B,)` indices)
+    and inside it (`f(served, xs, idx)`: each example's scalar index travels with
+    it)."""
+
+    @eqx.filter_jit
+    def quaxify_outside_vmap(model, xs):
+        return lx.quaxify(jax.vmap(call, in_axes=(None, 0)))(model, xs)
+
+    @eqx.filter_jit
+    def quaxify_inside_vmap(model, xs, idx):
+        def one(m, x, i):
+            return lx.quaxify(call)(lx.with_indices(m, i), x)
+
+        return jax.vmap(one, in_axes=(None, 0, 0))(model, xs, idx)
+
+    return quaxify_outside_vmap, quaxify_inside_vmap

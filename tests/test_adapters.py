@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
+from tests.fast_init import random_adapters
 from tests.model_helpers import (
     F32_TOL,
     assert_close,
@@ -40,11 +41,7 @@ def _het_adapters(mlp):
         [lx.LoraRule("weight", 4, alpha=2.0)],
         [lx.LoraRule("layers/[12]", 8, alpha=8.0, use_rslora=True)],
     ]
-    out = []
-    for j, rules in enumerate(rule_sets):
-        ad = lx.init_adapter(mlp, rules, key=jr.key(10 + j))
-        out.append(randomize(ad, 20 + j, std=0.3))
-    return out
+    return random_adapters(mlp, rule_sets, seed=20, std=0.3)
 
 
 # -- init_adapter -------------------------------------------------------------------

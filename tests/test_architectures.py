@@ -36,6 +36,7 @@ from tests.model_helpers import (
     assert_adapters_matter,
     assert_close,
     per_row_reference,
+    vmap_styles,
 )
 
 V, D, H, F, L, T, B = 32, 16, 2, 32, 2, 5, 6  # vocab, width, heads, mlp, layers
@@ -136,17 +137,7 @@ def _call(model, tokens):
 _eqx_one = eqx.filter_jit(_call)
 
 
-@eqx.filter_jit
-def _eqx_quaxify_outside_vmap(served, tokens):
-    return lx.quaxify(jax.vmap(_call, in_axes=(None, 0)))(served, tokens)
-
-
-@eqx.filter_jit
-def _eqx_quaxify_inside_vmap(served, tokens, idx):
-    def one(m, t, i):
-        return lx.quaxify(_call)(lx.with_indices(m, i), t)
-
-    return jax.vmap(one, in_axes=(None, 0, 0))(served, tokens, idx)
+_eqx_quaxify_outside_vmap, _eqx_quaxify_inside_vmap = vmap_styles(_call)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 import lorax_arrays as lx
 from tests.helpers import (
     dense_weight_per_example,
+    draw_roles,
     factor_shapes_ref,
     largest_intermediate,
     random_lora,
@@ -54,18 +55,7 @@ def _make(
 @st.composite
 def layouts(draw):
     ndim = draw(st.integers(2, 4))
-    roles = draw(
-        st.permutations(
-            ["in", "out"]
-            + draw(
-                st.lists(
-                    st.sampled_from(["in", "out", "stack"]),
-                    min_size=ndim - 2,
-                    max_size=ndim - 2,
-                )
-            )
-        )
-    )
+    roles = draw_roles(draw, ndim)
     shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
 
     def axes(role):

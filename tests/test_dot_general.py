@@ -17,6 +17,7 @@ from tests.helpers import (
     assert_close_to_reference,
     check_dot,
     dense_weight_per_example,
+    draw_roles,
     largest_intermediate,
     random_indices,
     random_lora,
@@ -61,6 +62,23 @@ class DotCase:
             x = rng.standard_normal(shape).astype(np.float32)
         return w, a, b, scale, idx, x
 
+    def check(self, x, w, a, b, scale, idx, out):
+        """`out` against the reference `dot_general` for this case's layout."""
+        check_dot(
+            x,
+            w,
+            a,
+            b,
+            scale,
+            idx,
+            self.in_axes,
+            self.out_axes,
+            self.stack_axes,
+            self.dimension_numbers,
+            self.lora_is_lhs,
+            out,
+        )
+
     def lora(self, w, a, b, scale, idx, **kw):
         return lx.BatchedLoraArray(
             jnp.asarray(w),
@@ -78,14 +96,7 @@ class DotCase:
 @st.composite
 def dot_cases(draw, idx_ndims=(0, 1, 2), vmapped=False):
     ndim = draw(st.integers(2, 4))
-    extra_roles = draw(
-        st.lists(
-            st.sampled_from(["in", "out", "stack"]),
-            min_size=ndim - 2,
-            max_size=ndim - 2,
-        )
-    )
-    roles = draw(st.permutations(["in", "out", *extra_roles]))
+    roles = draw_roles(draw, ndim)
     w_shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
 
     def axes_of(role):
@@ -156,20 +167,7 @@ def test_dot_general_matches_reference(case: DotCase):
     lora = case.lora(w, a, b, scale, idx)
     out = jax.jit(lx.quaxify(_dot_fn(case)))(lora, x)
     assert out.dtype == jnp.float32
-    check_dot(
-        x,
-        w,
-        a,
-        b,
-        scale,
-        idx,
-        case.in_axes,
-        case.out_axes,
-        case.stack_axes,
-        case.dimension_numbers,
-        case.lora_is_lhs,
-        out,
-    )
+    case.check(x, w, a, b, scale, idx, out)
 
 
 @given(dot_cases(idx_ndims=(0,), vmapped=True))
@@ -183,20 +181,7 @@ def test_dot_general_scalar_indices_under_vmap(case: DotCase):
     out = jax.jit(jax.vmap(per_example, in_axes=(0, case.vmap_axis)))(idx, x)
     assert out.shape[0] == idx.shape[0]
     for e in range(idx.shape[0]):
-        check_dot(
-            np.take(x, e, axis=case.vmap_axis),
-            w,
-            a,
-            b,
-            scale,
-            idx[e],
-            case.in_axes,
-            case.out_axes,
-            case.stack_axes,
-            case.dimension_numbers,
-            case.lora_is_lhs,
-            out[e],
-        )
+        case.check(np.take(x, e, axis=case.vmap_axis), w, a, b, scale, idx[e], out[e])
 
 
 def test_vmap_outside_quaxify_with_batched_indices():
@@ -281,17 +266,7 @@ def test_rewrite_builds_no_per_example_weight():
 
 def test_jaxpr_check_detects_materialisation():
     """The size check above can fail: the opt-in dense path trips it."""
-    w, a, b, scale, idx, x, f = _mixed_case()
-    lora = lx.BatchedLoraArray(
-        jnp.asarray(w),
-        a,
-        b,
-        scale=scale,
-        indices=idx,
-        in_axes=0,
-        out_axes=(1, 2),
-        allow_materialise=True,
-    )
+    w, a, b, scale, idx, x, f, lora = _mixed_case()
     jaxpr = jax.make_jaxpr(lx.quaxify(f))(lora, x)
     assert largest_intermediate(jaxpr) >= idx.shape[0] * w.size
 
@@ -370,18 +345,14 @@ def test_out_axis_contraction_matches_reference(case: DotCase):
 
 def _mixed_case(seed=21):
     """A (D, N, H) kernel with in=D, out=(N, H), contracted over D *and* N: not a
-    low-rank product, so only the opt-in dense path can compute it."""
+    low-rank product, so only the opt-in dense path can compute it. Returns the
+    NumPy arrays, the product and the array (with `allow_materialise=True`)."""
     rng = np.random.default_rng(seed)
     d, nh, h = 4, 3, 2
     w, a, b, scale = random_lora(rng, (d, nh, h), (0,), (1, 2), n_adapters=3, rank=2)
     idx = np.array([2, -1, 0, 1], np.int32)
     x = rng.standard_normal((4, 5, d, nh)).astype(np.float32)
     f = lambda W, x: jnp.einsum("btdn,dnh->bth", x, W)  # noqa: E731
-    return w, a, b, scale, idx, x, f
-
-
-def test_materialised_mixed_contraction_matches_reference():
-    w, a, b, scale, idx, x, f = _mixed_case()
     lora = lx.BatchedLoraArray(
         jnp.asarray(w),
         a,
@@ -392,6 +363,11 @@ def test_materialised_mixed_contraction_matches_reference():
         out_axes=(1, 2),
         allow_materialise=True,
     )
+    return w, a, b, scale, idx, x, f, lora
+
+
+def test_materialised_mixed_contraction_matches_reference():
+    w, a, b, scale, idx, x, f, lora = _mixed_case()
     out = jax.jit(lx.quaxify(f))(lora, x)
     w_e = dense_weight_per_example(w, a, b, scale, idx, (0,), (1, 2))
     w_abs = dense_weight_per_example(w, a, b, scale, idx, (0,), (1, 2), abs_weight=True)

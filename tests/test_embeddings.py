@@ -30,12 +30,12 @@ from tests.dense_reference import (
     check_against_reference,
     vmap_outside,
 )
+from tests.fast_init import random_adapters
 from tests.helpers import largest_intermediate
 from tests.model_helpers import (
     assert_adapters_matter,
     assert_close,
     per_row_reference,
-    random_adapters,
 )
 
 V, D, B, T = 40, 8, 4, 3

@@ -17,6 +17,7 @@ from tests.helpers import (
     RTOL_BF16,
     assert_close_to_reference,
     dense_weight_per_example,
+    draw_roles,
     largest_intermediate,
     random_indices,
     random_lora,
@@ -138,18 +139,7 @@ def test_einsum_multihead_output(in_axes):
 @st.composite
 def transpose_cases(draw):
     ndim = draw(st.integers(2, 4))
-    roles = draw(
-        st.permutations(
-            ["in", "out"]
-            + draw(
-                st.lists(
-                    st.sampled_from(["in", "out", "stack"]),
-                    min_size=ndim - 2,
-                    max_size=ndim - 2,
-                )
-            )
-        )
-    )
+    roles = draw_roles(draw, ndim)
     shape = tuple(draw(st.lists(small, min_size=ndim, max_size=ndim)))
     groups = {
         r: tuple(draw(st.permutations([ax for ax in range(ndim) if roles[ax] == r])))

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
+from tests.fast_init import random_adapters
 from tests.model_helpers import (
     BF16_REL_TO_MAX,
     BF16_TOL,
@@ -29,7 +30,7 @@ from tests.model_helpers import (
     assert_close,
     cast_floats,
     per_row_reference,
-    random_adapters,
+    vmap_styles,
 )
 
 D, T, B = 8, 4, 6
@@ -49,25 +50,6 @@ IDX_BT = np.array(
 index_lists = st.lists(st.integers(-1, 2), min_size=B, max_size=B)
 
 
-def _runners(call):
-    """Both Equinox batching styles for `call(model, x)`, jit-compiled once."""
-
-    @eqx.filter_jit
-    def vmap_inside_quaxify(model, xs):
-        # quaxify OUTSIDE vmap: the model holds (B,) indices.
-        return lx.quaxify(jax.vmap(call, in_axes=(None, 0)))(model, xs)
-
-    @eqx.filter_jit
-    def quaxify_inside_vmap(model, xs, idx):
-        # quaxify INSIDE vmap: the scalar index travels with the example.
-        def one(m, x, i):
-            return lx.quaxify(call)(lx.with_indices(m, i), x)
-
-        return jax.vmap(one, in_axes=(None, 0, 0))(model, xs, idx)
-
-    return vmap_inside_quaxify, quaxify_inside_vmap
-
-
 def _check_both_styles(base, stack, call, xs, idx, runners, reference_call=None):
     outside, inside = runners
     idx = jnp.asarray(idx)
@@ -83,7 +65,7 @@ def _check_both_styles(base, stack, call, xs, idx, runners, reference_call=None)
 # -- (a) eqx.nn.Linear and eqx.nn.MLP -------------------------------------------
 
 _call = eqx.filter_jit(lambda m, x: m(x))
-_eqx_runners = _runners(lambda m, x: m(x))
+_eqx_runners = vmap_styles(lambda m, x: m(x))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +126,7 @@ def _self_attention(m, x):
 
 
 _mha_call = eqx.filter_jit(_self_attention)
-_mha_runners = _runners(_self_attention)
+_mha_runners = vmap_styles(_self_attention)
 
 
 def test_multihead_attention_both_styles():

@@ -10,7 +10,7 @@ import jax.random as jr
 import numpy as np
 
 import lorax_arrays as lx
-from tests.model_helpers import random_adapters
+from tests.fast_init import random_adapters
 
 D, T, B = 8, 3, 4
 

@@ -34,6 +34,7 @@ from tests.model_helpers import (
     assert_adapters_matter,
     assert_close,
     per_row_reference,
+    vmap_styles,
 )
 
 L, D, F = 3, 8, 12  # layers, model width, hidden width
@@ -115,16 +116,7 @@ def test_eqx_stacked_linear_layout_is_inferred(eqx_stack):
 def _eqx_forwards():
     """Each batching style as `f(base, stack, xs, idx)`, jit-compiled once."""
 
-    @eqx.filter_jit
-    def quaxify_outside_vmap(served, xs):
-        return lx.quaxify(jax.vmap(scan_layers, in_axes=(None, 0)))(served, xs)
-
-    @eqx.filter_jit
-    def quaxify_inside_vmap(served, xs, idx):
-        def one(m, x, i):
-            return lx.quaxify(scan_layers)(lx.with_indices(m, i), x)
-
-        return jax.vmap(one, in_axes=(None, 0, 0))(served, xs, idx)
+    quaxify_outside_vmap, quaxify_inside_vmap = vmap_styles(scan_layers)
 
     @eqx.filter_jit
     def batched(served, xs):

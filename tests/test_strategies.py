@@ -33,20 +33,7 @@ def _run(case: DotCase, variant: str):
 @given(dot_cases(idx_ndims=(1, 2)), st.sampled_from(VARIANTS))
 def test_every_strategy_matches_reference(case: DotCase, variant: str):
     out, (w, a, b, scale, idx, x) = _run(case, variant)
-    check_dot(
-        x,
-        w,
-        a,
-        b,
-        scale,
-        idx,
-        case.in_axes,
-        case.out_axes,
-        case.stack_axes,
-        case.dimension_numbers,
-        case.lora_is_lhs,
-        out,
-    )
+    case.check(x, w, a, b, scale, idx, out)
 
 
 def _primitives(f, *args):
@@ -167,17 +154,4 @@ def test_segment_with_argsort_grouping_matches_reference(case: DotCase, kernel):
     """The large-batch grouping path (argsort, forced here) end to end."""
     with unittest.mock.patch.object(_strategies, "_ONEHOT_MAX", 0):
         out, (w, a, b, scale, idx, x) = _run(case, f"segment:{kernel}")
-    check_dot(
-        x,
-        w,
-        a,
-        b,
-        scale,
-        idx,
-        case.in_axes,
-        case.out_axes,
-        case.stack_axes,
-        case.dimension_numbers,
-        case.lora_is_lhs,
-        out,
-    )
+    case.check(x, w, a, b, scale, idx, out)
