@@ -306,69 +306,19 @@ def main():
     key = jr.PRNGKey(0)
     only = args.only.split(",")
     rows = _Rows()
-    if "W1" in only:
-        rows.append(
-            run_workload(
-                "W1 prefill, adapter per sequence",
-                layers,
-                batch,
-                seq,
-                d_model,
-                d_ff,
-                16,
-                [16],
-                False,
-                reps,
-                key,
+    targets = [  # (part, label, batch, tokens per row, adapters, per-token indices)
+        ("W1", "W1 prefill, adapter per sequence", batch, seq, 16, False),
+        ("W2", "W2 prefill, adapter per token", batch, seq, 16, True),
+        ("W3", "W3 decode, 8 adapters", dec, 1, 8, False),
+        ("W3", "W3 decode, 64 adapters", dec, 1, 64, False),
+    ]
+    for part, label, b, t, n, per_token in targets:
+        if part in only:
+            rows.append(
+                run_workload(
+                    label, layers, b, t, d_model, d_ff, n, [16], per_token, reps, key
+                )
             )
-        )
-    if "W2" in only:
-        rows.append(
-            run_workload(
-                "W2 prefill, adapter per token",
-                layers,
-                batch,
-                seq,
-                d_model,
-                d_ff,
-                16,
-                [16],
-                True,
-                reps,
-                key,
-            )
-        )
-    if "W3" in only:
-        rows.append(
-            run_workload(
-                "W3 decode, 8 adapters",
-                layers,
-                dec,
-                1,
-                d_model,
-                d_ff,
-                8,
-                [16],
-                False,
-                reps,
-                key,
-            )
-        )
-        rows.append(
-            run_workload(
-                "W3 decode, 64 adapters",
-                layers,
-                dec,
-                1,
-                d_model,
-                d_ff,
-                64,
-                [16],
-                False,
-                reps,
-                key,
-            )
-        )
     scaling = []
     if "W4" in only:
         for r in scale_ranks:

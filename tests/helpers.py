@@ -242,3 +242,16 @@ def draw_roles(draw, ndim: int) -> list[str]:
         )
     )
     return draw(st.permutations(["in", "out", *extra]))
+
+
+def draw_axes(draw, roles: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Inside an `st.composite`: the `(in_axes, out_axes, stack_axes)` of axes with
+    these roles, each group in random order and each axis randomly spelled negative."""
+    ndim = len(roles)
+
+    def axes_of(role):
+        axes = draw(st.permutations([ax for ax in range(ndim) if roles[ax] == role]))
+        negate = draw(st.lists(st.booleans(), min_size=len(axes), max_size=len(axes)))
+        return tuple(ax - ndim if neg else ax for ax, neg in zip(axes, negate))
+
+    return axes_of("in"), axes_of("out"), axes_of("stack")

@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 import lorax_arrays as lx
 from tests.helpers import (
     dense_weight_per_example,
+    draw_axes,
     draw_roles,
     factor_shapes_ref,
     largest_intermediate,
@@ -57,13 +58,7 @@ def layouts(draw):
     ndim = draw(st.integers(2, 4))
     roles = draw_roles(draw, ndim)
     shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
-
-    def axes(role):
-        ax = draw(st.permutations([i for i in range(ndim) if roles[i] == role]))
-        neg = draw(st.lists(st.booleans(), min_size=len(ax), max_size=len(ax)))
-        return tuple(i - ndim if n else i for i, n in zip(ax, neg))
-
-    return shape, axes("in"), axes("out"), axes("stack")
+    return shape, *draw_axes(draw, roles)
 
 
 @given(layouts(), st.integers(1, 5), st.integers(1, 6))

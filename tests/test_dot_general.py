@@ -17,6 +17,7 @@ from tests.helpers import (
     assert_close_to_reference,
     check_dot,
     dense_weight_per_example,
+    draw_axes,
     draw_roles,
     largest_intermediate,
     random_indices,
@@ -98,13 +99,7 @@ def dot_cases(draw, idx_ndims=(0, 1, 2), vmapped=False):
     ndim = draw(st.integers(2, 4))
     roles = draw_roles(draw, ndim)
     w_shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
-
-    def axes_of(role):
-        axes = draw(st.permutations([ax for ax in range(ndim) if roles[ax] == role]))
-        negate = draw(st.lists(st.booleans(), min_size=len(axes), max_size=len(axes)))
-        return tuple(ax - ndim if neg else ax for ax, neg in zip(axes, negate))
-
-    in_axes, out_axes, stack_axes = axes_of("in"), axes_of("out"), axes_of("stack")
+    in_axes, out_axes, stack_axes = draw_axes(draw, roles)
     n_adapters = draw(st.integers(1, 5))
     rank = draw(st.integers(1, 6))
     k = draw(st.sampled_from(idx_ndims))
