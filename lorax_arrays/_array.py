@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import equinox as eqx
 import jax
@@ -33,6 +34,37 @@ def _shape_dtype(w: Any) -> tuple[tuple[int, ...], Any]:
         "BatchedLoraArray: `w` must be a JAX/NumPy array or a quax.ArrayValue, got "
         f"{type(w).__name__}."
     )
+
+
+class QuaxifyMissingError(TypeError):
+    """A `BatchedLoraArray` was used as a plain array, outside `lx.quaxify`."""
+
+
+def _quaxify_missing(lora: BatchedLoraArray, what: str) -> NoReturn:
+    raise QuaxifyMissingError(
+        f"{what} needs a plain array, but W is a BatchedLoraArray (an adapted "
+        f"weight of shape {tuple(lora.shape)}) used outside `lx.quaxify`, and only "
+        "quaxified code understands it. Wrap the function that uses the model in "
+        "`lx.quaxify` (e.g. `eqx.filter_jit(lx.quaxify(forward))`, or "
+        "`jax.jit(lx.quaxify(model.apply))` for Flax) and pass the loraified tree "
+        "to it as an argument: quaxify does not see arrays that a function closes "
+        "over."
+    )
+
+
+def _asked_by_jax() -> bool:
+    """Whether JAX itself (`jnp.asarray`, a `jnp` function's argument check, a JAX
+    array's operator) is looking up `__jax_array__`, as opposed to a library probing
+    for array-likes (`eqx.is_array_like`, which quax uses on every rule's output)."""
+    try:
+        frame = sys._getframe(2)  # 0: here, 1: the property, 2: the lookup
+    except ValueError:  # looked up from C with no Python caller
+        return False
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        "equinox._module"  # `Module.__getattribute__`
+    ):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__", "").startswith("jax.")
 
 
 class BatchedLoraArray(quax.ArrayValue):
@@ -66,6 +98,7 @@ class BatchedLoraArray(quax.ArrayValue):
     b: Float[Array, ...]
     scale: Float[Array, " n_adapters"]
     indices: Int[Array, ...] | None
+    head_scale: Float[Array, " n_adapters"] | None
     in_axes: tuple[int, ...] = eqx.field(static=True)
     out_axes: tuple[int, ...] = eqx.field(static=True)
     stack_axes: tuple[int, ...] = eqx.field(static=True)
@@ -85,6 +118,7 @@ class BatchedLoraArray(quax.ArrayValue):
         stack_axes: int | Sequence[int] = (),
         allow_materialise: bool = False,
         strategy: str = "auto",
+        head_scale: Float[ArrayLike, " n_adapters"] | None = None,
     ):
         """**Arguments:**
 
@@ -106,6 +140,10 @@ class BatchedLoraArray(quax.ArrayValue):
             row's factors), `"segment"` (sort tokens by adapter, grouped matmul),
             `"dense"` (all adapters, masked) or `"auto"` (chosen from the shapes
             and backend). All give the same result; see the docs' performance page.
+        - `head_scale`: `(n_adapters,)` multipliers for when the array is read the
+            other way round, contracted over its out-axes (a tied output head
+            `h @ E.T`); `None` (the default) means `scale`. PEFT's embedding LoRA
+            leaves a tied head alone: 0 for those adapters.
         """
         shape, _ = _shape_dtype(w)
         ndim = len(shape)
@@ -121,6 +159,11 @@ class BatchedLoraArray(quax.ArrayValue):
         if not jnp.issubdtype(scale.dtype, jnp.inexact):
             scale = scale.astype(jnp.float32)
         self.scale = scale
+        if head_scale is not None:
+            head_scale = jnp.asarray(head_scale)
+            if not jnp.issubdtype(head_scale.dtype, jnp.inexact):
+                head_scale = head_scale.astype(jnp.float32)
+        self.head_scale = head_scale
         if indices is not None:
             if isinstance(indices, (list, tuple, int, float, bool)):
                 # Python numbers: ints become int32; anything else keeps its dtype
@@ -177,6 +220,11 @@ class BatchedLoraArray(quax.ArrayValue):
                 f"{what}: `scale` has shape {self.scale.shape}; expected (n_adapters,) "
                 f"= ({n},)."
             )
+        if self.head_scale is not None and self.head_scale.shape != (n,):
+            raise ValueError(
+                f"{what}: `head_scale` has shape {self.head_scale.shape}; expected "
+                f"(n_adapters,) = ({n},)."
+            )
         if self.indices is not None:
             check_indices(self.indices, n)
 
@@ -226,6 +274,73 @@ class BatchedLoraArray(quax.ArrayValue):
                 arrays.append(v)
         return primitive.bind(*arrays, **params)
 
+    # -- used outside quaxify ---------------------------------------------------
+    #
+    # Under `quaxify` a BatchedLoraArray is wrapped in a quax tracer, so none of
+    # these is ever called there: they turn the errors that plain JAX, Equinox and
+    # Flax code raises on the bare object ("unsupported operand type(s) for @",
+    # "float() argument must be ...") into one that names the fix.
+
+    @property
+    def __jax_array__(self):
+        # Only for JAX's own conversions: to anyone else (notably
+        # `eqx.is_array_like`, which quax asks of every rule's output) this
+        # attribute does not exist, as this is not an array.
+        if _asked_by_jax():
+            _quaxify_missing(
+                self, "`jnp.asarray(W)` (or a `jnp` function or JAX operator given W)"
+            )
+        raise AttributeError("__jax_array__")
+
+    def __array__(self, dtype=None, copy=None):
+        _quaxify_missing(self, "`np.asarray(W)`")
+
+    def __matmul__(self, other):
+        _quaxify_missing(self, "`W @ x`")
+
+    def __rmatmul__(self, other):
+        _quaxify_missing(self, "`x @ W`")
+
+    def __getitem__(self, key):
+        _quaxify_missing(self, "Indexing `W[...]` (an embedding lookup, say)")
+
+    def __add__(self, other):
+        _quaxify_missing(self, "`W + x`")
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        _quaxify_missing(self, "`W - x`")
+
+    __rsub__ = __sub__
+
+    def __mul__(self, other):
+        _quaxify_missing(self, "`W * x`")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        _quaxify_missing(self, "`W / x`")
+
+    __rtruediv__ = __truediv__
+
+    def __pow__(self, other):
+        _quaxify_missing(self, "`W ** x`")
+
+    __rpow__ = __pow__
+
+    def __neg__(self):
+        _quaxify_missing(self, "`-W`")
+
+    def __float__(self):
+        _quaxify_missing(self, "`float(W)`")
+
+    def __int__(self):
+        _quaxify_missing(self, "`int(W)`")
+
+    def __complex__(self):
+        _quaxify_missing(self, "`complex(W)`")
+
     # -- conveniences -----------------------------------------------------------
 
     @property
@@ -237,6 +352,17 @@ class BatchedLoraArray(quax.ArrayValue):
     def rank(self) -> int:
         """The (padded) rank shared by all stacked adapters."""
         return self.a.shape[-1]
+
+    @property
+    def frozen_w(self) -> Any:
+        """The base weight as every rule reads it: `w` behind `lax.stop_gradient`.
+
+        The base weight is frozen by the type: whichever primitive reads it (a
+        matmul, an embedding lookup, one layer sliced from a stack), no gradient
+        reaches `w`. When `w` is itself a quax value (a quantised weight, say), the
+        gradient is stopped at each of its floating-point array leaves.
+        """
+        return freeze(self.w)
 
     def replace(self, **changes: Any) -> BatchedLoraArray:
         """A copy with some fields changed, validated again.
@@ -260,6 +386,7 @@ class BatchedLoraArray(quax.ArrayValue):
             stack_axes=self.stack_axes,
             allow_materialise=self.allow_materialise,
             strategy=self.strategy,
+            head_scale=self.head_scale,
         )
         kwargs.update(changes)
         return BatchedLoraArray(**kwargs)
@@ -269,13 +396,18 @@ def swap_in_out(lora: BatchedLoraArray) -> BatchedLoraArray:
     """The same array read the other way round: `(W + A B)` contracted over its
     out-axes is `W` contracted there plus `B^T`-then-`A^T`, so the in and out groups
     exchange roles and A and B exchange places. Used for tied output heads
-    (`h @ E.T`) and row lookups along an output axis."""
+    (`h @ E.T`) and row lookups along an output axis. Read that way, the adapters
+    are scaled by `head_scale` (where set), and swapping back restores `scale`."""
     ns = len(lora.stack_axes)
+    scales = {}
+    if lora.head_scale is not None:
+        scales = dict(scale=lora.head_scale, head_scale=lora.scale)
     return lora.replace(
         a=jnp.moveaxis(lora.b, ns + 1, -1),  # (*stack, n, *out, r)
         b=jnp.moveaxis(lora.a, -1, ns + 1),  # (*stack, n, r, *in)
         in_axes=lora.out_axes,
         out_axes=lora.in_axes,
+        **scales,
     )
 
 
@@ -289,6 +421,16 @@ def bind(primitive, *args, **params):
     if any(isinstance(x, quax.Value) for x in args):
         return quax.quaxify(lambda *xs: primitive.bind(*xs, **params))(*args)
     return primitive.bind(*args, **params)
+
+
+def freeze(w: Any) -> Any:
+    """`lax.stop_gradient(w)`; for a quax-valued `w`, of each floating-point array
+    leaf (its other leaves, integer codes say, carry no gradient anyway)."""
+    if isinstance(w, quax.Value):
+        return jax.tree.map(
+            lambda x: lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, w
+        )
+    return lax.stop_gradient(w)
 
 
 def check_indices(indices: Any, n_adapters: int) -> None:
@@ -340,8 +482,8 @@ def materialise_per_example(lora: BatchedLoraArray) -> Array:
     for _ in range(idx.ndim):
         delta_fn = jax.vmap(delta_fn)
     delta = delta_fn(a, b)
-    w = quax.quaxify(jnp.asarray)(lora.w) if isinstance(lora.w, quax.Value) else lora.w
-    w = jax.lax.stop_gradient(w)
+    w = lora.frozen_w
+    w = quax.quaxify(jnp.asarray)(w) if isinstance(w, quax.Value) else w
     s = s.reshape(s.shape + (1,) * w.ndim)
     return (w + s * delta).astype(w.dtype)
 

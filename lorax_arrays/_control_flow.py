@@ -6,6 +6,9 @@
   by every step.
 - `checkpoint` / `remat`: quax has no rule (its default would materialise); we
   re-trace the body under `jax.checkpoint` with the LoRA arrays kept intact.
+
+Both pass the base weight on frozen (`BatchedLoraArray.frozen_w`), as every rule
+reads it.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _split_for_scan(lora: BatchedLoraArray):
             "`stack_axes` (LoraRule(..., stack_axes=(0,)))."
         )
     j = lora.stack_axes.index(0)
-    sliced = (lora.w, jnp.moveaxis(lora.a, j, 0), jnp.moveaxis(lora.b, j, 0))
+    sliced = (lora.frozen_w, jnp.moveaxis(lora.a, j, 0), jnp.moveaxis(lora.b, j, 0))
     down = lambda axes: tuple(ax - 1 for ax in axes if ax != 0)  # noqa: E731
 
     def rebuild(w, a, b):
@@ -97,4 +100,6 @@ def _remat(*args: BatchedLoraArray | quax.ArrayValue | ArrayLike, **params):
     remat = jax.checkpoint(
         lambda *a: fn(*a), prevent_cse=params["prevent_cse"], policy=params["policy"]
     )
-    return remat(*args)
+    # Frozen before the checkpoint, so no cotangent for `w` is formed inside it.
+    frozen = lambda x: x.replace(w=x.frozen_w) if _stacked(x) else x  # noqa: E731
+    return remat(*map(frozen, args))

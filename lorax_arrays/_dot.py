@@ -25,10 +25,6 @@ from ._lax import clamp_indices
 from ._strategies import low_rank, resolve
 
 
-def _frozen(w):
-    return w if isinstance(w, quax.Value) else lax.stop_gradient(w)
-
-
 def _compute_dtype(x, params):
     pref = params.get("preferred_element_type")
     x_dtype = jax.dtypes.result_type(x) if not isinstance(x, quax.Value) else x.dtype
@@ -44,8 +40,8 @@ def lora_dot(
     (lc, rc), (lb, rb) = dimension_numbers
     c_l, c_x, b_l, b_x = (lc, rc, lb, rb) if lora_is_lhs else (rc, lc, rb, lb)
     c_l, c_x, b_l, b_x = map(tuple, (c_l, c_x, b_l, b_x))
-    lhs, rhs = (lora.w, x) if lora_is_lhs else (x, lora.w)
-    lhs, rhs = (_frozen(lhs), rhs) if lora_is_lhs else (lhs, _frozen(rhs))
+    w = lora.frozen_w
+    lhs, rhs = (w, x) if lora_is_lhs else (x, w)
 
     stack_ok = set(b_l) == set(lora.stack_axes)
     if stack_ok and set(c_l) == set(lora.out_axes):

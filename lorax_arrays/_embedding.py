@@ -116,7 +116,7 @@ def _(operand: BatchedLoraArray, start_indices, **params):
             "`allow_materialise=True` to build dense weights for this op."
         )
     a, b = _lookup_view(operand, axis, what)
-    base = bind(lax.gather_p, operand.w, start_indices, **params)
+    base = bind(lax.gather_p, operand.frozen_w, start_indices, **params)
     tokens = start_indices[..., list(dn.start_index_map).index(axis)]
     delta = _rows_delta(operand, a, b, tokens, what)  # (*batch, d)
     if axis not in dn.collapsed_slice_dims:  # the size-1 row axis is kept
@@ -136,7 +136,7 @@ def _(operand: BatchedLoraArray, *starts, slice_sizes):
         return _dynamic_block(operand, starts, sizes)
     (axis,) = rows
     a, b = _lookup_view(operand, axis, what)
-    base = bind(lax.dynamic_slice_p, operand.w, *starts, slice_sizes=sizes)
+    base = bind(lax.dynamic_slice_p, operand.frozen_w, *starts, slice_sizes=sizes)
     token = jnp.asarray(starts[axis])
     if operand.indices is not None and operand.indices.ndim:
         token = jnp.broadcast_to(token, operand.indices.shape)
@@ -203,7 +203,7 @@ def _dynamic_block(lora: BatchedLoraArray, starts, sizes) -> BatchedLoraArray:
         if pos_b is not None:
             b_starts[pos_b], b_sizes[pos_b] = starts[ax], sizes[ax]
     return lora.replace(
-        w=bind(lax.dynamic_slice_p, lora.w, *starts, slice_sizes=tuple(sizes)),
+        w=bind(lax.dynamic_slice_p, lora.frozen_w, *starts, slice_sizes=tuple(sizes)),
         a=lax.dynamic_slice(lora.a, a_starts, a_sizes),
         b=lax.dynamic_slice(lora.b, b_starts, b_sizes),
     )

@@ -23,7 +23,7 @@ def _(operand: BatchedLoraArray, *, permutation):
     perm = tuple(permutation)
     new_axis = {old: new for new, old in enumerate(perm)}
     return operand.replace(
-        w=bind(lax.transpose_p, operand.w, permutation=permutation),
+        w=bind(lax.transpose_p, operand.frozen_w, permutation=permutation),
         in_axes=tuple(new_axis[ax] for ax in operand.in_axes),
         out_axes=tuple(new_axis[ax] for ax in operand.out_axes),
         stack_axes=tuple(new_axis[ax] for ax in operand.stack_axes),
@@ -38,7 +38,9 @@ def _(operand: BatchedLoraArray, **params):
             f"Casting a BatchedLoraArray to the non-floating dtype {new_dtype} has "
             "no low-rank meaning. Cast the activations instead."
         )
-    return operand.replace(w=bind(lax.convert_element_type_p, operand.w, **params))
+    return operand.replace(
+        w=bind(lax.convert_element_type_p, operand.frozen_w, **params)
+    )
 
 
 @quax.register(lax.copy_p)
@@ -152,7 +154,7 @@ def _(operand: BatchedLoraArray, **params):
     a = lora.a.reshape(*lora.a.shape[: ns + 1], *in_shape, lora.rank)
     b = lora.b.reshape(*lora.b.shape[: ns + 2], *out_shape)
     return lora.replace(
-        w=bind(lax.reshape_p, lora.w, **params),
+        w=bind(lax.reshape_p, lora.frozen_w, **params),
         a=a,
         b=b,
         in_axes=in_axes,
@@ -189,13 +191,13 @@ def _(operand: BatchedLoraArray, **params):
             a = lax.slice_in_dim(a, lo, hi, st, axis=ax_a)
         if ax_b is not None:
             b = lax.slice_in_dim(b, lo, hi, st, axis=ax_b)
-    return operand.replace(w=bind(lax.slice_p, operand.w, **params), a=a, b=b)
+    return operand.replace(w=bind(lax.slice_p, operand.frozen_w, **params), a=a, b=b)
 
 
 @quax.register(lax.split_p)
 def _(operand: BatchedLoraArray, *, sizes, axis):
     """`jnp.split(W, n, axis)`: each piece keeps the low-rank form."""
-    pieces = bind(lax.split_p, operand.w, sizes=sizes, axis=axis)
+    pieces = bind(lax.split_p, operand.frozen_w, sizes=sizes, axis=axis)
     ax_a, ax_b = _factor_axes(operand, axis)
     a_parts = lax.split(operand.a, sizes, ax_a) if ax_a is not None else None
     b_parts = lax.split(operand.b, sizes, ax_b) if ax_b is not None else None
@@ -223,7 +225,7 @@ def _(operand: BatchedLoraArray, *, dimensions):
     if not in_axes or not out_axes:  # `E[3]`: a row of a table, no longer a weight
         return squeezed_lookup(operand, tuple(dims))
     return operand.replace(
-        w=bind(lax.squeeze_p, operand.w, dimensions=dimensions),
+        w=bind(lax.squeeze_p, operand.frozen_w, dimensions=dimensions),
         a=jnp.squeeze(operand.a, axis=tuple(drop_a)),
         b=jnp.squeeze(operand.b, axis=tuple(drop_b)),
         in_axes=in_axes,
