@@ -16,8 +16,13 @@ from ._adapters import (
     init_adapter as init_adapter,
     stack_adapters as stack_adapters,
 )
-from ._array import BatchedLoraArray as BatchedLoraArray
+from ._array import (
+    BatchedLoraArray as BatchedLoraArray,
+    QuaxifyMissingError as QuaxifyMissingError,
+)
+from ._checkpoint import load_adapter as load_adapter, save_adapter as save_adapter
 from ._errors import (
+    CheckpointError as CheckpointError,
     IndicesShapeError as IndicesShapeError,
     LoraIndexError as LoraIndexError,
     UnsupportedOperationError as UnsupportedOperationError,
@@ -27,6 +32,11 @@ from ._loraify import (
     loraify as loraify,
     merge as merge,
     with_indices as with_indices,
+)
+from ._peft import (
+    PeftFormatError as PeftFormatError,
+    load_peft_adapter as load_peft_adapter,
+    save_peft_adapter as save_peft_adapter,
 )
 from ._quaxify import quaxify as quaxify, register as register
 from ._rules import (

@@ -33,6 +33,12 @@ class Adapter(eqx.Module):
     - `layouts`: the `LeafLayout` of each path (its shape and in/out/stack axes).
     - `ranks`, `alphas`: per path, in the order of `layouts`.
     - `use_rslora`: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
+    - `lookup_only`: per path, True where the update applies only when the leaf is
+        read along its in-axes (row lookups `E[tokens]`, `x @ W`), and a read along
+        its out-axes (a tied output head `h @ E.T`) sees the base weight. That is
+        PEFT's embedding LoRA, which changes the embedding module and not a head
+        tied to its table; [`lorax_arrays.load_peft_adapter`][] sets it for
+        embeddings. Empty (the default) means False everywhere.
     """
 
     weights: dict[str, tuple[Array, Array]]
@@ -40,8 +46,18 @@ class Adapter(eqx.Module):
     ranks: tuple[int, ...] = eqx.field(static=True)
     alphas: tuple[float, ...] = eqx.field(static=True)
     use_rslora: tuple[bool, ...] = eqx.field(static=True)
+    lookup_only: tuple[bool, ...] = eqx.field(static=True, default=())
+
+    def __post_init__(self):
+        if not self.lookup_only:
+            self.lookup_only = tuple(False for _ in self.layouts)
 
     def __check_init__(self):
+        if len(self.lookup_only) != len(self.layouts):
+            raise ValueError(
+                f"Adapter: {len(self.lookup_only)} lookup_only flags for "
+                f"{len(self.layouts)} leaves."
+            )
         paths = [lay.path for lay in self.layouts]
         if set(paths) != set(self.weights) or len(paths) != len(self.weights):
             raise ValueError(
@@ -135,7 +151,8 @@ class AdapterStack(eqx.Module):
         does not adapt that path.
     - `layouts`: the `LeafLayout` of each path.
     - `ranks`: per path, each adapter's own rank (0 where it has none).
-    - `alphas`, `use_rslora`: per path, per adapter.
+    - `alphas`, `use_rslora`, `lookup_only`: per path, per adapter (see
+        [`lorax_arrays.Adapter`][]; an empty `lookup_only` means False everywhere).
     - `names`: optional adapter names, for
         [`AdapterStack.indices`][lorax_arrays.AdapterStack.indices].
     """
@@ -147,6 +164,18 @@ class AdapterStack(eqx.Module):
     alphas: tuple[tuple[float, ...], ...] = eqx.field(static=True)
     use_rslora: tuple[tuple[bool, ...], ...] = eqx.field(static=True)
     names: tuple[str, ...] | None = eqx.field(static=True, default=None)
+    lookup_only: tuple[tuple[bool, ...], ...] = eqx.field(static=True, default=())
+
+    def __post_init__(self):
+        if not self.lookup_only:
+            self.lookup_only = tuple(tuple(False for _ in r) for r in self.ranks)
+
+    def head_scales(self, path: str) -> Float[Array, " n_adapters"]:
+        """The scales for reading `path` along its out-axes (a tied output head):
+        `scales[path]`, with 0 for adapters whose update is `lookup_only` there."""
+        j = self.paths.index(path)
+        keep = np.asarray([not f for f in self.lookup_only[j]], np.float32)
+        return self.scales[path] * keep
 
     @property
     def n_adapters(self) -> int:
@@ -164,7 +193,7 @@ class AdapterStack(eqx.Module):
     def __getitem__(self, i: int | str) -> Adapter:
         """Adapter `i` (an int, or a name), with its padding removed."""
         i = self._position(i)
-        weights, layouts, ranks, alphas, rs = {}, [], [], [], []
+        weights, layouts, ranks, alphas, rs, lk = {}, [], [], [], [], []
         for j, lay in enumerate(self.layouts):
             r = self.ranks[j][i]
             if r == 0:
@@ -178,7 +207,10 @@ class AdapterStack(eqx.Module):
             ranks.append(r)
             alphas.append(self.alphas[j][i])
             rs.append(self.use_rslora[j][i])
-        return Adapter(weights, tuple(layouts), tuple(ranks), tuple(alphas), tuple(rs))
+            lk.append(self.lookup_only[j][i])
+        return Adapter(
+            weights, tuple(layouts), tuple(ranks), tuple(alphas), tuple(rs), tuple(lk)
+        )
 
     def _position(self, i: int | str) -> int:
         if isinstance(i, str):
@@ -284,7 +316,7 @@ def stack_adapters(
                     f"stack={prev.stack_axes}. Adapters served together must be "
                     "made for the same model."
                 )
-    weights, scales, ranks, alphas, rs = {}, {}, [], [], []
+    weights, scales, ranks, alphas, rs, lookup = {}, {}, [], [], [], []
     for path, lay in layouts.items():
         ns = len(lay.stack_axes)
         per = [
@@ -313,6 +345,9 @@ def stack_adapters(
         weights[path] = (jnp.stack(a_list, axis=ns), jnp.stack(b_list, axis=ns))
         al = tuple(ad.alphas[p[1]] if p else 0.0 for ad, p in zip(adapters, per))
         rsl = tuple(ad.use_rslora[p[1]] if p else False for ad, p in zip(adapters, per))
+        lookup.append(
+            tuple(ad.lookup_only[p[1]] if p else False for ad, p in zip(adapters, per))
+        )
         sc = [
             0.0 if r == 0 else a_ / (math.sqrt(r) if rs_ else r)
             for r, a_, rs_ in zip(r_each, al, rsl)
@@ -329,4 +364,5 @@ def stack_adapters(
         alphas=tuple(alphas),
         use_rslora=tuple(rs),
         names=names,
+        lookup_only=tuple(lookup),
     )

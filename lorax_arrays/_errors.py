@@ -11,3 +11,7 @@ class LoraIndexError(IndexError):
 
 class IndicesShapeError(ValueError):
     """The activation's leading axes do not line up with the adapter indices."""
+
+
+class CheckpointError(ValueError):
+    """A saved adapter checkpoint is missing, incomplete, corrupted or not ours."""

@@ -100,6 +100,11 @@ def loraify(
     stack = _as_stack(adapters)
     indices = _to_indices(indices)
     layouts = {lay.path: lay for lay in stack.layouts}
+    head_scales = {
+        path: stack.head_scales(path)
+        for path, flags in zip(stack.paths, stack.lookup_only)
+        if any(flags)
+    }
 
     def put(path, leaf):
         if _is_lora(leaf):
@@ -125,6 +130,7 @@ def loraify(
             stack_axes=lay.stack_axes,
             allow_materialise=allow_materialise,
             strategy=strategy,
+            head_scale=head_scales.get(path),
         )
 
     return _replace_at_paths(tree, put, stack.paths, "loraify")

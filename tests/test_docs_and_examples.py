@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "docs/quickstart.md", "docs/custom-rules.md", "docs/coverage.md"]
+DOCS = [
+    "README.md",
+    "docs/quickstart.md",
+    "docs/custom-rules.md",
+    "docs/coverage.md",
+    "docs/peft.md",
+]
 
 
 def _run(args, **kw):
@@ -48,6 +54,19 @@ def test_main_example_serves_mixed_batch():
         re.search(r"Largest deviation from the merged models: (\S+) ", out)[1]
     )
     assert worst < 1e-4
+
+
+def test_peft_example_end_to_end(tmp_path):
+    out = _run(["examples/peft_adapters.py", "--workdir", str(tmp_path)])
+    worst = float(
+        re.search(r"Largest relative deviation from the merged models: (\S+)", out)[1]
+    )
+    assert worst < 2e-4
+    for row in ["support", "legal", "base"]:
+        assert re.search(rf"^\s+\d+\s+{row}\s", out, re.M), out
+    assert "orbax round trip bit-exact: True" in out
+    assert "reads back the same: True" in out
+    assert (tmp_path / "export" / "legal" / "adapter_config.json").exists()
 
 
 def test_quantised_base_example():

@@ -1,0 +1,810 @@
+"""Hugging Face PEFT LoRA directories in (`load_peft_adapter`) and out
+(`save_peft_adapter`), without PyTorch.
+
+A PEFT directory holds `adapter_config.json` and `adapter_model.safetensors` with
+keys such as `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+Whatever the torch module, PEFT stores `A` as `(r, in)` and `B` as `(out, r)`
+(embeddings: `lora_embedding_A (r, vocab)`, `lora_embedding_B (dim, r)`). Our
+`Adapter` keeps `a: (*in, r)` and `b: (r, *out)` on the leaf's own axes, so the
+only questions are which tree leaf a module is, and which axis of that leaf is its
+input: the answers live here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._adapters import Adapter, AdapterStack
+from ._rules import LeafLayout, candidate_leaves
+from ._safetensors import read_safetensors, write_safetensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# Trailing path components that name a module's weight rather than the module:
+# NNX wraps values (`.../kernel/value`), Flax calls them `kernel` / `embedding`,
+# Equinox and raw trees `weight`, Gemma-style code `w`.
+_VALUE_NAMES = ("value", "raw_value")
+_LEAF_NAMES = ("kernel", "weight", "embedding", "w")
+# torch `nn.Embedding` modules in transformers: what PEFT saves as
+# `lora_embedding_A/B` rather than `lora_A/B.weight`.
+_EMBEDDING_MODULES = (
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+    "embed_in",
+    "embed_positions",
+    "shared",
+)
+# Config entries that change what the adapter computes and that we do not serve
+# yet: loading such an adapter as plain LoRA would be silently wrong.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (`use_dora=True`)",
+    "lora_bias": "a LoRA bias (`lora_bias=True`)",
+    "modules_to_save": "fully trained modules (`modules_to_save`)",
+    "layer_replication": "layer replication (`layer_replication`)",
+    "trainable_token_indices": "trainable tokens (`trainable_token_indices`)",
+    "target_parameters": "LoRA on bare parameters (`target_parameters`)",
+    "use_qalora": "QALoRA (`use_qalora=True`)",
+    "alora_invocation_tokens": "activated LoRA (`alora_invocation_tokens`)",
+    "use_bdlora": "block-diagonal LoRA (`use_bdlora`)",
+    "arrow_config": "Arrow routing (`arrow_config`)",
+    "kasa_config": "KaSA (`kasa_config`)",
+    "monteclora_config": "MonteCLoRA (`monteclora_config`)",
+    "velora_config": "VeLoRA (`velora_config`)",
+}
+# Initialisations that rewrite the base weights: the adapter then only makes
+# sense on top of a base model we do not have.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
+
+
+class PeftFormatError(ValueError):
+    """A PEFT directory that cannot be loaded faithfully: an unsupported feature,
+    an inconsistent config, or a key or module that has no place in the tree."""
+
+
+# ----------------------------------------------------------------------------
+# PEFT's own matching rules (peft.tuners.tuners_utils.check_target_module_exists
+# and peft.utils.other.get_pattern_key), which decide the rank and alpha of a
+# module and whether it is targeted.
+
+
+def pattern_key(pattern_keys, key: str) -> str:
+    """The first `rank_pattern` / `alpha_pattern` key that matches module `key`, as
+    PEFT picks it (`re.match(rf"(.*\\.)?({k})$", key)`), else `key` itself."""
+    for k in pattern_keys:
+        if re.match(rf"(.*\.)?({k})$", key):
+            return k
+    return key
+
+
+def is_targeted(config: Mapping[str, Any], key: str) -> bool:
+    """Whether PEFT's `target_modules` / `exclude_modules` / `layers_to_transform`
+    select module `key` (a '.'-joined name relative to the base model)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return False
+        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+            return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    layers = config.get("layers_to_transform")
+    if found and layers is not None and (not isinstance(layers, list) or layers):
+        pattern = config.get("layers_pattern")
+        index = None
+        if not pattern:
+            index = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+        else:
+            for p in [pattern] if isinstance(pattern, str) else pattern:
+                index = re.match(rf".*?\.{p}\.(\d+)\.", key)
+                if index is not None:
+                    break
+        if index is None:
+            return False
+        i = int(index.group(1))
+        return i == layers if isinstance(layers, int) else i in layers
+    return found
+
+
+# ----------------------------------------------------------------------------
+# Names: PEFT module names <-> tree leaves.
+
+
+def _module_parts(path: str) -> tuple[tuple[str, ...], str]:
+    """A leaf path's module components and the name of its weight.
+
+    `'transformer/h/0/attn/c_attn/kernel'` -> `(('transformer', 'h', '0', 'attn',
+    'c_attn'), 'kernel')`; an NNX `'.../q_proj/kernel/value'` the same.
+    """
+    parts = path.split("/")
+    while len(parts) > 1 and parts[-1] in _VALUE_NAMES:
+        parts = parts[:-1]
+    leaf = ""
+    if len(parts) > 1 and parts[-1] in _LEAF_NAMES:
+        leaf = parts[-1]
+        parts = parts[:-1]
+    return tuple(parts), leaf
+
+
+def default_module_name(path: str) -> str:
+    """The PEFT module name a tree path stands for, by the default convention:
+    drop the weight's own name (`kernel`, `weight`, `embedding`, NNX's `value`) and
+    a leading `params` (a Flax variables dict), and join with '.'."""
+    parts, _ = _module_parts(path)
+    if len(parts) > 1 and parts[0] == "params":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+class _Leaves:
+    """The tree's adaptable leaves, indexed for finding a module's leaf."""
+
+    def __init__(self, tree: Any):
+        self.entries = candidate_leaves(tree)
+        if not self.entries:
+            raise PeftFormatError(
+                "load_peft_adapter: the tree has no adaptable weight (no floating "
+                "leaf with at least 2 axes)."
+            )
+        self.by_path = {p: (leaf, lin) for p, leaf, lin in self.entries}
+        self.exact: dict[tuple[str, ...], list[str]] = {}
+        self.suffix: dict[tuple[str, ...], list[str]] = {}
+        for p, _, _ in self.entries:
+            parts, _ = _module_parts(p)
+            self.exact.setdefault(parts, []).append(p)
+            for k in range(1, len(parts)):
+                self.suffix.setdefault(parts[k:], []).append(p)
+
+    def close(self, name: str) -> str:
+        known = sorted({".".join(_module_parts(p)[0]) for p in self.by_path})
+        near = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+        if not near:
+            return ""
+        return " Closest modules in the tree: " + ", ".join(repr(n) for n in near)
+
+    def resolve_path(self, target: str, module: str) -> str:
+        """A `key_map` answer (a leaf path or a module path) to a leaf path."""
+        target = target.strip("/")
+        if target in self.by_path:
+            return target
+        below = self.exact.get(tuple(target.split("/")), [])
+        if len(below) == 1:
+            return below[0]
+        near = difflib.get_close_matches(target, list(self.by_path), n=3, cutoff=0.4)
+        hint = f" Closest paths: {', '.join(repr(n) for n in near)}." if near else ""
+        what = "several weights" if below else "no adaptable weight"
+        raise PeftFormatError(
+            f"load_peft_adapter: key_map sends PEFT module {module!r} to "
+            f"{target!r}, where the tree has {what}.{hint}"
+        )
+
+    def find(self, module: str) -> str:
+        """The leaf of PEFT module `module` by name: the tree's module path equal to
+        the '.'-split name, else one that ends with it (the tree has a prefix such
+        as `params`), else one the name ends with (the torch model has a prefix
+        such as `model.`)."""
+        parts = tuple(module.split("."))
+        tiers = [self.exact.get(parts, []), self.suffix.get(parts, [])]
+        tiers.append(
+            [p for k in range(1, len(parts)) for p in self.exact.get(parts[k:], [])]
+        )
+        for hits in tiers:
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise PeftFormatError(
+                    f"load_peft_adapter: PEFT module {module!r} could be any of "
+                    f"{hits}. Say which with `key_map={{{module!r}: 'path/to/leaf'}}`."
+                )
+        raise PeftFormatError(
+            f"load_peft_adapter: the adapter has weights for PEFT module {module!r}, "
+            f"but the tree has no leaf for it.{self.close(module)} Map the names "
+            "with `key_map` (a dict from PEFT module name to tree path, or a "
+            "function), or load the adapter onto the model it was trained for."
+        )
+
+
+def _call_key_map(key_map, module: str) -> str | None:
+    if key_map is None:
+        return None
+    if callable(key_map):
+        out = key_map(module)
+    elif isinstance(key_map, Mapping):
+        out = key_map.get(module, key_map.get(_PREFIX + module))
+    else:
+        raise TypeError(
+            "key_map must be a dict from PEFT module name to tree path, or a "
+            f"function of the module name; got {type(key_map).__name__}."
+        )
+    if out is not None and not isinstance(out, str):
+        raise TypeError(
+            f"key_map gave {out!r} for {module!r}; expected a '/'-joined tree path."
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Reading.
+
+
+def _read_config(directory: Path) -> dict:
+    file = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"load_peft_adapter: {directory} is not a directory.")
+    if not file.exists():
+        raise FileNotFoundError(
+            f"load_peft_adapter: {directory} has no {CONFIG_NAME}; a PEFT adapter "
+            f"directory holds {CONFIG_NAME} and {WEIGHTS_NAME} (as written by "
+            "`PeftModel.save_pretrained`)."
+        )
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PeftFormatError(f"{file}: not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{file}: expected a JSON object.")
+    return config
+
+
+def _check_config(config: dict, file: Path) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise PeftFormatError(
+            f"{file}: peft_type is {peft_type!r}; load_peft_adapter reads LoRA "
+            "adapters only (IA3, LoHa, LoKr, VeRA... are not supported yet)."
+        )
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise PeftFormatError(
+                f"{file}: the adapter uses {what}, which lorax_arrays does not serve "
+                "yet; loading the rest as plain LoRA would give wrong outputs."
+            )
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise PeftFormatError(
+            f"{file}: bias={bias!r}: the adapter trains the model's biases, which "
+            "lorax_arrays does not serve yet (only bias='none')."
+        )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise PeftFormatError(
+            f"{file}: init_lora_weights={init!r} changes the base weights, so the "
+            "adapter only works on that modified base. Convert it in PEFT first "
+            "(`save_pretrained(..., path_initial_model_for_weight_conversion=...)`)."
+        )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PeftFormatError(f"{file}: {key!r} is {value!r}; expected a number.")
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = config.get(key) or {}
+        if not isinstance(value, dict):
+            raise PeftFormatError(f"{file}: {key!r} must be a dict, got {value!r}.")
+
+
+_KEY = re.compile(
+    r"^(?P<module>.+)\.(?:(?P<lin>lora_[AB])\.weight|(?P<emb>lora_embedding_[AB]))$"
+)
+
+
+def _parse_keys(tensors: dict[str, np.ndarray], file: Path):
+    """Splits the file's keys into LoRA factors per module and saved base weights."""
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    kinds: dict[str, str] = {}
+    base_copies: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        m = _KEY.match(name)
+        if m:
+            module = m["module"]
+            kind = "embedding" if m["emb"] else "linear"
+            which = (m["emb"] or m["lin"])[-1]
+            if kinds.setdefault(module, kind) != kind:
+                raise PeftFormatError(
+                    f"{file}: module {module!r} has both lora_A/B and "
+                    "lora_embedding_A/B weights."
+                )
+            factors.setdefault(module, {})[which] = value
+            continue
+        if "lora_magnitude_vector" in name:
+            raise PeftFormatError(
+                f"{file}: key {key!r} is a DoRA magnitude vector; DoRA adapters are "
+                "not supported yet."
+            )
+        if "lora_" not in name and name.endswith(".weight"):
+            # PEFT's `save_embedding_layers` stores whole embedding layers (when they
+            # are targeted or the vocabulary was resized).
+            module = name[: -len(".weight")]
+            module = module.removesuffix(".base_layer")
+            base_copies[module] = value
+            continue
+        raise PeftFormatError(
+            f"{file}: key {key!r} is not a LoRA weight lorax_arrays understands "
+            "(expected '<module>.lora_A.weight', '<module>.lora_B.weight', "
+            "'<module>.lora_embedding_A' or '<module>.lora_embedding_B')."
+        )
+    for module, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            missing = ({"A", "B"} - set(pair)).pop()
+            raise PeftFormatError(
+                f"{file}: module {module!r} has lora_{'AB'.replace(missing, '')} but "
+                f"no lora_{missing}: the file is incomplete."
+            )
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            conv = " (a convolution's LoRA?)" if a.ndim == 4 else ""
+            raise PeftFormatError(
+                f"{file}: module {module!r} has A {a.shape} and B {b.shape}{conv}; "
+                "expected A (r, in) and B (out, r) with the same r. Only LoRA on "
+                "linear and embedding layers is supported so far."
+            )
+    return factors, kinds, base_copies
+
+
+_ORIENTATIONS = ("in_out", "out_in")
+
+
+def _orientation_override(orientation, path: str) -> str | None:
+    if orientation is None:
+        return None
+    if isinstance(orientation, str):
+        choice = orientation
+    elif isinstance(orientation, Mapping):
+        choice = next(
+            (v for pat, v in orientation.items() if re.search(pat, path)), None
+        )
+        if choice is None:
+            return None
+    else:
+        raise TypeError(
+            "orientation must be 'in_out', 'out_in', or a dict from a regex over "
+            f"tree paths to one of those; got {type(orientation).__name__}."
+        )
+    if choice not in _ORIENTATIONS:
+        raise ValueError(
+            f"orientation {choice!r} for {path!r}: use 'in_out' (the leaf is "
+            "(in, out), as a Flax Dense kernel) or 'out_in' (the leaf is (out, in), "
+            "as a torch Linear weight, an eqx.nn.Linear weight or the Flax GPT-2 "
+            "Conv1D kernel)."
+        )
+    return choice
+
+
+def load_peft_adapter(
+    path: str | os.PathLike,
+    tree: Any,
+    *,
+    key_map: Mapping[str, str] | Callable[[str], str | None] | None = None,
+    dtype: Any = None,
+    orientation: str | Mapping[str, str] | None = None,
+) -> Adapter:
+    """Reads a Hugging Face PEFT LoRA directory as an `Adapter` for `tree`.
+
+    No PyTorch is needed. Every weight in the file must find its leaf, and every
+    config entry must be one lorax_arrays serves faithfully: anything else
+    (DoRA, a trained bias, `modules_to_save`, another `peft_type`, an unknown key)
+    is an error that names it, never a partial load.
+
+    - **Names.** A PEFT key `base_model.model.<module>.lora_A.weight` names a
+      torch module such as `model.layers.0.self_attn.q_proj`. By default it maps to
+      the tree leaf whose path, without its weight's own name (`kernel`,
+      `weight`, `embedding`, NNX's `value`), is that module's '/'-joined name, with
+      any prefix on either side (`params/...` in a Flax variables dict, `model.` on
+      a torch `...ForCausalLM`). This works unmodified for the Flax ports in
+      `transformers` (GPT-2, Llama, Mistral, BERT, T5, ...). `key_map` overrides it.
+    - **Orientation.** PEFT stores `A (r, in)` and `B (out, r)`. A 2-D leaf may be
+      `(in, out)` (Flax `Dense`) or `(out, in)` (an `eqx.nn.Linear` weight, the Flax
+      GPT-2 `Conv1D` kernel); a non-square leaf says which by its shape, and a
+      square one (`q_proj`, `c_proj`) takes the orientation of the adapter's
+      non-square leaves with the same weight name. Where nothing decides it, an
+      error asks for `orientation`. Embedding tables are `(vocab, dim)`, as in
+      every JAX library.
+    - **Config.** `r`, `lora_alpha`, `rank_pattern` and `alpha_pattern` (PEFT's
+      matching: the first pattern `k` with `re.match(rf"(.*\\.)?({k})$", module)`),
+      `use_rslora`, `target_modules` / `exclude_modules` / `layers_to_transform`
+      (every module in the file must be one the config targets), LoRA on
+      embeddings (`lora_embedding_A/B`). A whole embedding layer saved with the
+      adapter (PEFT's `save_embedding_layers`) must equal the tree's.
+
+    **Arguments:**
+
+    - `path`: the adapter directory (`adapter_config.json`,
+        `adapter_model.safetensors`).
+    - `tree`: the model or parameter tree the adapter is for (a Flax `params`
+        dict, an Equinox or NNX module, a dict of arrays).
+    - `key_map`: a dict from PEFT module name (`'model.layers.0.self_attn.q_proj'`,
+        with or without `base_model.model.`) to a tree path (a leaf's path, or its
+        module's), or a function of the module name returning the path; a module
+        it leaves out (or maps to `None`) uses the default matching.
+    - `dtype`: cast the factors to this dtype; by default they keep the file's.
+    - `orientation`: `'in_out'` or `'out_in'` for every 2-D leaf, or a dict from a
+        regex over tree paths to one of those; checked against the shapes.
+
+    **Returns:**
+
+    An [`lorax_arrays.Adapter`][] with `a: (in, r)` and `b: (r, out)` per leaf, the
+    rank, alpha and rsLoRA flag of each module, in the order of the tree's leaves.
+    """
+    directory = Path(path)
+    config = _read_config(directory)
+    config_file = directory / CONFIG_NAME
+    _check_config(config, config_file)
+    weights_file = directory / WEIGHTS_NAME
+    if not weights_file.exists():
+        other = directory / "adapter_model.bin"
+        hint = (
+            f" It has {other.name} (a pickled torch file): re-save it with "
+            "`save_pretrained(..., safe_serialization=True)`."
+            if other.exists()
+            else ""
+        )
+        raise FileNotFoundError(f"load_peft_adapter: {weights_file} missing.{hint}")
+    tensors, _ = read_safetensors(weights_file)
+    factors, kinds, base_copies = _parse_keys(tensors, weights_file)
+    if not factors:
+        raise PeftFormatError(f"{weights_file}: the file holds no LoRA weights.")
+
+    leaves = _Leaves(tree)
+    default_r, default_alpha = config["r"], config["lora_alpha"]
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+
+    placed: dict[str, tuple[str, str]] = {}  # leaf path -> module
+    found: list[dict] = []
+    for module in sorted(factors):
+        if not is_targeted(config, module):
+            raise PeftFormatError(
+                f"{weights_file}: it has weights for {module!r}, which the config's "
+                f"target_modules={config.get('target_modules')!r} (with "
+                f"layers_to_transform={config.get('layers_to_transform')!r}) does not "
+                "select: the directory's two files do not belong together."
+            )
+        target = _call_key_map(key_map, module)
+        leaf_path = (
+            leaves.find(module)
+            if target is None
+            else leaves.resolve_path(target, module)
+        )
+        if leaf_path in placed:
+            raise PeftFormatError(
+                f"load_peft_adapter: PEFT modules {placed[leaf_path]!r} and "
+                f"{module!r} both map to {leaf_path!r}."
+            )
+        placed[leaf_path] = module
+        a, b = factors[module]["A"], factors[module]["B"]
+        r = a.shape[0]
+        r_cfg = rank_pattern.get(pattern_key(rank_pattern, module), default_r)
+        if r != r_cfg:
+            raise PeftFormatError(
+                f"{weights_file}: module {module!r} has rank {r} in the file but "
+                f"{r_cfg} by the config (r={default_r}, rank_pattern="
+                f"{rank_pattern}): the directory's two files do not belong together."
+            )
+        alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), default_alpha)
+        leaf, is_linear = leaves.by_path[leaf_path]
+        found.append(
+            dict(
+                module=module,
+                path=leaf_path,
+                kind=kinds[module],
+                a=a,
+                b=b,
+                rank=r,
+                alpha=float(alpha),
+                shape=tuple(leaf.shape),
+                is_linear=is_linear,
+                weight_name=_module_parts(leaf_path)[1],
+            )
+        )
+
+    _check_base_copies(base_copies, leaves, key_map, weights_file)
+    _orient(found, orientation)
+
+    by_path = {f["path"]: f for f in found}
+    order = [p for p, _, _ in leaves.entries if p in by_path]
+    weights, layouts = {}, []
+    for p in order:
+        f = by_path[p]
+        in_ax, out_ax = ((0,), (1,)) if f["orientation"] == "in_out" else ((1,), (0,))
+        a, b = f["a"].T, f["b"].T
+        if dtype is not None:
+            a, b = a.astype(dtype), b.astype(dtype)
+        weights[p] = (jnp.asarray(a), jnp.asarray(b))
+        layouts.append(LeafLayout(p, f["shape"], in_ax, out_ax, ()))
+    return Adapter(
+        weights=weights,
+        layouts=tuple(layouts),
+        ranks=tuple(by_path[p]["rank"] for p in order),
+        alphas=tuple(by_path[p]["alpha"] for p in order),
+        use_rslora=tuple(rslora for _ in order),
+        # PEFT's embedding LoRA changes the embedding module only; a head tied to
+        # the same table (GPT-2) keeps the base table.
+        lookup_only=tuple(by_path[p]["kind"] == "embedding" for p in order),
+    )
+
+
+def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> None:
+    for module, value in base_copies.items():
+        target = _call_key_map(key_map, module)
+        try:
+            p = (
+                leaves.find(module)
+                if target is None
+                else leaves.resolve_path(target, module)
+            )
+        except PeftFormatError as e:
+            raise PeftFormatError(
+                f"{file}: the adapter ships the whole weight of {module!r} (PEFT "
+                "saves embedding layers when they are targeted or the vocabulary was "
+                "resized), and it has no leaf in the tree to check it against. "
+                f"Point `key_map` at the leaf. ({e})"
+            ) from None
+        leaf = np.asarray(leaves.by_path[p][0])
+        same = leaf.shape == value.shape and np.array_equal(
+            leaf.astype(np.float32), value.astype(np.float32)
+        )
+        if not same:
+            raise PeftFormatError(
+                f"{file}: the adapter ships its own copy of the weight of {module!r} "
+                f"(shape {value.shape}), and it differs from the tree's {p!r} (shape "
+                f"{leaf.shape}): it was trained with a changed (resized?) embedding, "
+                "which lorax_arrays cannot apply as a low-rank update. Load that "
+                "weight into the model first."
+            )
+
+
+def _orient(found: list[dict], orientation) -> None:
+    """Decides, per leaf, whether it is `(in, out)` or `(out, in)`."""
+    undecided = []
+    for f in found:
+        shape, (r, n_in), (n_out, _) = f["shape"], f["a"].shape, f["b"].shape
+        del r
+        if len(shape) != 2:
+            raise PeftFormatError(
+                f"load_peft_adapter: PEFT module {f['module']!r} maps to {f['path']!r} "
+                f"of shape {shape}, but its A/B describe a 2-D ({n_out} x {n_in}) "
+                "weight. Stacked or multi-axis leaves cannot be loaded from PEFT yet: "
+                "point key_map at a 2-D leaf."
+            )
+        fits = [
+            o
+            for o, s in zip(_ORIENTATIONS, [(n_in, n_out), (n_out, n_in)])
+            if s == shape
+        ]
+        if not fits:
+            raise PeftFormatError(
+                f"load_peft_adapter: PEFT module {f['module']!r} has in={n_in}, "
+                f"out={n_out}, but its leaf {f['path']!r} has shape {shape}: the "
+                "adapter was made for another model, or key_map points at the wrong "
+                "leaf."
+            )
+        forced = _orientation_override(orientation, f["path"])
+        if forced is not None:
+            if forced not in fits:
+                raise PeftFormatError(
+                    f"load_peft_adapter: orientation {forced!r} for {f['path']!r} "
+                    f"contradicts its shape {shape} (in={n_in}, out={n_out})."
+                )
+            f["orientation"] = forced
+        elif f["is_linear"]:
+            f["orientation"] = "out_in"  # eqx.nn.Linear.weight is (out, in)
+            if "out_in" not in fits:
+                raise PeftFormatError(
+                    f"load_peft_adapter: PEFT module {f['module']!r} has in={n_in}, "
+                    f"out={n_out}, but the eqx.nn.Linear weight {f['path']!r} has "
+                    f"shape {shape} (an (out, in) weight): wrong model or key_map."
+                )
+        elif f["kind"] == "embedding":
+            f["orientation"] = "in_out"  # JAX embedding tables are (vocab, dim)
+            if "in_out" not in fits:
+                raise PeftFormatError(
+                    f"load_peft_adapter: embedding {f['module']!r} has vocab={n_in}, "
+                    f"dim={n_out}, but {f['path']!r} has shape {shape}; pass "
+                    "orientation={...: 'out_in'} if that table is stored (dim, vocab)."
+                )
+        elif len(fits) == 1:
+            f["orientation"] = fits[0]
+        else:
+            f["orientation"] = None
+            undecided.append(f)
+    decided = [g for g in found if g["orientation"] is not None]
+    for f in undecided:
+        seen = {
+            g["orientation"]
+            for g in decided
+            if g["kind"] == "linear"
+            and not g["is_linear"]
+            and g["weight_name"] == f["weight_name"]
+        }
+        if len(seen) == 1:
+            f["orientation"] = seen.pop()
+            continue
+        why = (
+            "the adapter's other leaves disagree"
+            if seen
+            else "no non-square leaf of the adapter shows the convention"
+        )
+        raise PeftFormatError(
+            f"load_peft_adapter: {f['path']!r} (PEFT module {f['module']!r}) is "
+            f"square, {f['shape']}, and {why}, so it cannot tell whether the leaf "
+            "is (in, out) as a Flax Dense kernel or (out, in) as a torch Linear "
+            "weight; a wrong guess is a silently wrong model. Say which with "
+            "`orientation='in_out'` or `'out_in'` (or a dict from a regex over tree "
+            "paths to one of those)."
+        )
+
+
+# ----------------------------------------------------------------------------
+# Writing.
+
+
+def _module_name(path: str, key_map) -> str:
+    if key_map is None:
+        name = default_module_name(path)
+    elif callable(key_map):
+        name = key_map(path)
+    elif isinstance(key_map, Mapping):
+        inverse = {v.strip("/"): k for k, v in key_map.items()}
+        name = inverse.get(path) or inverse.get("/".join(_module_parts(path)[0]))
+        name = name or default_module_name(path)
+    else:
+        raise TypeError(
+            "key_map must be a dict from PEFT module name to tree path, or a "
+            f"function of the tree path; got {type(key_map).__name__}."
+        )
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"key_map gave {name!r} for {path!r}; expected a module name.")
+    return name.removeprefix(_PREFIX)
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def save_peft_adapter(
+    path: str | os.PathLike,
+    adapter: Adapter,
+    *,
+    key_map: Mapping[str, str] | Callable[[str], str] | None = None,
+    base_model_name_or_path: str | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes `adapter` as a PEFT LoRA directory that `PeftModel.from_pretrained`
+    loads onto the torch model.
+
+    Leaves of different ranks, alphas or rsLoRA flags go through `rank_pattern` /
+    `alpha_pattern` (escaped full module names), so PEFT computes the same
+    `alpha / r` (or `alpha / sqrt(r)`) scale for every module.
+    `target_modules` lists the full module names. A leaf is written as an
+    embedding (`lora_embedding_A/B`) when its weight is named `embedding` (Flax
+    `Embed`) or its module is one of transformers' `nn.Embedding` names
+    (`embed_tokens`, `wte`, `word_embeddings`, ...).
+
+    **Arguments:**
+
+    - `path`: the directory to write (created if needed; the two files in it are
+        replaced atomically).
+    - `adapter`: one [`lorax_arrays.Adapter`][] (take one out of a stack with
+        `stack[i]`) whose leaves are 2-D and unstacked.
+    - `key_map`: the module names: a dict from PEFT module name to tree path (the
+        same dict [`lorax_arrays.load_peft_adapter`][] takes) or a function from
+        tree path to module name. By default the tree path without its weight's
+        name and a leading `params`, joined with '.'
+        (`transformer/h/0/attn/c_attn/kernel` -> `transformer.h.0.attn.c_attn`).
+    - `base_model_name_or_path`: recorded in `adapter_config.json` (PEFT and the
+        Hub use it to find the base model).
+    - `config`: extra `adapter_config.json` entries (`{"task_type": "CAUSAL_LM"}`).
+
+    **Returns:**
+
+    Nothing; writes `adapter_config.json` and `adapter_model.safetensors`.
+    """
+    if isinstance(adapter, AdapterStack):
+        raise TypeError(
+            "save_peft_adapter: a PEFT directory holds one adapter; save "
+            "`stack[i]` (or `stack['name']`) for each."
+        )
+    if not isinstance(adapter, Adapter):
+        raise TypeError(
+            f"save_peft_adapter: expected an Adapter, got {type(adapter).__name__}."
+        )
+    modules, tensors = [], {}
+    for lay, r, alpha, rs in zip(
+        adapter.layouts, adapter.ranks, adapter.alphas, adapter.use_rslora
+    ):
+        if lay.stack_axes or len(lay.shape) != 2:
+            raise ValueError(
+                f"save_peft_adapter: {lay.path!r} has shape {lay.shape} (in_axes="
+                f"{lay.in_axes}, out_axes={lay.out_axes}, stack_axes="
+                f"{lay.stack_axes}); PEFT's LoRA layers are 2-D, so only unstacked "
+                "2-D leaves can be exported."
+            )
+        name = _module_name(lay.path, key_map)
+        if name in {m[0] for m in modules}:
+            raise ValueError(
+                f"save_peft_adapter: two leaves map to PEFT module {name!r}; give "
+                "key_map."
+            )
+        a, b = (np.asarray(x) for x in adapter.weights[lay.path])
+        weight_name = _module_parts(lay.path)[1]
+        embedding = weight_name == "embedding" or name.split(".")[-1] in (
+            _EMBEDDING_MODULES
+        )
+        key = _PREFIX + name
+        if embedding:
+            tensors[f"{key}.lora_embedding_A"] = a.T
+            tensors[f"{key}.lora_embedding_B"] = b.T
+        else:
+            tensors[f"{key}.lora_A.weight"] = a.T
+            tensors[f"{key}.lora_B.weight"] = b.T
+        modules.append((name, r, float(alpha), bool(rs)))
+    if not modules:
+        raise ValueError("save_peft_adapter: the adapter has no leaves.")
+
+    use_rslora = _most_common([m[3] for m in modules])
+    # Express each module's scale with the common rsLoRA flag: alpha' / r (or
+    # alpha' / sqrt(r)) equal to its own scale.
+    effective = []
+    for name, r, alpha, rs in modules:
+        if rs != use_rslora:
+            alpha = alpha * math.sqrt(r) if rs else alpha / math.sqrt(r)
+        effective.append((name, r, alpha))
+    r0 = _most_common([m[1] for m in effective])
+    alpha0 = _most_common([m[2] for m in effective if m[1] == r0])
+    rank_pattern = {re.escape(n): r for n, r, _ in effective if r != r0}
+    alpha_pattern = {re.escape(n): a for n, _, a in effective if a != alpha0}
+    out = {
+        "peft_type": "LORA",
+        "r": int(r0),
+        "lora_alpha": _as_json_number(alpha0),
+        "rank_pattern": {k: int(v) for k, v in rank_pattern.items()},
+        "alpha_pattern": {k: _as_json_number(v) for k, v in alpha_pattern.items()},
+        "use_rslora": use_rslora,
+        "target_modules": sorted(m[0] for m in modules),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": None,
+        "revision": None,
+    }
+    out.update(dict(config or {}))
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_safetensors(directory / WEIGHTS_NAME, tensors, {"format": "pt"})
+    tmp = directory / f".{CONFIG_NAME}.tmp"
+    tmp.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / CONFIG_NAME)
+
+
+def _as_json_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)

@@ -1,0 +1,710 @@
+"""PEFT directories in and out.
+
+Golden fixtures (`tests/fixtures/peft/`, made by real PEFT with
+`make_peft_fixtures.py`) say what the right numbers are: our mixed batch on the
+`transformers` Flax port of each model must equal PEFT's own mixed batch, and what
+we export must mean in PEFT what it means here. Synthetic trees test the name
+mapping, the orientation rule and every refusal, against NumPy references built
+straight from the PEFT factors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import lorax_arrays as lx
+from lorax_arrays._peft import is_targeted, pattern_key
+from lorax_arrays._safetensors import (
+    SafetensorsError,
+    read_safetensors,
+    write_safetensors,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PEFT = FIXTURES / "peft"
+RTOL = 2e-4
+
+_spec = importlib.util.spec_from_file_location(
+    "export_for_peft", FIXTURES / "export_for_peft.py"
+)
+export_for_peft = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(export_for_peft)
+
+
+def rel_err(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {m: export_for_peft.load_base(m) for m in ("gpt2", "llama")}
+
+
+@pytest.fixture(scope="module")
+def forwards(models):
+    return {
+        m: jax.jit(lx.quaxify(lambda p, ids, model=model: model(ids, params=p).logits))
+        for m, model in models.items()
+    }
+
+
+ADAPTERS = {"gpt2": ["g1", "g2"], "llama": ["l1", "l2", "l3"]}
+
+
+# ----------------------------------------------------------------------------
+# Against PEFT's own numbers.
+
+
+@pytest.mark.parametrize("model_name", ["gpt2", "llama"])
+def test_mixed_batch_equals_peft(models, forwards, model_name):
+    """PEFT adapters of different targets, ranks, patterns and rsLoRA, with base
+    rows, in one jitted call of the Flax model, equal PEFT's mixed batch."""
+    model, golden = models[model_name], np.load(PEFT / model_name / "logits.npz")
+    names = ADAPTERS[model_name]
+    adapters = [
+        lx.load_peft_adapter(PEFT / model_name / "adapters" / n, model.params)
+        for n in names
+    ]
+    stack = lx.stack_adapters(adapters, names=names)
+    rows = [str(n) for n in golden["names"]]
+    assert "__base__" in rows and set(names) <= set(rows)
+    ids = jnp.asarray(golden["input_ids"], jnp.int32)
+    out = forwards[model_name](
+        lx.loraify(model.params, stack, stack.indices(rows)), ids
+    )
+    assert rel_err(out, golden["mixed"]) < RTOL
+    # Each row is that adapter alone, and the adapters really change the model.
+    for i, row in enumerate(rows):
+        alone = golden["base"] if row == "__base__" else golden[row]
+        assert rel_err(out[i], alone[i]) < RTOL
+        if row != "__base__":
+            assert rel_err(golden[row][i], golden["base"][i]) > 1e-2
+
+
+def test_square_leaves_take_the_orientation_of_the_others(models):
+    """GPT-2's Flax kernels are (out, in); the square attention c_proj must be read
+    that way too. Reading it (in, out) is a silently wrong model: show it is."""
+    model = models["gpt2"]
+    path = PEFT / "gpt2" / "adapters" / "g1"
+    adapter = lx.load_peft_adapter(path, model.params)
+    square = "transformer/h/0/attn/c_proj/kernel"
+    lay = {lay.path: lay for lay in adapter.layouts}[square]
+    assert lay.shape == (32, 32) and lay.in_axes == (1,)
+    wrong = lx.load_peft_adapter(
+        path,
+        model.params,
+        orientation={r"attn/c_proj": "in_out", r"c_attn|mlp": "out_in"},
+    )
+    golden = np.load(PEFT / "gpt2" / "logits.npz")
+    ids = jnp.asarray(golden["input_ids"], jnp.int32)
+    f = lx.quaxify(lambda p: model(ids, params=p).logits)
+    n = ids.shape[0]
+    good = f(lx.loraify(model.params, adapter, jnp.zeros((n,), jnp.int32)))
+    bad = f(lx.loraify(model.params, wrong, jnp.zeros((n,), jnp.int32)))
+    assert rel_err(good, golden["g1"]) < RTOL
+    assert rel_err(bad, golden["g1"]) > 1e-2
+
+
+def _same_peft_dir(fresh: Path, golden: Path) -> None:
+    got, _ = read_safetensors(fresh / "adapter_model.safetensors")
+    want, _ = read_safetensors(golden / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert json.loads((fresh / "adapter_config.json").read_text()) == json.loads(
+        (golden / "adapter_config.json").read_text()
+    )
+
+
+def test_export_loads_in_peft_with_the_same_outputs(models, forwards, tmp_path):
+    """What `save_peft_adapter` writes today is what PEFT was shown (byte for byte
+    in tensors, equal configs), and PEFT's logits for it equal ours."""
+    for model_name, name, adapter in export_for_peft.exported_adapters():
+        out_dir = tmp_path / model_name / name
+        lx.save_peft_adapter(out_dir, adapter)
+        _same_peft_dir(out_dir, PEFT / model_name / "exported" / name)
+        model = models[model_name]
+        golden = np.load(PEFT / model_name / "exported_logits.npz")
+        ids = jnp.asarray(golden["input_ids"], jnp.int32)
+        back = lx.load_peft_adapter(out_dir, model.params)
+        idx = jnp.zeros((ids.shape[0],), jnp.int32)
+        ours = forwards[model_name](lx.loraify(model.params, back, idx), ids)
+        assert rel_err(ours, golden[name]) < RTOL, (model_name, name)
+        base = np.load(PEFT / model_name / "logits.npz")["base"]
+        assert rel_err(golden[name], base) > 1e-2
+        # And the round trip through PEFT's format loses nothing.
+        assert back.paths == adapter.paths
+        for p in adapter.paths:
+            assert back.scale(p) == pytest.approx(adapter.scale(p), rel=1e-6)
+            for x, y in zip(back.weights[p], adapter.weights[p]):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_peft_adapter_roundtrip_is_exact(models, tmp_path):
+    """Load a PEFT directory, save it: same tensors under the same keys, and the
+    same rank and alpha for every module as PEFT's config resolves them."""
+    for model_name, names in ADAPTERS.items():
+        for name in names:
+            src = PEFT / model_name / "adapters" / name
+            ad = lx.load_peft_adapter(src, models[model_name].params)
+            lx.save_peft_adapter(tmp_path / name, ad)
+            want, _ = read_safetensors(src / "adapter_model.safetensors")
+            got, _ = read_safetensors(tmp_path / name / "adapter_model.safetensors")
+            want = {k: v for k, v in want.items() if "lora_" in k}  # no base copies
+            assert sorted(got) == sorted(want)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k])
+            src_cfg = json.loads((src / "adapter_config.json").read_text())
+            new_cfg = json.loads((tmp_path / name / "adapter_config.json").read_text())
+            for key in {k.rsplit(".lora_", 1)[0] for k in want}:
+                module = key.removeprefix("base_model.model.")
+                for cfg_a, cfg_b in ((src_cfg, new_cfg),):
+                    ra = cfg_a["rank_pattern"].get(
+                        pattern_key(cfg_a["rank_pattern"], module), cfg_a["r"]
+                    )
+                    rb = cfg_b["rank_pattern"].get(
+                        pattern_key(cfg_b["rank_pattern"], module), cfg_b["r"]
+                    )
+                    assert ra == rb
+                assert is_targeted(new_cfg, module)
+
+
+# ----------------------------------------------------------------------------
+# Synthetic trees: names, orientation, refusals.
+
+
+def _peft_dir(path: Path, modules: dict, config: dict | None = None, extra=None):
+    """A PEFT directory written by hand: `modules` maps a module name to
+    `(A (r, in), B (out, r))` (or a `("embedding", A, B)` triple)."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, fac in modules.items():
+        if isinstance(fac[0], str):
+            _, a, b = fac
+            tensors[f"base_model.model.{name}.lora_embedding_A"] = a
+            tensors[f"base_model.model.{name}.lora_embedding_B"] = b
+        else:
+            a, b = fac
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    tensors.update(extra or {})
+    write_safetensors(path / "adapter_model.safetensors", tensors, {"format": "pt"})
+    ranks = {fac[-2].shape[0] for fac in modules.values()}
+    cfg = {
+        "peft_type": "LORA",
+        "r": max(ranks),
+        "lora_alpha": 8,
+        "target_modules": sorted({n.split(".")[-1] for n in modules}),
+        "rank_pattern": {
+            n: fac[-2].shape[0]
+            for n, fac in modules.items()
+            if fac[-2].shape[0] != max(ranks)
+        },
+        "alpha_pattern": {},
+        "bias": "none",
+        "use_rslora": False,
+    }
+    cfg.update(config or {})
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _factors(rng, n_in, n_out, r):
+    a = rng.standard_normal((r, n_in)).astype(np.float32)
+    b = rng.standard_normal((n_out, r)).astype(np.float32)
+    return a, b
+
+
+def _apply(params: dict, x, orient: dict):
+    """A raw-parameter two-layer model: each leaf used as its orientation says."""
+    h = x
+    for name in ("l0", "l1"):
+        w = params[name]["w"]
+        h = h @ w if orient[name] == "in_out" else h @ w.T
+        h = jnp.tanh(h)
+    return h
+
+
+def _numpy_apply(params: dict, x, orient: dict, deltas: dict, scale: float):
+    """The same model in float64 NumPy with `W + s·(B A)` merged in (torch's
+    (out, in) convention, transposed to the leaf's own orientation)."""
+    h = np.asarray(x, np.float64)
+    for name in ("l0", "l1"):
+        w = np.asarray(params[name]["w"], np.float64)
+        if name in deltas:
+            a, b = deltas[name]
+            d = scale * (b.astype(np.float64) @ a.astype(np.float64))  # (out, in)
+            w = w + (d.T if orient[name] == "in_out" else d)
+        h = np.tanh(h @ w if orient[name] == "in_out" else h @ w.T)
+    return h
+
+
+@given(
+    d_in=st.integers(2, 6),
+    d_hid=st.integers(2, 6),
+    orient=st.sampled_from(["in_out", "out_in"]),
+    rank=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_orientation_rule_on_synthetic_trees(
+    tmp_path_factory, d_in, d_hid, orient, rank, seed
+):
+    """Layer 0 is (d_in -> d_hid), layer 1 square (d_hid -> d_hid): the square one
+    takes layer 0's orientation when that is non-square, and is refused when
+    nothing decides it; either way never a wrong model."""
+    rng = np.random.default_rng(seed)
+    shape0 = (d_in, d_hid) if orient == "in_out" else (d_hid, d_in)
+    params = {
+        "l0": {"w": jnp.asarray(rng.standard_normal(shape0), jnp.float32)},
+        "l1": {"w": jnp.asarray(rng.standard_normal((d_hid, d_hid)), jnp.float32)},
+    }
+    mods = {
+        "l0": _factors(rng, d_in, d_hid, rank),
+        "l1": _factors(rng, d_hid, d_hid, rank),
+    }
+    path = _peft_dir(tmp_path_factory.mktemp("peft"), mods, {"lora_alpha": 2 * rank})
+    orients = {"l0": orient, "l1": orient}
+    if d_in == d_hid:
+        with pytest.raises(lx.PeftFormatError, match="orientation="):
+            lx.load_peft_adapter(path, params)
+        adapter = lx.load_peft_adapter(path, params, orientation=orient)
+    else:
+        adapter = lx.load_peft_adapter(path, params)
+    x = rng.standard_normal((3, d_in)).astype(np.float32)
+    served = lx.loraify(params, adapter, jnp.array([0, -1, 0]))
+    out = lx.quaxify(lambda p, x: _apply(p, x, orients))(served, x)
+    ref = _numpy_apply(params, x, orients, mods, scale=2.0)
+    ref_base = _numpy_apply(params, x, orients, {}, scale=0.0)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[1], ref_base[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[2], ref[2], rtol=1e-4, atol=1e-5)
+
+
+def test_orientation_override_is_checked_against_shapes(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {"l0": {"w": jnp.zeros((3, 5))}, "l1": {"w": jnp.zeros((5, 5))}}
+    mods = {"l0": _factors(rng, 3, 5, 2), "l1": _factors(rng, 5, 5, 2)}
+    path = _peft_dir(tmp_path / "a", mods)
+    with pytest.raises(lx.PeftFormatError, match="contradicts its shape"):
+        lx.load_peft_adapter(path, params, orientation="out_in")
+    with pytest.raises(ValueError, match="use 'in_out'"):
+        lx.load_peft_adapter(path, params, orientation="sideways")
+    # Conflicting evidence from the non-square leaves: the square one is refused.
+    params3 = {
+        "l0": {"w": jnp.zeros((3, 5))},  # in_out
+        "l1": {"w": jnp.zeros((5, 5))},
+        "l2": {"w": jnp.zeros((7, 5))},  # out_in (5 -> 7)
+    }
+    mods3 = {**mods, "l2": _factors(rng, 5, 7, 2)}
+    path3 = _peft_dir(tmp_path / "b", mods3)
+    with pytest.raises(lx.PeftFormatError, match="other leaves disagree"):
+        lx.load_peft_adapter(path3, params3)
+
+
+def test_equinox_linear_and_embedding(tmp_path):
+    """`eqx.nn.Linear.weight` is (out, in) whatever its shape, and an embedding
+    table (vocab, dim); names map through `key_map` (dict and function)."""
+    import equinox as eqx
+
+    class Net(eqx.Module):
+        embed: eqx.nn.Embedding
+        proj: eqx.nn.Linear
+
+        def __call__(self, t):
+            return self.proj(self.embed(t))
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    net = Net(eqx.nn.Embedding(11, 6, key=k1), eqx.nn.Linear(6, 6, key=k2))
+    rng = np.random.default_rng(1)
+    ea, eb = _factors(rng, 11, 6, 2)
+    pa, pb = _factors(rng, 6, 6, 3)
+    mods = {
+        "model.embed_tokens": ("embedding", ea, eb),
+        "model.layers.0.mlp.proj": (pa, pb),
+    }
+    path = _peft_dir(tmp_path / "eqx", mods, {"lora_alpha": 6, "r": 3})
+    with pytest.raises(lx.PeftFormatError, match="no leaf for it"):
+        lx.load_peft_adapter(path, net)
+    key_map = {"model.embed_tokens": "embed", "model.layers.0.mlp.proj": "proj"}
+    by_dict = lx.load_peft_adapter(path, net, key_map=key_map)
+    by_fn = lx.load_peft_adapter(path, net, key_map=lambda m: key_map[m])
+    assert by_dict.paths == by_fn.paths == ("embed/weight", "proj/weight")
+    served = lx.loraify(net, by_dict, jnp.array([0, -1]))
+    tokens = jnp.array([3, 7])
+
+    @lx.quaxify
+    def run(m, t):
+        return jax.vmap(m)(t)
+
+    out = run(served, tokens)
+    # NumPy: rank_pattern gives the embedding rank 2 and alpha 6 -> scale 3;
+    # the projection rank 3 -> scale 2.
+    e = np.asarray(net.embed.weight, np.float64) + 3.0 * (eb @ ea).T
+    w = np.asarray(net.proj.weight, np.float64) + 2.0 * (pb @ pa)
+    bias = np.asarray(net.proj.bias, np.float64)
+    ref0 = e[3] @ w.T + bias
+    base = (
+        np.asarray(net.embed.weight, np.float64)[7]
+        @ np.asarray(net.proj.weight, np.float64).T
+        + bias
+    )
+    np.testing.assert_allclose(out[0], ref0, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[1], base, rtol=1e-4, atol=1e-5)
+
+
+@given(
+    prefix=st.sampled_from(["", "params/", "model/params/"]),
+    nnx=st.booleans(),
+    torch_prefix=st.sampled_from(["", "model."]),
+    n_layers=st.integers(1, 3),
+)
+def test_default_names(tmp_path_factory, prefix, nnx, torch_prefix, n_layers):
+    """A tree path without its weight's name, with a prefix on either side (a Flax
+    variables dict, an NNX `/value`, a torch `...ForCausalLM`), is the module."""
+    rng = np.random.default_rng(n_layers)
+    params, mods = {}, {}
+    for i in range(n_layers):
+        for name, (n_in, n_out) in {"q_proj": (4, 6), "down": (6, 4)}.items():
+            w = jnp.asarray(rng.standard_normal((n_in, n_out)), jnp.float32)
+            leaf = {"value": w} if nnx else w
+            node = params
+            for part in f"{prefix}layers/{i}/{name}".split("/"):
+                node = node.setdefault(part, {}) if part else node
+            node["kernel"] = leaf
+            mods[f"{torch_prefix}layers.{i}.{name}"] = _factors(rng, n_in, n_out, 2)
+    path = _peft_dir(tmp_path_factory.mktemp("names"), mods)
+    if torch_prefix and prefix:
+        # Both sides have a prefix the other lacks: no rule can see through that.
+        with pytest.raises(lx.PeftFormatError, match="no leaf for it"):
+            lx.load_peft_adapter(path, params)
+        return
+    adapter = lx.load_peft_adapter(path, params)
+    value = "/value" if nnx else ""
+    expected = {
+        f"{prefix}layers/{i}/{name}/kernel{value}"
+        for i in range(n_layers)
+        for name in ("q_proj", "down")
+    }
+    assert set(adapter.paths) == expected
+    for p in adapter.paths:
+        i, name = p.removeprefix(prefix).split("/")[1:3]
+        a, b = mods[f"{torch_prefix}layers.{i}.{name}"]
+        np.testing.assert_array_equal(adapter.weights[p][0], a.T)
+        np.testing.assert_array_equal(adapter.weights[p][1], b.T)
+
+
+def test_unknown_module_names_the_closest_paths(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {"layers": {"0": {"q_proj": {"kernel": jnp.zeros((4, 6))}}}}
+    path = _peft_dir(tmp_path / "a", {"layers.0.q_prj": _factors(rng, 4, 6, 2)})
+    with pytest.raises(lx.PeftFormatError, match=r"q_prj.*layers\.0\.q_proj"):
+        lx.load_peft_adapter(path, params)
+    with pytest.raises(lx.PeftFormatError, match="key_map sends"):
+        lx.load_peft_adapter(path, params, key_map={"layers.0.q_prj": "nope"})
+    ok = lx.load_peft_adapter(
+        path, params, key_map={"layers.0.q_prj": "layers/0/q_proj"}
+    )
+    assert ok.paths == ("layers/0/q_proj/kernel",)
+    # Wrong shapes: made for another model.
+    small = {"layers": {"0": {"q_prj": {"kernel": jnp.zeros((4, 5))}}}}
+    with pytest.raises(lx.PeftFormatError, match="another model"):
+        lx.load_peft_adapter(path, small)
+
+
+def _simple(tmp_path, config=None, extra=None, modules=None):
+    rng = np.random.default_rng(0)
+    params = {"q_proj": {"kernel": jnp.zeros((4, 6))}}
+    modules = modules or {"q_proj": _factors(rng, 4, 6, 2)}
+    return _peft_dir(tmp_path, modules, config, extra), params
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
+        ({"peft_type": "LOHA"}, "LoRA adapters only"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"bias": "lora_only"}, "biases"),
+        ({"modules_to_save": ["classifier"]}, "modules_to_save"),
+        ({"lora_bias": True}, "LoRA bias"),
+        ({"init_lora_weights": "pissa"}, "changes the base weights"),
+        ({"target_parameters": ["experts.w"]}, "target_parameters"),
+        ({"r": 3}, "rank 2 in the file but 3"),
+        ({"rank_pattern": {"q_proj": 5}}, "rank 2 in the file but 5"),
+        ({"target_modules": ["k_proj"]}, "does not select"),
+        ({"target_modules": "k_.*"}, "does not select"),
+        ({"r": "eight"}, "expected a number"),
+    ],
+)
+def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, config, match):
+    path, params = _simple(tmp_path, config)
+    with pytest.raises(lx.PeftFormatError, match=match):
+        lx.load_peft_adapter(path, params)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"base_model.model.q_proj.lora_magnitude_vector": np.ones(6)}, "DoRA"),
+        ({"base_model.model.q_proj.lora_B.bias": np.ones(6)}, "not a LoRA weight"),
+        ({"base_model.model.q_proj.lora_A.default.weight": np.ones((2, 4))}, "key"),
+        ({"base_model.model.q_proj.weight": np.ones((4, 6))}, "differs"),
+    ],
+)
+def test_unknown_keys_are_refused(tmp_path, extra, match):
+    path, params = _simple(tmp_path, extra=extra)
+    with pytest.raises(lx.PeftFormatError, match=match):
+        lx.load_peft_adapter(path, params)
+
+
+def test_saved_embedding_layer_must_equal_the_tree(tmp_path):
+    """PEFT saves whole embedding layers next to their LoRA; equal is fine."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((9, 4)).astype(np.float32)
+    params = {"embed_tokens": {"embedding": jnp.asarray(table)}}
+    a, b = _factors(rng, 9, 4, 2)
+    extra = {"base_model.model.embed_tokens.base_layer.weight": table}
+    mods = {"embed_tokens": ("embedding", a, b)}
+    path = _peft_dir(tmp_path / "ok", mods, extra=extra)
+    assert lx.load_peft_adapter(path, params).paths == ("embed_tokens/embedding",)
+    extra = {"base_model.model.embed_tokens.base_layer.weight": table + 1}
+    path = _peft_dir(tmp_path / "bad", mods, extra=extra)
+    with pytest.raises(lx.PeftFormatError, match="resized"):
+        lx.load_peft_adapter(path, params)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    path, params = _simple(tmp_path / "a")
+    half = tmp_path / "half"
+    shutil.copytree(path, half)
+    (half / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        lx.load_peft_adapter(half, params)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lx.load_peft_adapter(tmp_path, params)
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[:-3])
+    with pytest.raises(SafetensorsError, match="adapter_model.safetensors"):
+        lx.load_peft_adapter(path, params)
+    (path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(lx.PeftFormatError, match="adapter_config.json"):
+        lx.load_peft_adapter(path, params)
+    rng = np.random.default_rng(0)
+    only_a = {"base_model.model.q_proj.lora_A.weight": np.ones((2, 4), np.float32)}
+    lone = _peft_dir(tmp_path / "lone", {"k": _factors(rng, 4, 6, 2)}, extra=only_a)
+    with pytest.raises(lx.PeftFormatError, match="no lora_B"):
+        lx.load_peft_adapter(lone, params, key_map={"k": "q_proj"})
+
+
+def test_dtype_and_bf16(tmp_path):
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    a, b = _factors(rng, 4, 6, 2)
+    bf = ml_dtypes.bfloat16
+    path, params = _simple(tmp_path, modules={"q_proj": (a.astype(bf), b.astype(bf))})
+    ad = lx.load_peft_adapter(path, params)
+    assert ad.weights["q_proj/kernel"][0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(ad.weights["q_proj/kernel"][0]), a.astype(bf).T
+    )
+    ad32 = lx.load_peft_adapter(path, params, dtype=jnp.float32)
+    assert ad32.weights["q_proj/kernel"][1].dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------
+# PEFT's matching rules, as its code defines them.
+
+
+def test_pattern_key_follows_peft():
+    keys = ["down_proj", r"model\.layers\.1\.self_attn\.q_proj", "q_proj"]
+    assert pattern_key(keys, "model.layers.0.mlp.down_proj") == "down_proj"
+    assert pattern_key(keys, "model.layers.1.self_attn.q_proj") == keys[1]
+    assert pattern_key(keys, "model.layers.0.self_attn.q_proj") == "q_proj"
+    # Suffixes must start at a module boundary, and match to the end.
+    assert pattern_key(["proj"], "model.layers.0.q_proj") == "model.layers.0.q_proj"
+    assert pattern_key(["q_proj"], "model.q_proj.lora") == "model.q_proj.lora"
+    # The first matching key wins (dict order), as in PEFT.
+    assert pattern_key(["layers.0.q_proj", "q_proj"], "m.layers.0.q_proj") == (
+        "layers.0.q_proj"
+    )
+
+
+def test_is_targeted_follows_peft():
+    cfg = {"target_modules": ["q_proj", "v_proj"]}
+    assert is_targeted(cfg, "model.layers.0.self_attn.q_proj")
+    assert not is_targeted(cfg, "model.layers.0.self_attn.qq_proj")
+    assert is_targeted({"target_modules": r".*\.q_proj"}, "a.b.q_proj")
+    assert not is_targeted({"target_modules": r"q_proj"}, "a.b.q_proj")  # fullmatch
+    layer1 = {"target_modules": ["q_proj"], "layers_to_transform": [1]}
+    assert is_targeted(layer1, "model.layers.1.self_attn.q_proj")
+    assert not is_targeted(layer1, "model.layers.10.self_attn.q_proj")
+    assert not is_targeted(layer1, "model.layers.0.self_attn.q_proj")
+    # A module named exactly in target_modules skips the layer check, in PEFT too.
+    assert is_targeted(layer1, "q_proj")
+    pattern = {**layer1, "layers_pattern": "h"}
+    assert is_targeted(pattern, "transformer.h.1.attn.q_proj")
+    assert not is_targeted(pattern, "transformer.blocks.1.attn.q_proj")
+    excl = {"target_modules": ["q_proj"], "exclude_modules": ["layers.0.q_proj"]}
+    assert not is_targeted(excl, "model.layers.0.q_proj")
+    assert is_targeted(excl, "model.layers.1.q_proj")
+
+
+# ----------------------------------------------------------------------------
+# Saving: refusals and mixed-scale bookkeeping.
+
+
+def test_save_refusals(tmp_path):
+    import equinox as eqx
+
+    mlp = eqx.nn.MLP(4, 4, 8, depth=1, key=jax.random.PRNGKey(0))
+    ad = lx.init_adapter(mlp, lx.LoraRule("weight", rank=2), key=jax.random.PRNGKey(1))
+    with pytest.raises(TypeError, match=r"stack\[i\]"):
+        lx.save_peft_adapter(tmp_path / "s", lx.stack_adapters([ad, ad]))
+    stacked = {"w": jnp.zeros((3, 4, 5))}
+    sad = lx.init_adapter(
+        stacked, lx.LoraRule("w", rank=2, stack_axes=0), key=jax.random.PRNGKey(1)
+    )
+    with pytest.raises(ValueError, match="unstacked 2-D"):
+        lx.save_peft_adapter(tmp_path / "t", sad)
+    with pytest.raises(ValueError, match="two leaves map"):
+        lx.save_peft_adapter(tmp_path / "u", ad, key_map=lambda p: "same")
+
+
+def test_save_mixed_rslora_keeps_every_scale(tmp_path):
+    """One rsLoRA flag per PEFT config: a leaf with the other flag gets its alpha
+    rewritten so that PEFT's scale is the leaf's own."""
+    params = {f"l{i}": {"kernel": jnp.zeros((4, 6))} for i in range(3)}
+    rules = [
+        lx.LoraRule("l0", rank=4, alpha=3.0, use_rslora=True),
+        lx.LoraRule("l1", rank=4, alpha=3.0, use_rslora=True),
+        lx.LoraRule("l2", rank=2, alpha=5.0),
+    ]
+    ad = export_for_peft.random_adapter(params, rules, seed=3)
+    lx.save_peft_adapter(tmp_path, ad)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is True and cfg["r"] == 4
+    back = lx.load_peft_adapter(tmp_path, params)
+    for p in ad.paths:
+        assert back.scale(p) == pytest.approx(ad.scale(p), rel=1e-12)
+    assert ad.scale("l2/kernel") == 2.5 and ad.scale("l0/kernel") == 1.5
+
+
+# ----------------------------------------------------------------------------
+# The .safetensors reader and writer.
+
+
+def test_reader_reads_torch_written_bf16():
+    tensors, meta = read_safetensors(FIXTURES / "torch_dtypes.safetensors")
+    assert meta == {"format": "pt"}
+    ramp = np.arange(12, dtype=np.float32).reshape(3, 4) / 8 - 0.5
+    assert str(tensors["ramp_bf16"].dtype) == "bfloat16"
+    np.testing.assert_array_equal(tensors["ramp_bf16"].astype(np.float32), ramp)
+    np.testing.assert_array_equal(
+        tensors["ramp_f16"], (np.arange(6) / 4).astype(np.float16).reshape(2, 3)
+    )
+    np.testing.assert_array_equal(tensors["ints"], np.arange(5))
+
+
+def test_reader_and_writer_agree_with_safetensors(tmp_path):
+    import safetensors.numpy as sn
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a": rng.standard_normal((3, 5)).astype(np.float32),
+        "b": rng.standard_normal((2,)).astype(np.float16),
+        "c": np.arange(7, dtype=np.int64),
+        "d": np.zeros((0, 3), np.float32),
+    }
+    write_safetensors(tmp_path / "ours.safetensors", tensors, {"k": "v"})
+    theirs = sn.load_file(str(tmp_path / "ours.safetensors"))
+    sn.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})
+    ours, meta = read_safetensors(tmp_path / "theirs.safetensors")
+    assert meta == {"k": "v"}
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(theirs[k], v)
+        np.testing.assert_array_equal(ours[k], v)
+        assert ours[k].dtype == v.dtype
+
+
+def test_reader_refuses_corrupt_headers(tmp_path):
+    import struct
+
+    good = tmp_path / "x.safetensors"
+    write_safetensors(good, {"a": np.ones((2, 2), np.float32)})
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+
+    def write(h, body=data[8 + n :]):
+        raw = json.dumps(h).encode()
+        (tmp_path / "y.safetensors").write_bytes(
+            struct.pack("<Q", len(raw)) + raw + body
+        )
+        return tmp_path / "y.safetensors"
+
+    cases = [
+        ({"a": {**header["a"], "shape": [2, 3]}}, "needs 24 bytes"),
+        ({"a": {**header["a"], "dtype": "F7"}}, "dtype 'F7'"),
+        ({"a": {**header["a"], "data_offsets": [0, 64]}}, "spans bytes"),
+    ]
+    for h, match in cases:
+        with pytest.raises(SafetensorsError, match=match):
+            read_safetensors(write(h))
+    with pytest.raises(SafetensorsError, match="bytes after the last tensor"):
+        read_safetensors(write(header, data[8 + n :] + b"\0" * 4))
+    (tmp_path / "z.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    with pytest.raises(SafetensorsError, match="header length"):
+        read_safetensors(tmp_path / "z.safetensors")
+
+
+def test_embedding_lora_leaves_a_tied_head_alone(tmp_path):
+    """PEFT's embedding LoRA changes the lookup, not a head tied to the same table
+    (GPT-2); an adapter made here adapts both. Both kinds in one batch."""
+    rng = np.random.default_rng(5)
+    vocab, dim = 11, 4
+    table = rng.standard_normal((vocab, dim)).astype(np.float32)
+    params = {"wte": {"embedding": jnp.asarray(table)}}
+    ea, eb = _factors(rng, vocab, dim, 2)
+    path = _peft_dir(tmp_path / "p", {"wte": ("embedding", ea, eb)}, {"lora_alpha": 2})
+    peft_ad = lx.load_peft_adapter(path, params)
+    assert peft_ad.lookup_only == (True,)
+    native = export_for_peft.random_adapter(
+        params, [lx.LoraRule("embedding", rank=3, alpha=6.0)], seed=1
+    )
+    # The flag survives orbax.
+    lx.save_adapter(tmp_path / "ck", peft_ad)
+    assert lx.load_adapter(tmp_path / "ck").lookup_only == (True,)
+    stack = lx.stack_adapters([peft_ad, native])
+
+    def tied_lm(p, tokens):
+        e = p["wte"]["embedding"]
+        return e[tokens] @ e.T
+
+    tokens = jnp.array([[1, 4], [2, 9], [3, 3]])
+    out = lx.quaxify(tied_lm)(lx.loraify(params, stack, jnp.array([0, 1, -1])), tokens)
+    t64 = table.astype(np.float64)
+    peft_lookup = t64 + 1.0 * (eb @ ea).T
+    na, nb = (np.asarray(x, np.float64) for x in native.weights["wte/embedding"])
+    native_table = t64 + 2.0 * (na @ nb)
+    refs = [
+        peft_lookup[np.asarray(tokens[0])] @ t64.T,  # head keeps the base table
+        native_table[np.asarray(tokens[1])] @ native_table.T,
+        t64[np.asarray(tokens[2])] @ t64.T,
+    ]
+    for row, ref in zip(out, refs):
+        np.testing.assert_allclose(row, ref, rtol=1e-4, atol=1e-4)
+    # And the difference is real: adapting the head too would change row 0.
+    wrong = peft_lookup[np.asarray(tokens[0])] @ peft_lookup.T
+    assert np.abs(wrong - refs[0]).max() > 1e-2
