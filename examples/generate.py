@@ -131,6 +131,7 @@ def main(new_tokens: int = 12, prompt_len: int = 6, seed: int = 0):
     served = lx.loraify(params, stack, stack.indices(requests))
 
     run = jax.jit(lx.quaxify(generate), static_argnums=2)
+    print("\nCompiling prefill + decode for the whole batch…", flush=True)
     batched = run(served, prompts, new_tokens)
 
     alone_fn = jax.jit(generate, static_argnums=2)

@@ -59,6 +59,7 @@ def main():
     lora = lx.BatchedLoraArray(
         w_q, a, b, scale=0.5, indices=indices, in_axes=0, out_axes=1
     )
+    print("Compiling…", flush=True)
     y = jax.jit(lx.quaxify(lambda W, x: x @ W))(lora, x)
 
     w_deq = w_q.q.astype(jnp.float32) * w_q.col_scale

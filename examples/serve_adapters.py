@@ -94,6 +94,7 @@ def main(batch: int = 8, seq: int = 6, d_model: int = 32, seed: int = 0) -> floa
     def serve(model, x):
         return jax.vmap(model)(x)
 
+    print("\nCompiling the batched forward pass…", flush=True)
     out = serve(served, x)
 
     print(

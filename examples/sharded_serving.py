@@ -112,6 +112,7 @@ def main(verbose: bool = True):
     served = lx.loraify(params, stack, indices)
     forward = lx.quaxify(mlp)
     one_device = jax.device_put((served, x), jax.devices()[0])
+    print("Compiling the single-device reference…", flush=True)
     expected = np.asarray(jax.jit(forward)(*one_device))
 
     results = {}

@@ -184,14 +184,18 @@ class _Leaves:
             return ""
         return " Closest modules in the tree: " + ", ".join(repr(n) for n in near)
 
-    def resolve_path(self, target: str, module: str) -> str:
-        """A `key_map` answer (a leaf path or a module path) to a leaf path."""
+    def resolve_path(self, target, module: str) -> tuple[str, int | None]:
+        """A `key_map` answer (a leaf path or a module path, or `(path, layer)` for
+        a layer of a stacked leaf) to `(leaf path, layer or None)`."""
+        if isinstance(target, tuple):
+            path, layer = self.resolve_path(target[0], module)
+            return path, int(target[1])
         target = target.strip("/")
         if target in self.by_path:
-            return target
+            return target, None
         below = self.exact.get(tuple(target.split("/")), [])
         if len(below) == 1:
-            return below[0]
+            return below[0], None
         near = difflib.get_close_matches(target, list(self.by_path), n=3, cutoff=0.4)
         hint = f" Closest paths: {', '.join(repr(n) for n in near)}." if near else ""
         what = "several weights" if below else "no adaptable weight"
@@ -200,24 +204,44 @@ class _Leaves:
             f"{target!r}, where the tree has {what}.{hint}"
         )
 
-    def find(self, module: str) -> str:
+    def _tiers(self, parts: tuple[str, ...]) -> list[list[str]]:
+        return [
+            self.exact.get(parts, []),
+            self.suffix.get(parts, []),
+            [p for k in range(1, len(parts)) for p in self.exact.get(parts[k:], [])],
+        ]
+
+    def find(self, module: str) -> tuple[str, int | None]:
         """The leaf of PEFT module `module` by name: the tree's module path equal to
         the '.'-split name, else one that ends with it (the tree has a prefix such
         as `params`), else one the name ends with (the torch model has a prefix
-        such as `model.`)."""
+        such as `model.`). Failing those, a stacked leaf (a scanned layer stack,
+        stack axis first) whose path is the name without one layer number:
+        `model.layers.3.self_attn.q_proj` is layer 3 of
+        `model/layers/self_attn/q_proj/kernel`. Returns `(path, layer or None)`."""
         parts = tuple(module.split("."))
-        tiers = [self.exact.get(parts, []), self.suffix.get(parts, [])]
-        tiers.append(
-            [p for k in range(1, len(parts)) for p in self.exact.get(parts[k:], [])]
+        ambiguous = lambda hits: PeftFormatError(  # noqa: E731
+            f"load_peft_adapter: PEFT module {module!r} could be any of "
+            f"{hits}. Say which with `key_map={{{module!r}: 'path/to/leaf'}}`."
         )
-        for hits in tiers:
+        for hits in self._tiers(parts):
             if len(hits) == 1:
-                return hits[0]
+                return hits[0], None
             if len(hits) > 1:
-                raise PeftFormatError(
-                    f"load_peft_adapter: PEFT module {module!r} could be any of "
-                    f"{hits}. Say which with `key_map={{{module!r}: 'path/to/leaf'}}`."
-                )
+                raise ambiguous(hits)
+        stacked = {}
+        for k, part in enumerate(parts):
+            if not part.isdigit():
+                continue
+            for hits in self._tiers(parts[:k] + parts[k + 1 :]):
+                hits = [h for h in hits if len(self.by_path[h][0].shape) >= 3]
+                if hits:
+                    stacked.update({h: int(part) for h in hits})
+                    break
+        if len(stacked) == 1:
+            return next(iter(stacked.items()))
+        if len(stacked) > 1:
+            raise ambiguous(sorted(stacked))
         raise PeftFormatError(
             f"load_peft_adapter: the adapter has weights for PEFT module {module!r}, "
             f"but the tree has no leaf for it.{self.close(module)} Map the names "
@@ -238,9 +262,16 @@ def _call_key_map(key_map, module: str) -> str | None:
             "key_map must be a dict from PEFT module name to tree path, or a "
             f"function of the module name; got {type(key_map).__name__}."
         )
-    if out is not None and not isinstance(out, str):
+    layer_pair = (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and isinstance(out[0], str)
+        and isinstance(out[1], int)
+    )
+    if out is not None and not isinstance(out, str) and not layer_pair:
         raise TypeError(
-            f"key_map gave {out!r} for {module!r}; expected a '/'-joined tree path."
+            f"key_map gave {out!r} for {module!r}; expected a '/'-joined tree path, "
+            "or `(path, layer)` for one layer of a stacked leaf."
         )
     return out
 
@@ -421,6 +452,13 @@ def load_peft_adapter(
       non-square leaves with the same weight name. Where nothing decides it, an
       error asks for `orientation`. Embedding tables are `(vocab, dim)`, as in
       every JAX library.
+    - **Layer stacks.** A leaf of shape `(L, ., .)` (a scanned stack: `nnx.scan`,
+      Flax `nn.scan`, `eqx.filter_vmap`-built layers, stack axis first) takes one
+      module per layer: `model.layers.3.self_attn.q_proj` is layer 3 of
+      `model/layers/self_attn/q_proj/kernel` (its name without the layer number).
+      Layers the adapter lacks are zero; ranks are padded to the largest, and a
+      layer whose scale differs from the others' (by `rank_pattern` /
+      `alpha_pattern`) has the ratio folded into its `B`.
     - **Config.** `r`, `lora_alpha`, `rank_pattern` and `alpha_pattern` (PEFT's
       matching: the first pattern `k` with `re.match(rf"(.*\\.)?({k})$", module)`),
       `use_rslora`, `target_modules` / `exclude_modules` / `layers_to_transform`
@@ -436,8 +474,9 @@ def load_peft_adapter(
         dict, an Equinox or NNX module, a dict of arrays).
     - `key_map`: a dict from PEFT module name (`'model.layers.0.self_attn.q_proj'`,
         with or without `base_model.model.`) to a tree path (a leaf's path, or its
-        module's), or a function of the module name returning the path; a module
-        it leaves out (or maps to `None`) uses the default matching.
+        module's; `(path, layer)` for one layer of a stacked leaf), or a function of
+        the module name returning one; a module it leaves out (or maps to `None`)
+        uses the default matching.
     - `dtype`: cast the factors to this dtype; by default they keep the file's.
     - `orientation`: `'in_out'` or `'out_in'` for every 2-D leaf, or a dict from a
         regex over tree paths to one of those; checked against the shapes.
@@ -483,17 +522,18 @@ def load_peft_adapter(
                 "select: the directory's two files do not belong together."
             )
         target = _call_key_map(key_map, module)
-        leaf_path = (
+        leaf_path, layer = (
             leaves.find(module)
             if target is None
             else leaves.resolve_path(target, module)
         )
-        if leaf_path in placed:
+        if (leaf_path, layer) in placed:
+            where = leaf_path if layer is None else f"layer {layer} of {leaf_path!r}"
             raise PeftFormatError(
-                f"load_peft_adapter: PEFT modules {placed[leaf_path]!r} and "
-                f"{module!r} both map to {leaf_path!r}."
+                f"load_peft_adapter: PEFT modules {placed[leaf_path, layer]!r} and "
+                f"{module!r} both map to {where}."
             )
-        placed[leaf_path] = module
+        placed[leaf_path, layer] = module
         a, b = factors[module]["A"], factors[module]["B"]
         r = a.shape[0]
         r_cfg = rank_pattern.get(pattern_key(rank_pattern, module), default_r)
@@ -505,16 +545,27 @@ def load_peft_adapter(
             )
         alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), default_alpha)
         leaf, is_linear = leaves.by_path[leaf_path]
+        shape = tuple(leaf.shape)
+        if layer is not None:
+            if len(shape) != 3 or not 0 <= layer < shape[0]:
+                raise PeftFormatError(
+                    f"load_peft_adapter: PEFT module {module!r} is layer {layer} of "
+                    f"{leaf_path!r}, whose shape {shape} is not a stack of 2-D "
+                    f"weights with that layer (stack axis first, {shape[0]} layers)."
+                )
+            shape = shape[1:]
         found.append(
             dict(
                 module=module,
                 path=leaf_path,
+                layer=layer,
+                leaf_shape=tuple(leaf.shape),
                 kind=kinds[module],
                 a=a,
                 b=b,
                 rank=r,
                 alpha=float(alpha),
-                shape=tuple(leaf.shape),
+                shape=shape,
                 is_linear=is_linear,
                 weight_name=_module_parts(leaf_path)[1],
             )
@@ -523,34 +574,83 @@ def load_peft_adapter(
     _check_base_copies(base_copies, leaves, key_map, weights_file)
     _orient(found, orientation)
 
-    by_path = {f["path"]: f for f in found}
-    order = [p for p, _, _ in leaves.entries if p in by_path]
-    weights, layouts = {}, []
+    groups: dict[str, list[dict]] = {}
+    for f in found:
+        groups.setdefault(f["path"], []).append(f)
+    order = [p for p, _, _ in leaves.entries if p in groups]
+    weights, layouts, ranks, alphas, lookup = {}, [], [], [], []
     for p in order:
-        f = by_path[p]
-        in_ax, out_ax = ((0,), (1,)) if f["orientation"] == "in_out" else ((1,), (0,))
-        a, b = f["a"].T, f["b"].T
+        fs = groups[p]
+        in_ax, out_ax = (
+            ((0,), (1,)) if fs[0]["orientation"] == "in_out" else ((1,), (0,))
+        )
+        if fs[0]["layer"] is None:
+            f = fs[0]
+            a, b, rank, alpha = f["a"].T, f["b"].T, f["rank"], f["alpha"]
+            layouts.append(LeafLayout(p, f["shape"], in_ax, out_ax, ()))
+        else:
+            if (
+                any(f["layer"] is None for f in fs)
+                or len({f["orientation"] for f in fs}) != 1
+            ):
+                raise PeftFormatError(
+                    f"load_peft_adapter: {p!r} gets both whole-leaf and per-layer "
+                    "modules, or layers of different orientations."
+                )
+            a, b, rank, alpha = _stack_layers(fs, rslora)
+            shift = lambda axes: tuple(ax + 1 for ax in axes)  # noqa: E731
+            layouts.append(
+                LeafLayout(p, fs[0]["leaf_shape"], shift(in_ax), shift(out_ax), (0,))
+            )
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
         weights[p] = (jnp.asarray(a), jnp.asarray(b))
-        layouts.append(LeafLayout(p, f["shape"], in_ax, out_ax, ()))
+        ranks.append(rank)
+        alphas.append(alpha)
+        # PEFT's embedding LoRA changes the embedding module only; a head tied to
+        # the same table (GPT-2) keeps the base table.
+        lookup.append(fs[0]["kind"] == "embedding")
     return Adapter(
         weights=weights,
         layouts=tuple(layouts),
-        ranks=tuple(by_path[p]["rank"] for p in order),
-        alphas=tuple(by_path[p]["alpha"] for p in order),
+        ranks=tuple(ranks),
+        alphas=tuple(alphas),
         use_rslora=tuple(rslora for _ in order),
-        # PEFT's embedding LoRA changes the embedding module only; a head tied to
-        # the same table (GPT-2) keeps the base table.
-        lookup_only=tuple(by_path[p]["kind"] == "embedding" for p in order),
+        lookup_only=tuple(lookup),
     )
+
+
+def _stack_layers(fs: list[dict], rslora: bool):
+    """The per-layer modules of one stacked leaf as `a (L, in, r)`, `b (L, r, out)`.
+
+    Ranks are zero-padded to the largest, layers the adapter lacks are zero, and one
+    scale serves the leaf: that of most layers; a layer with another scale (another
+    rank or alpha by `rank_pattern` / `alpha_pattern`) has the ratio folded into its
+    `B`, which keeps its product `s_l · A_l B_l` (to float rounding)."""
+    n_layers = fs[0]["leaf_shape"][0]
+    n_in, n_out = fs[0]["a"].shape[1], fs[0]["b"].shape[0]
+    r_max = max(f["rank"] for f in fs)
+    norm = (lambda r: math.sqrt(r)) if rslora else (lambda r: r)
+    scales = [f["alpha"] / norm(f["rank"]) for f in fs]
+    s_leaf = _most_common(scales)
+    dtype = np.result_type(*[f["a"].dtype for f in fs], *[f["b"].dtype for f in fs])
+    a = np.zeros((n_layers, n_in, r_max), dtype)
+    b = np.zeros((n_layers, r_max, n_out), dtype)
+    for f, s in zip(fs, scales):
+        r, layer = f["rank"], f["layer"]
+        a[layer, :, :r] = f["a"].T
+        b_l = f["b"].T
+        if s != s_leaf:
+            b_l = (b_l.astype(np.float64) * (s / s_leaf)).astype(dtype)
+        b[layer, :r, :] = b_l
+    return a, b, r_max, s_leaf * norm(r_max)
 
 
 def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> None:
     for module, value in base_copies.items():
         target = _call_key_map(key_map, module)
         try:
-            p = (
+            p, layer = (
                 leaves.find(module)
                 if target is None
                 else leaves.resolve_path(target, module)
@@ -563,6 +663,7 @@ def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> Non
                 f"Point `key_map` at the leaf. ({e})"
             ) from None
         leaf = np.asarray(leaves.by_path[p][0])
+        leaf = leaf if layer is None else leaf[layer]
         same = leaf.shape == value.shape and np.array_equal(
             leaf.astype(np.float32), value.astype(np.float32)
         )
@@ -586,8 +687,9 @@ def _orient(found: list[dict], orientation) -> None:
             raise PeftFormatError(
                 f"load_peft_adapter: PEFT module {f['module']!r} maps to {f['path']!r} "
                 f"of shape {shape}, but its A/B describe a 2-D ({n_out} x {n_in}) "
-                "weight. Stacked or multi-axis leaves cannot be loaded from PEFT yet: "
-                "point key_map at a 2-D leaf."
+                "weight. Multi-axis leaves cannot be loaded from PEFT yet, and a "
+                "stacked leaf (stack axis first) takes one module per layer "
+                "(`model.layers.3...`, or key_map to `(path, layer)`)."
             )
         fits = [
             o
@@ -661,13 +763,20 @@ def _orient(found: list[dict], orientation) -> None:
 # Writing.
 
 
-def _module_name(path: str, key_map) -> str:
+# Where torch models number their layers: `model.layers.3`, `transformer.h.3`,
+# `encoder.layer.3`, `encoder.block.3`.
+_LAYER_LISTS = ("layers", "h", "layer", "blocks", "block")
+
+
+def _module_name(path: str, key_map, stacked: bool = False) -> str:
+    """The PEFT module name of a leaf; for a stacked leaf a format string with
+    `{i}` where the layer number goes."""
     if key_map is None:
         name = default_module_name(path)
     elif callable(key_map):
         name = key_map(path)
     elif isinstance(key_map, Mapping):
-        inverse = {v.strip("/"): k for k, v in key_map.items()}
+        inverse = {v.strip("/"): k for k, v in key_map.items() if isinstance(v, str)}
         name = inverse.get(path) or inverse.get("/".join(_module_parts(path)[0]))
         name = name or default_module_name(path)
     else:
@@ -677,7 +786,21 @@ def _module_name(path: str, key_map) -> str:
         )
     if not isinstance(name, str) or not name:
         raise TypeError(f"key_map gave {name!r} for {path!r}; expected a module name.")
-    return name.removeprefix(_PREFIX)
+    name = name.removeprefix(_PREFIX)
+    if stacked and "{i}" not in name:
+        parts = name.split(".")
+        at = [k for k, part in enumerate(parts) if part in _LAYER_LISTS]
+        if not at:
+            raise ValueError(
+                f"save_peft_adapter: {path!r} is a stack of layers, and its module "
+                f"name {name!r} has no layer list ({', '.join(_LAYER_LISTS)}) to put "
+                "the layer number after. Give `key_map` as a function of the tree "
+                "path returning a name with '{i}' for the layer, e.g. "
+                "'model.layers.{i}.self_attn.q_proj'."
+            )
+        parts.insert(at[-1] + 1, "{i}")
+        name = ".".join(parts)
+    return name
 
 
 def _most_common(values):
@@ -708,10 +831,13 @@ def save_peft_adapter(
     - `path`: the directory to write (created if needed; the two files in it are
         replaced atomically).
     - `adapter`: one [`lorax_arrays.Adapter`][] (take one out of a stack with
-        `stack[i]`) whose leaves are 2-D and unstacked.
+        `stack[i]`) whose leaves are 2-D, or stacks of 2-D layers (one stack
+        axis: each layer becomes a module, `model.layers.{i}.self_attn.q_proj`,
+        and layers whose factors are all zero are left out).
     - `key_map`: the module names: a dict from PEFT module name to tree path (the
         same dict [`lorax_arrays.load_peft_adapter`][] takes) or a function from
-        tree path to module name. By default the tree path without its weight's
+        tree path to module name (for a stacked leaf, a name with `{i}` where the
+        layer number goes). By default the tree path without its weight's
         name and a leading `params`, joined with '.'
         (`transformer/h/0/attn/c_attn/kernel` -> `transformer.h.0.attn.c_attn`).
     - `base_model_name_or_path`: recorded in `adapter_config.json` (PEFT and the
@@ -735,32 +861,42 @@ def save_peft_adapter(
     for lay, r, alpha, rs in zip(
         adapter.layouts, adapter.ranks, adapter.alphas, adapter.use_rslora
     ):
-        if lay.stack_axes or len(lay.shape) != 2:
+        stacked = len(lay.stack_axes) == 1 and len(lay.shape) == 3
+        if not stacked and (lay.stack_axes or len(lay.shape) != 2):
             raise ValueError(
                 f"save_peft_adapter: {lay.path!r} has shape {lay.shape} (in_axes="
                 f"{lay.in_axes}, out_axes={lay.out_axes}, stack_axes="
-                f"{lay.stack_axes}); PEFT's LoRA layers are 2-D, so only unstacked "
-                "2-D leaves can be exported."
-            )
-        name = _module_name(lay.path, key_map)
-        if name in {m[0] for m in modules}:
-            raise ValueError(
-                f"save_peft_adapter: two leaves map to PEFT module {name!r}; give "
-                "key_map."
+                f"{lay.stack_axes}); PEFT's LoRA layers are 2-D, so only 2-D leaves "
+                "and stacks of them (one stack axis) can be exported."
             )
         a, b = (np.asarray(x) for x in adapter.weights[lay.path])
-        weight_name = _module_parts(lay.path)[1]
-        embedding = weight_name == "embedding" or name.split(".")[-1] in (
-            _EMBEDDING_MODULES
-        )
-        key = _PREFIX + name
-        if embedding:
-            tensors[f"{key}.lora_embedding_A"] = a.T
-            tensors[f"{key}.lora_embedding_B"] = b.T
+        if stacked:
+            name = _module_name(lay.path, key_map, stacked=True)
+            per_layer = [
+                (name.format(i=i), a[i], b[i])
+                for i in range(lay.stack_shape[0])
+                if np.any(a[i]) and np.any(b[i])  # a layer the adapter leaves alone
+            ]
         else:
-            tensors[f"{key}.lora_A.weight"] = a.T
-            tensors[f"{key}.lora_B.weight"] = b.T
-        modules.append((name, r, float(alpha), bool(rs)))
+            per_layer = [(_module_name(lay.path, key_map), a, b)]
+        weight_name = _module_parts(lay.path)[1]
+        for name, a_l, b_l in per_layer:
+            if name in {m[0] for m in modules}:
+                raise ValueError(
+                    f"save_peft_adapter: two leaves map to PEFT module {name!r}; "
+                    "give key_map."
+                )
+            embedding = weight_name == "embedding" or name.split(".")[-1] in (
+                _EMBEDDING_MODULES
+            )
+            key = _PREFIX + name
+            if embedding:
+                tensors[f"{key}.lora_embedding_A"] = a_l.T
+                tensors[f"{key}.lora_embedding_B"] = b_l.T
+            else:
+                tensors[f"{key}.lora_A.weight"] = a_l.T
+                tensors[f"{key}.lora_B.weight"] = b_l.T
+            modules.append((name, r, float(alpha), bool(rs)))
     if not modules:
         raise ValueError("save_peft_adapter: the adapter has no leaves.")
 

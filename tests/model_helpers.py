@@ -1,8 +1,10 @@
 """Helpers for the rule/adapter/model/training tests (independent of tests/helpers.py).
 
 The end-to-end reference is always "run this row alone through the plain model with
-that row's adapter merged in" (`lx.merge(base, stack[i])`, or the base model for
-`i == -1`): no `quaxify`, no BatchedLoraArray, no batching.
+that row's adapter merged in" (`einsum_merge(base, stack[i])`, or the base model for
+`i == -1`): no `quaxify`, no BatchedLoraArray, no batching, and not `lx.merge`
+either, so that a layout error shared by the library's merge and its rewrite cannot
+cancel out.
 """
 
 from __future__ import annotations
@@ -48,11 +50,50 @@ def randomize(tree: Any, seed: int, std: float = 0.1) -> Any:
     return jax.tree.map(draw, tree)
 
 
+def _delta(a, b, layout, xp):
+    """`a ⊗ b` on the weight's own axes, by one einsum: a letter per weight axis,
+    `a` carries (stack, in, r), `b` (stack, r, out). Independent of the library's
+    `dense_delta` (reshape, matmul, transpose)."""
+    letters = "abcdefghijklmnopqstuvwxyz"[: len(layout.shape)]
+    ax = lambda axes: "".join(letters[i] for i in axes)  # noqa: E731
+    st, ins, outs = ax(layout.stack_axes), ax(layout.in_axes), ax(layout.out_axes)
+    return xp.einsum(f"{st}{ins}r,{st}r{outs}->{letters}", a, b)
+
+
+def einsum_merge(base: Any, adapter: lx.Adapter, xp=jnp) -> Any:
+    """`base` with `w + scale · a ⊗ b` at every adapted path, written with one
+    einsum per leaf: the reference merge. `xp=np` merges in float64 NumPy; `jnp`
+    keeps it differentiable (for gradient references)."""
+    from lorax_arrays._paths import path_str
+
+    layouts = {lay.path: lay for lay in adapter.layouts}
+    found = set()
+
+    def fold(keypath, leaf):
+        path = path_str(keypath)
+        if path not in layouts:
+            return leaf
+        found.add(path)
+        a, b = adapter.weights[path]
+        if xp is np:
+            a, b, w = (np.asarray(x, np.float64) for x in (a, b, leaf))
+            return (w + adapter.scale(path) * _delta(a, b, layouts[path], np)).astype(
+                np.asarray(leaf).dtype
+            )
+        d = _delta(a.astype(jnp.float32), b.astype(jnp.float32), layouts[path], jnp)
+        return (leaf + adapter.scale(path) * d).astype(leaf.dtype)
+
+    out = jax.tree_util.tree_map_with_path(fold, base)
+    missing = set(layouts) - found
+    assert not missing, f"einsum_merge: no leaf at {sorted(missing)}"
+    return out
+
+
 def merged_or_base(base: Any, stack: lx.AdapterStack, i: int, cache: dict) -> Any:
-    """`lx.merge(base, stack[i])`, or `base` itself for `i == -1` (memoised)."""
+    """`einsum_merge(base, stack[i])`, or `base` itself for `i == -1` (memoised)."""
     i = int(i)
     if i not in cache:
-        cache[i] = base if i < 0 else lx.merge(base, stack[i])
+        cache[i] = base if i < 0 else einsum_merge(base, stack[i])
     return cache[i]
 
 

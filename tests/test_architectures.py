@@ -12,10 +12,11 @@ that mixes adapters of different ranks with base-only rows.
   (`nn.Dense`, or tied to the embedding via `nn.Embed.attend`).
 
 Every batched result is compared with each row run ALONE through the plain model
-with that row's adapter merged in (`lx.merge(base, stack[i])`; the base model for
-`-1`). Tolerance: float32 `rtol = atol = 2e-5` (F32_TOL; the observed difference
-is ~2e-6 on logits of size O(1)); `assert_adapters_matter` checks that every
-adapted row moves by more than 10x the tolerance and base rows do not move.
+with that row's adapter merged in (`einsum_merge(base, stack[i])` from
+model_helpers, not `lx.merge`; the base model for `-1`). Tolerance: float32
+`rtol = atol = 2e-5` (F32_TOL; the observed difference is ~2e-6 on logits of size
+O(1)); `assert_adapters_matter` checks that every adapted row moves by more than 10x
+the tolerance and base rows do not move.
 """
 
 from __future__ import annotations

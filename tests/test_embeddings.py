@@ -270,7 +270,7 @@ def test_flax_embed_and_attend(flax_setup, idx):
     np.testing.assert_array_equal(leaf.a, adapted.a)
 
     # Through loraify and `quaxify(model.apply)`, against each row alone through
-    # the model with its adapter merged in (`lx.merge`).
+    # the model with its adapter merged in (model_helpers.einsum_merge).
     n = idx.ndim
     cases = [
         (lambda p, t: _FLAX.apply(p, t), TOKENS),

@@ -1,9 +1,10 @@
 """End to end: a batch where every row uses its own adapter, in unmodified models.
 
 Every batched result is compared against running each row ALONE through the plain
-model with that row's adapter merged in (`lx.merge(base, stack[i])`; the base
-model for `i == -1`). Adapters always have random non-zero A and B, ranks differ
-(2, 4, 8), and every batch holds base-only rows and adapters used more than once.
+model with that row's adapter merged in (`einsum_merge(base, stack[i])` from
+model_helpers, not `lx.merge`; the base model for `i == -1`). Adapters always have
+random non-zero A and B, ranks differ (2, 4, 8), and every batch holds base-only rows
+and adapters used more than once.
 
 Tolerances (see tests/model_helpers.py): float32 `rtol = atol = 2e-5`; the bf16
 case `rtol = atol = 5e-2` against a float32 reference on the same bf16 values.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
 from lorax_arrays._peft import is_targeted, pattern_key
@@ -249,6 +249,7 @@ def _numpy_apply(params: dict, x, orient: dict, deltas: dict, scale: float):
     return h
 
 
+@settings(max_examples=12)
 @given(
     d_in=st.integers(2, 6),
     d_hid=st.integers(2, 6),
@@ -565,6 +566,10 @@ def test_is_targeted_follows_peft():
 # Saving: refusals and mixed-scale bookkeeping.
 
 
+def jr_key(i):
+    return jax.random.PRNGKey(i)
+
+
 def test_save_refusals(tmp_path):
     import equinox as eqx
 
@@ -572,12 +577,18 @@ def test_save_refusals(tmp_path):
     ad = lx.init_adapter(mlp, lx.LoraRule("weight", rank=2), key=jax.random.PRNGKey(1))
     with pytest.raises(TypeError, match=r"stack\[i\]"):
         lx.save_peft_adapter(tmp_path / "s", lx.stack_adapters([ad, ad]))
-    stacked = {"w": jnp.zeros((3, 4, 5))}
-    sad = lx.init_adapter(
-        stacked, lx.LoraRule("w", rank=2, stack_axes=0), key=jax.random.PRNGKey(1)
+    multi = {"w": jnp.zeros((3, 4, 5))}
+    mad = lx.init_adapter(
+        multi, lx.LoraRule("w", rank=2, in_axes=0, out_axes=(1, 2)), key=jr_key(1)
     )
-    with pytest.raises(ValueError, match="unstacked 2-D"):
-        lx.save_peft_adapter(tmp_path / "t", sad)
+    with pytest.raises(ValueError, match="only 2-D leaves"):
+        lx.save_peft_adapter(tmp_path / "t", mad)
+    stacked = {"blocks": {"w": jnp.zeros((3, 4, 5))}, "w": jnp.zeros((3, 4, 5))}
+    sad = lx.init_adapter(
+        stacked, lx.LoraRule("^w", rank=2, stack_axes=0), key=jr_key(1)
+    )
+    with pytest.raises(ValueError, match="no layer list"):
+        lx.save_peft_adapter(tmp_path / "v", sad)
     with pytest.raises(ValueError, match="two leaves map"):
         lx.save_peft_adapter(tmp_path / "u", ad, key_map=lambda p: "same")
 
@@ -708,3 +719,81 @@ def test_embedding_lora_leaves_a_tied_head_alone(tmp_path):
     # And the difference is real: adapting the head too would change row 0.
     wrong = peft_lookup[np.asarray(tokens[0])] @ peft_lookup.T
     assert np.abs(wrong - refs[0]).max() > 1e-2
+
+
+def _scan_model(params, x, orient):
+    """A scanned stack of square layers, `h = tanh(h @ W[l])` (or `W[l].T`)."""
+
+    def step(h, w):
+        return jnp.tanh(h @ w if orient == "in_out" else h @ w.T), None
+
+    return jax.lax.scan(step, x, params["model"]["layers"]["proj"]["kernel"])[0]
+
+
+@settings(max_examples=6)
+@given(orient=st.sampled_from(["in_out", "out_in"]), seed=st.integers(0, 2**16))
+def test_stacked_layers_load_and_save(tmp_path_factory, orient, seed):
+    """One PEFT module per layer of a scanned stack: layer 1 missing, layer 2 with
+    its own rank and alpha (folded into B); served through `lax.scan`, against
+    float64 NumPy layer by layer; saved back as per-layer modules."""
+    rng = np.random.default_rng(seed)
+    n_layers, d = 3, 5
+    stack_w = rng.standard_normal((n_layers, d, d)).astype(np.float32) * 0.5
+    params = {"model": {"layers": {"proj": {"kernel": jnp.asarray(stack_w)}}}}
+    mods = {
+        "model.layers.0.proj": _factors(rng, d, d, 3),
+        "model.layers.2.proj": _factors(rng, d, d, 2),
+    }
+    extra_cfg = {
+        "lora_alpha": 6,
+        "r": 3,
+        "target_modules": ["proj"],
+        "rank_pattern": {"layers.2.proj": 2},
+        "alpha_pattern": {"layers.2.proj": 1},
+    }
+    tmp = tmp_path_factory.mktemp("stacked")
+    path = _peft_dir(tmp / "in", mods, extra_cfg)
+    with pytest.raises(lx.PeftFormatError, match="orientation="):
+        lx.load_peft_adapter(path, params)  # square layers: nothing decides
+    ad = lx.load_peft_adapter(path, params, orientation=orient)
+    (lay,) = ad.layouts
+    assert lay.stack_axes == (0,) and lay.shape == (n_layers, d, d)
+    x = rng.standard_normal((4, d)).astype(np.float32)
+    out = lx.quaxify(lambda p, x: _scan_model(p, x, orient))(
+        lx.loraify(params, ad, jnp.array([0, -1, 0, 0])), x
+    )
+    scales = {0: 6 / 3, 2: 1 / 2}
+
+    def ref(row, adapted):
+        h = x[row].astype(np.float64)
+        for layer in range(n_layers):
+            w = stack_w[layer].astype(np.float64)
+            if adapted and layer in scales:
+                a, b = mods[f"model.layers.{layer}.proj"]
+                dlt = scales[layer] * (b.astype(np.float64) @ a)  # (out, in)
+                w = w + (dlt.T if orient == "in_out" else dlt)
+            h = np.tanh(h @ w if orient == "in_out" else h @ w.T)
+        return h
+
+    for row, adapted in enumerate([True, False, True, True]):
+        np.testing.assert_allclose(out[row], ref(row, adapted), rtol=1e-4, atol=1e-5)
+    # Back out: one module per adapted layer, the same products.
+    lx.save_peft_adapter(tmp / "out", ad)
+    tensors, _ = read_safetensors(tmp / "out" / "adapter_model.safetensors")
+    assert {k.rsplit(".lora_", 1)[0] for k in tensors} == {
+        "base_model.model.model.layers.0.proj",
+        "base_model.model.model.layers.2.proj",
+    }
+    back = lx.load_peft_adapter(tmp / "out", params, orientation=orient)
+    out2 = lx.quaxify(lambda p, x: _scan_model(p, x, orient))(
+        lx.loraify(params, back, jnp.array([0, -1, 0, 0])), x
+    )
+    np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6)
+    # key_map to (path, layer) works too.
+    km = {
+        "model.layers.0.proj": ("model/layers/proj/kernel", 0),
+        "model.layers.2.proj": ("model/layers/proj/kernel", 2),
+    }
+    by_map = lx.load_peft_adapter(path, params, key_map=km, orientation=orient)
+    for x_, y_ in zip(by_map.weights[lay.path], ad.weights[lay.path]):
+        np.testing.assert_array_equal(np.asarray(x_), np.asarray(y_))

@@ -7,11 +7,12 @@ slices every leaf: with `B == L` that silently gives example `e`'s adapter choic
 to layer `e` instead, so every stack test runs with `B == L` as well as `B != L`.
 
 As in tests/test_models.py, every batched result is compared with each row run
-ALONE through the plain model with its adapter merged in (`lx.merge(base, stack[i])`,
-the base model for `-1`); A and B are random and non-zero, ranks differ, and
-`assert_adapters_matter` checks that adapters move the output by far more than the
-tolerance. Tolerances: forward outputs float32 `rtol = atol = 2e-5` (F32_TOL);
-gradients `rtol = atol = 1e-4` (sums over rows and layers of O(1) terms).
+ALONE through the plain model with its adapter merged in (`einsum_merge(base,
+stack[i])` from model_helpers, not `lx.merge`; the base model for `-1`); A and B are
+random and non-zero, ranks differ, and `assert_adapters_matter` checks that adapters
+move the output by far more than the tolerance. Tolerances: forward outputs float32
+`rtol = atol = 2e-5` (F32_TOL); gradients `rtol = atol = 1e-4` (sums over rows and
+layers of O(1) terms).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tests.model_helpers import (
     F32_TOL,
     assert_adapters_matter,
     assert_close,
+    einsum_merge,
     per_row_reference,
     vmap_styles,
 )
@@ -171,7 +173,7 @@ def test_eqx_scan_gradients_match_merged_reference(eqx_stack):
         # Each row alone, through the plain model with its adapter merged in.
         total = 0.0
         for e, i in enumerate(idx.tolist()):
-            model = layers if i < 0 else lx.merge(layers, st[i])
+            model = layers if i < 0 else einsum_merge(layers, st[i])
             total = total + jnp.sum((scan_layers(model, xs[e]) - targets[e]) ** 2)
         return total
 
