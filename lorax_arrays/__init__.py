@@ -5,10 +5,10 @@ models, through quax's multiple dispatch."""
 # support for quax).
 from . import (
     _compat as _compat,
-    _control_flow as _control_flow,
-    _dot as _dot,
-    _embedding as _embedding,
-    _layout_ops as _layout_ops,
+    _rules_control as _rules_control,
+    _rules_dot as _rules_dot,
+    _rules_layout as _rules_layout,
+    _rules_lookup as _rules_lookup,
 )
 from ._adapters import (
     Adapter as Adapter,
@@ -25,8 +25,10 @@ from ._errors import (
     CheckpointError as CheckpointError,
     IndicesShapeError as IndicesShapeError,
     LoraIndexError as LoraIndexError,
+    PeftFormatError as PeftFormatError,
     UnsupportedOperationError as UnsupportedOperationError,
 )
+from ._explain import explain_strategies as explain_strategies
 from ._loraify import (
     adapter_mask as adapter_mask,
     loraify as loraify,
@@ -34,12 +36,11 @@ from ._loraify import (
     with_indices as with_indices,
 )
 from ._peft import (
-    PeftFormatError as PeftFormatError,
     load_peft_adapter as load_peft_adapter,
     save_peft_adapter as save_peft_adapter,
 )
 from ._quaxify import quaxify as quaxify, register as register
-from ._rules import (
+from ._targeting import (
     LeafLayout as LeafLayout,
     LoraRule as LoraRule,
     RuleMatch as RuleMatch,

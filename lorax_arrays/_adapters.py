@@ -14,7 +14,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._errors import LoraIndexError
-from ._rules import LeafLayout, LoraRule, match_rules
+from ._indices import check_indices
+from ._targeting import LeafLayout, LoraRule, match_rules
 
 BASE = "__base__"
 
@@ -255,16 +256,12 @@ class AdapterStack(eqx.Module):
                     f"AdapterStack.indices: expected adapter names, ints or None, "
                     f"got {w!r} of type {type(w).__name__}."
                 )
-            # -1 is the base model here, so negative numbers do not count from
-            # the end as they do in `stack[i]`.
-            if not -1 <= w < n:
-                raise LoraIndexError(
-                    f"AdapterStack.indices: adapter {w} out of range for {n} "
-                    f"adapters; use 0..{n - 1}, or -1 / None / {BASE!r} for the base "
-                    "model."
-                )
             out.append(w)
-        return jnp.asarray(np.asarray(out, dtype=np.int32))
+        # -1 is the base model here, so negative numbers do not count from the end
+        # as they do in `stack[i]`.
+        out = np.asarray(out, dtype=np.int32)
+        check_indices(out, n)
+        return jnp.asarray(out)
 
 
 def stack_adapters(

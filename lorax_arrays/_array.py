@@ -14,14 +14,19 @@ import quax
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._errors import LoraIndexError, UnsupportedOperationError
-from ._lax import clamp_indices, take
-from ._layout import check_partition, dense_delta, factor_shapes, normalise_axes
+from ._errors import UnsupportedOperationError
+from ._indices import (
+    UnsetIndicesError as UnsetIndicesError,
+    check_indices,
+    clamp_indices,
+    coerce_indices,
+    gathered_scale,
+    require_indices,
+    scalar_needed_message,
+)
+from ._lax import take
+from ._layout import Layout
 from ._strategies import check_strategy
-
-
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def _shape_dtype(w: Any) -> tuple[tuple[int, ...], Any]:
@@ -90,7 +95,9 @@ class BatchedLoraArray(quax.ArrayValue):
     | `indices` | `()` in `vmap`, `(batch,)`, or `(batch, seq)`; `-1` = base only |
 
     Adapters of different ranks are zero-padded to the largest rank;
-    [`lorax_arrays.stack_adapters`][] does that for you.
+    [`lorax_arrays.stack_adapters`][] does that for you. The three axis groups are
+    held as one static `layout` (`in_axes`, `out_axes` and `stack_axes` are
+    properties reading it).
     """
 
     w: Any
@@ -99,9 +106,7 @@ class BatchedLoraArray(quax.ArrayValue):
     scale: Float[Array, " n_adapters"]
     indices: Int[Array, ...] | None
     head_scale: Float[Array, " n_adapters"] | None
-    in_axes: tuple[int, ...] = eqx.field(static=True)
-    out_axes: tuple[int, ...] = eqx.field(static=True)
-    stack_axes: tuple[int, ...] = eqx.field(static=True)
+    layout: Layout = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
     strategy: str = eqx.field(static=True)
 
@@ -147,15 +152,14 @@ class BatchedLoraArray(quax.ArrayValue):
         """
         shape, _ = _shape_dtype(w)
         ndim = len(shape)
-        self.in_axes = normalise_axes(in_axes, ndim, "in_axes")
-        self.out_axes = normalise_axes(out_axes, ndim, "out_axes")
-        self.stack_axes = normalise_axes(stack_axes, ndim, "stack_axes")
+        self.layout = Layout.of(ndim, in_axes, out_axes, stack_axes)
         self.w = w
         self.a = jnp.asarray(a)
         self.b = jnp.asarray(b)
         scale = jnp.asarray(scale)
-        if scale.ndim == 0 and self.a.ndim > len(self.stack_axes):
-            scale = jnp.broadcast_to(scale, (self.a.shape[len(self.stack_axes)],))
+        ns = self.layout.n_stack
+        if scale.ndim == 0 and self.a.ndim > ns:
+            scale = jnp.broadcast_to(scale, (self.a.shape[ns],))
         if not jnp.issubdtype(scale.dtype, jnp.inexact):
             scale = scale.astype(jnp.float32)
         self.scale = scale
@@ -164,22 +168,14 @@ class BatchedLoraArray(quax.ArrayValue):
             if not jnp.issubdtype(head_scale.dtype, jnp.inexact):
                 head_scale = head_scale.astype(jnp.float32)
         self.head_scale = head_scale
-        if indices is not None:
-            if isinstance(indices, (list, tuple, int, float, bool)):
-                # Python numbers: ints become int32; anything else keeps its dtype
-                # so that `check_indices` refuses it instead of truncating floats.
-                indices = np.asarray(indices)
-                if np.issubdtype(indices.dtype, np.integer) or indices.size == 0:
-                    indices = indices.astype(np.int32)
-            indices = jnp.asarray(indices)
-        self.indices = indices
+        self.indices = coerce_indices(indices)
         self.allow_materialise = bool(allow_materialise)
         self.strategy = check_strategy(strategy)
 
     def __check_init__(self):
         shape, dtype = _shape_dtype(self.w)
         what = f"BatchedLoraArray(w.shape={shape})"
-        check_partition(len(shape), self.in_axes, self.out_axes, self.stack_axes, what)
+        self.layout.check(len(shape), what)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(f"{what}: `w` must be floating point, got dtype {dtype}.")
         for name in ("a", "b", "scale"):
@@ -188,20 +184,16 @@ class BatchedLoraArray(quax.ArrayValue):
                 raise TypeError(
                     f"{what}: `{name}` must be floating point, got dtype {arr.dtype}."
                 )
-        ns = len(self.stack_axes)
+        ns = self.layout.n_stack
         if self.a.ndim != ns + len(self.in_axes) + 2:
-            exp_a, _ = factor_shapes(
-                shape, self.in_axes, self.out_axes, self.stack_axes, 0, 0
-            )
+            exp_a, _ = self.layout.factor_shapes(shape, 0, 0)
             raise ValueError(
                 f"{what}: `a` has shape {self.a.shape}; expected "
                 f"(*stack, n_adapters, *in, rank) = {_pretty(exp_a)} "
                 f"({ns + len(self.in_axes) + 2} axes)."
             )
         n, rank = self.a.shape[ns], self.a.shape[-1]
-        exp_a, exp_b = factor_shapes(
-            shape, self.in_axes, self.out_axes, self.stack_axes, rank, n
-        )
+        exp_a, exp_b = self.layout.factor_shapes(shape, rank, n)
         if self.a.shape != exp_a:
             raise ValueError(
                 f"{what}: `a` has shape {self.a.shape}; expected "
@@ -235,16 +227,28 @@ class BatchedLoraArray(quax.ArrayValue):
         return jax.core.ShapedArray(shape, dtype)
 
     def materialise(self) -> Array:
-        """The dense weight `w + scale[i] * a[i] ⊗ b[i]`, only with scalar indices.
+        """The dense weight `w + scale[i] * a[i] ⊗ b[i]`, of the array's own shape
+        (`aval()`), so only with scalar indices (one adapter for the whole array,
+        as inside `jax.vmap`).
 
         Refuses unless `allow_materialise=True`: the point of this type is never to
-        build it.
+        build it. With per-example indices, one dense weight of this shape cannot
+        hold each example's adapter: an error too.
         """
         if not self.allow_materialise:
             raise UnsupportedOperationError(
                 "Refusing to materialise a BatchedLoraArray into the dense W + AB. "
                 "Pass `allow_materialise=True` (to `lx.loraify` or the "
                 "BatchedLoraArray constructor) to allow it."
+            )
+        indices = require_indices(self)
+        if indices.ndim:
+            raise UnsupportedOperationError(
+                scalar_needed_message(
+                    "Materialising a BatchedLoraArray gives one dense weight of its "
+                    f"own shape {tuple(self.shape)}",
+                    indices.shape,
+                )
             )
         return materialise_per_example(self)
 
@@ -259,13 +263,12 @@ class BatchedLoraArray(quax.ArrayValue):
             if isinstance(v, BatchedLoraArray):
                 if v.indices is not None and v.indices.ndim > 0:
                     raise UnsupportedOperationError(
-                        f"`{primitive.name}` has no low-rank rule, and materialising "
-                        "was allowed, but the BatchedLoraArray holds per-example "
-                        f"indices of shape {v.indices.shape}: one dense weight per "
-                        "example cannot stand in for a single weight here. Run the "
-                        "model under `jax.vmap` with per-example (scalar) indices "
-                        "(see `lx.with_indices`), or register a rule for "
-                        f"`{primitive.name}` with `lx.register`."
+                        scalar_needed_message(
+                            f"`{primitive.name}` has no low-rank rule, and "
+                            "materialising was allowed (or register a rule for "
+                            f"`{primitive.name}` with `lx.register`)",
+                            v.indices.shape,
+                        )
                     )
                 arrays.append(v.materialise())
             elif isinstance(v, quax.Value):
@@ -344,9 +347,24 @@ class BatchedLoraArray(quax.ArrayValue):
     # -- conveniences -----------------------------------------------------------
 
     @property
+    def in_axes(self) -> tuple[int, ...]:
+        """The axes of `w` an activation contracts with (`layout.in_axes`)."""
+        return self.layout.in_axes
+
+    @property
+    def out_axes(self) -> tuple[int, ...]:
+        """The axes of `w` the product produces (`layout.out_axes`)."""
+        return self.layout.out_axes
+
+    @property
+    def stack_axes(self) -> tuple[int, ...]:
+        """The layer-stack axes of `w` (`layout.stack_axes`)."""
+        return self.layout.stack_axes
+
+    @property
     def n_adapters(self) -> int:
         """How many adapters are stacked."""
-        return self.a.shape[len(self.stack_axes)]
+        return self.a.shape[self.layout.n_stack]
 
     @property
     def rank(self) -> int:
@@ -369,7 +387,8 @@ class BatchedLoraArray(quax.ArrayValue):
 
         **Arguments:**
 
-        - `**changes`: new values for any of the constructor's arguments.
+        - `**changes`: new values for any of the constructor's arguments, or a
+            `layout` (a `Layout`) in place of `in_axes`/`out_axes`/`stack_axes`.
 
         **Returns:**
 
@@ -388,6 +407,13 @@ class BatchedLoraArray(quax.ArrayValue):
             strategy=self.strategy,
             head_scale=self.head_scale,
         )
+        layout = changes.pop("layout", None)
+        if layout is not None:
+            kwargs.update(
+                in_axes=layout.in_axes,
+                out_axes=layout.out_axes,
+                stack_axes=layout.stack_axes,
+            )
         kwargs.update(changes)
         return BatchedLoraArray(**kwargs)
 
@@ -398,17 +424,11 @@ def swap_in_out(lora: BatchedLoraArray) -> BatchedLoraArray:
     exchange roles and A and B exchange places. Used for tied output heads
     (`h @ E.T`) and row lookups along an output axis. Read that way, the adapters
     are scaled by `head_scale` (where set), and swapping back restores `scale`."""
-    ns = len(lora.stack_axes)
     scales = {}
     if lora.head_scale is not None:
         scales = dict(scale=lora.head_scale, head_scale=lora.scale)
-    return lora.replace(
-        a=jnp.moveaxis(lora.b, ns + 1, -1),  # (*stack, n, *out, r)
-        b=jnp.moveaxis(lora.a, -1, ns + 1),  # (*stack, n, r, *in)
-        in_axes=lora.out_axes,
-        out_axes=lora.in_axes,
-        **scales,
-    )
+    a, b = lora.layout.swap_factors(lora.a, lora.b)
+    return lora.replace(a=a, b=b, layout=lora.layout.swapped(), **scales)
 
 
 def _pretty(shape: tuple[int, ...]) -> str:
@@ -433,52 +453,24 @@ def freeze(w: Any) -> Any:
     return lax.stop_gradient(w)
 
 
-def check_indices(indices: Any, n_adapters: int) -> None:
-    """Dtype always; range only when the values are concrete."""
-    if not jnp.issubdtype(indices.dtype, jnp.integer):
-        raise TypeError(
-            f"`indices` must be an integer array (adapter numbers, -1 for the base "
-            f"weight); got dtype {indices.dtype}. Convert with "
-            "`jnp.asarray(indices, jnp.int32)`."
-        )
-    if _is_traced(indices) or indices.size == 0:
-        return
-    values = np.asarray(indices)
-    lo, hi = int(values.min()), int(values.max())
-    if lo < -1 or hi >= n_adapters:
-        bad = lo if lo < -1 else hi
-        raise LoraIndexError(
-            f"adapter index {bad} is out of range: there are {n_adapters} adapters, "
-            f"so indices must lie in [-1, {n_adapters - 1}] (-1 = base weight only)."
-        )
-
-
-def gathered_scale(scale: Array, indices: Array, safe: Array | None = None) -> Array:
-    """`scale[indices]`, and 0 where `indices == -1`. `safe` is the clamped
-    indices, when the caller has them already."""
-    if safe is None:
-        safe = clamp_indices(indices, scale.shape[0])
-    keep = lax.ge(indices, lax.full_like(indices, 0))
-    return lax.select(keep, take(scale, safe, 0), lax.full_like(safe, 0, scale.dtype))
-
-
-def materialise_per_example(lora: BatchedLoraArray) -> Array:
-    """`w + s·a⊗b` with one extra leading axis per axis of `indices`.
+def materialise_per_example(
+    lora: BatchedLoraArray, indices: Array | None = None
+) -> Array:
+    """`w + s·a⊗b` with one extra leading axis per axis of `indices` (by default
+    the array's own; a rule passes them regrouped onto its activation).
 
     With scalar indices this is exactly the weight's shape.
     """
-    if lora.indices is None:
-        raise UnsetIndicesError.for_array(lora)
-    ns = len(lora.stack_axes)
-    idx = clamp_indices(lora.indices, lora.n_adapters)
-    s = gathered_scale(lora.scale, lora.indices, idx)
+    if indices is None:
+        indices = require_indices(lora)
+    ns = lora.layout.n_stack
+    idx = clamp_indices(indices, lora.n_adapters)
+    s = gathered_scale(lora.scale, indices, idx)
     # Move the gathered example axes (at ns, ..., ns + k - 1) to the front.
     src, dst = tuple(range(ns, ns + idx.ndim)), tuple(range(idx.ndim))
     a = jnp.moveaxis(take(lora.a, idx, ns), src, dst)
     b = jnp.moveaxis(take(lora.b, idx, ns), src, dst)
-    delta_fn = lambda a_, b_: dense_delta(  # noqa: E731
-        a_, b_, lora.in_axes, lora.out_axes, lora.stack_axes
-    )
+    delta_fn = lora.layout.dense_delta
     for _ in range(idx.ndim):
         delta_fn = jax.vmap(delta_fn)
     delta = delta_fn(a, b)
@@ -500,17 +492,3 @@ def _unsupported_message(primitive, lora: BatchedLoraArray) -> str:
         "`allow_materialise=True` (in `lx.loraify(...)` or the BatchedLoraArray "
         "constructor), which costs a dense copy of W per example."
     )
-
-
-class UnsetIndicesError(ValueError):
-    """Raised when a BatchedLoraArray is used before its indices are set."""
-
-    @classmethod
-    def for_array(cls, lora: BatchedLoraArray) -> UnsetIndicesError:
-        return cls(
-            f"This BatchedLoraArray (weight shape {lora.shape}) has no indices: "
-            "say which adapter each example uses with "
-            "`tree = lx.with_indices(tree, indices)` (or `lx.loraify(tree, "
-            "adapters, indices)`); use -1 for rows that should see the base "
-            "weight alone."
-        )

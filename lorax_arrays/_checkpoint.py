@@ -48,7 +48,7 @@ from ._adapters import Adapter, AdapterStack
 from ._errors import CheckpointError
 from ._layout import check_partition
 from ._paths import close_matches
-from ._rules import LeafLayout, candidate_leaves
+from ._targeting import LeafLayout, candidate_leaves
 
 FORMAT = "lorax_arrays.adapter"
 FORMAT_VERSION = 1

@@ -15,3 +15,8 @@ class IndicesShapeError(ValueError):
 
 class CheckpointError(ValueError):
     """A saved adapter checkpoint is missing, incomplete, corrupted or not ours."""
+
+
+class PeftFormatError(ValueError):
+    """A PEFT directory that cannot be loaded faithfully: an unsupported feature,
+    an inconsistent config, or a key or module that has no place in the tree."""

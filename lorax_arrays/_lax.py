@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 from jax import lax
 from jaxtyping import Array
-
-
-def clamp_indices(indices: Array, n: int) -> Array:
-    """Indices clamped into `[0, n)` (-1, base only, reads adapter 0, whose term the
-    zero scale of `gathered_scale` then removes)."""
-    lo, hi = np.zeros((), indices.dtype), np.full((), n - 1, indices.dtype)
-    return lax.clamp(lo, indices, hi)
 
 
 def take(x: Array, safe: Array, axis: int) -> Array:

@@ -9,14 +9,12 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jaxtyping import ArrayLike, Int
 
 from ._adapters import Adapter, AdapterStack, stack_adapters
 from ._array import BatchedLoraArray
-from ._layout import dense_delta
+from ._indices import coerce_indices
 from ._paths import close_matches, flatten_with_paths
 
 
@@ -52,21 +50,6 @@ def _replace_at_paths(tree: Any, fn, paths: Sequence[str], what: str) -> Any:
     return jtu.tree_unflatten(treedef, new)
 
 
-def _to_indices(indices: Any) -> Any:
-    if indices is None:
-        return None
-    if isinstance(indices, (list, tuple, int, float)):
-        values = np.asarray(indices)
-        if values.size and not np.issubdtype(values.dtype, np.integer):
-            # np.asarray(..., dtype=int32) would silently truncate 0.5 to 0.
-            raise TypeError(
-                "`indices` must be integers (adapter numbers, -1 for the base "
-                f"weight); got {indices!r} (dtype {values.dtype})."
-            )
-        return jnp.asarray(values.astype(np.int32))
-    return indices
-
-
 def loraify(
     tree: Any,
     adapters: AdapterStack | Adapter | Sequence[Adapter],
@@ -98,7 +81,7 @@ def loraify(
     A copy of `tree` whose adapted leaves are `BatchedLoraArray`s.
     """
     stack = _as_stack(adapters)
-    indices = _to_indices(indices)
+    indices = coerce_indices(indices)
     layouts = {lay.path: lay for lay in stack.layouts}
     head_scales = {
         path: stack.head_scales(path)
@@ -152,7 +135,7 @@ def with_indices(tree: Any, indices: Int[ArrayLike, ...]) -> Any:
 
     A copy of `tree` whose BatchedLoraArrays use `indices`.
     """
-    indices = _to_indices(indices)
+    indices = coerce_indices(indices)
     found = False
 
     def swap(x):
@@ -213,7 +196,7 @@ def merge(tree: Any, adapter: Adapter) -> Any:
                 f"the tree's leaf there has shape {tuple(leaf.shape)}."
             )
         a, b = adapter.weights[path]
-        delta = dense_delta(a, b, lay.in_axes, lay.out_axes, lay.stack_axes)
+        delta = lay.layout.dense_delta(a, b)
         return (leaf + adapter.scale(path) * delta).astype(leaf.dtype)
 
     return _replace_at_paths(base, fold, adapter.paths, "merge")

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._adapters import Adapter, AdapterStack
-from ._rules import LeafLayout, candidate_leaves
+from ._errors import PeftFormatError
 from ._safetensors import read_safetensors, write_safetensors
+from ._targeting import LeafLayout, candidate_leaves
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -70,11 +71,6 @@ _UNSUPPORTED = {
 # Initialisations that rewrite the base weights: the adapter then only makes
 # sense on top of a base model we do not have.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
-
-
-class PeftFormatError(ValueError):
-    """A PEFT directory that cannot be loaded faithfully: an unsupported feature,
-    an inconsistent config, or a key or module that has no place in the tree."""
 
 
 # ----------------------------------------------------------------------------

@@ -29,12 +29,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._lax import clamp_indices, convert, take
+from ._indices import clamp_indices
+from ._lax import convert, take
 
 STRATEGIES = ("auto", "gather", "segment", "dense")
 
@@ -78,15 +80,83 @@ def segment_kernel(kernel: str | None):
         _segment_kernel.reset(token)
 
 
-def resolve(array_strategy: str, shapes: tuple[int, ...]) -> str:
-    """The strategy to use: a per-call override, else the array's, else `auto`."""
-    strategy = _call_strategy.get() or array_strategy
-    return choose(*shapes) if strategy == "auto" else strategy
+class StrategyChoice(NamedTuple):
+    """One decision of `resolve`, as `lx.explain_strategies` reports it."""
+
+    primitive: str
+    shapes: dict[str, Any]
+    strategy: str
+    reason: str
+
+
+# Where `resolve` records its decisions while `record_strategies` is active.
+_recorded: contextvars.ContextVar[list[StrategyChoice] | None] = contextvars.ContextVar(
+    "lorax_arrays_recorded_strategies", default=None
+)
+
+
+@contextlib.contextmanager
+def record_strategies():
+    """Collects every `resolve` decision traced inside the block into the list it
+    yields."""
+    records: list[StrategyChoice] = []
+    token = _recorded.set(records)
+    try:
+        yield records
+    finally:
+        _recorded.reset(token)
+
+
+def resolve(
+    array_strategy: str,
+    shapes: tuple[int, ...],
+    *,
+    primitive: str = "dot_general",
+    operands: dict[str, Any] | None = None,
+) -> str:
+    """The strategy to use: a per-call override, else the array's, else `auto`.
+
+    `shapes` are the canonical sizes `(S, G, R, d_in, d_out, n, rank)`;
+    `operands` (the operands' shapes, by name) and `primitive` only label the
+    decision when it is being recorded (`record_strategies`).
+    """
+    forced = _call_strategy.get()
+    strategy = forced or array_strategy
+    chosen = choose(*shapes) if strategy == "auto" else strategy
+    records = _recorded.get()
+    if records is not None:
+        records.append(
+            _explained(primitive, shapes, operands, forced, chosen, strategy)
+        )
+    return chosen
+
+
+def _explained(primitive, shapes, operands, forced, chosen, strategy):
+    names = ("S", "G", "R", "d_in", "d_out", "n_adapters", "rank")
+    sizes = dict(zip(names, shapes))
+    if forced:
+        reason = f"forced for this call: `lx.quaxify(f, strategy={forced!r})`"
+    elif strategy != "auto":
+        reason = f"the array's own `strategy={strategy!r}`"
+    elif sizes["G"] <= 1:
+        reason = "auto: a single indexed row (G = 1), whose adapter is gathered once"
+    else:
+        reason = (
+            "auto: the cheapest by the cost model (flops plus bytes moved, for the "
+            f"{jax.default_backend()} backend) for G = {sizes['G']} indexed rows of "
+            f"R = {sizes['R']} tokens over {sizes['n_adapters']} adapters"
+        )
+    if sizes["n_adapters"] == 1:
+        reason += "; with one adapter every strategy is the plain LoRA product"
+    return StrategyChoice(primitive, {**(operands or {}), **sizes}, chosen, reason)
 
 
 def choose(s: int, g: int, r_tok: int, d_in: int, d_out: int, n: int, rank: int):
     """`auto`: the cheapest strategy by a rough cost model (flops, plus bytes moved
-    weighted by the backend's flops-per-byte)."""
+    weighted by the backend's flops-per-byte). The sizes of the canonical problem;
+    `s` (the stack groups) multiplies every cost alike, so it never changes the
+    choice."""
+    del s
     if g <= 1:
         return "gather"
     per_byte = 4.0 if jax.default_backend() == "cpu" else 64.0
@@ -108,10 +178,6 @@ def low_rank(strategy, x, a, b, ids, s, *, precision=None, pref=None):
         return _single(x, a, b, s, precision, pref)
     fn = {"gather": _gather, "dense": _dense, "segment": _segment}[strategy]
     return fn(x, a, b, ids, s, precision, pref)
-
-
-def _einsum(spec, *ops, precision, pref):
-    return jnp.einsum(spec, *ops, precision=precision, preferred_element_type=pref)
 
 
 def _bmm(x, y, precision, pref):

@@ -1,42 +1,123 @@
-"""Sentinels for what `lorax_arrays/_compat.py` patches into quax.
+"""Sentinels and checks for what `lorax_arrays/_compat.py` patches into quax.
 
 When one of these fails after a quax upgrade, quax has changed under us: check
 whether the patch is still needed (and whether quax's own version keeps the custom
 backward pass of a `jax.custom_vjp` function applied to plain activations, which
-tests/test_control_flow.py checks).
+tests/test_control_flow.py checks), then update `CUSTOM_VJP_PATCH_VERSIONS`.
 """
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
+import pytest
 import quax
 from quax._trace import _QuaxTrace
+from quax.examples.lora import LoraArray
 
-import lorax_arrays as lx
-
-
-def test_quax_does_not_handle_custom_vjp_itself():
-    assert lx._compat.QUAX_HANDLES_CUSTOM_VJP is False, (
-        "quax now handles custom_vjp itself: check whether "
-        "lorax_arrays/_compat.py's patch is still needed"
-    )
+from lorax_arrays import _compat
 
 
-def test_patch_is_installed_on_quax_trace():
-    assert "process_custom_vjp_call" in _QuaxTrace.__dict__
-    assert _QuaxTrace.process_custom_vjp_call is lx._compat._process_custom_vjp_call
+def _doubling_grad():
+    """`sin` whose custom backward pass doubles the gradient."""
 
-
-def test_patched_custom_vjp_runs_its_backward_pass_under_plain_quaxify():
-    # The patch is on quax's trace, so plain `quax.quaxify` (no BatchedLoraArray
-    # anywhere) gets it too: the custom backward pass (doubling) is used.
     @jax.custom_vjp
     def f(x):
         return jnp.sin(x)
 
     f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (2.0 * g * jnp.cos(x),))
-    x = jnp.linspace(-1.0, 1.0, 5)
-    grad = jax.grad(lambda v: quax.quaxify(f)(v).sum())(x)
-    np.testing.assert_allclose(grad, 2.0 * np.cos(x), rtol=1e-6)
+    return f
+
+
+@pytest.fixture
+def unpatched(monkeypatch):
+    """quax's trace as quax ships it: our method removed for the test."""
+    if _compat.PATCHED_CUSTOM_VJP:
+        monkeypatch.delattr(_QuaxTrace, "process_custom_vjp_call")
+    assert "process_custom_vjp_call" not in _QuaxTrace.__dict__
+
+
+def test_quax_does_not_handle_custom_vjp_itself():
+    assert _compat.QUAX_HANDLES_CUSTOM_VJP is False, (
+        "quax now handles custom_vjp itself: check whether "
+        "lorax_arrays/_compat.py's patch is still needed"
+    )
+
+
+def test_quax_version_is_one_the_patch_is_known_to_work_with():
+    lo, hi = _compat.CUSTOM_VJP_PATCH_VERSIONS
+    assert lo <= _compat.QUAX_VERSION < hi, (
+        f"quax {_compat.QUAX_VERSION} is outside {lo} <= version < {hi}, the "
+        "versions lorax_arrays/_compat.py's custom_vjp patch is known to work with, "
+        "so it is not applied: check the patch against this quax and widen "
+        "CUSTOM_VJP_PATCH_VERSIONS (or drop the patch if quax handles custom_vjp)"
+    )
+    assert _compat.PATCHED_CUSTOM_VJP
+
+
+def test_the_patch_is_applied_only_in_the_known_range():
+    assert _compat._version_tuple("0.4.6") == (0, 4, 6)
+    assert _compat._version_tuple("0.5.0rc1") == (0, 5, 0)
+    assert _compat.should_patch((0, 4, 6), quax_handles_it=False)
+    assert _compat.should_patch((0, 4, 12), quax_handles_it=False)
+    assert not _compat.should_patch((0, 4, 6), quax_handles_it=True)
+    assert not _compat.should_patch((0, 4, 5), quax_handles_it=False)
+    assert not _compat.should_patch((0, 5, 0), quax_handles_it=False)
+    assert not _compat.should_patch((1, 0), quax_handles_it=False)
+
+
+def _quax_lora():
+    w = jr.normal(jr.key(0), (4, 3))
+    lora = LoraArray(w, rank=2, key=jr.key(1))
+    # b starts at zero; make the adaptation visible.
+    return eqx.tree_at(lambda m: m.b, lora, jnp.ones_like(lora.b))
+
+
+def _loss(x, m):
+    # A custom_vjp of an activation that a quax value produced (`x @ m` is a quax
+    # tracer of a plain array): the case the patch is for.
+    return _doubling_grad()(x @ m).sum()
+
+
+X = jnp.linspace(-1.0, 1.0, 4)
+
+
+def test_without_the_patch_quax_refuses_custom_vjp(unpatched):
+    # What the patch is for: quax as shipped raises for a custom_vjp that meets
+    # its trace, even on plain activations.
+    with pytest.raises(NotImplementedError, match="custom_vjp"):
+        jax.grad(quax.quaxify(_loss))(X, _quax_lora())
+
+
+def test_patched_custom_vjp_runs_its_backward_pass_under_plain_quaxify():
+    """Plain `quax.quaxify` (no BatchedLoraArray anywhere) gets the patch too:
+    quax's LoraArray keeps its matmul rule, and the custom backward pass (doubling)
+    is used."""
+    lora = _quax_lora()
+    got = jax.grad(quax.quaxify(_loss))(X, lora)
+    dense = np.asarray(lora.w + lora.a @ lora.b)
+    expected = dense @ (2.0 * np.cos(np.asarray(X) @ dense))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+
+
+def _custom_vjp_error(fn, *args):
+    with pytest.raises(Exception) as info:
+        quax.quaxify(fn)(*args)
+    return type(info.value), str(info.value)
+
+
+def test_other_quax_values_in_a_custom_vjp_behave_as_without_the_patch(monkeypatch):
+    """quax's own LoraArray given to a custom_vjp function: the same error as quax
+    raises natively (not ours, which is about BatchedLoraArrays)."""
+    f = _doubling_grad()
+    lora = _quax_lora()
+    patched = _custom_vjp_error(f, lora)
+    assert _QuaxTrace.process_custom_vjp_call is _compat._process_custom_vjp_call
+    monkeypatch.delattr(_QuaxTrace, "process_custom_vjp_call")
+    native = _custom_vjp_error(f, lora)
+    assert patched[0] is native[0] and patched[0] is NotImplementedError
+    assert patched[1] == native[1]
+    assert "BatchedLoraArray" not in patched[1]

@@ -1,4 +1,7 @@
-"""Embedding lookups on an adapted table: `E[tokens]` keeps the low-rank form.
+"""Dispatch rules for lookups: `E[tokens]` keeps the low-rank form.
+
+Registers: `gather`, `dynamic_slice`. Also here: `squeezed_lookup`, which the
+`squeeze` rule (`_rules_layout.py`) hands a squeeze that leaves a single row.
 
 For a table `w: (vocab, d)` adapted with `in_axes=(0,)` (the vocabulary axis is what
 a one-hot token contracts with) and `out_axes=(1,)`, the lookup of token `t` for an
@@ -22,16 +25,16 @@ import jax.numpy as jnp
 import quax
 from jax import lax
 
-from ._array import (
-    BatchedLoraArray,
-    UnsetIndicesError,
-    bind,
-    gathered_scale,
-    materialise_per_example,
-    swap_in_out,
-)
+from ._array import BatchedLoraArray, bind, swap_in_out
 from ._errors import IndicesShapeError, UnsupportedOperationError
-from ._lax import clamp_indices, convert, take
+from ._indices import (
+    align_indices,
+    clamp_indices,
+    gathered_scale,
+    require_indices,
+    scalar_needed_message,
+)
+from ._lax import convert, take
 
 
 def _lookup_view(lora: BatchedLoraArray, axis: int, what: str):
@@ -47,18 +50,11 @@ def _lookup_view(lora: BatchedLoraArray, axis: int, what: str):
 
 
 def _rows_delta(lora, a, b, tokens, what):
-    """`s[i] * a[i, tok] @ b[i]` for tokens whose leading axes are the indices'."""
-    if lora.indices is None:
-        raise UnsetIndicesError.for_array(lora)
-    idx = lora.indices
-    k = idx.ndim
-    if tuple(tokens.shape[:k]) != tuple(idx.shape):
-        raise IndicesShapeError(
-            f"{what}: token ids of shape {tuple(tokens.shape)} index an adapted "
-            f"embedding table, but the adapter indices have shape {tuple(idx.shape)}"
-            "; the leading axes of the token ids must equal the indices' shape "
-            "(give per-token indices if the model flattens batch and sequence)."
-        )
+    """`s[i] * a[i, tok] @ b[i]` for tokens whose leading axes are the indices'
+    (or a row-major regrouping of them: `(B*T,)` tokens with `(B, T)` indices)."""
+    table = f"{what}: the token ids (shape {tuple(tokens.shape)}) of an adapted table"
+    idx, lead = align_indices(require_indices(lora), tokens.shape, table)
+    k = len(lead)
     n, vocab, rank = a.shape
     safe = clamp_indices(idx, n)
     # rows[..] = a[safe[i], tokens[i, ..]]: one gather over (adapter, row) pairs.
@@ -143,9 +139,9 @@ def _(operand: BatchedLoraArray, *starts, slice_sizes):
     delta = _rows_delta(operand, a, b, token, what)  # (*I, d)
     if delta.ndim != 1:
         raise IndicesShapeError(
-            f"{what}: one token is looked up, but the adapter indices have shape "
-            f"{tuple(operand.indices.shape)}. Inside `jax.vmap`, set one example's "
-            "scalar index with `lx.with_indices`."
+            scalar_needed_message(
+                f"{what}: one token is looked up", operand.indices.shape
+            )
         )
     delta = jnp.expand_dims(delta, axis)
     return base + delta.astype(base.dtype)
@@ -184,7 +180,6 @@ def _dynamic_block(lora: BatchedLoraArray, starts, sizes) -> BatchedLoraArray:
     axes, with the same (clamped) starts. The common case: one layer of a stack
     inside `fori_loop` (`lax.dynamic_index_in_dim(W, i)`, `W[i]` with a traced `i`),
     a dynamic slice of the stack axis followed by a squeeze."""
-    ns = len(lora.stack_axes)
     starts = [jnp.asarray(st, jnp.int32) for st in starts]
     zero = jnp.zeros((), jnp.int32)
     a_starts, a_sizes = [zero] * lora.a.ndim, list(lora.a.shape)
@@ -192,12 +187,7 @@ def _dynamic_block(lora: BatchedLoraArray, starts, sizes) -> BatchedLoraArray:
     for ax in range(lora.ndim):
         if sizes[ax] == lora.shape[ax]:
             continue
-        if ax in lora.stack_axes:
-            pos_a = pos_b = lora.stack_axes.index(ax)
-        elif ax in lora.in_axes:
-            pos_a, pos_b = ns + 1 + lora.in_axes.index(ax), None
-        else:
-            pos_a, pos_b = None, ns + 2 + lora.out_axes.index(ax)
+        pos_a, pos_b = lora.layout.factor_axes(ax)
         if pos_a is not None:
             a_starts[pos_a], a_sizes[pos_a] = starts[ax], sizes[ax]
         if pos_b is not None:
@@ -216,18 +206,28 @@ def squeezed_lookup(lora: BatchedLoraArray, dims: tuple[int, ...]):
 
     The result is a plain array the size of the row, `w[3] + s_i * a[i, 3] @ b[i]`,
     which needs one adapter for the whole call: scalar indices (inside `jax.vmap`).
+    It is computed as a lookup is (the rank-`r` product of the squeezed factors,
+    the row's own size), never by materialising `W + AB`, so it needs no
+    `allow_materialise`; per-example indices are refused with or without it, since
+    one row cannot hold each example's adapter.
     """
-    if lora.indices is None:
-        raise UnsetIndicesError.for_array(lora)
-    if lora.indices.ndim:
+    indices = require_indices(lora)
+    if indices.ndim:
         raise UnsupportedOperationError(
-            f"Squeezing axes {tuple(dims)} of a BatchedLoraArray of shape "
-            f"{lora.shape} (in_axes={lora.in_axes}, out_axes={lora.out_axes}) leaves "
-            "no input or no output axis: the result is one row or column of the "
-            "table (a static lookup such as `E[3]`), a single vector, but the "
-            f"adapter indices have shape {tuple(lora.indices.shape)} and one vector "
-            "cannot hold each example's adapter. Look rows up with an array of "
-            "token ids, one per example (`E[tokens]`), or, inside `jax.vmap`, set "
-            "one example's scalar index with `lx.with_indices`."
+            scalar_needed_message(
+                f"Squeezing axes {tuple(dims)} of a BatchedLoraArray of shape "
+                f"{lora.shape} (in_axes={lora.in_axes}, out_axes={lora.out_axes}) "
+                "leaves no input or no output axis: the result is one row or "
+                "column of the table (a static lookup such as `E[3]`; look rows up "
+                "with an array of token ids instead, `E[tokens]`)",
+                indices.shape,
+            )
         )
-    return jnp.squeeze(materialise_per_example(lora), dims)
+    safe = clamp_indices(indices, lora.n_adapters)
+    s = gathered_scale(lora.scale, indices, safe)
+    ns = lora.layout.n_stack
+    a, b = lora.layout.squeeze_factors(lora.a, lora.b, dims)
+    delta = lora.layout.squeezed(dims).dense_delta(take(a, safe, ns), take(b, safe, ns))
+    w = bind(lax.squeeze_p, lora.frozen_w, dimensions=dims)
+    w = quax.quaxify(jnp.asarray)(w) if isinstance(w, quax.Value) else w
+    return (w + convert(s, delta.dtype) * delta).astype(w.dtype)

@@ -1,4 +1,8 @@
-"""`LoraRule`: which leaves get a LoRA, and how their axes are laid out."""
+"""Targeting: `LoraRule`, which leaves of a tree get a LoRA, and how their axes are
+laid out (`LeafLayout`), previewed by `match_rules`.
+
+Not dispatch rules: those are the `_rules_*.py` modules.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._array import BatchedLoraArray
-from ._layout import check_partition, normalise_axes
-from ._paths import flatten_with_paths, path_str
+from ._layout import Layout, normalise_axes
+from ._paths import flatten_with_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +80,12 @@ class LoraRule:
 
 @dataclasses.dataclass(frozen=True)
 class LeafLayout:
-    """How one adapted leaf is laid out: static metadata of adapters and matches."""
+    """How one adapted leaf is laid out: static metadata of adapters and matches.
+
+    Its path and shape, and the axis groups of its `layout` (a `Layout`; the three
+    tuples are also fields, so `LeafLayout(path, shape, in_axes, out_axes,
+    stack_axes)` builds one).
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -85,24 +94,24 @@ class LeafLayout:
     stack_axes: tuple[int, ...]
 
     @property
+    def layout(self) -> Layout:
+        """The axis groups as a `Layout`."""
+        return Layout(self.in_axes, self.out_axes, self.stack_axes)
+
+    @property
     def stack_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.stack_axes)
+        return self.layout.stack_shape(self.shape)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.in_axes)
+        return self.layout.in_shape(self.shape)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.out_axes)
+        return self.layout.out_shape(self.shape)
 
     def compatible(self, other: LeafLayout) -> bool:
-        return (self.shape, self.in_axes, self.out_axes, self.stack_axes) == (
-            other.shape,
-            other.in_axes,
-            other.out_axes,
-            other.stack_axes,
-        )
+        return (self.shape, self.layout) == (other.shape, other.layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +291,7 @@ def _infer_layout_unchecked(path: str, shape, rule: LoraRule, is_linear_weight: 
             "out_axes=(1, 2))` for a Flax DenseGeneral kernel of shape (in, heads, "
             "head_dim)."
         )
-    check_partition(ndim, ins, outs, stack, f"LoraRule({rule.pattern!r}) on {path!r}")
+    Layout(ins, outs, stack).check(ndim, f"LoraRule({rule.pattern!r}) on {path!r}")
     return LeafLayout(path, tuple(shape), ins, outs, stack)
 
 
@@ -356,5 +365,4 @@ __all__ = [
     "RuleMatch",
     "RuleMatches",
     "match_rules",
-    "path_str",
 ]

@@ -1,4 +1,13 @@
-"""The `dot_general` rewrite: `x · (W + s·AB)  ->  x · W + s · ((x · A[i]) · B[i])`."""
+"""Dispatch rules for `dot_general` (`@`, `jnp.dot`, `jnp.matmul`, `jnp.einsum`).
+
+Registers: `dot_general` (a BatchedLoraArray on either side, or on both: an error).
+
+The rewrite `x · (W + s·AB)  ->  x · W + s · ((x · A[i]) · B[i])`: the array's
+`Layout` says whether the contraction reads its in-axes (the product) or its
+out-axes (a tied head, read the other way round), and gives the permutations to the
+canonical problem of `_strategies.py`; `_indices.align_indices` lines the adapter
+indices up with the activation's leading free axes.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +21,9 @@ from jax import lax
 from jaxtyping import ArrayLike
 
 from . import _lax
-from ._array import (
-    BatchedLoraArray,
-    UnsetIndicesError,
-    bind,
-    gathered_scale,
-    materialise_per_example,
-    swap_in_out,
-)
-from ._errors import IndicesShapeError, UnsupportedOperationError
-from ._lax import clamp_indices
+from ._array import BatchedLoraArray, bind, materialise_per_example, swap_in_out
+from ._errors import UnsupportedOperationError
+from ._indices import align_indices, clamp_indices, gathered_scale, require_indices
 from ._strategies import low_rank, resolve
 
 
@@ -43,67 +45,70 @@ def lora_dot(
     w = lora.frozen_w
     lhs, rhs = (w, x) if lora_is_lhs else (x, w)
 
-    stack_ok = set(b_l) == set(lora.stack_axes)
-    if stack_ok and set(c_l) == set(lora.out_axes):
+    reads = lora.layout.contracts(c_l, b_l)
+    if reads == "out":
         # Contracting the output group (a tied head, `h @ E.T`): still low rank.
         return lora_dot(swap_in_out(lora), x, dimension_numbers, lora_is_lhs, params)
-    if not (stack_ok and set(c_l) == set(lora.in_axes)):
+    if reads is None:
         if lora.allow_materialise:
             return _materialised_dot(lora, x, dimension_numbers, lora_is_lhs, params)
         raise UnsupportedOperationError(_layout_message(lora, c_l, b_l))
-    if lora.indices is None:
-        raise UnsetIndicesError.for_array(lora)
-
-    idx = lora.indices
-    k = idx.ndim
     x_shape = tuple(x.shape)
     x_free = [d for d in range(len(x_shape)) if d not in c_x and d not in b_x]
-    lead = tuple(x_shape[d] for d in x_free[:k])
-    if lead != tuple(idx.shape):
-        raise IndicesShapeError(_indices_message(lora, x_shape, x_free, idx.shape))
+    # The indices, reshaped row-major onto the leading free axes of x they cover.
+    idx, lead = _aligned_indices(lora, x_shape, x_free)
 
     base = bind(
         lax.dot_general_p, lhs, rhs, dimension_numbers=dimension_numbers, **params
     )
-    delta = _low_rank_term(lora, x, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params)
+    delta = _low_rank_term(
+        lora, x, idx, lead, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params
+    )
     if isinstance(base, quax.Value):
         return quax.quaxify(jnp.add)(base, delta.astype(base.dtype))
     return base + delta.astype(base.dtype)
 
 
-def _low_rank_term(lora, x, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params):
+def _aligned_indices(lora, x_shape, x_free):
+    """The indices reshaped onto the leading free axes of `x` they stand for."""
+    free_shape = tuple(x_shape[d] for d in x_free)
+    what = (
+        f"the activation (shape {x_shape}) multiplying the BatchedLoraArray with "
+        f"weight shape {tuple(lora.shape)}"
+    )
+    return align_indices(require_indices(lora), free_shape, what)
+
+
+def _low_rank_term(lora, x, idx, lead, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params):
     """`s · ((x · A[i]) · B[i])`, laid out as `dot_general(lhs, rhs)` would be.
 
-    The product is brought to the canonical problem of `_strategies` (x as
-    `(S, G, R, d_in)`), computed by the chosen strategy, and laid back out.
+    `idx` has the shape `lead` of x's leading free axes. The product is brought to
+    the canonical problem of `_strategies` (x as `(S, G, R, d_in)`), computed by
+    the chosen strategy, and laid back out.
     """
     dtype, pref = _compute_dtype(x, params)
     precision = params.get("precision")
-    idx = lora.indices
-    k = idx.ndim
-    nb = len(b_l)
+    k = len(lead)
     x_shape = tuple(x.shape)
-    # x as (batch (paired with stack axes), indexed, rest, in-axes in `in_axes` order)
-    x_in = [c_x[c_l.index(ax)] for ax in lora.in_axes]
-    x_perm = [*b_x, *x_free, *x_in]
+    x_perm, stack_perm, out_perm = lora.layout.dot_perms(
+        c_l, c_x, b_l, b_x, x_free, lora_is_lhs
+    )
     batch_shape = tuple(x_shape[d] for d in b_x)
     rest_shape = tuple(x_shape[d] for d in x_free[k:])
-    out_shape = tuple(lora.shape[ax] for ax in lora.out_axes)
+    out_shape = lora.layout.out_shape(lora.shape)
     sizes = (
         math.prod(batch_shape),
-        math.prod(idx.shape),
+        math.prod(lead),
         math.prod(rest_shape),
-        math.prod(lora.shape[ax] for ax in lora.in_axes),
+        math.prod(lora.layout.in_shape(lora.shape)),
         math.prod(out_shape),
         lora.n_adapters,
         lora.rank,
     )
-    strategy = resolve(lora.strategy, sizes)
+    operands = {"x": x_shape, "w": tuple(lora.shape)}
+    strategy = resolve(lora.strategy, sizes, operands=operands)
     # The factors with their stack axes in the order of the batch axes.
-    ns = len(lora.stack_axes)
-    stack_perm = [lora.stack_axes.index(ax) for ax in b_l]
-    a = _lax.transpose(lora.a, [*stack_perm, *range(ns, lora.a.ndim)])
-    b = _lax.transpose(lora.b, [*stack_perm, *range(ns, lora.b.ndim)])
+    a, b = lora.layout.stack_ordered(lora.a, lora.b, stack_perm)
     s_, g, r_tok, d_in, d_out, n, rank = sizes
 
     def term(x, a, b, idx, scale):
@@ -114,40 +119,26 @@ def _low_rank_term(lora, x, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params):
         s = _lax.reshape(gathered_scale(scale, idx, safe), (g,))
         ids = _lax.reshape(safe, (g,))
         u = low_rank(strategy, x3, a3, b3, ids, s, precision=precision, pref=pref)
-        return _lax.reshape(u, (*batch_shape, *idx.shape, *rest_shape, *out_shape))
+        return _lax.reshape(u, (*batch_shape, *lead, *rest_shape, *out_shape))
 
     if isinstance(x, quax.Value):
         term = quax.quaxify(term)
     u = term(x, a, b, idx, lora.scale)  # (*batch, *x_free, *out in `out_axes` order)
-
-    # dot_general's layout: (*batch, *lhs free, *rhs free); lora's free axes are
-    # its out axes in increasing order.
-    n_xf = len(x_free)
-    out_sorted = sorted(lora.out_axes)
-    perm_out = [nb + n_xf + lora.out_axes.index(ax) for ax in out_sorted]
-    batch_part = list(range(nb))
-    x_part = list(range(nb, nb + n_xf))
-    perm = batch_part + (perm_out + x_part if lora_is_lhs else x_part + perm_out)
-    return _lax.transpose(u, perm)
+    return _lax.transpose(u, out_perm)  # dot_general's (batch, lhs free, rhs free)
 
 
 def _materialised_dot(lora, x, dimension_numbers, lora_is_lhs, params):
     """Opt-in fallback: a dense weight per example, contracted example by example."""
     (lc, rc), (lb, rb) = dimension_numbers
-    if lora.indices is None:
-        raise UnsetIndicesError.for_array(lora)
-    k = lora.indices.ndim
-    w_e = materialise_per_example(lora)  # (*I, *w.shape)
+    c_x, b_x = (rc, rb) if lora_is_lhs else (lc, lb)
+    x_free = [d for d in range(x.ndim) if d not in c_x and d not in b_x]
+    idx, lead_shape = _aligned_indices(lora, tuple(x.shape), x_free)
+    k = len(lead_shape)
+    w_e = materialise_per_example(lora, idx)  # (*lead_shape, *w.shape)
     if k == 0:
         lhs, rhs = (w_e, x) if lora_is_lhs else (x, w_e)
         return lax.dot_general(lhs, rhs, dimension_numbers, **params)
-    c_x, b_x = (rc, rb) if lora_is_lhs else (lc, lb)
-    x_free = [d for d in range(x.ndim) if d not in c_x and d not in b_x]
     lead = x_free[:k]
-    if tuple(x.shape[d] for d in lead) != tuple(lora.indices.shape):
-        raise IndicesShapeError(
-            _indices_message(lora, tuple(x.shape), x_free, lora.indices.shape)
-        )
     # Make the indexed axes batch dimensions on both sides.
     w_batch = tuple(range(k))
     shift = lambda dims: tuple(d + k for d in dims)  # noqa: E731
@@ -179,20 +170,6 @@ def _layout_message(lora, c_l, b_l) -> str:
         "layout is wrong, fix `in_axes`/`out_axes` in the LoraRule; to build the "
         "dense per-example weight for this product instead, pass "
         "`allow_materialise=True`."
-    )
-
-
-def _indices_message(lora, x_shape, x_free, idx_shape) -> str:
-    free_shape = tuple(x_shape[d] for d in x_free)
-    return (
-        f"The adapter indices have shape {tuple(idx_shape)}, but the activation "
-        f"(shape {x_shape}) multiplying the BatchedLoraArray with weight shape "
-        f"{lora.shape} has free axes {free_shape}, whose leading "
-        f"{len(idx_shape)} must equal the indices' shape. If the model flattens "
-        "batch and sequence into one axis (B*T), give per-token indices of that "
-        "shape, e.g. `lx.with_indices(tree, jnp.repeat(indices, T))`; if it runs "
-        "per example under `jax.vmap`, set scalar indices inside the vmapped "
-        "function (`lx.with_indices(model, index)`)."
     )
 
 

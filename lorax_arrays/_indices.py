@@ -1,0 +1,257 @@
+"""What the adapter `indices` mean, in one place.
+
+`indices` say which adapter each example (or token) uses; `-1` means the base weight
+alone. Their path through the library, in order:
+
+1. `coerce_indices`: what `lx.loraify`, `lx.with_indices` and the
+    `BatchedLoraArray` constructor accept (Python ints and lists become int32;
+    floats and bools are refused, never truncated).
+2. `check_indices`: run by `BatchedLoraArray.__check_init__`: the dtype always,
+    the range `[-1, n_adapters - 1]` when the values are concrete (not under `jit`).
+3. `require_indices`: a rule that needs them raises `UnsetIndicesError` if they
+    were never set.
+4. `regroup`: a rule lines them up with the leading free axes of the activation
+    (or of the token ids): equal, or a row-major regrouping of them, so `(B, T)`
+    indices serve a `(B, T, D)` attention input and the `(B*T, D)` input of an MLP
+    that flattens them. `align_indices` reshapes them to that prefix or raises
+    `IndicesShapeError`, with advice that works for every layer of the model.
+5. `clamp_indices` and `gathered_scale`: what the strategies (`_strategies.py`)
+    and the lookups receive: ids clamped into `[0, n)` (so `-1` reads adapter 0),
+    and each row's scale, `0` where the index is `-1` (which removes adapter 0's
+    term again).
+
+Each kind of error has one message, built here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array
+
+from . import _lax
+from ._errors import IndicesShapeError, LoraIndexError
+
+# -- 1. coercion ------------------------------------------------------------------
+
+
+def coerce_indices(indices: Any) -> Array | None:
+    """`indices` as a JAX integer array (or `None`, meaning not set yet).
+
+    Python ints and sequences of them become int32; arrays keep their dtype.
+    Anything that is not integer (floats, bools) raises `TypeError`: `0.7` must
+    not silently become adapter 0.
+    """
+    if indices is None:
+        return None
+    if isinstance(indices, (list, tuple, int, float, bool)):
+        values = np.asarray(indices)
+        if values.size == 0 or np.issubdtype(values.dtype, np.integer):
+            values = values.astype(np.int32)
+        indices = values
+    indices = jnp.asarray(indices)
+    check_dtype(indices)
+    return indices
+
+
+def check_dtype(indices: Any) -> None:
+    """`TypeError` unless `indices` has an integer dtype."""
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(
+            "`indices` must be an integer array (adapter numbers, -1 for the base "
+            f"weight); got dtype {indices.dtype}. Convert with "
+            "`jnp.asarray(indices, jnp.int32)`."
+        )
+
+
+# -- 2. range ---------------------------------------------------------------------
+
+
+def check_indices(indices: Any, n_adapters: int) -> None:
+    """The dtype always; the range `[-1, n_adapters - 1]` only when the values are
+    concrete (under `jit` they are unknown, and out-of-range ids are clamped)."""
+    check_dtype(indices)
+    if isinstance(indices, jax.core.Tracer) or indices.size == 0:
+        return
+    values = np.asarray(indices)
+    lo, hi = int(values.min()), int(values.max())
+    if lo < -1 or hi >= n_adapters:
+        raise LoraIndexError(out_of_range_message(lo if lo < -1 else hi, n_adapters))
+
+
+def out_of_range_message(bad: int, n_adapters: int) -> str:
+    return (
+        f"adapter index {bad} is out of range: there are {n_adapters} adapters, "
+        f"so indices must lie in [-1, {n_adapters - 1}] (-1 = base weight only)."
+    )
+
+
+# -- 3. set or not ----------------------------------------------------------------
+
+
+class UnsetIndicesError(ValueError):
+    """Raised when a BatchedLoraArray is used before its indices are set."""
+
+    @classmethod
+    def for_array(cls, lora: Any) -> UnsetIndicesError:
+        return cls(
+            f"This BatchedLoraArray (weight shape {tuple(lora.shape)}) has no "
+            "indices: say which adapter each example uses with "
+            "`tree = lx.with_indices(tree, indices)` (or `lx.loraify(tree, "
+            "adapters, indices)`); use -1 for rows that should see the base "
+            "weight alone."
+        )
+
+
+def require_indices(lora: Any) -> Array:
+    """`lora.indices`, or `UnsetIndicesError` when they were never set."""
+    if lora.indices is None:
+        raise UnsetIndicesError.for_array(lora)
+    return lora.indices
+
+
+def scalar_needed_message(what: str, indices_shape: Sequence[int]) -> str:
+    """The one message for an operation whose result cannot hold one adapter per
+    example: it needs a single adapter for the whole call (scalar indices)."""
+    return (
+        f"{what}, but the adapter indices have shape {tuple(indices_shape)} "
+        "(per-example indices), and a single result cannot hold each example's "
+        "adapter. Run the model per example under `jax.vmap` and set one "
+        "example's scalar index inside it with `lx.with_indices` (see the docs' "
+        "batching styles)."
+    )
+
+
+# -- 4. lining up with the activation ---------------------------------------------
+
+
+def _is_regrouping(old: Sequence[int], new: Sequence[int]) -> bool:
+    """Whether `new` comes from `old` by merging runs of consecutive axes or
+    splitting single axes (size-1 axes aside): the reshapes under which row-major
+    order keeps every row's position unambiguous. `(B, T) <-> (B*T,)` is one;
+    `(2, 3) -> (3, 2)` is not."""
+    old = [s for s in old if s != 1]
+    new = [s for s in new if s != 1]
+    i = j = 0
+    while i < len(old) and j < len(new):
+        if old[i] == new[j]:
+            i, j = i + 1, j + 1
+        elif old[i] < new[j]:  # merge old axes into new[j]
+            p, i = old[i], i + 1
+            while p < new[j] and i < len(old):
+                p, i = p * old[i], i + 1
+            if p != new[j]:
+                return False
+            j += 1
+        else:  # split old[i] into new axes
+            p, j = new[j], j + 1
+            while p < old[i] and j < len(new):
+                p, j = p * new[j], j + 1
+            if p != old[i]:
+                return False
+            i += 1
+    return i == len(old) and j == len(new)
+
+
+def regroup(indices_shape: Sequence[int], free_shape: Sequence[int]) -> int | None:
+    """How many leading axes of `free_shape` the indices stand for, or None.
+
+    Equal shapes first; else the shortest prefix of `free_shape` of the same size
+    that is a row-major regrouping of `indices_shape` (merging or splitting
+    consecutive axes): `(B, T)` indices against free axes `(B*T, D)` give 1.
+    """
+    indices_shape, free_shape = tuple(indices_shape), tuple(free_shape)
+    k = len(indices_shape)
+    if free_shape[:k] == indices_shape:
+        return k
+    total = math.prod(indices_shape)
+    for j in range(1, len(free_shape) + 1):
+        size = math.prod(free_shape[:j])
+        if size == total and _is_regrouping(indices_shape, free_shape[:j]):
+            return j
+        if size > total:
+            break
+    return None
+
+
+def align_indices(
+    indices: Array, free_shape: Sequence[int], what: str
+) -> tuple[Array, tuple[int, ...]]:
+    """`indices` reshaped (row-major) onto the leading axes of `free_shape` that
+    they stand for, and those axes' shape; `IndicesShapeError` when they stand for
+    none. `what` names the activation for the message."""
+    free_shape = tuple(free_shape)
+    j = regroup(indices.shape, free_shape)
+    if j is None:
+        raise IndicesShapeError(shape_mismatch_message(indices.shape, free_shape, what))
+    lead = free_shape[:j]
+    return _lax.reshape(indices, lead), lead
+
+
+def _per_token_shape(indices_shape, free_shape) -> tuple[int, ...] | None:
+    """`(*indices_shape, T)` when the leading free axes hold `T` rows per index
+    (a flattened `B*T` axis against per-sequence `(B,)` indices)."""
+    total = math.prod(indices_shape)
+    if total == 0:
+        return None
+    for j in range(1, len(free_shape) + 1):
+        size = math.prod(free_shape[:j])
+        if size > total and size % total == 0:
+            shape = (*indices_shape, size // total)
+            if _is_regrouping(shape, free_shape[:j]):
+                return shape
+    return None
+
+
+def shape_mismatch_message(indices_shape, free_shape, what: str) -> str:
+    """The one message for indices that do not line up with an activation."""
+    indices_shape, free_shape = tuple(indices_shape), tuple(free_shape)
+    msg = (
+        f"The adapter indices have shape {indices_shape}, but {what} has free "
+        f"axes {free_shape}. Its leading free axes must equal the indices' shape, "
+        "or be a row-major regrouping of them (merged or split consecutive axes: "
+        "(B, T) indices serve both a (B, T, D) and a flattened (B*T, D) "
+        "activation)."
+    )
+    per_token = _per_token_shape(indices_shape, free_shape)
+    if per_token is not None:
+        t = per_token[-1]
+        row = "[:, None]" if len(indices_shape) == 1 else "[..., None]"
+        return msg + (
+            f" This layer sees {t} rows per index, as when a model flattens batch "
+            "and sequence into one axis (B*T) for its MLP: give per-token indices "
+            f"of shape (B, T) = {per_token}, which serve every layer, flattened or "
+            "not: "
+            f"`lx.with_indices(tree, jnp.broadcast_to(indices{row}, {per_token}))` "
+            f"(the same as `jnp.repeat(indices{row}, {t}, axis=-1)`), not the flat "
+            f"`jnp.repeat(indices, {t})`, which the unflattened layers refuse."
+        )
+    return msg + (
+        " If the model runs per example under `jax.vmap`, set scalar indices "
+        "inside the vmapped function (`lx.with_indices(model, index)`)."
+    )
+
+
+# -- 5. what the strategies receive -------------------------------------------------
+
+
+def clamp_indices(indices: Array, n: int) -> Array:
+    """Indices clamped into `[0, n)`: `-1` (base only) reads adapter 0, whose term
+    the zero scale of `gathered_scale` then removes. Also used for token ids and
+    tile ids, which must stay in bounds for the in-bounds gathers."""
+    lo, hi = np.zeros((), indices.dtype), np.full((), n - 1, indices.dtype)
+    return lax.clamp(lo, indices, hi)
+
+
+def gathered_scale(scale: Array, indices: Array, safe: Array) -> Array:
+    """`scale[indices]`, and 0 where `indices == -1`; `safe` is
+    `clamp_indices(indices, n_adapters)`."""
+    keep = lax.ge(indices, lax.full_like(indices, 0))
+    zero = lax.full_like(safe, 0, scale.dtype)
+    return lax.select(keep, _lax.take(scale, safe, 0), zero)
