@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import quax
 
+from ._nnx import NnxAware
 from ._strategies import call_strategy, check_strategy
 
 _F = TypeVar("_F", bound=Callable)
@@ -22,13 +23,21 @@ def quaxify(fn: _F, /, filter_spec: Any = True, *, strategy: str | None = None) 
     `x @ w + s · (x @ A[i]) @ B[i]`, per example. Pair it with `jax.jit` (or
     `eqx.filter_jit`): `jax.jit(lx.quaxify(model.apply))`.
 
-    This is `quax.quaxify`; importing `lorax_arrays` registers its rules.
+    This is `quax.quaxify` (importing `lorax_arrays` registers its rules), made
+    aware of Flax NNX: `nnx.Module`s (and other NNX objects) among the arguments
+    are rebuilt inside the trace, so `sow`, `nnx.remat`, `nnx.scan` and other
+    in-place updates work, and the state the call changed or added (sown
+    intermediates, RNG counts, caches) is written back to them, as when calling
+    `fn` directly. Pass an NNX model as an argument (`lx.quaxify(lambda m, x:
+    m(x))(model, x)`, or `lx.quaxify(model)(x)`), not closed over.
 
     **Arguments:**
 
     - `fn`: any JAX function, e.g. a Flax `apply`, an Equinox module or a function of
         raw parameters.
-    - `filter_spec`: which arguments to quaxify (advanced; see `quax.quaxify`).
+    - `filter_spec`: which arguments to quaxify (advanced; see `quax.quaxify`). A
+        pytree-shaped `filter_spec` is passed to quax as it is, without the NNX
+        handling above.
     - `strategy`: force how every adapted product in this call computes its
         low-rank term (`"gather"`, `"segment"`, `"dense"` or `"auto"`), overriding
         each array's own `strategy`. `None` (the default) leaves each array's.
@@ -37,7 +46,12 @@ def quaxify(fn: _F, /, filter_spec: Any = True, *, strategy: str | None = None) 
 
     A function with the same signature as `fn`.
     """
-    quaxified = quax.quaxify(fn, filter_spec)
+    if isinstance(filter_spec, bool) or callable(filter_spec):
+        # Not `eqx.module_update_wrapper`, which would copy an NNX `fn` (a pytree),
+        # so that state written back would miss the caller's module.
+        quaxified = NnxAware(fn, filter_spec)
+    else:
+        quaxified = quax.quaxify(fn, filter_spec)
     if strategy is None:
         return quaxified
     check_strategy(strategy)
