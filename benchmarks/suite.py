@@ -18,11 +18,10 @@ gathered, adapted, scattered back; their counts are shapes, so a new program per
 batch composition),
 `quax` (quax's own single-adapter LoraArray, only with 1 adapter).
 
-Reported: time as a ratio to `base`, trace+compile time (cold, median of 3) as a
-ratio to base's, and
-XLA's temporary memory (compiled memory analysis) in MiB. A table is printed and
-written to `--out` (Markdown), and a plot of overhead vs number of adapters is
-saved as PNG next to it.
+Reported: time as a ratio to `base`, trace+compile time (cold, median of 3; one in
+`--quick` mode) as a ratio to base's, and XLA's temporary memory (compiled memory
+analysis) in MiB. A table is printed and written to `--out` (Markdown), and a plot
+of overhead vs number of adapters is saved as PNG next to it.
 
 Run: python benchmarks/suite.py            (full; ~30 minutes on 2 CPU cores)
      python benchmarks/suite.py --quick    (tiny shapes, seconds; used by tests)
@@ -188,31 +187,39 @@ def variants(params, stack, idx, x):
     return v
 
 
+# Cold trace + compile measurements per variant (the median is reported); 1 in
+# --quick mode, where only the script's plumbing is under test.
+COLD_COMPILES = 3
+
+
 def measure(v, repeats):
-    compile_s, mem = {k: [] for k in v}, {}
-    for _ in range(3):  # cold trace + compile, median of 3, interleaved
+    compile_s, mem, programs = {k: [] for k in v}, {}, {}
+    for _ in range(COLD_COMPILES):  # cold trace + compile, interleaved
         for name, (f, args) in v.items():
             jax.clear_caches()
             t = time.perf_counter()
             compiled = f.lower(*args).compile()
             compile_s[name].append(time.perf_counter() - t)
+            programs[name] = compiled
             try:
                 ma = compiled.memory_analysis()
                 mem[name] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20
             except Exception:  # backend without memory analysis
                 mem[name] = float("nan")
     compile_s = {k: statistics.median(t) for k, t in compile_s.items()}
-    for f, args in v.values():
-        jax.block_until_ready(f(*args))
+    # Time the programs just compiled (calling `f` again would compile once more,
+    # the caches having been cleared).
+    for name, (_, args) in v.items():
+        jax.block_until_ready(programs[name](*args))
     times = {k: [] for k in v}
     order = np.random.default_rng(0)
     for _ in range(repeats):
         # A fresh order every round: a variant that runs right after a heavy one
         # (merged, loop) pays for the memory it freed; shuffling spreads that cost.
         for name in order.permutation(list(v)):
-            f, args = v[name]
+            _, args = v[name]
             t = time.perf_counter()
-            jax.block_until_ready(f(*args))
+            jax.block_until_ready(programs[name](*args))
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(t) for k, t in times.items()}
     return med, compile_s, mem
@@ -295,7 +302,9 @@ def main():
     p.add_argument("--out", default="benchmarks/results/suite.md")
     p.add_argument("--w4-ranks", default=None, help="e.g. 16 or 8,16,64")
     args = p.parse_args()
+    global COLD_COMPILES
     if args.quick:
+        COLD_COMPILES = 1
         d_model, d_ff, seq, batch, layers, dec = 32, 64, 8, 4, 2, 8
         scale_ns, scale_ranks, reps = [1, 4, 16], [4, 8], 2
     else:

@@ -20,6 +20,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jax import lax
 
 import lorax_arrays as lx
@@ -110,10 +111,12 @@ def make_adapters(params, ranks, key):
         ]
         ad = lx.init_adapter(params, rules, key=k)
         # Pretend they were trained: a random B (init_adapter starts it at zero).
-        leaves, treedef = jax.tree.flatten(ad)
-        keys = jr.split(jr.fold_in(k, 1), len(leaves))
-        leaves = [x + 0.3 * jr.normal(kk, x.shape) for x, kk in zip(leaves, keys)]
-        ad = jax.tree.unflatten(treedef, leaves)
+        # Drawn on the host: eager `jr.normal` would compile a kernel per shape.
+        rng = np.random.default_rng(np.asarray(jr.key_data(k)).ravel())
+        ad = jax.tree.map(
+            lambda x, rng=rng: x + (0.3 * rng.standard_normal(x.shape)).astype(x.dtype),
+            ad,
+        )
         adapters.append(ad)
     return adapters, rules
 

@@ -90,10 +90,11 @@ def einsum_merge(base: Any, adapter: lx.Adapter, xp=jnp) -> Any:
 
 
 def merged_or_base(base: Any, stack: lx.AdapterStack, i: int, cache: dict) -> Any:
-    """`einsum_merge(base, stack[i])`, or `base` itself for `i == -1` (memoised)."""
+    """`base` with adapter `i` merged by float64 NumPy (`einsum_merge`), or `base`
+    itself for `i == -1` (memoised)."""
     i = int(i)
     if i not in cache:
-        cache[i] = base if i < 0 else einsum_merge(base, stack[i])
+        cache[i] = base if i < 0 else einsum_merge(base, stack[i], xp=np)
     return cache[i]
 
 

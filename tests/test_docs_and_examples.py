@@ -3,37 +3,20 @@ benchmark script runs. Each in its own process: some register global rules."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.scripts import ROOT, run_script as _run
+
 DOCS = [
     "README.md",
     "docs/quickstart.md",
     "docs/custom-rules.md",
     "docs/coverage.md",
     "docs/peft.md",
+    "docs/nnx.md",
 ]
-
-
-def _run(args, **kw):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kw,
-    )
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 @pytest.mark.parametrize("page", DOCS)
@@ -109,7 +92,7 @@ def test_auto_check_runs_quick():
     """Every strategy is timed on every grid shape and auto's pick is one of them."""
     out = _run(["benchmarks/auto_check.py", "--quick"])
     lines = re.findall(r"^\| (?:prefill|decode).*$", out, re.M)
-    assert len(lines) == 10, out
+    assert len(lines) == 5, out  # every other row of the 10-row grid
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert all(re.fullmatch(r"\d+\.\d+x", c) for c in cells[3:6]), line
@@ -119,14 +102,11 @@ def test_auto_check_runs_quick():
 
 
 def test_compile_time_runs_quick():
-    """All three programs are compiled in every variant (quax where it applies);
+    """Both quick-mode programs are compiled in every variant (quax where it applies);
     the script also asserts that ours with one adapter equals quax's LoraArray."""
     out = _run(["benchmarks/compile_time.py", "--quick"])
-    for label, has_quax in [
-        ("mlp", True),
-        ("generate", True),
-        ("generate+embed", False),
-    ]:
+    assert "generate+embed" not in out  # left out in quick mode
+    for label, has_quax in [("mlp", True), ("generate", True)]:
         row = re.search(rf"^\| {re.escape(label)} \|.*$", out, re.M)
         assert row, out
         cells = [c.strip() for c in row[0].strip("|").split("|")]

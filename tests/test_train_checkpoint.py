@@ -4,11 +4,8 @@ with orbax and resumed bit-exactly; and the example's equality check can fail.""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,28 +13,13 @@ import optax
 import pytest
 
 import lorax_arrays as lx
+from tests.scripts import ROOT, run_script as _run
 
-ROOT = Path(__file__).resolve().parent.parent
 QUICK_STEPS, SAVE_EVERY = 20, 5  # the example's --quick schedule
 OLDER = QUICK_STEPS - SAVE_EVERY  # the other checkpoint kept (max_to_keep=2)
 LINE = re.compile(
     r"^step\s+(\d+)\s+task_a (\S+)\s+task_b (\S+)\s+base rows (\S+)(.*)$", re.M
 )
-
-
-def _run(args):
-    """Runs a script in its own process, as tests/test_docs_and_examples.py does."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +44,7 @@ def quick_run(tmp_path_factory):
     return out, ckpt
 
 
-def test_quick_run_learns_and_resumes_exactly(quick_run):
+def _quick_run_learns_and_resumes_exactly(quick_run):
     out, ckpt = quick_run
     lines = LINE.findall(out)
     training = [line for line in lines if not line[4].strip()]
@@ -111,7 +93,7 @@ def reference(quick_run, example, stepper):
     return step(state, start + 1)
 
 
-def test_resuming_from_either_checkpoint_gives_the_same_run(
+def _resuming_from_either_checkpoint_gives_the_same_run(
     quick_run, example, stepper, reference
 ):
     """Steps 16..21 replayed from checkpoint 15 end bit-identical to checkpoint
@@ -128,7 +110,7 @@ def test_resuming_from_either_checkpoint_gives_the_same_run(
     assert state["adapters"].names == example.NAMES
 
 
-def test_the_equality_check_can_fail(quick_run, example, stepper, reference):
+def _the_equality_check_can_fail(quick_run, example, stepper, reference):
     _, ckpt = quick_run
     cfg = example.QUICK
     ref, ref_per = reference
@@ -162,7 +144,18 @@ def test_the_equality_check_can_fail(quick_run, example, stepper, reference):
     assert example.compare((1.0, 2.0), (1.0,)) == (False, float("inf"))
 
 
-def test_refuses_a_directory_that_holds_checkpoints(quick_run, example):
+def _refuses_a_directory_that_holds_checkpoints(quick_run, example):
     _, ckpt = quick_run
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         example.main(["--quick", "--ckpt-dir", str(ckpt)])
+
+
+def test_train_checkpoint_example(quick_run, example, stepper, reference):
+    """One test, so that the example's run and its compiled step are made once
+    (pytest-xdist would otherwise build the module's fixtures on each worker)."""
+    _quick_run_learns_and_resumes_exactly(quick_run)
+    _resuming_from_either_checkpoint_gives_the_same_run(
+        quick_run, example, stepper, reference
+    )
+    _the_equality_check_can_fail(quick_run, example, stepper, reference)
+    _refuses_a_directory_that_holds_checkpoints(quick_run, example)
