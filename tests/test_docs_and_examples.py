@@ -92,7 +92,7 @@ def test_auto_check_runs_quick():
     """Every strategy is timed on every grid shape and auto's pick is one of them."""
     out = _run(["benchmarks/auto_check.py", "--quick"])
     lines = re.findall(r"^\| (?:prefill|decode).*$", out, re.M)
-    assert len(lines) == 5, out  # every other row of the 10-row grid
+    assert len(lines) == 3, out  # every fourth row of the 10-row grid
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert all(re.fullmatch(r"\d+\.\d+x", c) for c in cells[3:6]), line
@@ -102,11 +102,11 @@ def test_auto_check_runs_quick():
 
 
 def test_compile_time_runs_quick():
-    """Both quick-mode programs are compiled in every variant (quax where it applies);
+    """The quick-mode program is compiled in every variant (quax included);
     the script also asserts that ours with one adapter equals quax's LoraArray."""
     out = _run(["benchmarks/compile_time.py", "--quick"])
-    assert "generate+embed" not in out  # left out in quick mode
-    for label, has_quax in [("mlp", True), ("generate", True)]:
+    assert "| generate" not in out  # the decoder programs: full runs only
+    for label, has_quax in [("mlp", True)]:
         row = re.search(rf"^\| {re.escape(label)} \|.*$", out, re.M)
         assert row, out
         cells = [c.strip() for c in row[0].strip("|").split("|")]
