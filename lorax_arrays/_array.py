@@ -57,6 +57,15 @@ def _quaxify_missing(lora: BatchedLoraArray, what: str) -> NoReturn:
     )
 
 
+def _outside_quaxify(what: str):
+    """A dunder method that raises `QuaxifyMissingError` for the operation `what`."""
+
+    def method(self, *args, **kwargs):
+        _quaxify_missing(self, what)
+
+    return method
+
+
 def _asked_by_jax() -> bool:
     """Whether JAX itself (`jnp.asarray`, a `jnp` function's argument check, a JAX
     array's operator) is looking up `__jax_array__`, as opposed to a library probing
@@ -295,54 +304,19 @@ class BatchedLoraArray(quax.ArrayValue):
             )
         raise AttributeError("__jax_array__")
 
-    def __array__(self, dtype=None, copy=None):
-        _quaxify_missing(self, "`np.asarray(W)`")
-
-    def __matmul__(self, other):
-        _quaxify_missing(self, "`W @ x`")
-
-    def __rmatmul__(self, other):
-        _quaxify_missing(self, "`x @ W`")
-
-    def __getitem__(self, key):
-        _quaxify_missing(self, "Indexing `W[...]` (an embedding lookup, say)")
-
-    def __add__(self, other):
-        _quaxify_missing(self, "`W + x`")
-
-    __radd__ = __add__
-
-    def __sub__(self, other):
-        _quaxify_missing(self, "`W - x`")
-
-    __rsub__ = __sub__
-
-    def __mul__(self, other):
-        _quaxify_missing(self, "`W * x`")
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, other):
-        _quaxify_missing(self, "`W / x`")
-
-    __rtruediv__ = __truediv__
-
-    def __pow__(self, other):
-        _quaxify_missing(self, "`W ** x`")
-
-    __rpow__ = __pow__
-
-    def __neg__(self):
-        _quaxify_missing(self, "`-W`")
-
-    def __float__(self):
-        _quaxify_missing(self, "`float(W)`")
-
-    def __int__(self):
-        _quaxify_missing(self, "`int(W)`")
-
-    def __complex__(self):
-        _quaxify_missing(self, "`complex(W)`")
+    __array__ = _outside_quaxify("`np.asarray(W)`")
+    __matmul__ = _outside_quaxify("`W @ x`")
+    __rmatmul__ = _outside_quaxify("`x @ W`")
+    __getitem__ = _outside_quaxify("Indexing `W[...]` (an embedding lookup, say)")
+    __add__ = __radd__ = _outside_quaxify("`W + x`")
+    __sub__ = __rsub__ = _outside_quaxify("`W - x`")
+    __mul__ = __rmul__ = _outside_quaxify("`W * x`")
+    __truediv__ = __rtruediv__ = _outside_quaxify("`W / x`")
+    __pow__ = __rpow__ = _outside_quaxify("`W ** x`")
+    __neg__ = _outside_quaxify("`-W`")
+    __float__ = _outside_quaxify("`float(W)`")
+    __int__ = _outside_quaxify("`int(W)`")
+    __complex__ = _outside_quaxify("`complex(W)`")
 
     # -- conveniences -----------------------------------------------------------
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._adapters import Adapter, AdapterStack
 from ._errors import PeftFormatError
-from ._safetensors import read_safetensors, write_safetensors
+from ._safetensors import read_safetensors, write_atomically, write_safetensors
 from ._targeting import LeafLayout, candidate_leaves
 
 CONFIG_NAME = "adapter_config.json"
@@ -199,6 +199,14 @@ class _Leaves:
             f"load_peft_adapter: key_map sends PEFT module {module!r} to "
             f"{target!r}, where the tree has {what}.{hint}"
         )
+
+    def locate(self, module: str, key_map) -> tuple[str, int | None]:
+        """Where PEFT module `module` goes: `key_map`'s answer if it has one, else
+        the default matching (`find`). Returns `(path, layer or None)`."""
+        target = _call_key_map(key_map, module)
+        if target is None:
+            return self.find(module)
+        return self.resolve_path(target, module)
 
     def _tiers(self, parts: tuple[str, ...]) -> list[list[str]]:
         return [
@@ -517,12 +525,7 @@ def load_peft_adapter(
                 f"layers_to_transform={config.get('layers_to_transform')!r}) does not "
                 "select: the directory's two files do not belong together."
             )
-        target = _call_key_map(key_map, module)
-        leaf_path, layer = (
-            leaves.find(module)
-            if target is None
-            else leaves.resolve_path(target, module)
-        )
+        leaf_path, layer = leaves.locate(module, key_map)
         if (leaf_path, layer) in placed:
             where = leaf_path if layer is None else f"layer {layer} of {leaf_path!r}"
             raise PeftFormatError(
@@ -644,13 +647,8 @@ def _stack_layers(fs: list[dict], rslora: bool):
 
 def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> None:
     for module, value in base_copies.items():
-        target = _call_key_map(key_map, module)
         try:
-            p, layer = (
-                leaves.find(module)
-                if target is None
-                else leaves.resolve_path(target, module)
-            )
+            p, layer = leaves.locate(module, key_map)
         except PeftFormatError as e:
             raise PeftFormatError(
                 f"{file}: the adapter ships the whole weight of {module!r} (PEFT "
@@ -764,22 +762,30 @@ def _orient(found: list[dict], orientation) -> None:
 _LAYER_LISTS = ("layers", "h", "layer", "blocks", "block")
 
 
-def _module_name(path: str, key_map, stacked: bool = False) -> str:
+def _namer(key_map) -> Callable[[str], str]:
+    """`key_map` (for saving) as a function from tree path to PEFT module name: a
+    dict is inverted once, and paths it lacks take the default name."""
+    if key_map is None:
+        return default_module_name
+    if isinstance(key_map, Mapping):
+        inverse = {v.strip("/"): k for k, v in key_map.items() if isinstance(v, str)}
+        return lambda path: (
+            inverse.get(path)
+            or inverse.get("/".join(_module_parts(path)[0]))
+            or default_module_name(path)
+        )
+    if callable(key_map):
+        return key_map
+    raise TypeError(
+        "key_map must be a dict from PEFT module name to tree path, or a "
+        f"function of the tree path; got {type(key_map).__name__}."
+    )
+
+
+def _module_name(path: str, namer, stacked: bool = False) -> str:
     """The PEFT module name of a leaf; for a stacked leaf a format string with
     `{i}` where the layer number goes."""
-    if key_map is None:
-        name = default_module_name(path)
-    elif callable(key_map):
-        name = key_map(path)
-    elif isinstance(key_map, Mapping):
-        inverse = {v.strip("/"): k for k, v in key_map.items() if isinstance(v, str)}
-        name = inverse.get(path) or inverse.get("/".join(_module_parts(path)[0]))
-        name = name or default_module_name(path)
-    else:
-        raise TypeError(
-            "key_map must be a dict from PEFT module name to tree path, or a "
-            f"function of the tree path; got {type(key_map).__name__}."
-        )
+    name = namer(path)
     if not isinstance(name, str) or not name:
         raise TypeError(f"key_map gave {name!r} for {path!r}; expected a module name.")
     name = name.removeprefix(_PREFIX)
@@ -853,6 +859,7 @@ def save_peft_adapter(
         raise TypeError(
             f"save_peft_adapter: expected an Adapter, got {type(adapter).__name__}."
         )
+    namer = _namer(key_map)
     modules, tensors = [], {}
     for lay, r, alpha, rs in zip(
         adapter.layouts, adapter.ranks, adapter.alphas, adapter.use_rslora
@@ -867,14 +874,14 @@ def save_peft_adapter(
             )
         a, b = (np.asarray(x) for x in adapter.weights[lay.path])
         if stacked:
-            name = _module_name(lay.path, key_map, stacked=True)
+            name = _module_name(lay.path, namer, stacked=True)
             per_layer = [
                 (name.format(i=i), a[i], b[i])
                 for i in range(lay.stack_shape[0])
                 if np.any(a[i]) and np.any(b[i])  # a layer the adapter leaves alone
             ]
         else:
-            per_layer = [(_module_name(lay.path, key_map), a, b)]
+            per_layer = [(_module_name(lay.path, namer), a, b)]
         weight_name = _module_parts(lay.path)[1]
         for name, a_l, b_l in per_layer:
             if name in {m[0] for m in modules}:
@@ -933,9 +940,8 @@ def save_peft_adapter(
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / WEIGHTS_NAME, tensors, {"format": "pt"})
-    tmp = directory / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / CONFIG_NAME)
+    text = json.dumps(out, indent=2, sort_keys=True) + "\n"
+    write_atomically(directory / CONFIG_NAME, [text.encode("utf-8")])
 
 
 def _as_json_number(x: float) -> int | float:

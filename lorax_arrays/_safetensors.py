@@ -157,11 +157,15 @@ def write_safetensors(
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # align the buffer to 8 bytes, as the spec asks
+    write_atomically(path, [struct.pack("<Q", len(head)), head, *chunks])
+
+
+def write_atomically(path: str | os.PathLike, chunks) -> None:
+    """Writes the byte strings `chunks` to `path` through a temporary file that is
+    fsynced and renamed over it, so a reader sees the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
         for raw in chunks:
             f.write(raw)
         f.flush()

@@ -20,8 +20,11 @@ from __future__ import annotations
 import string
 
 import jax.extend.core as jex_core
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
+
+import lorax_arrays as lx
 
 # float32 computation vs float64 reference, relative to the magnitude bound.
 RTOL_F32 = 1e-4
@@ -72,6 +75,37 @@ def random_lora(
     b = nonzero(rng, b_shape)
     scale = nonzero(rng, (n_adapters,), 0.5, 2.0)
     return w, a, b, scale
+
+
+def make_lora(
+    w_shape=(4, 3),
+    in_axes=(0,),
+    out_axes=(1,),
+    stack_axes=(),
+    n=3,
+    rank=2,
+    indices=None,
+    seed=0,
+    **kw,
+):
+    """A `BatchedLoraArray` with random non-zero factors (`random_lora`), and its
+    NumPy parts `(w, a, b, scale)` for the reference."""
+    rng = np.random.default_rng(seed)
+    w, a, b, scale = random_lora(
+        rng, w_shape, in_axes, out_axes, stack_axes, n_adapters=n, rank=rank
+    )
+    lora = lx.BatchedLoraArray(
+        jnp.asarray(w),
+        a,
+        b,
+        scale=scale,
+        indices=indices,
+        in_axes=in_axes,
+        out_axes=out_axes,
+        stack_axes=stack_axes,
+        **kw,
+    )
+    return lora, (w, a, b, scale)
 
 
 def random_indices(rng: np.random.Generator, shape, n_adapters: int):

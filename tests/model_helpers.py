@@ -50,7 +50,7 @@ def randomize(tree: Any, seed: int, std: float = 0.1) -> Any:
     return jax.tree.map(draw, tree)
 
 
-def _delta(a, b, layout, xp):
+def weight_delta(a, b, layout, xp=np):
     """`a ⊗ b` on the weight's own axes, by one einsum: a letter per weight axis,
     `a` carries (stack, in, r), `b` (stack, r, out). Independent of the library's
     `dense_delta` (reshape, matmul, transpose)."""
@@ -77,10 +77,12 @@ def einsum_merge(base: Any, adapter: lx.Adapter, xp=jnp) -> Any:
         a, b = adapter.weights[path]
         if xp is np:
             a, b, w = (np.asarray(x, np.float64) for x in (a, b, leaf))
-            return (w + adapter.scale(path) * _delta(a, b, layouts[path], np)).astype(
-                np.asarray(leaf).dtype
-            )
-        d = _delta(a.astype(jnp.float32), b.astype(jnp.float32), layouts[path], jnp)
+            return (
+                w + adapter.scale(path) * weight_delta(a, b, layouts[path], np)
+            ).astype(np.asarray(leaf).dtype)
+        d = weight_delta(
+            a.astype(jnp.float32), b.astype(jnp.float32), layouts[path], jnp
+        )
         return (leaf + adapter.scale(path) * d).astype(leaf.dtype)
 
     out = jax.tree_util.tree_map_with_path(fold, base)

@@ -17,38 +17,9 @@ from tests.helpers import (
     draw_roles,
     factor_shapes_ref,
     largest_intermediate,
+    make_lora as _make,
     random_lora,
 )
-
-
-def _make(
-    w_shape=(4, 3),
-    in_axes=(0,),
-    out_axes=(1,),
-    stack_axes=(),
-    n=3,
-    rank=2,
-    indices=None,
-    seed=0,
-    **kw,
-):
-    rng = np.random.default_rng(seed)
-    w, a, b, scale = random_lora(
-        rng, w_shape, in_axes, out_axes, stack_axes, n_adapters=n, rank=rank
-    )
-    lora = lx.BatchedLoraArray(
-        jnp.asarray(w),
-        a,
-        b,
-        scale=scale,
-        indices=indices,
-        in_axes=in_axes,
-        out_axes=out_axes,
-        stack_axes=stack_axes,
-        **kw,
-    )
-    return lora, (w, a, b, scale)
-
 
 # -- valid construction ------------------------------------------------------------
 

@@ -4,30 +4,23 @@ lookup (`E[3]`) computes its row in low-rank form, never through `materialise`."
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from tests.helpers import dense_weight_per_example, random_lora
+from tests.helpers import dense_weight_per_example, make_lora
 
 V, D = 7, 5
 
 
 def _table(indices, allow_materialise=False, shape=(V, D), in_axes=(0,), out_axes=(1,)):
-    rng = np.random.default_rng(0)
-    w, a, b, scale = random_lora(rng, shape, in_axes, out_axes, n_adapters=3, rank=2)
-    lora = lx.BatchedLoraArray(
-        jnp.asarray(w),
-        a,
-        b,
-        scale=scale,
+    return make_lora(
+        shape,
+        in_axes,
+        out_axes,
         indices=indices,
-        in_axes=in_axes,
-        out_axes=out_axes,
         allow_materialise=allow_materialise,
     )
-    return lora, (w, a, b, scale)
 
 
 @pytest.mark.parametrize("index", [2, -1])

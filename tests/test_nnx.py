@@ -10,8 +10,6 @@ with base rows.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +18,8 @@ import pytest
 from flax import errors as flax_errors, nnx
 
 import lorax_arrays as lx
+from tests.helpers import nonzero
+from tests.model_helpers import weight_delta
 
 # `Module.sow` outside `nnx.capture` warns (DeprecationWarning) in Flax 0.12.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -39,12 +39,8 @@ def random_adapter(module, rules, seed: int) -> lx.Adapter:
     template = lx.init_adapter(module, rules, key=jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)
 
-    def draw(shape):
-        mag = rng.uniform(0.2, 0.5, size=shape)
-        return (mag * rng.choice([-1.0, 1.0], size=shape)).astype(np.float32)
-
     weights = {
-        path: (draw(a.shape), draw(b.shape))
+        path: (nonzero(rng, a.shape, 0.2, 0.5), nonzero(rng, b.shape, 0.2, 0.5))
         for path, (a, b) in template.weights.items()
     }
     return lx.Adapter(
@@ -58,17 +54,7 @@ def random_adapter(module, rules, seed: int) -> lx.Adapter:
 
 def np_delta(a, b, layout) -> np.ndarray:
     """`sum_r a[.., in.., r] b[.., r, out..]` in float64, in the weight's axis order."""
-    ns, ni = len(layout.stack_axes), len(layout.in_axes)
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    s, i, o = a.shape[:ns], a.shape[ns : ns + ni], b.shape[ns + 1 :]
-    r = a.shape[-1]
-    d = np.einsum(
-        "sir,sro->sio",
-        a.reshape(math.prod(s), math.prod(i), r),
-        b.reshape(math.prod(s), r, math.prod(o)),
-    ).reshape(*s, *i, *o)
-    order = (*layout.stack_axes, *layout.in_axes, *layout.out_axes)
-    return d.transpose(np.argsort(order))
+    return weight_delta(np.asarray(a, np.float64), np.asarray(b, np.float64), layout)
 
 
 def np_merged(module, adapter: lx.Adapter, rank: int):
