@@ -20,6 +20,11 @@ from ._array import (
     BatchedLoraArray as BatchedLoraArray,
     QuaxifyMissingError as QuaxifyMissingError,
 )
+from ._bank import (
+    AdapterBank as AdapterBank,
+    BankEvent as BankEvent,
+    StaleIndicesError as StaleIndicesError,
+)
 from ._checkpoint import load_adapter as load_adapter, save_adapter as save_adapter
 from ._errors import (
     CheckpointError as CheckpointError,

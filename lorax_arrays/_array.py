@@ -118,6 +118,7 @@ class BatchedLoraArray(quax.ArrayValue):
     layout: Layout = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
     strategy: str = eqx.field(static=True)
+    batch_axis: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -133,6 +134,7 @@ class BatchedLoraArray(quax.ArrayValue):
         allow_materialise: bool = False,
         strategy: str = "auto",
         head_scale: Float[ArrayLike, " n_adapters"] | None = None,
+        batch_axis: int = 0,
     ):
         """**Arguments:**
 
@@ -158,6 +160,13 @@ class BatchedLoraArray(quax.ArrayValue):
             other way round, contracted over its out-axes (a tied output head
             `h @ E.T`); `None` (the default) means `scale`. PEFT's embedding LoRA
             leaves a tied head alone: 0 for those adapters.
+        - `batch_axis`: where the indices' axes sit among an activation's free
+            axes (those a product neither contracts nor batches over). `0` (the
+            default): they lead, as in `(B, T, D)` with `(B,)` or `(B, T)`
+            indices. A time-major model, whose activations are `(T, B, D)`, passes
+            `-1`: the indices' axes are then the *last* free axes, which also
+            fits the `(B, D)` steps of a scan over time. See the design notes'
+            "Which axes are the batch".
         """
         shape, _ = _shape_dtype(w)
         ndim = len(shape)
@@ -180,6 +189,11 @@ class BatchedLoraArray(quax.ArrayValue):
         self.indices = coerce_indices(indices)
         self.allow_materialise = bool(allow_materialise)
         self.strategy = check_strategy(strategy)
+        if isinstance(batch_axis, bool) or not isinstance(batch_axis, int):
+            raise TypeError(
+                f"BatchedLoraArray: `batch_axis` must be an int, got {batch_axis!r}."
+            )
+        self.batch_axis = batch_axis
 
     def __check_init__(self):
         shape, dtype = _shape_dtype(self.w)
@@ -380,6 +394,7 @@ class BatchedLoraArray(quax.ArrayValue):
             allow_materialise=self.allow_materialise,
             strategy=self.strategy,
             head_scale=self.head_scale,
+            batch_axis=self.batch_axis,
         )
         layout = changes.pop("layout", None)
         if layout is not None:

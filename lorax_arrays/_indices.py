@@ -13,12 +13,15 @@ alone. Their path through the library, in order:
 4. `regroup`: a rule lines them up with the leading free axes of the activation
     (or of the token ids): equal, or a row-major regrouping of them, so `(B, T)`
     indices serve a `(B, T, D)` attention input and the `(B*T, D)` input of an MLP
-    that flattens them. `align_indices` reshapes them to that prefix or raises
-    `IndicesShapeError`, with advice that works for every layer of the model.
+    that flattens them. An array's `batch_axis` moves that span (`-1`: the
+    trailing free axes, for time-major models). `align_indices` reshapes them onto
+    it or raises `IndicesShapeError`, with advice that works for every layer of
+    the model.
 5. `clamp_indices` and `gathered_scale`: what the strategies (`_strategies.py`)
     and the lookups receive: ids clamped into `[0, n)` (so `-1` reads adapter 0),
     and each row's scale, `0` where the index is `-1` (which removes adapter 0's
-    term again).
+    term again) and NaN where a traced index lies outside `[-1, n)` (so that row
+    is NaN, never another adapter's output).
 
 Each kind of error has one message, built here.
 """
@@ -75,7 +78,8 @@ def check_dtype(indices: Any) -> None:
 
 def check_indices(indices: Any, n_adapters: int) -> None:
     """The dtype always; the range `[-1, n_adapters - 1]` only when the values are
-    concrete (under `jit` they are unknown, and out-of-range ids are clamped)."""
+    concrete (under `jit` they are unknown: out-of-range rows come out NaN, see
+    `gathered_scale`)."""
     check_dtype(indices)
     if isinstance(indices, jax.core.Tracer) or indices.size == 0:
         return
@@ -181,17 +185,44 @@ def regroup(indices_shape: Sequence[int], free_shape: Sequence[int]) -> int | No
 
 
 def align_indices(
-    indices: Array, free_shape: Sequence[int], what: str
-) -> tuple[Array, tuple[int, ...]]:
-    """`indices` reshaped (row-major) onto the leading axes of `free_shape` that
-    they stand for, and those axes' shape; `IndicesShapeError` when they stand for
-    none. `what` names the activation for the message."""
+    indices: Array, free_shape: Sequence[int], what: str, batch_axis: int = 0
+) -> tuple[Array, tuple[int, ...], int]:
+    """`indices` reshaped (row-major) onto the axes of `free_shape` that they stand
+    for, those axes' shape, and the position of the first of them;
+    `IndicesShapeError` when they stand for none. `what` names the activation for
+    the message.
+
+    `batch_axis` (the array's own) says where those axes sit: from free axis
+    `batch_axis` on when it is `>= 0` (`0`: the leading axes, the default), or
+    ending at free axis `len(free_shape) + batch_axis` when negative (`-1`: the
+    trailing free axes, for a time-major `(T, B, D)` activation).
+    """
     free_shape = tuple(free_shape)
-    j = regroup(indices.shape, free_shape)
-    if j is None:
-        raise IndicesShapeError(shape_mismatch_message(indices.shape, free_shape, what))
-    lead = free_shape[:j]
-    return _lax.reshape(indices, lead), lead
+    span = _index_span(tuple(indices.shape), free_shape, batch_axis)
+    if span is None:
+        raise IndicesShapeError(
+            shape_mismatch_message(indices.shape, free_shape, what, batch_axis)
+        )
+    lead = free_shape[span[0] : span[1]]
+    return _lax.reshape(indices, lead), lead, span[0]
+
+
+def _index_span(
+    indices_shape: tuple[int, ...], free_shape: tuple[int, ...], batch_axis: int
+) -> tuple[int, int] | None:
+    """`(start, stop)`: the free axes the indices stand for, or None."""
+    n = len(free_shape)
+    if batch_axis >= 0:
+        if batch_axis > n:
+            return None
+        j = regroup(indices_shape, free_shape[batch_axis:])
+        return None if j is None else (batch_axis, batch_axis + j)
+    stop = n + batch_axis + 1
+    if stop < 0:
+        return None
+    # Regrouping merges or splits consecutive axes, so it reads the same reversed.
+    j = regroup(indices_shape[::-1], free_shape[:stop][::-1])
+    return None if j is None else (stop - j, stop)
 
 
 def _per_token_shape(indices_shape, free_shape) -> tuple[int, ...] | None:
@@ -209,16 +240,32 @@ def _per_token_shape(indices_shape, free_shape) -> tuple[int, ...] | None:
     return None
 
 
-def shape_mismatch_message(indices_shape, free_shape, what: str) -> str:
+def shape_mismatch_message(indices_shape, free_shape, what: str, batch_axis=0) -> str:
     """The one message for indices that do not line up with an activation."""
     indices_shape, free_shape = tuple(indices_shape), tuple(free_shape)
+    where = (
+        "Its leading free axes"
+        if batch_axis == 0
+        else f"Its free axes from axis {batch_axis} on"
+        if batch_axis > 0
+        else "Its trailing free axes"
+        if batch_axis == -1
+        else f"Its free axes ending at axis {batch_axis}"
+    )
     msg = (
         f"The adapter indices have shape {indices_shape}, but {what} has free "
-        f"axes {free_shape}. Its leading free axes must equal the indices' shape, "
-        "or be a row-major regrouping of them (merged or split consecutive axes: "
-        "(B, T) indices serve both a (B, T, D) and a flattened (B*T, D) "
-        "activation)."
+        f"axes {free_shape} (batch_axis={batch_axis}). {where} must equal the "
+        "indices' shape, or be a row-major regrouping of them (merged or split "
+        "consecutive axes: (B, T) indices serve both a (B, T, D) and a flattened "
+        "(B*T, D) activation)."
     )
+    if batch_axis == 0 and _index_span(indices_shape, free_shape, -1) is not None:
+        return msg + (
+            " They do match its trailing free axes: if the model is time-major "
+            "(activations (T, B, D)), say so with `batch_axis=-1` "
+            "(`lx.loraify(..., batch_axis=-1)` or `lx.with_indices(tree, indices, "
+            "batch_axis=-1)`)."
+        )
     per_token = _per_token_shape(indices_shape, free_shape)
     if per_token is not None:
         t = per_token[-1]
@@ -250,8 +297,21 @@ def clamp_indices(indices: Array, n: int) -> Array:
 
 
 def gathered_scale(scale: Array, indices: Array, safe: Array) -> Array:
-    """`scale[indices]`, and 0 where `indices == -1`; `safe` is
-    `clamp_indices(indices, n_adapters)`."""
+    """`scale[indices]`, 0 where `indices == -1`, and NaN where `indices` lies
+    outside `[-1, n_adapters)`; `safe` is `clamp_indices(indices, n_adapters)`.
+
+    The NaN is how a traced out-of-range index is reported: the clamp alone would
+    give that row the last adapter's output, another adapter's. Every rule scales
+    its low-rank term by this, so the row's output is NaN, whichever strategy or
+    lookup computes it. (An empty `AdapterBank` slot has NaN scales, to the same
+    end.)"""
+    n = scale.shape[0]
     keep = lax.ge(indices, lax.full_like(indices, 0))
+    # -1 <= i < n as one unsigned comparison: i + 1 < n + 1.
+    shifted = lax.convert_element_type(
+        lax.add(indices, lax.full_like(indices, 1)), np.uint32
+    )
+    valid = lax.lt(shifted, lax.full_like(shifted, n + 1))
     zero = lax.full_like(safe, 0, scale.dtype)
-    return lax.select(keep, _lax.take(scale, safe, 0), zero)
+    nan = lax.full_like(safe, np.nan, scale.dtype)
+    return lax.select(valid, lax.select(keep, _lax.take(scale, safe, 0), zero), nan)

@@ -306,13 +306,16 @@ class Layout:
         - `out_perm`: from the low-rank term `(*batch, *x free, *out in `out_axes`
             order)` to `dot_general`'s own output layout `(batch, lhs free, rhs
             free)`, where W's free axes are its out-axes in increasing order.
+
+        `x_free` may come in any order (the indexed axes first, wherever they sit
+        in x): the low-rank term follows it, and `out_perm` restores x's order.
         """
         x_in = [c_x[list(c_w).index(ax)] for ax in self.in_axes]
         x_perm = [*b_x, *x_free, *x_in]
         stack_perm = [self.stack_axes.index(ax) for ax in b_w]
         nb, n_xf = len(b_w), len(x_free)
         w_part = [nb + n_xf + self.out_axes.index(ax) for ax in sorted(self.out_axes)]
-        x_part = list(range(nb, nb + n_xf))
+        x_part = [nb + list(x_free).index(d) for d in sorted(x_free)]
         out_perm = list(range(nb)) + (w_part + x_part if w_is_lhs else x_part + w_part)
         return x_perm, stack_perm, out_perm
 

@@ -14,6 +14,7 @@ from jaxtyping import ArrayLike, Int
 
 from ._adapters import Adapter, AdapterStack, stack_adapters
 from ._array import BatchedLoraArray
+from ._bank import AdapterBank
 from ._indices import coerce_indices
 from ._paths import close_matches, flatten_with_paths
 
@@ -35,6 +36,18 @@ def _as_stack(adapters: Any) -> AdapterStack:
     )
 
 
+def _serving_arrays(adapters: Any, indices: Any) -> dict[str, tuple[Any, tuple]]:
+    """Per adapted path: its `LeafLayout` and `(a, b, scale, head_scale)`."""
+    if isinstance(adapters, AdapterBank):
+        return adapters.arrays(indices)
+    stack = _as_stack(adapters)
+    out = {}
+    for lay, flags in zip(stack.layouts, stack.lookup_only):
+        head = stack.head_scales(lay.path) if any(flags) else None
+        out[lay.path] = (lay, (*stack.weights[lay.path], stack.scales[lay.path], head))
+    return out
+
+
 def _replace_at_paths(tree: Any, fn, paths: Sequence[str], what: str) -> Any:
     leaves, treedef = flatten_with_paths(tree, is_leaf=_is_lora)
     position = {p: i for i, (p, _) in enumerate(leaves)}
@@ -52,11 +65,12 @@ def _replace_at_paths(tree: Any, fn, paths: Sequence[str], what: str) -> Any:
 
 def loraify(
     tree: Any,
-    adapters: AdapterStack | Adapter | Sequence[Adapter],
+    adapters: AdapterStack | AdapterBank | Adapter | Sequence[Adapter],
     indices: Int[ArrayLike, ...] | None = None,
     *,
     allow_materialise: bool = False,
     strategy: str = "auto",
+    batch_axis: int = 0,
 ) -> Any:
     """Replaces each adapted weight of `tree` by a `BatchedLoraArray`.
 
@@ -66,8 +80,10 @@ def loraify(
     **Arguments:**
 
     - `tree`: the model or parameter tree the adapters were made for.
-    - `adapters`: an [`lorax_arrays.AdapterStack`][], or an `Adapter` or a list of
-        them (stacked for you).
+    - `adapters`: an [`lorax_arrays.AdapterStack`][], an
+        [`lorax_arrays.AdapterBank`][] (serving from its slots, with indices from
+        `bank.indices(names)`), or an `Adapter` or a list of them (stacked for
+        you).
     - `indices`: which adapter each example (`(batch,)`) or token
         (`(batch, seq)`) uses, `-1` for the base model; scalar inside `jax.vmap`.
         May be left `None` and set later with [`lorax_arrays.with_indices`][].
@@ -75,19 +91,16 @@ def loraify(
         per-example weight instead of raising an error.
     - `strategy`: how the low-rank terms are computed (`"auto"`, `"gather"`,
         `"segment"` or `"dense"`); see [`lorax_arrays.BatchedLoraArray`][].
+    - `batch_axis`: which of an activation's free axes the indices label: `0` (the
+        default) the leading ones, as in `(B, T, D)`; `-1` the trailing ones, for
+        a time-major model whose activations are `(T, B, D)`.
 
     **Returns:**
 
     A copy of `tree` whose adapted leaves are `BatchedLoraArray`s.
     """
-    stack = _as_stack(adapters)
+    served = _serving_arrays(adapters, indices)
     indices = coerce_indices(indices)
-    layouts = {lay.path: lay for lay in stack.layouts}
-    head_scales = {
-        path: stack.head_scales(path)
-        for path, flags in zip(stack.paths, stack.lookup_only)
-        if any(flags)
-    }
 
     def put(path, leaf):
         if _is_lora(leaf):
@@ -95,31 +108,42 @@ def loraify(
                 f"loraify: {path!r} is already a BatchedLoraArray. Loraify the base "
                 "tree, or change the requests with `lx.with_indices`."
             )
-        lay = layouts[path]
+        lay, (a, b, scale, head_scale) = served[path]
         if tuple(leaf.shape) != lay.shape:
             raise ValueError(
                 f"loraify: the adapter was made for a weight of shape {lay.shape} at "
                 f"{path!r}, but the tree's leaf there has shape {tuple(leaf.shape)}."
             )
-        a, b = stack.weights[path]
         return BatchedLoraArray(
             leaf,
             a,
             b,
-            scale=stack.scales[path],
+            scale=scale,
             indices=indices,
             in_axes=lay.in_axes,
             out_axes=lay.out_axes,
             stack_axes=lay.stack_axes,
             allow_materialise=allow_materialise,
             strategy=strategy,
-            head_scale=head_scales.get(path),
+            head_scale=head_scale,
+            batch_axis=batch_axis,
         )
 
-    return _replace_at_paths(tree, put, stack.paths, "loraify")
+    return _replace_at_paths(tree, put, list(served), "loraify")
 
 
-def with_indices(tree: Any, indices: Int[ArrayLike, ...]) -> Any:
+def _deleted(x: Any) -> bool:
+    """Whether `x` is a concrete array whose buffer was donated or deleted."""
+    return (
+        isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and x.is_deleted()
+    )
+
+
+def with_indices(
+    tree: Any, indices: Int[ArrayLike, ...], *, batch_axis: int | None = None
+) -> Any:
     """The same tree with a new request-to-adapter mapping in every BatchedLoraArray.
 
     Only array values change, so a `jax.jit`-compiled forward pass is not retraced
@@ -130,6 +154,8 @@ def with_indices(tree: Any, indices: Int[ArrayLike, ...]) -> Any:
     - `tree`: a tree from [`lorax_arrays.loraify`][].
     - `indices`: `(batch,)` per example, `(batch, seq)` per token, or a scalar (for
         a single example inside `jax.vmap`); `-1` means the base model.
+    - `batch_axis`: a new `batch_axis` (see [`lorax_arrays.loraify`][]); `None`
+        (the default) keeps each array's. Changing it retraces.
 
     **Returns:**
 
@@ -142,7 +168,17 @@ def with_indices(tree: Any, indices: Int[ArrayLike, ...]) -> Any:
         nonlocal found
         if _is_lora(x):
             found = True
-            return x.replace(indices=indices)
+            if any(_deleted(f) for f in (x.a, x.b)):
+                raise ValueError(
+                    "with_indices: this tree's adapters were replaced since it was "
+                    "loraified (an AdapterBank loaded or removed an adapter, which "
+                    "updates its slots in place), so it can no longer be run. "
+                    "Loraify again for each batch: `lx.loraify(tree, bank, "
+                    "bank.indices(names))`."
+                )
+            if batch_axis is None:
+                return x.replace(indices=indices)
+            return x.replace(indices=indices, batch_axis=batch_axis)
         return x
 
     out = jtu.tree_map(swap, tree, is_leaf=_is_lora)

@@ -55,8 +55,12 @@ def lora_dot(
         raise UnsupportedOperationError(_layout_message(lora, c_l, b_l))
     x_shape = tuple(x.shape)
     x_free = [d for d in range(len(x_shape)) if d not in c_x and d not in b_x]
-    # The indices, reshaped row-major onto the leading free axes of x they cover.
-    idx, lead = _aligned_indices(lora, x_shape, x_free)
+    # The indices, reshaped row-major onto the free axes of x they cover (the
+    # leading ones unless the array's `batch_axis` says otherwise); those axes
+    # go first in the low-rank term.
+    idx, lead, start = _aligned_indices(lora, x_shape, x_free)
+    stop = start + len(lead)
+    x_free = x_free[start:stop] + x_free[:start] + x_free[stop:]
 
     base = bind(
         lax.dot_general_p, lhs, rhs, dimension_numbers=dimension_numbers, **params
@@ -70,21 +74,23 @@ def lora_dot(
 
 
 def _aligned_indices(lora, x_shape, x_free):
-    """The indices reshaped onto the leading free axes of `x` they stand for."""
+    """The indices reshaped onto the free axes of `x` they stand for, those axes'
+    shape, and the position of the first among `x_free`."""
     free_shape = tuple(x_shape[d] for d in x_free)
     what = (
         f"the activation (shape {x_shape}) multiplying the BatchedLoraArray with "
         f"weight shape {tuple(lora.shape)}"
     )
-    return align_indices(require_indices(lora), free_shape, what)
+    return align_indices(require_indices(lora), free_shape, what, lora.batch_axis)
 
 
 def _low_rank_term(lora, x, idx, lead, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params):
     """`s · ((x · A[i]) · B[i])`, laid out as `dot_general(lhs, rhs)` would be.
 
-    `idx` has the shape `lead` of x's leading free axes. The product is brought to
-    the canonical problem of `_strategies` (x as `(S, G, R, d_in)`), computed by
-    the chosen strategy, and laid back out.
+    `idx` has the shape `lead` of the first axes of `x_free` (the indexed ones,
+    put first by the caller). The product is brought to the canonical problem of
+    `_strategies` (x as `(S, G, R, d_in)`), computed by the chosen strategy, and
+    laid back out.
     """
     dtype, pref = _compute_dtype(x, params)
     precision = params.get("precision")
@@ -132,13 +138,13 @@ def _materialised_dot(lora, x, dimension_numbers, lora_is_lhs, params):
     (lc, rc), (lb, rb) = dimension_numbers
     c_x, b_x = (rc, rb) if lora_is_lhs else (lc, lb)
     x_free = [d for d in range(x.ndim) if d not in c_x and d not in b_x]
-    idx, lead_shape = _aligned_indices(lora, tuple(x.shape), x_free)
+    idx, lead_shape, start = _aligned_indices(lora, tuple(x.shape), x_free)
     k = len(lead_shape)
     w_e = materialise_per_example(lora, idx)  # (*lead_shape, *w.shape)
     if k == 0:
         lhs, rhs = (w_e, x) if lora_is_lhs else (x, w_e)
         return lax.dot_general(lhs, rhs, dimension_numbers, **params)
-    lead = x_free[:k]
+    lead = x_free[start : start + k]
     # Make the indexed axes batch dimensions on both sides.
     w_batch = tuple(range(k))
     shift = lambda dims: tuple(d + k for d in dims)  # noqa: E731
@@ -149,13 +155,13 @@ def _materialised_dot(lora, x, dimension_numbers, lora_is_lhs, params):
         dn = ((lc, shift(rc)), (tuple(lead) + tuple(lb), w_batch + shift(rb)))
         out = lax.dot_general(x, w_e, dn, **params)
     # out: (*I, *batch, *lhs free (minus I), *rhs free (minus I)); put I back where
-    # dot_general(x, W) would have them: first among x's free axes.
+    # dot_general(x, W) would have them: at `start` among x's free axes.
     nb = len(lb)
     if lora_is_lhs:
         n_wfree = len(lora.shape) - len(lc) - len(lb)
-        dest = nb + n_wfree
+        dest = nb + n_wfree + start
     else:
-        dest = nb
+        dest = nb + start
     return jnp.moveaxis(out, tuple(range(k)), tuple(range(dest, dest + k)))
 
 

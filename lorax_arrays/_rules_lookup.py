@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import quax
 from jax import lax
 
+from . import _lax
 from ._array import BatchedLoraArray, bind, swap_in_out
 from ._errors import IndicesShapeError, UnsupportedOperationError
 from ._indices import (
@@ -50,11 +51,25 @@ def _lookup_view(lora: BatchedLoraArray, axis: int, what: str):
 
 
 def _rows_delta(lora, a, b, tokens, what):
-    """`s[i] * a[i, tok] @ b[i]` for tokens whose leading axes are the indices'
-    (or a row-major regrouping of them: `(B*T,)` tokens with `(B, T)` indices)."""
+    """`s[i] * a[i, tok] @ b[i]`, shaped `(*tokens.shape, d)`, for tokens whose
+    leading axes are the indices' (or a row-major regrouping of them: `(B*T,)`
+    tokens with `(B, T)` indices; or other axes, by the array's `batch_axis`)."""
     table = f"{what}: the token ids (shape {tuple(tokens.shape)}) of an adapted table"
-    idx, lead = align_indices(require_indices(lora), tokens.shape, table)
+    idx, lead, start = align_indices(
+        require_indices(lora), tokens.shape, table, lora.batch_axis
+    )
     k = len(lead)
+    if start:  # the indexed axes first, and back afterwards
+        nd = tokens.ndim
+        perm = [*range(start, start + k), *range(start), *range(start + k, nd)]
+        u = _rows_delta_leading(lora, a, b, _lax.transpose(tokens, perm), idx, k)
+        back = [perm.index(d) for d in range(nd)]
+        return _lax.transpose(u, [*back, nd])
+    return _rows_delta_leading(lora, a, b, tokens, idx, k)
+
+
+def _rows_delta_leading(lora, a, b, tokens, idx, k):
+    """`_rows_delta` for tokens whose first `k` axes are the (aligned) indices'."""
     n, vocab, rank = a.shape
     safe = clamp_indices(idx, n)
     # rows[..] = a[safe[i], tokens[i, ..]]: one gather over (adapter, row) pairs.

@@ -157,12 +157,15 @@ def dense_weight_per_example(
     return out
 
 
-def reference_dot_general(x, w_e, dimension_numbers, lora_is_lhs: bool, k: int):
+def reference_dot_general(
+    x, w_e, dimension_numbers, lora_is_lhs: bool, k: int, start: int = 0
+):
     """float64 `dot_general(x, W)` (or `(W, x)`) with one weight per example.
 
-    `w_e`: `(*I, *w.shape)` with `len(I) == k`; the leading `k` free axes of `x` are
-    the example axes that pick the weight. The output follows `lax.dot_general`'s
-    layout: `(*batch, *lhs free, *rhs free)`.
+    `w_e`: `(*I, *w.shape)` with `len(I) == k`; the `k` free axes of `x` from free
+    axis `start` on (the leading ones by default) are the example axes that pick
+    the weight. The output follows `lax.dot_general`'s layout: `(*batch, *lhs
+    free, *rhs free)`.
     """
     x = np.asarray(x, np.float64)
     w_e = np.asarray(w_e, np.float64)
@@ -184,7 +187,7 @@ def reference_dot_general(x, w_e, dimension_numbers, lora_is_lhs: bool, k: int):
             w_sub[d] = next(letters)
     x_free = [d for d in range(x.ndim) if d not in xc and d not in xb]
     w_free = [d for d in range(wnd) if d not in wc and d not in wb]
-    ex_sub = [x_sub[d] for d in x_free[:k]]
+    ex_sub = [x_sub[d] for d in x_free[start : start + k]]
     batch = [x_sub[d] for d in xb]
     xf = [x_sub[d] for d in x_free]
     wf = [w_sub[d] for d in w_free]
@@ -228,8 +231,10 @@ def check_dot(
     actual,
     rtol=RTOL_F32,
     x_for_ref=None,
+    start=0,
 ):
-    """Compare `actual` with the reference `dot_general` for this layout."""
+    """Compare `actual` with the reference `dot_general` for this layout (the
+    example axes from free axis `start` of x on)."""
     indices = np.asarray(indices)
     k = indices.ndim
     xr = x if x_for_ref is None else x_for_ref
@@ -239,9 +244,9 @@ def check_dot(
     w_abs = dense_weight_per_example(
         w, a, b, scale, indices, in_axes, out_axes, stack_axes, abs_weight=True
     )
-    expected = reference_dot_general(xr, w_e, dn, lora_is_lhs, k)
+    expected = reference_dot_general(xr, w_e, dn, lora_is_lhs, k, start)
     mag = reference_dot_general(
-        np.abs(np.asarray(xr, np.float64)), w_abs, dn, lora_is_lhs, k
+        np.abs(np.asarray(xr, np.float64)), w_abs, dn, lora_is_lhs, k, start
     )
     assert_close_to_reference(actual, expected, mag, rtol)
 

@@ -1,0 +1,511 @@
+"""`AdapterBank`: a fixed number of device slots that adapters come and go through.
+
+A server compiles its forward pass once and keeps it for hours while adapters are
+added, removed and requested by name. Everything on the device has a fixed shape:
+per adapted leaf, `a: (*stack, slots, *in, capacity)`, `b: (*stack, slots,
+capacity, *out)`, and `(slots,)` scales. Adapters live in host memory (NumPy) until
+a batch asks for them; `indices(names)` then writes each missing one into a slot
+(one jitted update with the bank's buffers donated, so in place), evicting the
+least recently used adapter that the batch does not need.
+
+What makes a wrong adapter impossible to serve silently:
+
+- an empty slot's scales are NaN, so a row routed to it (by a traced index, or
+  by indices kept past a `remove`) comes out NaN, never the base model's output;
+- every index array `indices` hands out is remembered (weakly) with the slots'
+  generations; `lx.loraify(tree, bank, idx)` refuses one whose slots have since
+  been given to other adapters, and any concrete index must name a loaded slot;
+- each load donates the old buffers, so a tree loraified before a load cannot be
+  run afterwards (`lx.with_indices` names the problem).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Int
+
+from ._adapters import BASE, Adapter, AdapterStack
+from ._errors import LoraIndexError
+from ._paths import close_matches
+from ._targeting import LeafLayout, LoraRule, match_rules
+
+
+class StaleIndicesError(LoraIndexError):
+    """Indices from `AdapterBank.indices` used after the bank gave one of their
+    slots to another adapter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BankEvent:
+    """One change to the bank's device slots.
+
+    `kind` is `"load"` (`name` written into `slot`), `"evict"` (`name` left
+    `slot` to make room) or `"remove"` (`name` was removed and its slot cleared).
+    """
+
+    kind: str
+    name: str
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """What the bank knows about one adapted leaf."""
+
+    layout: LeafLayout
+    capacity: int
+    dtype: np.dtype
+
+    @property
+    def n_stack(self) -> int:
+        return len(self.layout.stack_axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """A registered adapter, on the host: per leaf its factors padded to the
+    capacity rank, and its scales (already zero where it lacks a leaf)."""
+
+    arrays: dict[str, tuple[np.ndarray, np.ndarray, np.float32, np.float32]]
+    ranks: dict[str, int]
+    nbytes: int
+
+
+def _write_slot(state, slot, new, n_stack):
+    """`state` with slot `slot` of every array replaced by `new`'s."""
+    out = {}
+    for path, arrays in state.items():
+        ns = n_stack[path]
+        axes = (ns, ns, 0, 0)  # a, b: the slot axis follows the stack axes
+        out[path] = tuple(
+            lax.dynamic_update_index_in_dim(full, part.astype(full.dtype), slot, ax)
+            for full, part, ax in zip(arrays, new[path], axes)
+        )
+    return out
+
+
+class AdapterBank:
+    """Fixed device slots for serving many adapters with one compiled program.
+
+    ```python
+    bank = lx.AdapterBank(model, rules, slots=8)
+    bank.add("support", support_adapter)      # host memory; any rank <= capacity
+    bank.add("legal", lx.load_adapter("ckpt/legal", model))
+    idx = bank.indices(["legal", None, "support"])   # loads into slots as needed
+    y = forward(lx.loraify(model, bank, idx), x)      # never recompiles
+    ```
+
+    The device arrays never change shape: `slots` adapters at each rule's `rank`
+    (the capacity), zero-padded, so `jax.jit(lx.quaxify(f))` compiles once for any
+    sequence of `add`, `remove` and `indices`. Adapters are kept on the host until
+    a batch asks for them; `indices` writes each missing one into a free slot, or
+    else the slot of the least recently used adapter this batch does not need.
+    Each write updates one slot in place (the bank's buffers are donated), so it
+    costs one adapter's bytes, not the bank's, and a tree loraified before it can
+    no longer be run: loraify after `indices`, once per batch.
+
+    Not thread-safe: drive a bank from one serving loop.
+
+    **Arguments:**
+
+    - `tree`: the model or parameter tree to serve.
+    - `rules`: `LoraRule`s saying which leaves carry adapters and how they are laid
+        out; each rule's `rank` is the capacity (the largest rank) of its leaves.
+        Their `alpha` and `use_rslora` are not used: every adapter brings its own.
+    - `slots`: how many adapters fit on the device at once (the most distinct
+        adapters one batch can use).
+    - `dtype`: the factors' dtype on the device; defaults to each weight's own.
+    """
+
+    def __init__(
+        self,
+        tree: Any,
+        rules: LoraRule | Sequence[LoraRule],
+        *,
+        slots: int,
+        dtype: Any = None,
+    ):
+        if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)):
+            raise TypeError(f"AdapterBank: `slots` must be an int, got {slots!r}.")
+        if slots < 1:
+            raise ValueError(f"AdapterBank: `slots` must be >= 1, got {slots}.")
+        self._slots = int(slots)
+        matches = match_rules(tree, rules)
+        self._leaves: dict[str, _Leaf] = {
+            m.path: _Leaf(
+                m.layout, m.rank, np.dtype(m.dtype if dtype is None else dtype)
+            )
+            for m in matches
+        }
+        # Made by XLA on the device (not `device_put` from NumPy, whose buffers
+        # may alias host memory and so could not be donated and updated in place).
+        self._state = jax.jit(
+            lambda: {
+                path: self._empty_slot(leaf, self._slots, jnp)
+                for path, leaf in self.leaves
+            }
+        )()
+        self._write = jax.jit(
+            lambda state, slot, new: _write_slot(
+                state, slot, new, {p: lf.n_stack for p, lf in self.leaves}
+            ),
+            donate_argnums=0,
+        )
+        self._adapters: dict[str, _Entry] = {}
+        self._slot_names: list[str | None] = [None] * self._slots
+        self._generation = [0] * self._slots
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._issued: dict[int, tuple[weakref.ref, dict[int, int]]] = {}
+        self.events: list[BankEvent] = []
+        """Every load, eviction and removal, oldest first (a list of
+        [`BankEvent`][lorax_arrays.BankEvent])."""
+
+    # -- what the bank holds ----------------------------------------------------
+
+    @property
+    def leaves(self) -> Iterable[tuple[str, _Leaf]]:
+        return self._leaves.items()
+
+    @property
+    def slots(self) -> int:
+        """How many adapters fit on the device at once."""
+        return self._slots
+
+    @property
+    def capacity(self) -> dict[str, int]:
+        """The largest rank each adapted path accepts."""
+        return {path: leaf.capacity for path, leaf in self.leaves}
+
+    @property
+    def layouts(self) -> tuple[LeafLayout, ...]:
+        """The `LeafLayout` of each adapted path."""
+        return tuple(leaf.layout for _, leaf in self.leaves)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The adapted paths, in order."""
+        return tuple(self._leaves)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every registered adapter's name, in the order they were added."""
+        return tuple(self._adapters)
+
+    @property
+    def loaded(self) -> dict[str, int]:
+        """The adapters on the device now: name to slot, in slot order."""
+        return {n: s for s, n in enumerate(self._slot_names) if n is not None}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the bank holds on the device (factors and scales)."""
+        return sum(x.nbytes for x in jax.tree.leaves(self._state))
+
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes of the registered adapters held in host memory."""
+        return sum(e.nbytes for e in self._adapters.values())
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
+
+    def __repr__(self) -> str:
+        return (
+            f"AdapterBank(slots={self._slots}, adapters={len(self)}, "
+            f"loaded={self.loaded}, paths={len(self._leaves)})"
+        )
+
+    # -- adding and removing ----------------------------------------------------
+
+    def add(self, name: str, adapter: Adapter) -> None:
+        """Registers `adapter` under `name` (in host memory; loaded on demand).
+
+        The adapter may adapt any subset of the bank's leaves (it sees the base
+        weight elsewhere), at any rank up to the capacity, with its own alpha and
+        rsLoRA. Everything is checked here, so a bad adapter never reaches a slot.
+
+        **Arguments:**
+
+        - `name`: the name requests will use; not `"__base__"`, not taken.
+        - `adapter`: an [`lorax_arrays.Adapter`][] made for the bank's model (from
+            `lx.init_adapter`, `lx.load_adapter`, `lx.load_peft_adapter`, or
+            `stack[name]`).
+        """
+        if not isinstance(name, str):
+            raise TypeError(
+                f"AdapterBank.add: the name must be a str, got {type(name).__name__}."
+            )
+        if name == BASE:
+            raise ValueError(
+                f"AdapterBank.add: {BASE!r} is reserved for the base model."
+            )
+        if name in self._adapters:
+            raise ValueError(
+                f"AdapterBank.add: an adapter named {name!r} is already in the bank. "
+                f"Remove it first (`bank.remove({name!r})`) to replace it."
+            )
+        if isinstance(adapter, AdapterStack):
+            raise TypeError(
+                "AdapterBank.add takes one Adapter, got an AdapterStack; add each "
+                "of its adapters: `for n in stack.names: bank.add(n, stack[n])`."
+            )
+        if not isinstance(adapter, Adapter):
+            raise TypeError(
+                f"AdapterBank.add: expected an Adapter, got {type(adapter).__name__}."
+            )
+        if not adapter.paths:
+            raise ValueError(
+                f"AdapterBank.add({name!r}): the adapter adapts no leaf; use None "
+                f"or {BASE!r} in requests for the base model."
+            )
+        arrays, ranks, nbytes = {}, {}, 0
+        for j, lay in enumerate(adapter.layouts):
+            leaf = self._check_leaf(name, lay, adapter.ranks[j])
+            a, b = adapter.weights[lay.path]
+            a, b = self._to_host(name, lay.path, a, b, leaf)
+            scale = np.float32(adapter.scale(lay.path))
+            head = np.float32(0.0 if adapter.lookup_only[j] else scale)
+            arrays[lay.path] = (a, b, scale, head)
+            ranks[lay.path] = adapter.ranks[j]
+            nbytes += a.nbytes + b.nbytes
+        self._adapters[name] = _Entry(arrays, ranks, nbytes)
+
+    def remove(self, name: str) -> None:
+        """Forgets the adapter `name`; if it is loaded, its slot is cleared (its
+        scales become NaN, so indices still pointing there give NaN rows).
+
+        **Arguments:**
+
+        - `name`: a registered adapter's name.
+        """
+        self._known(name, "AdapterBank.remove")
+        del self._adapters[name]
+        self._recent.pop(name, None)
+        if name in self._slot_names:
+            slot = self._slot_names.index(name)
+            self._put(slot, None)
+            self.events.append(BankEvent("remove", name, slot))
+
+    # -- serving ----------------------------------------------------------------
+
+    def indices(self, names: Sequence[Any]) -> Int[Array, "*batch"]:
+        """Slot indices for a batch of requests, loading adapters as needed.
+
+        Each adapter the batch names that is not on the device is written into a
+        free slot, or else into the slot of the least recently used adapter that
+        this batch does not use. Pass the result to `lx.loraify(tree, bank, idx)`
+        before the next call to `indices`.
+
+        **Arguments:**
+
+        - `names`: one adapter name per request (`None` or `"__base__"` for the
+            base model); a nested list `(batch, seq)` gives one per token.
+
+        **Returns:**
+
+        int32 indices of the shape of `names`, for `lx.loraify(tree, bank, idx)`.
+
+        **Raises:**
+
+        `KeyError` for a name that was never added (listing the known ones);
+        `ValueError` when the batch needs more distinct adapters than there are
+        slots.
+        """
+        grid = self._name_grid(names)
+        wanted = list(dict.fromkeys(n for n in grid.flat if n is not None))
+        for n in wanted:
+            self._known(n, "AdapterBank.indices")
+        if len(wanted) > self._slots:
+            raise ValueError(
+                f"AdapterBank.indices: this batch uses {len(wanted)} distinct "
+                f"adapters, but the bank has {self._slots} slots. Split the batch "
+                f"so that each part uses at most {self._slots} adapters, or build "
+                "the bank with more slots."
+            )
+        needed = set(wanted)
+        for n in wanted:
+            if n not in self._slot_names:
+                self._load(n, needed)
+        for n in wanted:  # most recently used last
+            self._recent.pop(n, None)
+            self._recent[n] = None
+        slot_of = {n: s for s, n in enumerate(self._slot_names) if n is not None}
+        out = np.full(grid.shape, -1, np.int32)
+        for pos, n in np.ndenumerate(grid):
+            if n is not None:
+                out[pos] = slot_of[n]
+        idx = jnp.asarray(out)
+        self._remember(idx, {slot_of[n]: self._generation[slot_of[n]] for n in wanted})
+        return idx
+
+    def arrays(self, indices: Any) -> dict[str, tuple[LeafLayout, tuple]]:
+        """What `lx.loraify(tree, bank, indices)` puts at each path: the layout and
+        `(a, b, scale, head_scale)`. Checks the indices against the bank first."""
+        self._check_served(indices)
+        return {path: (leaf.layout, self._state[path]) for path, leaf in self.leaves}
+
+    # -- internals ----------------------------------------------------------------
+
+    @staticmethod
+    def _empty_slot(leaf: _Leaf, n: int, xp: Any = np) -> tuple[Any, ...]:
+        """`n` empty slots: zero factors, NaN scales (NumPy, or `xp=jnp`)."""
+        lay, r = leaf.layout, leaf.capacity
+        a = xp.zeros((*lay.stack_shape, n, *lay.in_shape, r), leaf.dtype)
+        b = xp.zeros((*lay.stack_shape, n, r, *lay.out_shape), leaf.dtype)
+        nan = xp.full((n,), np.nan, np.float32)
+        return a, b, nan, xp.full((n,), np.nan, np.float32)
+
+    def _check_leaf(self, name: str, lay: LeafLayout, rank: int) -> _Leaf:
+        leaf = self._leaves.get(lay.path)
+        if leaf is None:
+            near = close_matches(lay.path, self._leaves)
+            raise ValueError(
+                f"AdapterBank.add({name!r}): the adapter adapts {lay.path!r}, which "
+                f"is not one of the bank's leaves.{near}"
+                f" The bank's rules adapt: {', '.join(map(repr, self._leaves))}. "
+                "Build the bank with a rule that covers this leaf."
+            )
+        if not leaf.layout.compatible(lay):
+            have, got = leaf.layout, lay
+            raise ValueError(
+                f"AdapterBank.add({name!r}): at {lay.path!r} the adapter is laid "
+                f"out as shape {got.shape}, in_axes={got.in_axes}, "
+                f"out_axes={got.out_axes}, stack_axes={got.stack_axes}, but the "
+                f"bank as shape {have.shape}, in_axes={have.in_axes}, "
+                f"out_axes={have.out_axes}, stack_axes={have.stack_axes}. Make the "
+                "adapter with the bank's rules (or give the rule the adapter's axes)."
+            )
+        if rank > leaf.capacity:
+            raise ValueError(
+                f"AdapterBank.add({name!r}): at {lay.path!r} the adapter has rank "
+                f"{rank}, above the bank's capacity {leaf.capacity} there. Build the "
+                f"bank with `LoraRule(..., rank={rank})` (or larger) for this leaf."
+            )
+        return leaf
+
+    @staticmethod
+    def _to_host(name, path, a, b, leaf: _Leaf) -> tuple[np.ndarray, np.ndarray]:
+        """The factors as NumPy in the bank's dtype, padded to the capacity."""
+        a, b = np.asarray(a), np.asarray(b)
+        for role, x in (("a", a), ("b", b)):
+            if not np.all(np.isfinite(x)):
+                raise ValueError(
+                    f"AdapterBank.add({name!r}): `{role}` at {path!r} holds NaN or "
+                    "infinite values; the adapter is corrupt or diverged."
+                )
+        ns, pad = leaf.n_stack, leaf.capacity - a.shape[-1]
+        a_pad = [(0, 0)] * (a.ndim - 1) + [(0, pad)]
+        b_pad = [(0, 0)] * b.ndim
+        b_pad[ns] = (0, pad)
+        return (
+            np.pad(a.astype(leaf.dtype), a_pad),
+            np.pad(b.astype(leaf.dtype), b_pad),
+        )
+
+    def _name_grid(self, names: Sequence[Any]) -> np.ndarray:
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise TypeError(
+                "AdapterBank.indices: expected a list of adapter names (one per "
+                f"request, None for the base model), got {type(names).__name__}."
+            )
+        grid = np.empty(np.shape(np.array(names, dtype=object)), dtype=object)
+        try:
+            grid[...] = names
+        except ValueError as e:
+            raise ValueError(
+                "AdapterBank.indices: `names` must be a flat list (one per request) "
+                "or a rectangular nested list (one per token)."
+            ) from e
+        for pos, n in np.ndenumerate(grid):
+            if n is None or n == BASE:
+                grid[pos] = None
+            elif not isinstance(n, str):
+                raise TypeError(
+                    f"AdapterBank.indices: entry {pos} is {n!r}; entries must be "
+                    f"adapter names (str), None or {BASE!r}."
+                )
+        return grid
+
+    def _known(self, name: str, what: str) -> None:
+        if name not in self._adapters:
+            hint = close_matches(str(name), self._adapters)
+            raise KeyError(
+                f"{what}: no adapter named {name!r}.{hint} The bank knows "
+                f"{sorted(self._adapters)}; add it with `bank.add(name, adapter)`."
+            )
+
+    def _load(self, name: str, needed: set[str]) -> None:
+        if None in self._slot_names:
+            slot = self._slot_names.index(None)
+        else:
+            victim = next(n for n in self._recent if n not in needed)
+            slot = self._slot_names.index(victim)
+            self._recent.pop(victim)
+            self.events.append(BankEvent("evict", victim, slot))
+        self._put(slot, name)
+        self.events.append(BankEvent("load", name, slot))
+
+    def _put(self, slot: int, name: str | None) -> None:
+        """Writes adapter `name` (or an empty slot, for None) into `slot`."""
+        entry = self._adapters[name] if name is not None else None
+        new = {}
+        for path, leaf in self.leaves:
+            if entry is not None and path in entry.arrays:
+                new[path] = entry.arrays[path]
+            else:
+                a, b, nan, _ = self._empty_slot(leaf, 1)
+                a, b = a.squeeze(leaf.n_stack), b.squeeze(leaf.n_stack)
+                s = np.float32(np.nan if entry is None else 0.0)
+                new[path] = (a, b, s, s)
+        self._state = self._write(self._state, np.int32(slot), new)
+        self._slot_names[slot] = name
+        self._generation[slot] += 1
+
+    def _remember(self, idx: Array, generations: dict[int, int]) -> None:
+        key = id(idx)
+        self._issued[key] = (
+            weakref.ref(idx, lambda _, key=key: self._issued.pop(key, None)),
+            generations,
+        )
+
+    def _check_served(self, indices: Any) -> None:
+        """The checks `lx.loraify(tree, bank, indices)` runs on the host."""
+        issued = self._issued.get(id(indices))
+        if issued is not None and issued[0]() is indices:
+            for slot, gen in issued[1].items():
+                if self._generation[slot] != gen:
+                    now = self._slot_names[slot]
+                    change = f"given to {now!r}" if now is not None else "cleared"
+                    raise StaleIndicesError(
+                        "These indices came from an earlier `bank.indices(...)` "
+                        f"call, and slot {slot} has since been {change}: serving "
+                        "them would give those rows another adapter's output. Call "
+                        "`bank.indices(names)` for a batch right before "
+                        "`lx.loraify(tree, bank, idx)`, and run that batch before "
+                        "asking for the next one."
+                    )
+            return
+        if isinstance(indices, jax.core.Tracer) or indices is None:
+            return  # traced: rows routed to an empty slot come out NaN
+        values = np.asarray(indices)
+        if not np.issubdtype(values.dtype, np.integer):
+            return  # `loraify` itself refuses these, with its own message
+        for slot in np.unique(values[values >= 0]):
+            if slot < self._slots and self._slot_names[slot] is None:
+                raise LoraIndexError(
+                    f"Index {slot} points at slot {slot} of the bank, which holds "
+                    "no adapter. Make indices with `bank.indices(names)`, which "
+                    "loads the adapters a batch names."
+                )

@@ -1,0 +1,386 @@
+"""`lx.AdapterBank`: fixed device slots that adapters come and go through.
+
+Every served row is compared with the plain model run alone with that row's adapter
+merged in float64 NumPy (`model_helpers.einsum_merge`), never with `lx.merge`. The
+model has all three kinds of adapted leaf: an embedding table read by lookup, a
+scanned layer stack and an output head.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorax_arrays as lx
+from tests.fast_init import random_adapters
+from tests.model_helpers import einsum_merge
+
+V, D, L, B, T = 13, 6, 2, 4, 3
+CAPACITY = 8
+BANK_RULES = [
+    lx.LoraRule(r"^embed$", rank=CAPACITY, in_axes=0, out_axes=1),
+    lx.LoraRule(r"layers/wq", rank=CAPACITY, stack_axes=0),
+    lx.LoraRule(r"^head$", rank=CAPACITY),
+]
+
+
+def _params():
+    rng = np.random.default_rng(0)
+    return {
+        "embed": jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
+        "layers": {
+            "wq": jnp.asarray(rng.standard_normal((L, D, D)) / D**0.5, jnp.float32)
+        },
+        "head": jnp.asarray(rng.standard_normal((D, V)) / D**0.5, jnp.float32),
+    }
+
+
+PARAMS = _params()
+TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
+
+
+def forward(p, tokens):
+    h = p["embed"][tokens]
+    h = jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), None), h, p["layers"]["wq"])[0]
+    return h @ p["head"]
+
+
+def _rule_set(rank, *, alpha=None, rslora=False, leaves=("embed", "wq", "head")):
+    pick = {"embed": 0, "wq": 1, "head": 2}
+    out = []
+    for leaf in leaves:
+        r = BANK_RULES[pick[leaf]]
+        out.append(
+            lx.LoraRule(
+                r.pattern,
+                rank,
+                alpha,
+                in_axes=r.in_axes,
+                out_axes=r.out_axes,
+                stack_axes=r.stack_axes,
+                use_rslora=rslora,
+            )
+        )
+    return out
+
+
+# Mixed ranks, alphas, rsLoRA and subsets of the bank's leaves.
+RULE_SETS = {
+    "r8": _rule_set(8),
+    "r2": _rule_set(2, alpha=5.0),
+    "r4-rs": _rule_set(4, alpha=3.0, rslora=True),
+    "wq-only": _rule_set(6, leaves=("wq",)),
+    "no-embed": _rule_set(3, alpha=1.0, leaves=("wq", "head")),
+    "r1": _rule_set(1, alpha=2.0),
+}
+ADAPTERS = dict(
+    zip(RULE_SETS, random_adapters(PARAMS, list(RULE_SETS.values()), seed=3))
+)
+
+
+def _bank(slots=3, names=tuple(ADAPTERS)):
+    bank = lx.AdapterBank(PARAMS, BANK_RULES, slots=slots)
+    for name in names:
+        bank.add(name, ADAPTERS[name])
+    return bank
+
+
+_REFS: dict = {}
+
+
+def _reference_row(name, e):
+    """Row `e` of the plain model, alone, with adapter `name` merged in NumPy."""
+    if name not in _REFS:
+        p = PARAMS if name is None else einsum_merge(PARAMS, ADAPTERS[name], xp=np)
+        _REFS[name] = np.asarray(forward(p, TOKENS))
+    return _REFS[name][e]
+
+
+def _check_rows(out, names):
+    out = np.asarray(out)
+    for e, name in enumerate(names):
+        np.testing.assert_allclose(
+            out[e], _reference_row(name, e), rtol=2e-5, atol=2e-5
+        )
+
+
+def _adapters_matter():
+    base = _reference_row(None, 0)
+    for name in ADAPTERS:
+        assert np.abs(_reference_row(name, 0) - base).max() > 1e-2, name
+
+
+# -- serving --------------------------------------------------------------------
+
+
+def test_batches_through_fewer_slots_than_adapters_compile_once():
+    """A stream of batches over 6 adapters through 3 slots, with adds and removes
+    in between: every row equals its adapter merged alone, adapters are loaded on
+    demand and evicted, and the jitted forward traces exactly once."""
+    _adapters_matter()
+    traces = []
+
+    @jax.jit
+    def serve(p, tokens):
+        traces.append(1)
+        return lx.quaxify(forward)(p, tokens)
+
+    bank = _bank(names=["r8", "r2", "r4-rs"])
+    batches = [
+        ["r8", "r2", None, "r8"],
+        ["r4-rs", "r4-rs", "r2", "__base__"],
+        "add wq-only",
+        ["wq-only", "r8", None, "r2"],
+        "remove r2",
+        "add no-embed",
+        "add r1",
+        ["no-embed", "r1", "r8", "no-embed"],
+        "add r2",
+        ["r2", "r2", "r2", "r2"],
+        [None, None, None, None],
+        ["r4-rs", "wq-only", "r1", "r4-rs"],
+    ]
+    for step in batches:
+        if isinstance(step, str):
+            verb, name = step.split()
+            bank.add(name, ADAPTERS[name]) if verb == "add" else bank.remove(name)
+            continue
+        out = serve(lx.loraify(PARAMS, bank, bank.indices(step)), TOKENS)
+        _check_rows(out, [None if n == "__base__" else n for n in step])
+        assert len(bank.loaded) <= 3
+    assert len(traces) == 1
+    kinds = [ev.kind for ev in bank.events]
+    assert kinds.count("evict") >= 3 and kinds.count("remove") == 1
+    assert len(bank) == 6 and set(bank.names) == set(ADAPTERS)
+
+
+def test_per_token_names():
+    """A nested list gives `(batch, seq)` indices: one adapter per token."""
+    bank = _bank(slots=4)
+    names = [["r8", "r2", None], ["r2", "r2", "r2"], [None, "r1", "r8"], ["r1"] * 3]
+    idx = bank.indices(names)
+    assert idx.shape == (B, T) and idx.dtype == jnp.int32
+
+    # The model never mixes tokens, so each token can have its own adapter.
+    out = np.asarray(
+        jax.jit(lx.quaxify(forward))(lx.loraify(PARAMS, bank, idx), TOKENS)
+    )
+    for e in range(B):
+        for t in range(T):
+            name = names[e][t]
+            p = PARAMS if name is None else einsum_merge(PARAMS, ADAPTERS[name], xp=np)
+            ref = np.asarray(forward(p, TOKENS[e : e + 1, t : t + 1]))[0, 0]
+            np.testing.assert_allclose(out[e, t], ref, rtol=2e-5, atol=2e-5)
+
+
+def test_lru_eviction_spares_what_the_batch_needs():
+    bank = _bank(slots=3)
+    bank.indices(["r8", "r2", "r4-rs"])  # slots 0, 1, 2 in that order
+    bank.indices(["r8"])  # r8 is now the most recent
+    start = len(bank.events)
+    idx = bank.indices(["wq-only", "r2"])  # needs one slot: r4-rs is the LRU
+    events = [(ev.kind, ev.name, ev.slot) for ev in bank.events[start:]]
+    assert events == [("evict", "r4-rs", 2), ("load", "wq-only", 2)]
+    np.testing.assert_array_equal(idx, [2, 1])
+    assert bank.loaded == {"r8": 0, "r2": 1, "wq-only": 2}
+    # Already-loaded adapters are not written again.
+    start = len(bank.events)
+    bank.indices(["r2", "r8", "wq-only"])
+    assert bank.events[start:] == []
+    # A batch needing all slots evicts only what it does not use.
+    bank.indices(["no-embed", "r8", "r1"])
+    assert set(bank.loaded) == {"no-embed", "r8", "r1"}
+
+
+def test_load_writes_one_slot_in_place():
+    """A load updates the bank's buffers in place (donated): the device pointers
+    do not move, the old arrays are gone, and only the loaded slot changes."""
+    bank = _bank(slots=3)
+    bank.indices(["r8", "r2"])
+    before = {p: [x.unsafe_buffer_pointer() for x in v] for p, v in bank._state.items()}
+    old = jax.tree.leaves(bank._state)
+    # Host copies of copies: a NumPy view of the bank's own buffers would pin them
+    # (JAX cannot donate a buffer NumPy can see), and the load would copy.
+    host = jax.tree.map(lambda x: np.asarray(jnp.copy(x)), bank._state)
+    bank.indices(["r4-rs"])  # slot 2
+    after = {p: [x.unsafe_buffer_pointer() for x in v] for p, v in bank._state.items()}
+    assert before == after
+    assert all(x.is_deleted() for x in old)
+    for path, (a, b, s, _) in bank._state.items():
+        ns = len(bank._leaves[path].layout.stack_axes)
+        a0, b0, s0, _ = host[path]
+        np.testing.assert_array_equal(
+            np.delete(np.asarray(a), 2, ns), np.delete(a0, 2, ns)
+        )
+        np.testing.assert_array_equal(
+            np.delete(np.asarray(b), 2, ns), np.delete(b0, 2, ns)
+        )
+        np.testing.assert_array_equal(np.asarray(s)[:2], s0[:2])
+        assert np.isnan(s0[2]) and np.isfinite(np.asarray(s)[2])
+
+
+def test_bank_holds_fixed_shapes_and_reports_bytes():
+    bank = _bank(slots=5)
+    a, b, s, hs = bank._state["layers/wq"]
+    assert a.shape == (L, 5, D, CAPACITY) and b.shape == (L, 5, CAPACITY, D)
+    assert s.shape == hs.shape == (5,)
+    expected = sum(
+        (np.prod(lay.in_shape) + np.prod(lay.out_shape)) * np.prod(lay.stack_shape)
+        for lay in bank.layouts
+    )
+    assert bank.nbytes == 4 * (5 * CAPACITY * expected + 2 * 5 * 3)
+    assert bank.host_nbytes > 0 and bank.capacity == {p: CAPACITY for p in bank.paths}
+    assert "slots=5" in repr(bank) and "r8" in bank and "nope" not in bank
+
+
+# -- never the wrong adapter ------------------------------------------------------
+
+
+def test_stale_indices_are_refused():
+    bank = _bank(slots=2)
+    old = bank.indices(["r8", "r2"])
+    bank.indices(["r1", "r4-rs"])  # both slots change hands
+    with pytest.raises(lx.StaleIndicesError, match=r"slot \d has since been given to"):
+        lx.loraify(PARAMS, bank, old)
+    assert isinstance(lx.StaleIndicesError("x"), lx.LoraIndexError)
+    fresh = bank.indices(["r1"])
+    lx.loraify(PARAMS, bank, fresh)  # fine
+    bank.remove("r1")
+    with pytest.raises(lx.StaleIndicesError, match="cleared"):
+        lx.loraify(PARAMS, bank, fresh)
+
+
+def test_indices_pointing_at_an_empty_slot():
+    """Concrete: refused on the host. Traced: NaN rows, never the base model."""
+    bank = _bank(slots=3)
+    idx = bank.indices(["r8", None, "r2", "r8"])
+    with pytest.raises(lx.LoraIndexError, match="slot 2 of the bank, which holds no"):
+        lx.loraify(PARAMS, bank, jnp.array([0, 2, -1, 1], jnp.int32))
+    served = lx.loraify(PARAMS, bank, idx)
+
+    @jax.jit
+    def run(p, i):
+        return lx.quaxify(forward)(lx.with_indices(p, i), TOKENS)
+
+    out = np.asarray(run(served, jnp.array([0, 2, -1, 7], jnp.int32)))
+    assert np.isnan(out[[1, 3]]).all()
+    for e, name in ((0, "r8"), (2, None)):
+        np.testing.assert_allclose(
+            out[e], _reference_row(name, e), rtol=2e-5, atol=2e-5
+        )
+
+
+def test_a_removed_adapter_cannot_be_served():
+    bank = _bank(slots=3)
+    idx = bank.indices(["r8", "r2", None, "r8"])
+    served = lx.loraify(PARAMS, bank, idx)
+    bank.remove("r2")
+    assert bank.events[-1] == lx.BankEvent("remove", "r2", 1)
+    assert "r2" not in bank.loaded and "r2" not in bank.names
+    with pytest.raises(ValueError, match="Loraify again for each batch"):
+        lx.with_indices(served, idx)
+    with pytest.raises(KeyError, match="no adapter named 'r2'"):
+        bank.indices(["r2"])
+    # Its slot is empty (NaN scales) until reused.
+    assert np.isnan(np.asarray(bank._state["head"][2])[1])
+
+
+def test_issued_indices_are_forgotten_when_dropped():
+    bank = _bank(slots=2)
+    for _ in range(5):
+        bank.indices(["r8"])
+    gc.collect()
+    assert len(bank._issued) == 0
+
+
+# -- errors -----------------------------------------------------------------------
+
+
+def test_errors_name_the_problem():
+    bank = _bank(slots=2, names=["r8", "r2"])
+    with pytest.raises(KeyError) as info:
+        bank.indices(["r8", "r3"])
+    msg = str(info.value)
+    assert "'r3'" in msg and "['r2', 'r8']" in msg and "Did you mean" in msg
+    with pytest.raises(
+        ValueError, match="uses 3 distinct adapters, but the bank has 2"
+    ):
+        bank.add("r1", ADAPTERS["r1"]) or bank.indices(["r8", "r2", "r1"])
+    with pytest.raises(ValueError, match="already in the bank"):
+        bank.add("r8", ADAPTERS["r8"])
+    with pytest.raises(ValueError, match="reserved for the base model"):
+        bank.add("__base__", ADAPTERS["r8"])
+    with pytest.raises(TypeError, match="one Adapter, got an AdapterStack"):
+        bank.add("s", lx.stack_adapters([ADAPTERS["r8"]]))
+    with pytest.raises(TypeError, match="must be a str"):
+        bank.add(3, ADAPTERS["r8"])
+    with pytest.raises(TypeError, match="entries must be adapter names"):
+        bank.indices(["r8", 0])
+    with pytest.raises(TypeError, match="expected a list of adapter names"):
+        bank.indices("r8")
+    with pytest.raises(KeyError, match="no adapter named 'zz'"):
+        bank.remove("zz")
+    with pytest.raises(ValueError, match="slots` must be >= 1"):
+        lx.AdapterBank(PARAMS, BANK_RULES, slots=0)
+    with pytest.raises(TypeError, match="slots` must be an int"):
+        lx.AdapterBank(PARAMS, BANK_RULES, slots=2.0)
+
+
+def test_adapter_rank_leaf_and_layout_are_checked_on_add():
+    bank = lx.AdapterBank(PARAMS, BANK_RULES[1:], slots=2)  # no embedding leaf
+    with pytest.raises(ValueError) as info:
+        bank.add("r8", ADAPTERS["r8"])
+    msg = str(info.value)
+    assert "'embed'" in msg and "not one of the bank's leaves" in msg
+    (big,) = random_adapters(PARAMS, [_rule_set(12, leaves=("wq",))], seed=9)
+    with pytest.raises(ValueError, match=r"rank 12, above the bank's capacity 8"):
+        bank.add("big", big)
+    flat = lx.AdapterBank(
+        PARAMS, [lx.LoraRule("layers/wq", 4, in_axes=(0, 1), out_axes=2)], slots=1
+    )
+    with pytest.raises(ValueError, match=r"stack_axes=\(0,\), but the bank as"):
+        flat.add("wq", ADAPTERS["wq-only"])
+    broken = jax.tree.map(lambda x: x.at[0].set(jnp.nan), ADAPTERS["wq-only"])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        bank.add("broken", broken)
+    assert len(bank) == 0  # nothing half-added
+
+
+def test_tree_must_match_the_bank():
+    bank = _bank(slots=2)
+    idx = bank.indices(["r8"])
+    other = dict(PARAMS, head=jnp.zeros((D + 1, V)))
+    with pytest.raises(ValueError, match=re.escape("shape (7, 13)")):
+        lx.loraify(other, bank, idx)
+
+
+# -- from disk ----------------------------------------------------------------------
+
+
+def test_adapters_from_orbax_and_peft_directories(tmp_path):
+    """`bank.add(name, lx.load_adapter(...))` and PEFT directories serve exactly
+    what the in-memory adapters do."""
+    peft_rules = [  # a PEFT directory holds plain 2-D modules: no layer stack
+        lx.LoraRule(r"^embed$", rank=4, in_axes=0, out_axes=1),
+        lx.LoraRule(r"^head$", rank=4, alpha=8.0),
+    ]
+    (peft_ad,) = random_adapters(PARAMS, [peft_rules], seed=11)
+    lx.save_adapter(tmp_path / "r8", ADAPTERS["r8"])
+    lx.save_adapter(tmp_path / "r4-rs", ADAPTERS["r4-rs"])
+    lx.save_peft_adapter(tmp_path / "peft", peft_ad)
+    bank = lx.AdapterBank(PARAMS, BANK_RULES, slots=2)
+    for name in ("r8", "r4-rs"):
+        bank.add(name, lx.load_adapter(tmp_path / name, PARAMS))
+    bank.add("peft", lx.load_peft_adapter(tmp_path / "peft", PARAMS))
+    fwd = jax.jit(lx.quaxify(forward))
+    names = ["r8", "r4-rs", None, "r8"]
+    _check_rows(fwd(lx.loraify(PARAMS, bank, bank.indices(names)), TOKENS), names)
+    out = np.asarray(fwd(lx.loraify(PARAMS, bank, bank.indices(["peft"] * B)), TOKENS))
+    # PEFT's embedding LoRA leaves the head alone; the head has its own adapter.
+    ref = forward(einsum_merge(PARAMS, peft_ad, xp=np), TOKENS)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
