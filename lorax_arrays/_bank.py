@@ -39,6 +39,14 @@ from ._paths import close_matches
 from ._targeting import LeafLayout, LoraRule, match_rules
 
 
+class _UnknownAdapterError(KeyError):
+    """A name the bank does not know. A `KeyError` whose `str` is its message (a
+    plain `KeyError` prints the repr of its argument)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class StaleIndicesError(LoraIndexError):
     """Indices from `AdapterBank.indices` used after the bank gave one of their
     slots to another adapter."""
@@ -124,6 +132,8 @@ class AdapterBank:
     - `slots`: how many adapters fit on the device at once (the most distinct
         adapters one batch can use).
     - `dtype`: the factors' dtype on the device; defaults to each weight's own.
+    - `events_kept`: how many of the latest loads, evictions and removals
+        `bank.events` keeps (`bank.last_events` has those of the latest call).
     """
 
     def __init__(
@@ -133,6 +143,7 @@ class AdapterBank:
         *,
         slots: int,
         dtype: Any = None,
+        events_kept: int = 1000,
     ):
         if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)):
             raise TypeError(f"AdapterBank: `slots` must be an int, got {slots!r}.")
@@ -165,9 +176,14 @@ class AdapterBank:
         self._generation = [0] * self._slots
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._issued: dict[int, tuple[weakref.ref, dict[int, int]]] = {}
-        self.events: list[BankEvent] = []
-        """Every load, eviction and removal, oldest first (a list of
-        [`BankEvent`][lorax_arrays.BankEvent])."""
+        self.events: collections.deque[BankEvent] = collections.deque(
+            maxlen=events_kept
+        )
+        """The latest loads, evictions and removals, oldest first (a deque of
+        [`BankEvent`][lorax_arrays.BankEvent], keeping the last `events_kept`)."""
+        self.last_events: tuple[BankEvent, ...] = ()
+        """The events of the latest `indices` or `remove` call (empty when it
+        changed no slot)."""
 
     # -- what the bank holds ----------------------------------------------------
 
@@ -293,10 +309,12 @@ class AdapterBank:
         self._known(name, "AdapterBank.remove")
         del self._adapters[name]
         self._recent.pop(name, None)
+        events = []
         if name in self._slot_names:
             slot = self._slot_names.index(name)
             self._put(slot, None)
-            self.events.append(BankEvent("remove", name, slot))
+            events.append(BankEvent("remove", name, slot))
+        self._log(events)
 
     # -- serving ----------------------------------------------------------------
 
@@ -334,10 +352,11 @@ class AdapterBank:
                 f"so that each part uses at most {self._slots} adapters, or build "
                 "the bank with more slots."
             )
-        needed = set(wanted)
+        needed, events = set(wanted), []
         for n in wanted:
             if n not in self._slot_names:
-                self._load(n, needed)
+                events += self._load(n, needed)
+        self._log(events)
         for n in wanted:  # most recently used last
             self._recent.pop(n, None)
             self._recent[n] = None
@@ -441,21 +460,30 @@ class AdapterBank:
     def _known(self, name: str, what: str) -> None:
         if name not in self._adapters:
             hint = close_matches(str(name), self._adapters)
-            raise KeyError(
+            known = sorted(self._adapters)
+            shown = ", ".join(map(repr, known[:20]))
+            more = f" and {len(known) - 20} more" if len(known) > 20 else ""
+            raise _UnknownAdapterError(
                 f"{what}: no adapter named {name!r}.{hint} The bank knows "
-                f"{sorted(self._adapters)}; add it with `bank.add(name, adapter)`."
+                f"{len(known)}: [{shown}]{more}; add it with `bank.add(name, "
+                "adapter)`."
             )
 
-    def _load(self, name: str, needed: set[str]) -> None:
+    def _load(self, name: str, needed: set[str]) -> list[BankEvent]:
+        events = []
         if None in self._slot_names:
             slot = self._slot_names.index(None)
         else:
             victim = next(n for n in self._recent if n not in needed)
             slot = self._slot_names.index(victim)
             self._recent.pop(victim)
-            self.events.append(BankEvent("evict", victim, slot))
+            events.append(BankEvent("evict", victim, slot))
         self._put(slot, name)
-        self.events.append(BankEvent("load", name, slot))
+        return [*events, BankEvent("load", name, slot)]
+
+    def _log(self, events: list[BankEvent]) -> None:
+        self.events.extend(events)
+        self.last_events = tuple(events)
 
     def _put(self, slot: int, name: str | None) -> None:
         """Writes adapter `name` (or an empty slot, for None) into `slot`."""

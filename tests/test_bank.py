@@ -182,16 +182,16 @@ def test_lru_eviction_spares_what_the_batch_needs():
     bank = _bank(slots=3)
     bank.indices(["r8", "r2", "r4-rs"])  # slots 0, 1, 2 in that order
     bank.indices(["r8"])  # r8 is now the most recent
-    start = len(bank.events)
     idx = bank.indices(["wq-only", "r2"])  # needs one slot: r4-rs is the LRU
-    events = [(ev.kind, ev.name, ev.slot) for ev in bank.events[start:]]
+    events = [(ev.kind, ev.name, ev.slot) for ev in bank.last_events]
     assert events == [("evict", "r4-rs", 2), ("load", "wq-only", 2)]
+    assert list(bank.events)[-2:] == list(bank.last_events)
     np.testing.assert_array_equal(idx, [2, 1])
     assert bank.loaded == {"r8": 0, "r2": 1, "wq-only": 2}
     # Already-loaded adapters are not written again.
-    start = len(bank.events)
+    before = len(bank.events)
     bank.indices(["r2", "r8", "wq-only"])
-    assert bank.events[start:] == []
+    assert bank.last_events == () and len(bank.events) == before
     # A batch needing all slots evicts only what it does not use.
     bank.indices(["no-embed", "r8", "r1"])
     assert set(bank.loaded) == {"no-embed", "r8", "r1"}
@@ -290,6 +290,24 @@ def test_a_removed_adapter_cannot_be_served():
     assert np.isnan(np.asarray(bank._state["head"][2])[1])
 
 
+def test_events_are_bounded_and_long_name_lists_cut():
+    bank = lx.AdapterBank(PARAMS, BANK_RULES, slots=1, events_kept=5)
+    for j in range(30):
+        bank.add(f"n{j:02d}", ADAPTERS["r1"])
+    for j in range(10):
+        bank.indices([f"n{j:02d}"])
+    assert len(bank.events) == 5
+    assert bank.last_events == (
+        lx.BankEvent("evict", "n08", 0),
+        lx.BankEvent("load", "n09", 0),
+    )
+    with pytest.raises(KeyError) as info:
+        bank.indices(["zz"])
+    assert "knows 30: ['n00'," in str(info.value) and "'n19'] and 10 more" in str(
+        info.value
+    )
+
+
 def test_issued_indices_are_forgotten_when_dropped():
     bank = _bank(slots=2)
     for _ in range(5):
@@ -306,7 +324,8 @@ def test_errors_name_the_problem():
     with pytest.raises(KeyError) as info:
         bank.indices(["r8", "r3"])
     msg = str(info.value)
-    assert "'r3'" in msg and "['r2', 'r8']" in msg and "Did you mean" in msg
+    assert msg.startswith("AdapterBank.indices: no adapter named 'r3'.")
+    assert "knows 2: ['r2', 'r8']" in msg and "Did you mean 'r8', 'r2'?" in msg
     with pytest.raises(
         ValueError, match="uses 3 distinct adapters, but the bank has 2"
     ):
