@@ -454,7 +454,7 @@ def materialise_per_example(
         indices = require_indices(lora)
     ns = lora.layout.n_stack
     idx = clamp_indices(indices, lora.n_adapters)
-    s = gathered_scale(lora.scale, indices, idx)
+    s = gathered_scale(lora.scale, indices)
     # Move the gathered example axes (at ns, ..., ns + k - 1) to the front.
     src, dst = tuple(range(ns, ns + idx.ndim)), tuple(range(idx.ndim))
     a = jnp.moveaxis(take(lora.a, idx, ns), src, dst)

@@ -296,22 +296,27 @@ def clamp_indices(indices: Array, n: int) -> Array:
     return lax.clamp(lo, indices, hi)
 
 
-def gathered_scale(scale: Array, indices: Array, safe: Array) -> Array:
+def gathered_scale(scale: Array, indices: Array) -> Array:
     """`scale[indices]`, 0 where `indices == -1`, and NaN where `indices` lies
-    outside `[-1, n_adapters)`; `safe` is `clamp_indices(indices, n_adapters)`.
+    outside `[-1, n_adapters)`.
 
-    The NaN is how a traced out-of-range index is reported: the clamp alone would
+    The NaN is how a traced out-of-range index is reported: a clamp alone would
     give that row the last adapter's output, another adapter's. Every rule scales
     its low-rank term by this, so the row's output is NaN, whichever strategy or
     lookup computes it. (An empty `AdapterBank` slot has NaN scales, to the same
-    end.)"""
+    end.)
+
+    One gather from the table `[0, *scale, NaN]` at `clamp(indices + 1)` computed
+    in unsigned arithmetic, where every negative number below -1 wraps past the
+    end: one equation more than the unguarded `select(i >= 0, scale[i], 0)`.
+    """
     n = scale.shape[0]
-    keep = lax.ge(indices, lax.full_like(indices, 0))
-    # -1 <= i < n as one unsigned comparison: i + 1 < n + 1.
-    shifted = lax.convert_element_type(
-        lax.add(indices, lax.full_like(indices, 1)), np.uint32
+    table = lax.concatenate(
+        [np.zeros((1,), scale.dtype), scale, np.full((1,), np.nan, scale.dtype)], 0
     )
-    valid = lax.lt(shifted, lax.full_like(shifted, n + 1))
-    zero = lax.full_like(safe, 0, scale.dtype)
-    nan = lax.full_like(safe, np.nan, scale.dtype)
-    return lax.select(valid, lax.select(keep, _lax.take(scale, safe, 0), zero), nan)
+    unsigned = np.dtype(f"uint{8 * indices.dtype.itemsize}")
+    row = lax.convert_element_type(
+        lax.add(indices, np.ones((), indices.dtype)), unsigned
+    )
+    row = lax.clamp(np.zeros((), unsigned), row, np.full((), n + 1, unsigned))
+    return _lax.take(table, row, 0)

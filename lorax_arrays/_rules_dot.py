@@ -122,7 +122,7 @@ def _low_rank_term(lora, x, idx, lead, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, 
         a3 = _lax.convert(_lax.reshape(a, (s_, n, d_in, rank)), dtype)
         b3 = _lax.convert(_lax.reshape(b, (s_, n, rank, d_out)), dtype)
         safe = clamp_indices(idx, n)
-        s = _lax.reshape(gathered_scale(scale, idx, safe), (g,))
+        s = _lax.reshape(gathered_scale(scale, idx), (g,))
         ids = _lax.reshape(safe, (g,))
         u = low_rank(strategy, x3, a3, b3, ids, s, precision=precision, pref=pref)
         return _lax.reshape(u, (*batch_shape, *lead, *rest_shape, *out_shape))

@@ -93,7 +93,7 @@ def _rows_delta_leading(lora, a, b, tokens, idx, k):
         convert(b_g, rows.dtype),
         (((rows.ndim - 1,), (k,)), (tuple(range(k)), tuple(range(k)))),
     )  # (*I, *rest, d)
-    s = convert(gathered_scale(lora.scale, idx, safe), u.dtype)
+    s = convert(gathered_scale(lora.scale, idx), u.dtype)
     return u * s.reshape(s.shape + (1,) * (rest + 1))
 
 
@@ -239,7 +239,7 @@ def squeezed_lookup(lora: BatchedLoraArray, dims: tuple[int, ...]):
             )
         )
     safe = clamp_indices(indices, lora.n_adapters)
-    s = gathered_scale(lora.scale, indices, safe)
+    s = gathered_scale(lora.scale, indices)
     ns = lora.layout.n_stack
     a, b = lora.layout.squeeze_factors(lora.a, lora.b, dims)
     delta = lora.layout.squeezed(dims).dense_delta(take(a, safe, ns), take(b, safe, ns))

@@ -114,3 +114,18 @@ def test_compile_time_runs_quick():
             r"\d+\.\d+x", cells[3]
         ), row[0]
         assert (cells[4] != "-") == has_quax, row[0]
+
+
+def test_index_guard_benchmark_runs_quick():
+    """Both programs are timed on both workloads, and the guard adds at most one
+    jaxpr equation per adapted matmul (4 in the two-layer MLP)."""
+    out = _run(["benchmarks/index_guard.py", "--quick"])
+    rows = re.findall(
+        r"^\| (W[13] [^|]*)\|([^|]*)\|([^|]*)\|([^|]*)\|([^|]*)\|$", out, re.M
+    )
+    assert [r[0].split()[0] for r in rows] == ["W1", "W3"], out
+    for _, bare, guarded, ratio, added in rows:
+        assert float(bare) > 0 and float(guarded) > 0
+        assert re.fullmatch(r"\s*\d+\.\d+x\s*", ratio)
+        assert int(added) <= 4
+    assert re.search(r"W1 cost of the guard: [+-]\d+\.\d+%", out)

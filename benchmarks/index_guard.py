@@ -1,0 +1,132 @@
+"""What the out-of-range index guard costs: a traced adapter index outside
+`[-1, n)` makes its rows NaN (`_indices.gathered_scale`) instead of silently
+serving the last adapter, as a bare clamp would.
+
+The guard is a few element-wise ops on the `(rows,)` vector of gathered scales,
+once per adapted matmul. Measured on the benchmark suite's workloads (the same MLP
+stack and shapes as `benchmarks/suite.py`): W1 (16 sequences x 128 tokens, 16
+adapters, one per sequence) and W3 (64 decode rows over 8 adapters, where a
+matmul is cheapest and the guard's share largest). Each workload runs twice, traced
+with and without the guard, timed interleaved in one process (fresh random order
+every round, median of `--repeats`). Also printed: the jaxpr equations each adds.
+
+Run: python benchmarks/index_guard.py            (~2 minutes on 2 CPU cores)
+     python benchmarks/index_guard.py --quick    (tiny shapes; used by tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.extend.core as jex
+import jax.random as jr
+import numpy as np
+from jax import lax
+
+import lorax_arrays as lx
+from lorax_arrays import _array, _indices, _lax, _rules_dot, _rules_lookup
+
+sys.path.insert(0, str(Path(__file__).parent))
+from suite import make_adapters, mlp, mlp_params  # noqa: E402
+
+
+def unguarded_scale(scale, indices):
+    """The scale without the guard (as before it): `scale[i]`, 0 for -1, and
+    whatever adapter the clamp lands on for anything out of range."""
+    keep = lax.ge(indices, lax.full_like(indices, 0))
+    zero = lax.full_like(indices, 0, scale.dtype)
+    safe = _indices.clamp_indices(indices, scale.shape[0])
+    return lax.select(keep, _lax.take(scale, safe, 0), zero)
+
+
+@contextlib.contextmanager
+def guard_removed():
+    """Traces inside the block use `unguarded_scale` in every rule."""
+    modules = (_indices, _array, _rules_dot, _rules_lookup)
+    saved = [m.gathered_scale for m in modules]
+    for m in modules:
+        m.gathered_scale = unguarded_scale
+    try:
+        yield
+    finally:
+        for m, f in zip(modules, saved):
+            m.gathered_scale = f
+
+
+def n_eqns(f, *args) -> int:
+    """Equations in the jaxpr of `f`, sub-jaxprs (the scan body) included."""
+
+    def count(jaxpr):
+        return sum(
+            1 + sum(count(sub) for sub in jex.jaxprs_in_params(e.params))
+            for e in jaxpr.eqns
+        )
+
+    return count(jax.make_jaxpr(f)(*args).jaxpr)
+
+
+def workload(label, layers, batch, seq, d_model, d_ff, n, repeats, key):
+    kp, ka, kx, ki = jr.split(key, 4)
+    params = mlp_params(kp, layers, d_model, d_ff)
+    stack = make_adapters(params, n, [16], ka)
+    x = jr.normal(kx, (batch, seq, d_model))
+    served = lx.loraify(params, stack, jr.randint(ki, (batch,), 0, n))
+    # A new function object per variant: JAX caches traces by function.
+    fwd = lx.quaxify(mlp)
+    guarded = jax.jit(fwd).lower(served, x).compile()
+    eq_guarded = n_eqns(fwd, served, x)
+    with guard_removed():
+        fwd = lx.quaxify(lambda p, x: mlp(p, x))
+        bare = jax.jit(fwd).lower(served, x).compile()
+        eq_bare = n_eqns(fwd, served, x)
+    a, b = np.asarray(guarded(served, x)), np.asarray(bare(served, x))
+    np.testing.assert_array_equal(a, b)  # in-range indices: the same numbers
+    progs = {"guarded": guarded, "unguarded": bare}
+    times = {k: [] for k in progs}
+    order = np.random.default_rng(0)
+    for _ in range(repeats):
+        for name in order.permutation(list(progs)):
+            t = time.perf_counter()
+            jax.block_until_ready(progs[name](served, x))
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["guarded"] / med["unguarded"]
+    print(
+        f"| {label} | {med['unguarded'] * 1e3:.2f} | {med['guarded'] * 1e3:.2f} | "
+        f"{ratio:.4f}x | {eq_guarded - eq_bare} |",
+        flush=True,
+    )
+    return ratio
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=41)
+    args = p.parse_args()
+    if args.quick:
+        d_model, d_ff, seq, batch, layers, dec, reps = 32, 64, 8, 4, 2, 8, 3
+    else:
+        d_model, d_ff, seq, batch, layers, dec = 1024, 4096, 128, 16, 2, 64
+        reps = args.repeats
+    print(
+        "| workload | unguarded ms | guarded ms | guarded / unguarded | "
+        "added jaxpr equations |\n|---|---|---|---|---|"
+    )
+    key = jr.PRNGKey(0)
+    w1 = workload(
+        "W1 prefill, 16 adapters", layers, batch, seq, d_model, d_ff, 16, reps, key
+    )
+    workload("W3 decode, 8 adapters", layers, dec, 1, d_model, d_ff, 8, reps, key)
+    verdict = "met" if w1 < 1.01 else "NOT met"
+    print(f"\nW1 cost of the guard: {100 * (w1 - 1):+.2f}% (target < 1%: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
