@@ -162,12 +162,12 @@ class AdapterBank:
         self._state = jax.jit(
             lambda: {
                 path: self._empty_slot(leaf, self._slots, jnp)
-                for path, leaf in self.leaves
+                for path, leaf in self._items
             }
         )()
         self._write = jax.jit(
             lambda state, slot, new: _write_slot(
-                state, slot, new, {p: lf.n_stack for p, lf in self.leaves}
+                state, slot, new, {p: lf.n_stack for p, lf in self._items}
             ),
             donate_argnums=0,
         )
@@ -188,7 +188,7 @@ class AdapterBank:
     # -- what the bank holds ----------------------------------------------------
 
     @property
-    def leaves(self) -> Iterable[tuple[str, _Leaf]]:
+    def _items(self) -> Iterable[tuple[str, _Leaf]]:
         return self._leaves.items()
 
     @property
@@ -199,12 +199,12 @@ class AdapterBank:
     @property
     def capacity(self) -> dict[str, int]:
         """The largest rank each adapted path accepts."""
-        return {path: leaf.capacity for path, leaf in self.leaves}
+        return {path: leaf.capacity for path, leaf in self._items}
 
     @property
     def layouts(self) -> tuple[LeafLayout, ...]:
         """The `LeafLayout` of each adapted path."""
-        return tuple(leaf.layout for _, leaf in self.leaves)
+        return tuple(leaf.layout for _, leaf in self._items)
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -373,7 +373,7 @@ class AdapterBank:
         """What `lx.loraify(tree, bank, indices)` puts at each path: the layout and
         `(a, b, scale, head_scale)`. Checks the indices against the bank first."""
         self._check_served(indices)
-        return {path: (leaf.layout, self._state[path]) for path, leaf in self.leaves}
+        return {path: (leaf.layout, self._state[path]) for path, leaf in self._items}
 
     # -- internals ----------------------------------------------------------------
 
@@ -489,7 +489,7 @@ class AdapterBank:
         """Writes adapter `name` (or an empty slot, for None) into `slot`."""
         entry = self._adapters[name] if name is not None else None
         new = {}
-        for path, leaf in self.leaves:
+        for path, leaf in self._items:
             if entry is not None and path in entry.arrays:
                 new[path] = entry.arrays[path]
             else:

@@ -16,6 +16,7 @@ DOCS = [
     "docs/coverage.md",
     "docs/peft.md",
     "docs/nnx.md",
+    "docs/serving.md",
 ]
 
 
