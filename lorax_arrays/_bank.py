@@ -84,7 +84,6 @@ class _Entry:
     capacity rank, and its scales (already zero where it lacks a leaf)."""
 
     arrays: dict[str, tuple[np.ndarray, np.ndarray, np.float32, np.float32]]
-    ranks: dict[str, int]
     nbytes: int
 
 
@@ -286,7 +285,7 @@ class AdapterBank:
                 f"AdapterBank.add({name!r}): the adapter adapts no leaf; use None "
                 f"or {BASE!r} in requests for the base model."
             )
-        arrays, ranks, nbytes = {}, {}, 0
+        arrays, nbytes = {}, 0
         for j, lay in enumerate(adapter.layouts):
             leaf = self._check_leaf(name, lay, adapter.ranks[j])
             a, b = adapter.weights[lay.path]
@@ -294,9 +293,8 @@ class AdapterBank:
             scale = np.float32(adapter.scale(lay.path))
             head = np.float32(0.0 if adapter.lookup_only[j] else scale)
             arrays[lay.path] = (a, b, scale, head)
-            ranks[lay.path] = adapter.ranks[j]
             nbytes += a.nbytes + b.nbytes
-        self._adapters[name] = _Entry(arrays, ranks, nbytes)
+        self._adapters[name] = _Entry(arrays, nbytes)
 
     def remove(self, name: str) -> None:
         """Forgets the adapter `name`; if it is loaded, its slot is cleared (its

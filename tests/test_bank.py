@@ -238,6 +238,24 @@ def test_bank_holds_fixed_shapes_and_reports_bytes():
     assert "slots=5" in repr(bank) and "r8" in bank and "nope" not in bank
 
 
+def test_bfloat16_bank_serves_float32_adapters():
+    """A bf16 model: the bank holds bf16 factors (float32 adapters are cast on
+    add), and rows match the float64 merge to bf16 precision."""
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    bank = lx.AdapterBank(p16, BANK_RULES, slots=2)
+    assert bank._state["head"][0].dtype == jnp.bfloat16
+    bank.add("r4-rs", ADAPTERS["r4-rs"])
+    names = ["r4-rs", None, "r4-rs", None]
+    out = jax.jit(lx.quaxify(forward))(
+        lx.loraify(p16, bank, bank.indices(names)), TOKENS
+    )
+    assert out.dtype == jnp.bfloat16
+    for e, name in enumerate(names):
+        ref = _reference_row(name, e)
+        err = np.abs(np.asarray(out[e], np.float32) - ref).max()
+        assert err < 3e-2 * np.abs(ref).max(), (name, err)
+
+
 # -- never the wrong adapter ------------------------------------------------------
 
 
