@@ -154,11 +154,8 @@ class BatchedLoraArray(quax.ArrayValue):
             raises an error instead.
         - `strategy`: how the low-rank term is computed: `"gather"` (gather each
             row's factors), `"segment"` (sort tokens by adapter, grouped matmul),
-            `"dense"` (all adapters, masked), `"loop"` (each adapter present in
-            the batch, masked onto its rows) or `"auto"` (chosen from the shapes
-            and backend, switching to `"loop"` at run time when a batch holds few
-            distinct adapters). All give the same result; see the docs'
-            performance page.
+            `"dense"` (all adapters, masked) or `"auto"` (chosen from the shapes
+            and backend). All give the same result; see the docs' performance page.
         - `head_scale`: `(n_adapters,)` multipliers for when the array is read the
             other way round, contracted over its out-axes (a tied output head
             `h @ E.T`); `None` (the default) means `scale`. PEFT's embedding LoRA

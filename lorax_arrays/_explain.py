@@ -20,8 +20,7 @@ def explain_strategies(
     `jax.eval_shape` does: nothing is computed or compiled), and every decision
     of the low-rank rewrite is recorded, in the order the products are traced.
     Useful with `strategy="auto"`, to see what the cost model picked for each layer
-    (`"gather"`, `"segment"` or `"dense"`, and when `auto` switches to `"loop"` for
-    batches with few distinct adapters; see the docs' performance page).
+    (`"gather"`, `"segment"` or `"dense"`; see the docs' performance page).
 
     ```python
     for choice in lx.explain_strategies(forward, served, x):
@@ -45,8 +44,7 @@ def explain_strategies(
     stack groups, `"G"` indexed rows, `"R"` tokens per row, `"d_in"`, `"d_out"`,
     `"n_adapters"`, `"rank"`); `strategy` is the one used; `reason` says where it
     came from (a per-call override, the array's own `strategy`, or the `auto` cost
-    model), and `loop_up_to` up to how many distinct adapters in a batch `auto`
-    runs `"loop"` instead (counted at run time; 0: never).
+    model).
     """
     with record_strategies() as records:
         eqx.filter_eval_shape(quaxify(fn), *args, **kwargs)

@@ -90,7 +90,7 @@ def loraify(
     - `allow_materialise`: let operations without a low-rank rule build the dense
         per-example weight instead of raising an error.
     - `strategy`: how the low-rank terms are computed (`"auto"`, `"gather"`,
-        `"segment"`, `"dense"` or `"loop"`); see [`lorax_arrays.BatchedLoraArray`][].
+        `"segment"` or `"dense"`); see [`lorax_arrays.BatchedLoraArray`][].
     - `batch_axis`: which of an activation's free axes the indices label: `0` (the
         default) the leading ones, as in `(B, T, D)`; `-1` the trailing ones, for
         a time-major model whose activations are `(T, B, D)`.

@@ -39,9 +39,8 @@ def quaxify(fn: _F, /, filter_spec: Any = True, *, strategy: str | None = None) 
         pytree-shaped `filter_spec` is passed to quax as it is, without the NNX
         handling above.
     - `strategy`: force how every adapted product in this call computes its
-        low-rank term (`"gather"`, `"segment"`, `"dense"`, `"loop"` or `"auto"`),
-        overriding each array's own `strategy`. `None` (the default) leaves each
-        array's.
+        low-rank term (`"gather"`, `"segment"`, `"dense"` or `"auto"`), overriding
+        each array's own `strategy`. `None` (the default) leaves each array's.
 
     **Returns:**
 

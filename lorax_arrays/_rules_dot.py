@@ -112,7 +112,7 @@ def _low_rank_term(lora, x, idx, lead, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, 
         lora.rank,
     )
     operands = {"x": x_shape, "w": tuple(lora.shape)}
-    plan = resolve(lora.strategy, sizes, operands=operands)
+    strategy = resolve(lora.strategy, sizes, operands=operands)
     # The factors with their stack axes in the order of the batch axes.
     a, b = lora.layout.stack_ordered(lora.a, lora.b, stack_perm)
     s_, g, r_tok, d_in, d_out, n, rank = sizes
@@ -124,7 +124,7 @@ def _low_rank_term(lora, x, idx, lead, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, 
         safe = clamp_indices(idx, n)
         s = _lax.reshape(gathered_scale(scale, idx), (g,))
         ids = _lax.reshape(safe, (g,))
-        u = low_rank(plan, x3, a3, b3, ids, s, precision=precision, pref=pref)
+        u = low_rank(strategy, x3, a3, b3, ids, s, precision=precision, pref=pref)
         return _lax.reshape(u, (*batch_shape, *lead, *rest_shape, *out_shape))
 
     if isinstance(x, quax.Value):

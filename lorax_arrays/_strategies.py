@@ -18,15 +18,8 @@ differ in cost:
   per-token indices and decode.
 - `segment`: sorts tokens by adapter, grouped matmul, unsorts (Punica's SGMV).
   For per-token indices and many adapters.
-- `loop`: for each adapter present in the batch (found at run time), its
-  product over every row, masked onto its rows. Costs the plain LoRA product
-  once per *distinct adapter in the batch*, whatever the number of stacked
-  adapters (a bank's slots) or rows. For few adapters per batch, and decode.
 
-`auto` picks a strategy from the shapes and the backend (`choose`), and, when
-the batch turns out to hold few distinct adapters, switches to `loop` at run
-time (`loop_limit`: up to how many adapters `loop` is the cheaper; a
-`lax.cond` on the count, so one program serves both).
+`auto` picks one from the shapes and the backend (`choose`).
 With a single adapter (`n == 1`) they are all the plain LoRA product: two matmuls
 and a per-row scale, no gather, no mask.
 """
@@ -45,7 +38,7 @@ from jax import lax
 from ._indices import clamp_indices
 from ._lax import convert, take
 
-STRATEGIES = ("auto", "gather", "segment", "dense", "loop")
+STRATEGIES = ("auto", "gather", "segment", "dense")
 
 _call_strategy: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "lorax_arrays_strategy", default=None
@@ -87,33 +80,13 @@ def segment_kernel(kernel: str | None):
         _segment_kernel.reset(token)
 
 
-class Plan(NamedTuple):
-    """What `low_rank` runs: `strategy`, unless the batch holds at most
-    `loop_up_to` distinct adapters (counted at run time), in which case `loop`
-    (`0`: never)."""
-
-    strategy: str
-    loop_up_to: int = 0
-
-    def __str__(self) -> str:
-        if self.loop_up_to and self.strategy != "loop":
-            return f"loop if <= {self.loop_up_to} adapters in the batch, else " + (
-                self.strategy
-            )
-        return self.strategy
-
-
 class StrategyChoice(NamedTuple):
-    """One decision of `resolve`, as `lx.explain_strategies` reports it.
-
-    `strategy` is the static strategy; `loop_up_to` (from `auto`) says up to how
-    many distinct adapters in a batch `loop` runs instead (0: never)."""
+    """One decision of `resolve`, as `lx.explain_strategies` reports it."""
 
     primitive: str
     shapes: dict[str, Any]
     strategy: str
     reason: str
-    loop_up_to: int = 0
 
 
 # Where `resolve` records its decisions while `record_strategies` is active.
@@ -140,10 +113,8 @@ def resolve(
     *,
     primitive: str = "dot_general",
     operands: dict[str, Any] | None = None,
-) -> Plan:
-    """The plan to run: a per-call override, else the array's strategy, else
-    `auto` (the cheapest static strategy, and `loop` for batches with few
-    distinct adapters).
+) -> str:
+    """The strategy to use: a per-call override, else the array's, else `auto`.
 
     `shapes` are the canonical sizes `(S, G, R, d_in, d_out, n, rank)`;
     `operands` (the operands' shapes, by name) and `primitive` only label the
@@ -151,19 +122,16 @@ def resolve(
     """
     forced = _call_strategy.get()
     strategy = forced or array_strategy
-    if strategy == "auto":
-        chosen = choose(*shapes)
-        plan = Plan(chosen, loop_limit(*shapes, fallback=chosen))
-    else:
-        plan = Plan(strategy)
+    chosen = choose(*shapes) if strategy == "auto" else strategy
     records = _recorded.get()
     if records is not None:
-        records.append(_explained(primitive, shapes, operands, forced, plan, strategy))
-    return plan
+        records.append(
+            _explained(primitive, shapes, operands, forced, chosen, strategy)
+        )
+    return chosen
 
 
-def _explained(primitive, shapes, operands, forced, plan, strategy):
-    chosen = plan.strategy
+def _explained(primitive, shapes, operands, forced, chosen, strategy):
     names = ("S", "G", "R", "d_in", "d_out", "n_adapters", "rank")
     sizes = dict(zip(names, shapes))
     if forced:
@@ -178,126 +146,38 @@ def _explained(primitive, shapes, operands, forced, plan, strategy):
             f"{jax.default_backend()} backend) for G = {sizes['G']} indexed rows of "
             f"R = {sizes['R']} tokens over {sizes['n_adapters']} adapters"
         )
-    if plan.loop_up_to and sizes["n_adapters"] > 1:
-        reason += (
-            f"; `loop` instead when the batch holds at most {plan.loop_up_to} "
-            "distinct adapters (counted at run time)"
-        )
     if sizes["n_adapters"] == 1:
         reason += "; with one adapter every strategy is the plain LoRA product"
-    return StrategyChoice(
-        primitive, {**(operands or {}), **sizes}, chosen, reason, plan.loop_up_to
-    )
+    return StrategyChoice(primitive, {**(operands or {}), **sizes}, chosen, reason)
 
 
 def choose(s: int, g: int, r_tok: int, d_in: int, d_out: int, n: int, rank: int):
-    """`auto`'s static choice: the cheapest of `gather`, `dense` and `segment` by a
-    rough cost model (flops, plus bytes moved weighted by the backend's
-    flops-per-byte; `_cost`). The sizes of the canonical problem; `s` (the stack
-    groups) multiplies every cost alike, so it never changes the choice."""
+    """`auto`: the cheapest strategy by a rough cost model (flops, plus bytes moved
+    weighted by the backend's flops-per-byte). The sizes of the canonical problem;
+    `s` (the stack groups) multiplies every cost alike, so it never changes the
+    choice."""
+    del s
     if g <= 1:
         return "gather"
-    cost = _cost(s, g, r_tok, d_in, d_out, n, rank)
-    return min(("gather", "dense", "segment"), key=cost.get)
-
-
-# What one iteration of `loop` costs beyond its arithmetic, in flops: the loop
-# and `cond` machinery and its small dispatches (~10 us on a CPU; a few kernel
-# launches on an accelerator).
-_LOOP_OVERHEAD = {"cpu": 1e6}
-_LOOP_OVERHEAD_ACCELERATOR = 1e9
-
-
-def _cost(s, g, r_tok, d_in, d_out, n, rank):
-    """The cost model's estimate for each static strategy, and for `loop` per
-    distinct adapter in the batch (flops, plus bytes weighted by the backend's
-    flops per byte, plus a fixed overhead per iteration)."""
-    backend = jax.default_backend()
-    per_byte = 4.0 if backend == "cpu" else 64.0
-    overhead = _LOOP_OVERHEAD.get(backend, _LOOP_OVERHEAD_ACCELERATOR)
+    per_byte = 4.0 if jax.default_backend() == "cpu" else 64.0
     m = g * r_tok
     width = rank * (d_in + d_out)
     tile = _tile_size(m, n)
-    return {
+    cost = {
         "gather": 2 * m * width + per_byte * 4 * 2 * g * width,
         "dense": 2 * m * n * width + per_byte * 4 * n * width,
         "segment": 2 * (m + n * tile) * width
         + per_byte * 4 * (n * width + 3 * m * (d_in + d_out)),
-        "loop": 2 * m * width + per_byte * 4 * width + overhead,
     }
+    return min(cost, key=cost.get)
 
 
-def loop_limit(s, g, r_tok, d_in, d_out, n, rank, *, fallback: str) -> int:
-    """Up to how many distinct adapters in a batch `loop` (the plain product once
-    per adapter present) costs less than `fallback`: at least 1 (one adapter is
-    always cheapest as the plain product), at most `n`."""
-    if n <= 1:
-        return 0
-    cost = _cost(s, g, r_tok, d_in, d_out, n, rank)
-    return int(min(n, max(1, cost[fallback] // cost["loop"])))
-
-
-def low_rank(plan, x, a, b, ids, s, *, precision=None, pref=None):
-    """`s[g] · (x[:, g] · a[:, ids[g]]) · b[:, ids[g]]` for the canonical problem.
-
-    `plan` is a `Plan` (or a strategy name)."""
-    plan = plan if isinstance(plan, Plan) else Plan(plan)
-    n = a.shape[1]
-    if n == 1:  # one adapter: every strategy is the plain LoRA product
+def low_rank(strategy, x, a, b, ids, s, *, precision=None, pref=None):
+    """`s[g] · (x[:, g] · a[:, ids[g]]) · b[:, ids[g]]` for the canonical problem."""
+    if a.shape[1] == 1:  # one adapter: every strategy is the plain LoRA product
         return _single(x, a, b, s, precision, pref)
-    if plan.strategy == "loop":
-        return _loop(x, a, b, ids, s, n, precision, pref)
-    fn = {"gather": _gather, "dense": _dense, "segment": _segment}[plan.strategy]
-    if not plan.loop_up_to:
-        return fn(x, a, b, ids, s, precision, pref)
-    order, k = _present(ids, s, n)
-    bound = min(plan.loop_up_to, n)
-    return lax.cond(
-        k <= bound,
-        lambda: _loop(x, a, b, ids, s, bound, precision, pref, order, k),
-        lambda: fn(x, a, b, ids, s, precision, pref),
-    )
-
-
-def _present(ids, s, n):
-    """The adapters rows use, first in `order` (ascending), and how many (`k`).
-
-    A row counts when its scale is not 0: base-only rows (-1) do not, and rows
-    with a NaN scale (an index out of range) do, so that they come out NaN."""
-    live = lax.ne(s, lax.full_like(s, 0))
-    seen = jnp.zeros((n,), jnp.int32).at[ids].max(live.astype(jnp.int32))
-    order = jnp.argsort(1 - seen, stable=True).astype(ids.dtype)
-    return order, jnp.sum(seen)
-
-
-def _loop(x, a, b, ids, s, bound, precision, pref, order=None, k=None):
-    """For each of the (at most `bound`) adapters present: its plain product over
-    every row, scaled onto its own rows (0 elsewhere), summed. Each row gets
-    exactly one non-zero term, so the sum adds no rounding."""
-    if order is None:
-        order, k = _present(ids, s, a.shape[1])
-    s_, g, r_tok, _ = x.shape
-    dn = (((3,), (1,)), ((0,), (0,)))
-    u0 = jnp.zeros((s_, g, r_tok, b.shape[-1]), pref or x.dtype)
-
-    def add(j, u):
-        j_ad = order[j]
-        a_j = lax.dynamic_index_in_dim(a, j_ad, 1, keepdims=False)  # (S, d_in, r)
-        b_j = lax.dynamic_index_in_dim(b, j_ad, 1, keepdims=False)  # (S, r, d_out)
-        mask = lax.select(lax.eq(ids, lax.full_like(ids, j_ad)), s, jnp.zeros_like(s))
-        t = lax.dot_general(
-            x, a_j, dn, precision=precision, preferred_element_type=pref
-        )
-        t = convert(_scaled(t, mask), x.dtype)
-        v = lax.dot_general(
-            t, b_j, dn, precision=precision, preferred_element_type=pref
-        )
-        return u + convert(v, u.dtype)
-
-    def body(j, u):
-        return lax.cond(j < k, lambda u: add(j, u), lambda u: u, u)
-
-    return lax.fori_loop(0, bound, body, u0)
+    fn = {"gather": _gather, "dense": _dense, "segment": _segment}[strategy]
+    return fn(x, a, b, ids, s, precision, pref)
 
 
 def _bmm(x, y, precision, pref):

@@ -27,7 +27,7 @@ from tests.helpers import (
 )
 from tests.test_dot_general import DotCase, _dot_fn, dot_cases
 
-VARIANTS = ["gather", "dense", "segment:tiled", "segment:ragged", "loop", "auto"]
+VARIANTS = ["gather", "dense", "segment:tiled", "segment:ragged"]
 
 
 def _bad_values(n: int) -> list[int]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import unittest.mock
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,6 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from lorax_arrays import _strategies
 from tests.fast_init import random_adapters
 
 D, H = 8, 16
@@ -36,14 +33,10 @@ def test_one_record_per_adapted_matmul(served):
     assert len(got) == 3  # three Linear layers, in order
     assert [c.shapes["w"] for c in got] == [(H, D), (H, H), (D, H)]
     for choice in got:
-        primitive, shapes, strategy, reason, loop_up_to = choice  # a plain tuple too
+        primitive, shapes, strategy, reason = choice  # a plain 4-tuple too
         assert primitive == "dot_general"
         assert strategy in ("gather", "segment", "dense")
         assert reason.startswith("auto:")
-        # One adapter is always cheapest as the plain product, so auto switches to
-        # `loop` for a batch of at most `loop_up_to >= 1` distinct adapters.
-        assert 1 <= loop_up_to <= 3
-        assert f"at most {loop_up_to} distinct adapters" in reason
         assert shapes["G"] == 4 and shapes["n_adapters"] == 3 and shapes["rank"] == 2
         assert shapes["x"][0] == 4  # the batched activation
 
@@ -53,19 +46,16 @@ def _jaxpr(fn, *args):
 
 
 def test_agrees_with_the_strategy_the_program_uses(served):
-    # The recorded plan is the one in the traced program: auto's program is a
-    # `cond` between `loop` and the recorded strategy, and with `loop_up_to` set
-    # to 0 (no switch) it is exactly the program of the forced strategy.
+    # The recorded strategy is the one in the traced program: forcing it gives the
+    # same jaxpr as auto does.
     x = jnp.ones((4, D))
     (first, *_) = lx.explain_strategies(_forward, served, x)
     auto = _jaxpr(lx.quaxify(_forward), served, x)
     forced = _jaxpr(lx.quaxify(_forward, strategy=first.strategy), served, x)
-    assert "cond[" in auto and "cond[" not in forced
-    with unittest.mock.patch.object(_strategies, "loop_limit", lambda *a, **k: 0):
-        assert _jaxpr(lx.quaxify(_forward), served, x) == forced
-        others = {"gather", "segment", "dense", "loop"} - {first.strategy}
-        for other in others:
-            assert _jaxpr(lx.quaxify(_forward, strategy=other), served, x) != forced
+    others = {"gather", "segment", "dense"} - {first.strategy}
+    assert auto == forced
+    for other in others:
+        assert _jaxpr(lx.quaxify(_forward, strategy=other), served, x) != auto
 
 
 def test_reports_overrides_and_array_strategies(served):
