@@ -119,6 +119,7 @@ class BatchedLoraArray(quax.ArrayValue):
     allow_materialise: bool = eqx.field(static=True)
     strategy: str = eqx.field(static=True)
     batch_axis: int = eqx.field(static=True)
+    compact: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -135,6 +136,7 @@ class BatchedLoraArray(quax.ArrayValue):
         strategy: str = "auto",
         head_scale: Float[ArrayLike, " n_adapters"] | None = None,
         batch_axis: int = 0,
+        compact: bool = False,
     ):
         """**Arguments:**
 
@@ -167,6 +169,9 @@ class BatchedLoraArray(quax.ArrayValue):
             `-1`: the indices' axes are then the *last* free axes, which also
             fits the `(B, D)` steps of a scan over time. See the design notes'
             "Which axes are the batch".
+        - `compact`: the stacked adapters are only those of the batch the indices
+            were made for (`lx.loraify(tree, bank, idx, compact=True)`), numbered
+            by their place in it; `lx.with_indices` refuses such an array.
         """
         shape, _ = _shape_dtype(w)
         ndim = len(shape)
@@ -194,6 +199,7 @@ class BatchedLoraArray(quax.ArrayValue):
                 f"BatchedLoraArray: `batch_axis` must be an int, got {batch_axis!r}."
             )
         self.batch_axis = batch_axis
+        self.compact = bool(compact)
 
     def __check_init__(self):
         shape, dtype = _shape_dtype(self.w)
@@ -395,6 +401,7 @@ class BatchedLoraArray(quax.ArrayValue):
             strategy=self.strategy,
             head_scale=self.head_scale,
             batch_axis=self.batch_axis,
+            compact=self.compact,
         )
         layout = changes.pop("layout", None)
         if layout is not None:

@@ -35,6 +35,7 @@ from jaxtyping import Array, Int
 
 from ._adapters import BASE, Adapter, AdapterStack
 from ._errors import LoraIndexError
+from ._indices import out_of_range_message
 from ._paths import close_matches
 from ._targeting import LeafLayout, LoraRule, match_rules
 
@@ -169,6 +170,13 @@ class AdapterBank:
                 state, slot, new, {p: lf.n_stack for p, lf in self._items}
             ),
             donate_argnums=0,
+        )
+        self._compact = jax.jit(
+            lambda state, take: jax.tree.map(
+                lambda x, ax: jnp.take(x, take, axis=ax, mode="clip"),
+                state,
+                {p: (lf.n_stack, lf.n_stack, 0, 0) for p, lf in self._items},
+            )
         )
         self._adapters: dict[str, _Entry] = {}
         self._slot_names: list[str | None] = [None] * self._slots
@@ -367,11 +375,37 @@ class AdapterBank:
         self._remember(idx, {slot_of[n]: self._generation[slot_of[n]] for n in wanted})
         return idx
 
-    def arrays(self, indices: Any) -> dict[str, tuple[LeafLayout, tuple]]:
-        """What `lx.loraify(tree, bank, indices)` puts at each path: the layout and
-        `(a, b, scale, head_scale)`. Checks the indices against the bank first."""
+    def arrays(
+        self, indices: Any, compact: bool = False
+    ) -> tuple[dict[str, tuple[LeafLayout, tuple]], Any]:
+        """What `lx.loraify(tree, bank, indices)` puts at each path (the layout and
+        `(a, b, scale, head_scale)`), and the indices to serve them with. Checks
+        the indices against the bank first.
+
+        With `compact`, only the slots the indices use, gathered into a stack of
+        the next power of two in size (padded with the first of them), and the
+        indices renumbered to match."""
         self._check_served(indices)
-        return {path: (leaf.layout, self._state[path]) for path, leaf in self._items}
+        if not compact:
+            return {p: (lf.layout, self._state[p]) for p, lf in self._items}, indices
+        if isinstance(indices, jax.core.Tracer) or indices is None:
+            raise ValueError(
+                "loraify(..., compact=True) needs concrete indices (from "
+                "`bank.indices(names)`), to know which slots the batch uses."
+            )
+        values = np.asarray(indices)
+        used = np.unique(values[values >= 0])
+        bad = values[(values < -1) | (values >= self._slots)]
+        if bad.size:
+            raise LoraIndexError(out_of_range_message(int(bad[0]), self._slots))
+        size = min(self._slots, 1 << max(0, int(used.size) - 1).bit_length())
+        take = np.full((size,), used[0] if used.size else 0, np.int32)
+        take[: used.size] = used
+        position = np.full((self._slots + 1,), -1, np.int32)
+        position[used] = np.arange(used.size, dtype=np.int32)
+        compacted = self._compact(self._state, take)
+        served = {p: (lf.layout, compacted[p]) for p, lf in self._items}
+        return served, jnp.asarray(position[values])
 
     # -- internals ----------------------------------------------------------------
 

@@ -36,16 +36,24 @@ def _as_stack(adapters: Any) -> AdapterStack:
     )
 
 
-def _serving_arrays(adapters: Any, indices: Any) -> dict[str, tuple[Any, tuple]]:
-    """Per adapted path: its `LeafLayout` and `(a, b, scale, head_scale)`."""
+def _serving_arrays(
+    adapters: Any, indices: Any, compact: bool
+) -> tuple[dict[str, tuple[Any, tuple]], Any]:
+    """Per adapted path its `LeafLayout` and `(a, b, scale, head_scale)`, and the
+    indices that go with them."""
     if isinstance(adapters, AdapterBank):
-        return adapters.arrays(indices)
+        return adapters.arrays(indices, compact)
+    if compact:
+        raise ValueError(
+            "loraify(..., compact=True) serves from an AdapterBank; a stack holds "
+            "exactly the adapters it was given already."
+        )
     stack = _as_stack(adapters)
     out = {}
     for lay, flags in zip(stack.layouts, stack.lookup_only):
         head = stack.head_scales(lay.path) if any(flags) else None
         out[lay.path] = (lay, (*stack.weights[lay.path], stack.scales[lay.path], head))
-    return out
+    return out, indices
 
 
 def _replace_at_paths(tree: Any, fn, paths: Sequence[str], what: str) -> Any:
@@ -71,6 +79,7 @@ def loraify(
     allow_materialise: bool = False,
     strategy: str = "auto",
     batch_axis: int = 0,
+    compact: bool = False,
 ) -> Any:
     """Replaces each adapted weight of `tree` by a `BatchedLoraArray`.
 
@@ -94,12 +103,19 @@ def loraify(
     - `batch_axis`: which of an activation's free axes the indices label: `0` (the
         default) the leading ones, as in `(B, T, D)`; `-1` the trailing ones, for
         a time-major model whose activations are `(T, B, D)`.
+    - `compact`: with an `AdapterBank`, serve only the adapters this batch uses:
+        their slots are copied into a stack of the next power of two in size
+        (1, 2, 4, ... up to the bank's slots), so a batch of one adapter runs the
+        plain LoRA product and few adapters cost what few adapters cost. Each size
+        is its own program (at most `log2(slots) + 1` compiles, all made at
+        warm-up), and the tree serves exactly this batch: `lx.with_indices`
+        refuses it. Off by default: one program for every batch.
 
     **Returns:**
 
     A copy of `tree` whose adapted leaves are `BatchedLoraArray`s.
     """
-    served = _serving_arrays(adapters, indices)
+    served, indices = _serving_arrays(adapters, indices, compact)
     indices = coerce_indices(indices)
 
     def put(path, leaf):
@@ -127,6 +143,7 @@ def loraify(
             strategy=strategy,
             head_scale=head_scale,
             batch_axis=batch_axis,
+            compact=compact,
         )
 
     return _replace_at_paths(tree, put, list(served), "loraify")
@@ -168,6 +185,14 @@ def with_indices(
         nonlocal found
         if _is_lora(x):
             found = True
+            if x.compact:
+                raise ValueError(
+                    "with_indices: this tree was loraified with `compact=True`: it "
+                    "holds only the adapters of the batch it was made for, numbered "
+                    "by their place in it, so new indices would pick other "
+                    "adapters. Loraify again for each batch: `lx.loraify(tree, "
+                    "bank, bank.indices(names), compact=True)`."
+                )
             if any(_deleted(f) for f in (x.a, x.b)):
                 raise ValueError(
                     "with_indices: this tree's adapters were replaced since it was "

@@ -256,6 +256,45 @@ def test_bfloat16_bank_serves_float32_adapters():
         assert err < 3e-2 * np.abs(ref).max(), (name, err)
 
 
+def test_compact_serves_only_the_batch_adapters():
+    """`compact=True`: the batch's slots copied into a stack of the next power of
+    two; one program per size; a batch of one adapter is the plain LoRA product
+    (no factor gather); the tree cannot be given other indices."""
+    bank = _bank(slots=4)
+    traces = []
+
+    @jax.jit
+    def serve(p, tokens):
+        traces.append(1)
+        return lx.quaxify(forward)(p, tokens)
+
+    sizes = []
+    for names in (
+        ["r8", None, "r8", "r8"],  # 1 adapter -> a stack of 1
+        ["r2", "r4-rs", None, "r2"],  # 2 -> 2
+        ["wq-only", "r8", "r1", None],  # 3 -> 4
+        ["r8", "r8", "r8", "r8"],  # 1 again: no new program
+        ["no-embed", "r2", "r1", "r8"],  # 4 -> 4 (the whole bank: no copy)
+        [None, None, None, None],  # none -> 1
+    ):
+        served = lx.loraify(PARAMS, bank, bank.indices(names), compact=True)
+        leaf = served["head"]
+        sizes.append(leaf.n_adapters)
+        _check_rows(serve(served, TOKENS), names)
+    assert sizes == [1, 2, 4, 1, 4, 1]
+    assert len(traces) == 3  # one program per size: 1, 2, 4
+    one = lx.loraify(PARAMS, bank, bank.indices(["r8"] * B), compact=True)
+    choices = lx.explain_strategies(forward, one, TOKENS)
+    assert choices and all(c.shapes["n_adapters"] == 1 for c in choices)
+    assert all("plain LoRA product" in c.reason for c in choices)
+    with pytest.raises(ValueError, match="compact=True"):
+        lx.with_indices(one, jnp.zeros(B, jnp.int32))
+    with pytest.raises(ValueError, match="serves from an AdapterBank"):
+        lx.loraify(PARAMS, ADAPTERS["r8"], jnp.zeros(B, jnp.int32), compact=True)
+    with pytest.raises(lx.LoraIndexError, match="index -3 is out of range"):
+        lx.loraify(PARAMS, bank, jnp.array([0, -3, 0, 0]), compact=True)
+
+
 # -- never the wrong adapter ------------------------------------------------------
 
 
