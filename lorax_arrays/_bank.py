@@ -384,7 +384,8 @@ class AdapterBank:
 
         With `compact`, only the slots the indices use, gathered into a stack of
         the next power of two in size (padded with the first of them), and the
-        indices renumbered to match."""
+        indices renumbered to match; the bank itself when that size is the
+        bank's."""
         self._check_served(indices)
         if not compact:
             return {p: (lf.layout, self._state[p]) for p, lf in self._items}, indices
@@ -399,6 +400,8 @@ class AdapterBank:
         if bad.size:
             raise LoraIndexError(out_of_range_message(int(bad[0]), self._slots))
         size = min(self._slots, 1 << max(0, int(used.size) - 1).bit_length())
+        if size == self._slots:  # as big as the bank: serve the bank itself
+            return {p: (lf.layout, self._state[p]) for p, lf in self._items}, indices
         take = np.full((size,), used[0] if used.size else 0, np.int32)
         take[: used.size] = used
         position = np.full((self._slots + 1,), -1, np.int32)

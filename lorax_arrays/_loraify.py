@@ -106,9 +106,10 @@ def loraify(
     - `compact`: with an `AdapterBank`, serve only the adapters this batch uses:
         their slots are copied into a stack of the next power of two in size
         (1, 2, 4, ... up to the bank's slots), so a batch of one adapter runs the
-        plain LoRA product and few adapters cost what few adapters cost. Each size
-        is its own program (at most `log2(slots) + 1` compiles, all made at
-        warm-up), and the tree serves exactly this batch: `lx.with_indices`
+        plain LoRA product and few adapters cost what few adapters cost (a batch
+        that needs more than half the slots is served from the bank itself).
+        Each size is its own program (at most `log2(slots) + 1` compiles, all made
+        at warm-up), and the tree serves exactly this batch: `lx.with_indices`
         refuses it. Off by default: one program for every batch.
 
     **Returns:**
