@@ -541,13 +541,15 @@ def throughput(server: Server, repeats: int) -> Table:
     return table
 
 
-def by_phase(server: Server, repeats: int) -> Table:
+def by_phase(server: Server, repeats: int, only_last: bool = False) -> Table:
     """Prefill and one decode step, each strategy forced, relative to the base
-    model (base time / time: higher is better)."""
+    model (base time / time: higher is better); with `only_last`, for the last
+    workload only (quick mode)."""
     table = Table(PHASE_HEADER, fmt_phase)
     # What each strategy computes is fixed by the shapes; only the memory traffic of
     # the factors depends on how many distinct adapters there are: the extremes.
-    for label, batch, distinct in workloads(server.cfg, extremes=True):
+    chosen = list(workloads(server.cfg, extremes=True))
+    for label, batch, distinct in chosen[-1:] if only_last else chosen:
         names, prompts = server.requests(batch, distinct)
         med = measure(server.phases(names, prompts), repeats)
         ratio = {k: med[f"{k.split()[0]} base"] / med[k] for k in PHASE_VARIANTS}
@@ -814,7 +816,7 @@ def main():
     server.bank.indices(server.names)  # every adapter in its slot: timing loads none
     last, loaded = server.bank.events[-1], server.bank.loaded
     gen = throughput(server, repeats)
-    phases = by_phase(server, repeats)
+    phases = by_phase(server, repeats, only_last=args.quick)
     unchanged = server.bank.events[-1] is last and server.bank.loaded == loaded
     assert unchanged, "a timed call loaded an adapter"
     costs = bank_costs(server, repeats)

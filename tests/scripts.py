@@ -1,8 +1,19 @@
-"""Running an example, benchmark or doc page as a user would: in its own process."""
+"""Running an example, benchmark or doc page as a user would.
+
+By default in this test process (`runpy`, as `__main__`, with its own `sys.argv`,
+its printed output captured): a new process per script would pay for importing
+JAX, Flax and the rest again, a few seconds each. Scripts that change process-wide
+state run in their own process (`isolated=True`): one that sets `XLA_FLAGS` before
+JAX starts, one that registers rules for `BatchedLoraArray` (which would change
+what other tests see), one that clears JAX's caches.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +21,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(args, **kw) -> str:
+def run_script(args, *, isolated: bool = False) -> str:
     """`python *args` from the repository root on the CPU; its stdout, or a failed
-    assertion with both streams."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    assertion with what it printed."""
+    if isolated:
+        return _run_process(args)
+    path, *argv = [str(a) for a in args]
+    out = io.StringIO()
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    sys.argv = [path, *argv]
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(ROOT / path), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            message = f"{args} exited with {e.code}:\n{out.getvalue()}"
+            raise AssertionError(message) from None
+    except BaseException as e:
+        raise AssertionError(f"{args} failed:\n{out.getvalue()}") from e
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return out.getvalue()
+
+
+def _run_process(args) -> str:
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        # Compile without XLA's optimisation passes, as the tests do
+        # (tests/conftest.py).
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": os.environ.get(
+            "JAX_DISABLE_MOST_OPTIMIZATIONS", "1"
+        ),
+    }
     proc = subprocess.run(
-        [sys.executable, *args],
+        [sys.executable, *map(str, args)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
-        **kw,
     )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout

@@ -1,5 +1,6 @@
 """Every Python block in the README and docs runs as written; every example and
-benchmark script runs. Each in its own process: some register global rules."""
+benchmark script runs (in this process, as `__main__`, unless it changes
+process-wide state: see tests/scripts.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def test_doc_code_blocks_run(page, tmp_path):
     assert blocks, f"{page} has no python blocks"
     script = tmp_path / "page.py"
     script.write_text("\n\n".join(blocks))
-    _run([str(script)])
+    # The custom-rules page registers rules for BatchedLoraArray itself, which
+    # would change what every later test in this process sees.
+    _run([str(script)], isolated=page == "docs/custom-rules.md")
 
 
 def test_main_example_serves_mixed_batch():
@@ -76,7 +79,8 @@ def test_generation_example_matches_rows_alone():
 def test_benchmark_suite_runs_quick(tmp_path):
     out_file = tmp_path / "suite.md"
     out = _run(
-        ["benchmarks/suite.py", "--quick", "--only", "W1", "--out", str(out_file)]
+        ["benchmarks/suite.py", "--quick", "--only", "W1", "--out", str(out_file)],
+        isolated=True,  # it clears JAX's caches
     )
     row = re.search(r"^\| W1 prefill, adapter per sequence \|.*$", out, re.M)
     assert row, out
@@ -105,7 +109,7 @@ def test_auto_check_runs_quick():
 def test_compile_time_runs_quick():
     """The quick-mode program is compiled in every variant (quax included);
     the script also asserts that ours with one adapter equals quax's LoraArray."""
-    out = _run(["benchmarks/compile_time.py", "--quick"])
+    out = _run(["benchmarks/compile_time.py", "--quick"], isolated=True)
     assert "| generate" not in out  # the decoder programs: full runs only
     for label, has_quax in [("mlp", True)]:
         row = re.search(rf"^\| {re.escape(label)} \|.*$", out, re.M)

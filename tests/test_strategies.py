@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
 from lorax_arrays import _strategies
@@ -144,6 +144,7 @@ def test_single_adapter_is_the_plain_lora_product(strategy, idx_shape):
 
 
 @pytest.mark.parametrize("onehot_max", [2**22, 0], ids=["one-hot", "argsort"])
+@settings(max_examples=settings().max_examples // 2)  # eager: a compile per length
 @given(
     ids=st.lists(st.integers(0, 5), min_size=1, max_size=40),
     n_extra=st.integers(0, 3),
