@@ -2,7 +2,7 @@
 `[-1, n)` makes its rows NaN (`_indices.gathered_scale`) instead of silently
 serving the last adapter, as a bare clamp would.
 
-The guard is a few element-wise ops on the `(rows,)` vector of gathered scales,
+The guard is a gather from `[0, *scale, NaN]` on the `(rows,)` vector of scales,
 once per adapted matmul. Measured on the benchmark suite's workloads (the same MLP
 stack and shapes as `benchmarks/suite.py`): W1 (16 sequences x 128 tokens, 16
 adapters, one per sequence) and W3 (64 decode rows over 8 adapters, where a

@@ -760,7 +760,12 @@ def plot(gen: Table, phases: Table, path: Path):
     low = min(r["ratio"][k] for t in (gen, phases) for r in t for k in r["ratio"])
     for ax, table, keys, title in [
         (axes[0], gen, GEN_VARIANTS, "whole generation: tokens/s vs the base model"),
-        (axes[1], phases, PHASE_VARIANTS, "by phase, strategy forced: vs the base"),
+        (
+            axes[1],
+            phases,
+            PHASE_VARIANTS,
+            "by phase (auto, compact, each strategy forced)",
+        ),
     ]:
         width = 0.8 / len(keys)
         x = np.arange(len(table))

@@ -308,7 +308,8 @@ def gathered_scale(scale: Array, indices: Array) -> Array:
 
     One gather from the table `[0, *scale, NaN]` at `clamp(indices + 1)` computed
     in unsigned arithmetic, where every negative number below -1 wraps past the
-    end: one equation more than the unguarded `select(i >= 0, scale[i], 0)`.
+    end: as many jaxpr equations (six) as the unguarded
+    `select(i >= 0, scale[i], 0)` it replaced.
     """
     n = scale.shape[0]
     table = lax.concatenate(
