@@ -7,6 +7,7 @@ from . import (
     _compat as _compat,
     _rules_control as _rules_control,
     _rules_dot as _rules_dot,
+    _rules_elementwise as _rules_elementwise,
     _rules_layout as _rules_layout,
     _rules_lookup as _rules_lookup,
 )

@@ -6,8 +6,12 @@ Registers: `gather`, `dynamic_slice`. Also here: `squeezed_lookup`, which the
 For a table `w: (vocab, d)` adapted with `in_axes=(0,)` (the vocabulary axis is what
 a one-hot token contracts with) and `out_axes=(1,)`, the lookup of token `t` for an
 example using adapter `i` is `w[t] + s_i * a[i, t] @ b[i]`: a gather of one row of A,
-never of the dense `W + AB`. This is the delta PEFT uses for embeddings. A lookup
-along an out axis (`E[:, j]`) reads the table the other way round (`swap_in_out`).
+never of the dense `W + AB`. This is the delta PEFT uses for embeddings. The other
+group may have several axes (Gemma 4's per-layer table `(V, L, P)` with
+`out_axes=(1, 2)`): the row is `a[i, t] @ b[i]` laid out on them. A lookup along an
+out axis (`E[:, j]`) reads the table the other way round (`swap_in_out`, with the
+head scales). A lookup along a stack axis, or along one axis of a multi-axis group,
+is not a row lookup.
 
 Also here, because they are the other ways JAX indexes a table:
 
@@ -20,6 +24,8 @@ Also here, because they are the other ways JAX indexes a table:
 """
 
 from __future__ import annotations
+
+import math
 
 import jax.numpy as jnp
 import quax
@@ -38,38 +44,50 @@ from ._indices import (
 from ._lax import convert, take
 
 
-def _lookup_view(lora: BatchedLoraArray, axis: int, what: str):
-    """`(a, b)` with the looked-up axis as A's single input axis."""
-    if lora.stack_axes or lora.ndim != 2:
-        raise UnsupportedOperationError(
-            f"{what} on a BatchedLoraArray of shape {lora.shape} (stack_axes="
-            f"{lora.stack_axes}): row lookups are supported on 2-D tables (slice a "
-            "layer stack with lax.scan first)."
-        )
-    view = lora if lora.in_axes == (axis,) else swap_in_out(lora)
-    return view.a, view.b
+def _lookup_view(lora: BatchedLoraArray, axis: int) -> BatchedLoraArray | None:
+    """The array read so that `axis` is its single in-axis (as it is, or the other
+    way round: `swap_in_out`), or None when a lookup along `axis` is not a row
+    lookup: a stack axis, or one axis of a multi-axis group."""
+    if lora.stack_axes:
+        return None
+    if lora.in_axes == (axis,):
+        return lora
+    if lora.out_axes == (axis,):
+        return swap_in_out(lora)
+    return None
 
 
-def _rows_delta(lora, a, b, tokens, what):
-    """`s[i] * a[i, tok] @ b[i]`, shaped `(*tokens.shape, d)`, for tokens whose
-    leading axes are the indices' (or a row-major regrouping of them: `(B*T,)`
-    tokens with `(B, T)` indices; or other axes, by the array's `batch_axis`)."""
+def _rows_delta(view: BatchedLoraArray, tokens, what):
+    """`s[i] * a[i, tok] @ b[i]` for a table `view` read along its single in-axis:
+    shaped `(*tokens.shape, *rest)`, `rest` the table's other axes in their order,
+    for tokens whose leading axes are the indices' (or a row-major regrouping of
+    them: `(B*T,)` tokens with `(B, T)` indices; or other axes, by the array's
+    `batch_axis`)."""
     table = f"{what}: the token ids (shape {tuple(tokens.shape)}) of an adapted table"
     idx, lead, start = align_indices(
-        require_indices(lora), tokens.shape, table, lora.batch_axis
+        require_indices(view), tokens.shape, table, view.batch_axis
     )
     k = len(lead)
+    n, rank = view.a.shape[0], view.rank
+    out_shape = view.layout.out_shape(view.shape)
+    b = _lax.reshape(view.b, (n, rank, math.prod(out_shape)))
+    nd = tokens.ndim
     if start:  # the indexed axes first, and back afterwards
-        nd = tokens.ndim
         perm = [*range(start, start + k), *range(start), *range(start + k, nd)]
-        u = _rows_delta_leading(lora, a, b, _lax.transpose(tokens, perm), idx, k)
-        back = [perm.index(d) for d in range(nd)]
-        return _lax.transpose(u, [*back, nd])
-    return _rows_delta_leading(lora, a, b, tokens, idx, k)
+        u = _rows_delta_leading(view, b, _lax.transpose(tokens, perm), idx, k)
+        u = _lax.transpose(u, [*[perm.index(d) for d in range(nd)], nd])
+    else:
+        u = _rows_delta_leading(view, b, tokens, idx, k)
+    # The table's other axes, in the weight's own order.
+    u = _lax.reshape(u, (*tokens.shape, *out_shape))
+    order = sorted(range(len(out_shape)), key=lambda j: view.out_axes[j])
+    return _lax.transpose(u, [*range(nd), *(nd + j for j in order)])
 
 
-def _rows_delta_leading(lora, a, b, tokens, idx, k):
-    """`_rows_delta` for tokens whose first `k` axes are the (aligned) indices'."""
+def _rows_delta_leading(lora, b, tokens, idx, k):
+    """`_rows_delta` for tokens whose first `k` axes are the (aligned) indices',
+    with `b` flattened to `(n, r, d)`: `(*tokens.shape, d)`."""
+    a = lora.a
     n, vocab, rank = a.shape
     safe = clamp_indices(idx, n)
     # rows[..] = a[safe[i], tokens[i, ..]]: one gather over (adapter, row) pairs.
@@ -104,15 +122,16 @@ def _(operand: BatchedLoraArray, start_indices, **params):
     sizes = tuple(params["slice_sizes"])
     shape = tuple(operand.shape)
     rows = [ax for ax in range(len(shape)) if sizes[ax] != shape[ax]]
-    ok = len(shape) == 2 and len(rows) == 1 and not dn.operand_batching_dims
-    if ok:
+    view = None
+    if len(rows) == 1 and not dn.operand_batching_dims:
         (axis,) = rows
-        ok = (
+        if (
             sizes[axis] == 1
             and axis in dn.start_index_map
             and set(dn.collapsed_slice_dims) <= {axis}
-        )
-    if not ok:
+        ):
+            view = _lookup_view(operand, axis)
+    if view is None:
         block = _stack_gather(operand, start_indices, dn, sizes)
         if block is not None:
             return block
@@ -121,17 +140,19 @@ def _(operand: BatchedLoraArray, start_indices, **params):
                 lax.gather_p, (operand, start_indices), params
             )
         raise UnsupportedOperationError(
-            f"`gather` on a BatchedLoraArray of shape {shape} with {dn} and "
-            f"slice_sizes={sizes}: only whole-row lookups (`E[tokens]`, "
-            "`jnp.take(E, tokens, axis=0)`) keep the low-rank form. Pass "
+            f"`gather` on a BatchedLoraArray of shape {shape} (in_axes="
+            f"{operand.in_axes}, out_axes={operand.out_axes}, stack_axes="
+            f"{operand.stack_axes}) with {dn} and slice_sizes={sizes}: only "
+            "whole-row lookups along the table's single in-axis (or single "
+            "out-axis), `E[tokens]` or `jnp.take(E, tokens, axis=0)`, keep the "
+            "low-rank form (slice a layer stack with lax.scan first). Pass "
             "`allow_materialise=True` to build dense weights for this op."
         )
-    a, b = _lookup_view(operand, axis, what)
     base = bind(lax.gather_p, operand.frozen_w, start_indices, **params)
     tokens = start_indices[..., list(dn.start_index_map).index(axis)]
-    delta = _rows_delta(operand, a, b, tokens, what)  # (*batch, d)
+    delta = _rows_delta(view, tokens, what)  # (*batch, *other axes)
     if axis not in dn.collapsed_slice_dims:  # the size-1 row axis is kept
-        delta = jnp.expand_dims(delta, -2 if axis == 0 else -1)
+        delta = jnp.expand_dims(delta, axis - len(shape))
     n_offset = len(dn.offset_dims)
     delta = jnp.moveaxis(delta, tuple(range(-n_offset, 0)), tuple(dn.offset_dims))
     return base + delta.astype(base.dtype)
@@ -143,16 +164,18 @@ def _(operand: BatchedLoraArray, *starts, slice_sizes):
     shape = tuple(operand.shape)
     sizes = tuple(slice_sizes)
     rows = [ax for ax in range(len(shape)) if sizes[ax] != shape[ax]]
-    if len(shape) != 2 or len(rows) != 1 or sizes[rows[0]] != 1:
+    view = None
+    if len(rows) == 1 and sizes[rows[0]] == 1:
+        (axis,) = rows
+        view = _lookup_view(operand, axis)
+    if view is None:
         return _dynamic_block(operand, starts, sizes)
-    (axis,) = rows
-    a, b = _lookup_view(operand, axis, what)
     base = bind(lax.dynamic_slice_p, operand.frozen_w, *starts, slice_sizes=sizes)
     token = jnp.asarray(starts[axis])
     if operand.indices is not None and operand.indices.ndim:
         token = jnp.broadcast_to(token, operand.indices.shape)
-    delta = _rows_delta(operand, a, b, token, what)  # (*I, d)
-    if delta.ndim != 1:
+    delta = _rows_delta(view, token, what)  # (*I, *other axes)
+    if delta.ndim != len(shape) - 1:
         raise IndicesShapeError(
             scalar_needed_message(
                 f"{what}: one token is looked up", operand.indices.shape
