@@ -131,14 +131,25 @@ class Layout:
     def contracts(self, contracting: Sequence[int], batch: Sequence[int]) -> str | None:
         """What a `dot_general` with these contracting and batch axes of the weight
         reads: `"in"` (the product `x · W`), `"out"` (the array read the other way
-        round: a tied head `h @ E.T`), or None (no low-rank form)."""
-        if set(batch) != set(self.stack_axes):
+        round: a tied head `h @ E.T`), or None (no low-rank form).
+
+        Every batch axis must be a stack axis. A stack axis that is not a batch
+        axis passes through as a free axis of the product (a fused QKV kernel
+        `(3, N, D, H)` in `einsum("BTD,SNDH->SBTNH")`): each of its entries is its
+        own weight with its own adapters (`free_stack_axes`)."""
+        if not set(batch) <= set(self.stack_axes):
             return None
         if set(contracting) == set(self.in_axes):
             return "in"
         if set(contracting) == set(self.out_axes):
             return "out"
         return None
+
+    def free_stack_axes(self, batch: Sequence[int]) -> tuple[int, ...]:
+        """The stack axes that a `dot_general` with these batch axes of the weight
+        leaves free (they pass through to its output), in increasing order, as
+        `dot_general` lays out the weight's free axes."""
+        return tuple(sorted(ax for ax in self.stack_axes if ax not in batch))
 
     # -- shapes -------------------------------------------------------------------
 
@@ -302,20 +313,29 @@ class Layout:
         gave "in"):
 
         - `x_perm`: x's axes as (batch, free, in-axes in `in_axes` order);
-        - `stack_perm`: the factors' stack axes in the order of the batch axes;
-        - `out_perm`: from the low-rank term `(*batch, *x free, *out in `out_axes`
-            order)` to `dot_general`'s own output layout `(batch, lhs free, rhs
-            free)`, where W's free axes are its out-axes in increasing order.
+        - `stack_perm`: the factors' stack axes in the order of the batch axes,
+            then the free stack axes (`free_stack_axes`) in increasing order;
+        - `out_perm`: from the low-rank term `(*batch, *free stack, *x free, *out
+            in `out_axes` order)` to `dot_general`'s own output layout `(batch,
+            lhs free, rhs free)`, where W's free axes are its out-axes and free
+            stack axes, in increasing order.
 
         `x_free` may come in any order (the indexed axes first, wherever they sit
         in x): the low-rank term follows it, and `out_perm` restores x's order.
         """
         x_in = [c_x[list(c_w).index(ax)] for ax in self.in_axes]
         x_perm = [*b_x, *x_free, *x_in]
-        stack_perm = [self.stack_axes.index(ax) for ax in b_w]
-        nb, n_xf = len(b_w), len(x_free)
-        w_part = [nb + n_xf + self.out_axes.index(ax) for ax in sorted(self.out_axes)]
-        x_part = [nb + list(x_free).index(d) for d in sorted(x_free)]
+        free_stack = self.free_stack_axes(b_w)
+        stack_perm = [self.stack_axes.index(ax) for ax in (*b_w, *free_stack)]
+        nb, nf, n_xf = len(b_w), len(free_stack), len(x_free)
+
+        def w_position(ax):
+            if ax in free_stack:
+                return nb + free_stack.index(ax)
+            return nb + nf + n_xf + self.out_axes.index(ax)
+
+        w_part = [w_position(ax) for ax in sorted((*self.out_axes, *free_stack))]
+        x_part = [nb + nf + list(x_free).index(d) for d in sorted(x_free)]
         out_perm = list(range(nb)) + (w_part + x_part if w_is_lhs else x_part + w_part)
         return x_perm, stack_perm, out_perm
 

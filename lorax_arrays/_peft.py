@@ -13,6 +13,7 @@ input: the answers live here.
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import math
 import os
@@ -180,12 +181,13 @@ class _Leaves:
             return ""
         return " Closest modules in the tree: " + ", ".join(repr(n) for n in near)
 
-    def resolve_path(self, target, module: str) -> tuple[str, int | None]:
-        """A `key_map` answer (a leaf path or a module path, or `(path, layer)` for
-        a layer of a stacked leaf) to `(leaf path, layer or None)`."""
+    def resolve_path(self, target, module: str) -> tuple[str, Entry | None]:
+        """A `key_map` answer (a leaf path or a module path, or `(path, entry)` for
+        an entry of a stacked or fused leaf's leading stack axes) to `(leaf path,
+        entry or None)`, the entry a tuple of ints."""
         if isinstance(target, tuple):
-            path, layer = self.resolve_path(target[0], module)
-            return path, int(target[1])
+            path, _ = self.resolve_path(target[0], module)
+            return path, _as_entry(target[1])
         target = target.strip("/")
         if target in self.by_path:
             return target, None
@@ -200,9 +202,9 @@ class _Leaves:
             f"{target!r}, where the tree has {what}.{hint}"
         )
 
-    def locate(self, module: str, key_map) -> tuple[str, int | None]:
+    def locate(self, module: str, key_map) -> tuple[str, Entry | None]:
         """Where PEFT module `module` goes: `key_map`'s answer if it has one, else
-        the default matching (`find`). Returns `(path, layer or None)`."""
+        the default matching (`find`). Returns `(path, entry or None)`."""
         target = _call_key_map(key_map, module)
         if target is None:
             return self.find(module)
@@ -215,14 +217,15 @@ class _Leaves:
             [p for k in range(1, len(parts)) for p in self.exact.get(parts[k:], [])],
         ]
 
-    def find(self, module: str) -> tuple[str, int | None]:
+    def find(self, module: str) -> tuple[str, Entry | None]:
         """The leaf of PEFT module `module` by name: the tree's module path equal to
         the '.'-split name, else one that ends with it (the tree has a prefix such
         as `params`), else one the name ends with (the torch model has a prefix
         such as `model.`). Failing those, a stacked leaf (a scanned layer stack,
         stack axis first) whose path is the name without one layer number:
         `model.layers.3.self_attn.q_proj` is layer 3 of
-        `model/layers/self_attn/q_proj/kernel`. Returns `(path, layer or None)`."""
+        `model/layers/self_attn/q_proj/kernel`. Returns `(path, (layer,) or
+        None)`."""
         parts = tuple(module.split("."))
         ambiguous = lambda hits: PeftFormatError(  # noqa: E731
             f"load_peft_adapter: PEFT module {module!r} could be any of "
@@ -240,7 +243,7 @@ class _Leaves:
             for hits in self._tiers(parts[:k] + parts[k + 1 :]):
                 hits = [h for h in hits if len(self.by_path[h][0].shape) >= 3]
                 if hits:
-                    stacked.update({h: int(part) for h in hits})
+                    stacked.update({h: (int(part),) for h in hits})
                     break
         if len(stacked) == 1:
             return next(iter(stacked.items()))
@@ -254,7 +257,27 @@ class _Leaves:
         )
 
 
-def _call_key_map(key_map, module: str) -> str | None:
+# A module's place among the entries of a leaf's leading stack axes: `(layer,)` in
+# a layer stack, `(entry,)` in a fused kernel (q, k, v of a `(3, N, D, H)` QKV
+# kernel), `(layer, entry)` in a stack of fused kernels.
+Entry = tuple[int, ...]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_entry(v) -> bool:
+    return _is_int(v) or (
+        isinstance(v, tuple) and len(v) > 0 and all(_is_int(i) for i in v)
+    )
+
+
+def _as_entry(v) -> Entry:
+    return (int(v),) if _is_int(v) else tuple(int(i) for i in v)
+
+
+def _call_key_map(key_map, module: str) -> str | tuple | None:
     if key_map is None:
         return None
     if callable(key_map):
@@ -266,16 +289,18 @@ def _call_key_map(key_map, module: str) -> str | None:
             "key_map must be a dict from PEFT module name to tree path, or a "
             f"function of the module name; got {type(key_map).__name__}."
         )
-    layer_pair = (
+    entry_pair = (
         isinstance(out, tuple)
         and len(out) == 2
         and isinstance(out[0], str)
-        and isinstance(out[1], int)
+        and _is_entry(out[1])
     )
-    if out is not None and not isinstance(out, str) and not layer_pair:
+    if out is not None and not isinstance(out, str) and not entry_pair:
         raise TypeError(
             f"key_map gave {out!r} for {module!r}; expected a '/'-joined tree path, "
-            "or `(path, layer)` for one layer of a stacked leaf."
+            "`(path, i)` for entry i of a stacked or fused leaf's first axis (a "
+            "layer of a stack, q/k/v of a fused QKV kernel), or `(path, (i, j))` "
+            "for its first axes (entry j of layer i)."
         )
     return out
 
@@ -399,12 +424,17 @@ def _parse_keys(tensors: dict[str, np.ndarray], file: Path):
 
 
 _ORIENTATIONS = ("in_out", "out_in")
+# The in- and out-axes of a 2-D module weight in each orientation.
+_GROUPS = {"in_out": ((0,), (1,)), "out_in": ((1,), (0,))}
+_NAMES = {g: o for o, g in _GROUPS.items()}
 
 
-def _orientation_override(orientation, path: str) -> str | None:
+def _orientation_override(orientation, path: str):
+    """The `orientation` given for `path`: `'in_out'`, `'out_in'`, a pair
+    `(in_axes, out_axes)` of the leaf's axes, or None."""
     if orientation is None:
         return None
-    if isinstance(orientation, str):
+    if isinstance(orientation, (str, tuple, list)):
         choice = orientation
     elif isinstance(orientation, Mapping):
         choice = next(
@@ -414,17 +444,177 @@ def _orientation_override(orientation, path: str) -> str | None:
             return None
     else:
         raise TypeError(
-            "orientation must be 'in_out', 'out_in', or a dict from a regex over "
-            f"tree paths to one of those; got {type(orientation).__name__}."
+            "orientation must be 'in_out', 'out_in', a pair (in_axes, out_axes), "
+            "or a dict from a regex over tree paths to one of those; got "
+            f"{type(orientation).__name__}."
         )
+    if isinstance(choice, (tuple, list)):
+        ok = len(choice) == 2 and all(
+            isinstance(g, (tuple, list)) and g and all(_is_int(ax) for ax in g)
+            for g in choice
+        )
+        if not ok:
+            raise ValueError(
+                f"orientation {choice!r} for {path!r}: a pair gives the leaf's "
+                "(in_axes, out_axes), two non-empty tuples of axes, as in its "
+                "LoraRule: ((2,), (1, 3)) for a (3, N, D, H) QKV kernel."
+            )
+        return tuple(tuple(int(ax) for ax in g) for g in choice)
     if choice not in _ORIENTATIONS:
         raise ValueError(
             f"orientation {choice!r} for {path!r}: use 'in_out' (the leaf is "
             "(in, out), as a Flax Dense kernel) or 'out_in' (the leaf is (out, in), "
             "as a torch Linear weight, an eqx.nn.Linear weight or the Flax GPT-2 "
-            "Conv1D kernel)."
+            "Conv1D kernel), or for a multi-axis leaf the pair (in_axes, out_axes) "
+            "of its axes."
         )
     return choice
+
+
+def _splits(shape: tuple[int, ...], n_in: int, n_out: int) -> list:
+    """Every way to split a module weight's axes into an in group and an out group
+    (both non-empty, each in increasing order) of `n_in` and `n_out` elements.
+    For more than two axes, splits that differ only in where size-1 axes go (the
+    same matrix either way) count once."""
+    nd, found, seen = len(shape), [], set()
+    for mask in itertools.product((False, True), repeat=nd):
+        ins = tuple(ax for ax in range(nd) if not mask[ax])
+        outs = tuple(ax for ax in range(nd) if mask[ax])
+        if not ins or not outs:
+            continue
+        if math.prod(shape[ax] for ax in ins) != n_in:
+            continue
+        if math.prod(shape[ax] for ax in outs) != n_out:
+            continue
+        key = tuple(m for ax, m in enumerate(mask) if shape[ax] != 1 or nd == 2)
+        if key not in seen:
+            seen.add(key)
+            found.append((ins, outs))
+    return found
+
+
+def _on_leaf(f: dict, groups) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A module weight's `(in_axes, out_axes)` as axes of its leaf (after the
+    stack entries)."""
+    k = 0 if f["at"] is None else len(f["at"])
+    return tuple(tuple(ax + k for ax in g) for g in groups)
+
+
+def _forced_groups(forced, f: dict, fits: list):
+    """An `orientation` override as the module weight's groups, checked."""
+    shape, nd = f["shape"], len(f["shape"])
+    k = 0 if f["at"] is None else len(f["at"])
+    if isinstance(forced, str):
+        if nd != 2:
+            raise PeftFormatError(
+                f"load_peft_adapter: orientation {forced!r} for {f['path']!r} "
+                f"describes a 2-D weight, but PEFT module {f['module']!r} has a "
+                f"{nd}-axis weight {shape} there; give the leaf's (in_axes, "
+                f"out_axes), as in its LoraRule (here one of "
+                f"{', '.join(str(_on_leaf(f, g)) for g in fits) or 'none'})."
+            )
+        groups = _GROUPS[forced]
+    else:
+        groups = tuple(tuple(ax - k for ax in g) for g in forced)
+        if any(ax < 0 for g in groups for ax in g):
+            raise PeftFormatError(
+                f"load_peft_adapter: orientation {forced} for {f['path']!r} names "
+                f"its stack axes {tuple(range(k))} (the entries PEFT module "
+                f"{f['module']!r} is placed at)."
+            )
+        groups = tuple(tuple(sorted(g)) for g in groups)
+    if groups not in fits:
+        raise PeftFormatError(
+            f"load_peft_adapter: orientation {forced!r} for {f['path']!r} "
+            f"contradicts its shape {shape} (in={f['a'].shape[1]}, "
+            f"out={f['b'].shape[0]})."
+        )
+    return groups
+
+
+def _orient(found: list[dict], orientation) -> None:
+    """Decides, per leaf, which axes of the module's weight are its input and
+    which its output (`f["groups"]`); for 2-D weights that is `(in, out)` or
+    `(out, in)`."""
+    undecided = []
+    for f in found:
+        shape, (r, n_in), (n_out, _) = f["shape"], f["a"].shape, f["b"].shape
+        del r
+        fits = _splits(shape, n_in, n_out)
+        f["fits"] = fits
+        if not fits:
+            raise PeftFormatError(
+                f"load_peft_adapter: PEFT module {f['module']!r} has in={n_in}, "
+                f"out={n_out}, but its leaf {f['path']!r} has shape {shape}"
+                + ("" if f["at"] is None else f" (after the stack entry {f['at']})")
+                + ": the adapter was made for another model, or key_map points at "
+                "the wrong leaf."
+            )
+        forced = _orientation_override(orientation, f["path"])
+        if forced is not None:
+            f["groups"] = _forced_groups(forced, f, fits)
+        elif f["is_linear"] and len(shape) == 2:
+            f["groups"] = _GROUPS["out_in"]  # eqx.nn.Linear.weight is (out, in)
+            if f["groups"] not in fits:
+                raise PeftFormatError(
+                    f"load_peft_adapter: PEFT module {f['module']!r} has in={n_in}, "
+                    f"out={n_out}, but the eqx.nn.Linear weight {f['path']!r} has "
+                    f"shape {shape} (an (out, in) weight): wrong model or key_map."
+                )
+        elif f["kind"] == "embedding" and len(shape) == 2:
+            f["groups"] = _GROUPS["in_out"]  # JAX embedding tables are (vocab, dim)
+            if f["groups"] not in fits:
+                raise PeftFormatError(
+                    f"load_peft_adapter: embedding {f['module']!r} has vocab={n_in}, "
+                    f"dim={n_out}, but {f['path']!r} has shape {shape}; pass "
+                    "orientation={...: 'out_in'} if that table is stored (dim, vocab)."
+                )
+        elif len(fits) == 1:
+            f["groups"] = fits[0]
+        else:
+            f["groups"] = None
+            undecided.append(f)
+    decided = [g for g in found if g["groups"] is not None]
+    for f in undecided:
+        seen = {
+            g["groups"]
+            for g in decided
+            if g["kind"] == "linear"
+            and not g["is_linear"]
+            and g["weight_name"] == f["weight_name"]
+            and len(g["shape"]) == len(f["shape"])
+        }
+        if len(seen) == 1 and next(iter(seen)) in f["fits"]:
+            f["groups"] = seen.pop()
+            continue
+        why = (
+            "the adapter's other leaves disagree"
+            if len(seen) > 1
+            else "no non-square leaf of the adapter shows the convention"
+            if not seen
+            else "the adapter's other leaves follow a convention that does not fit"
+        )
+        if len(f["shape"]) == 2:
+            raise PeftFormatError(
+                f"load_peft_adapter: {f['path']!r} (PEFT module {f['module']!r}) "
+                f"is square, {f['shape']}, and {why}, so it cannot tell whether the "
+                "leaf is (in, out) as a Flax Dense kernel or (out, in) as a torch "
+                "Linear weight; a wrong guess is a silently wrong model. Say which "
+                "with `orientation='in_out'` or `'out_in'` (or a dict from a regex "
+                "over tree paths to one of those)."
+            )
+        if not seen:
+            why = f"no other {len(f['shape'])}-axis leaf of the adapter decides it"
+        options = [_on_leaf(f, g) for g in f["fits"]]
+        raise PeftFormatError(
+            f"load_peft_adapter: PEFT module {f['module']!r} (in={f['a'].shape[1]}, "
+            f"out={f['b'].shape[0]}) fits the axes of {f['path']!r} (shape "
+            f"{f['leaf_shape']}) in {len(options)} ways, as (in_axes, out_axes) "
+            f"{', '.join(map(str, options))}, and {why}; a wrong guess is a "
+            "silently wrong model. Say which with `orientation={"
+            f"{re.escape(f['path'])!r}: {options[0]}}}` (the leaf's axes, as in "
+            "its LoraRule)."
+        )
 
 
 def load_peft_adapter(
@@ -463,6 +653,17 @@ def load_peft_adapter(
       Layers the adapter lacks are zero; ranks are padded to the largest, and a
       layer whose scale differs from the others' (by `rank_pattern` /
       `alpha_pattern`) has the ratio folded into its `B`.
+    - **Fused kernels.** Several PEFT modules can share one leaf as entries of
+      its leading stack axes: `key_map` sends `q_proj`, `k_proj`, `v_proj` to
+      `(path, 0)`, `(path, 1)`, `(path, 2)` of a Gemma-style `(3, N, D, H)`
+      `qkv_einsum` (and to `(path, (layer, entry))` in a `(L, 3, N, D, H)`
+      layer stack), handled like layers: padded ranks, scales folded into `B`,
+      zero factors for an entry no module names.
+    - **Multi-axis weights.** What is left of a leaf after its entries may have
+      more than two axes (`(N, D, H)`): PEFT's flat `in` and `out` are split
+      row-major over the in- and out-axes in increasing order, which the shapes
+      decide when only one split of the axes fits; otherwise (`D == N * H`) the
+      error asks for `orientation={path: (in_axes, out_axes)}`.
     - **Config.** `r`, `lora_alpha`, `rank_pattern` and `alpha_pattern` (PEFT's
       matching: the first pattern `k` with `re.match(rf"(.*\\.)?({k})$", module)`),
       `use_rslora`, `target_modules` / `exclude_modules` / `layers_to_transform`
@@ -478,12 +679,15 @@ def load_peft_adapter(
         dict, an Equinox or NNX module, a dict of arrays).
     - `key_map`: a dict from PEFT module name (`'model.layers.0.self_attn.q_proj'`,
         with or without `base_model.model.`) to a tree path (a leaf's path, or its
-        module's; `(path, layer)` for one layer of a stacked leaf), or a function of
-        the module name returning one; a module it leaves out (or maps to `None`)
-        uses the default matching.
+        module's; `(path, i)` for entry `i` of a stacked or fused leaf's first
+        axis, `(path, (i, j))` for its first two), or a function of the module
+        name returning one; a module it leaves out (or maps to `None`) uses the
+        default matching.
     - `dtype`: cast the factors to this dtype; by default they keep the file's.
-    - `orientation`: `'in_out'` or `'out_in'` for every 2-D leaf, or a dict from a
-        regex over tree paths to one of those; checked against the shapes.
+    - `orientation`: `'in_out'` or `'out_in'` for every 2-D leaf, the leaf's
+        `(in_axes, out_axes)` (as in its LoraRule) for a multi-axis one, or a
+        dict from a regex over tree paths to one of those; checked against the
+        shapes.
 
     **Returns:**
 
@@ -525,14 +729,14 @@ def load_peft_adapter(
                 f"layers_to_transform={config.get('layers_to_transform')!r}) does not "
                 "select: the directory's two files do not belong together."
             )
-        leaf_path, layer = leaves.locate(module, key_map)
-        if (leaf_path, layer) in placed:
-            where = leaf_path if layer is None else f"layer {layer} of {leaf_path!r}"
+        leaf_path, at = leaves.locate(module, key_map)
+        if (leaf_path, at) in placed:
+            where = leaf_path if at is None else f"entry {at} of {leaf_path!r}"
             raise PeftFormatError(
-                f"load_peft_adapter: PEFT modules {placed[leaf_path, layer]!r} and "
+                f"load_peft_adapter: PEFT modules {placed[leaf_path, at]!r} and "
                 f"{module!r} both map to {where}."
             )
-        placed[leaf_path, layer] = module
+        placed[leaf_path, at] = module
         a, b = factors[module]["A"], factors[module]["B"]
         r = a.shape[0]
         r_cfg = rank_pattern.get(pattern_key(rank_pattern, module), default_r)
@@ -545,19 +749,22 @@ def load_peft_adapter(
         alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), default_alpha)
         leaf, is_linear = leaves.by_path[leaf_path]
         shape = tuple(leaf.shape)
-        if layer is not None:
-            if len(shape) != 3 or not 0 <= layer < shape[0]:
+        if at is not None:
+            k = len(at)
+            if len(shape) < k + 2 or not all(0 <= i < n for i, n in zip(at, shape)):
                 raise PeftFormatError(
-                    f"load_peft_adapter: PEFT module {module!r} is layer {layer} of "
-                    f"{leaf_path!r}, whose shape {shape} is not a stack of 2-D "
-                    f"weights with that layer (stack axis first, {shape[0]} layers)."
+                    f"load_peft_adapter: PEFT module {module!r} is entry {at} of "
+                    f"{leaf_path!r}, whose shape {shape} has no such entry: its "
+                    f"first {k} axes are the stack (layers, or a fused kernel's "
+                    "q/k/v entries), and at least two axes must remain for the "
+                    "module's weight."
                 )
-            shape = shape[1:]
+            shape = shape[k:]
         found.append(
             dict(
                 module=module,
                 path=leaf_path,
-                layer=layer,
+                at=at,
                 leaf_shape=tuple(leaf.shape),
                 kind=kinds[module],
                 a=a,
@@ -580,26 +787,35 @@ def load_peft_adapter(
     weights, layouts, ranks, alphas, lookup = {}, [], [], [], []
     for p in order:
         fs = groups[p]
-        in_ax, out_ax = (
-            ((0,), (1,)) if fs[0]["orientation"] == "in_out" else ((1,), (0,))
-        )
-        if fs[0]["layer"] is None:
+        in_ax, out_ax = fs[0]["groups"]
+        if fs[0]["at"] is None:
             f = fs[0]
-            a, b, rank, alpha = f["a"].T, f["b"].T, f["rank"], f["alpha"]
+            a, b = _leaf_factors(f)
+            rank, alpha = f["rank"], f["alpha"]
             layouts.append(LeafLayout(p, f["shape"], in_ax, out_ax, ()))
         else:
             if (
-                any(f["layer"] is None for f in fs)
-                or len({f["orientation"] for f in fs}) != 1
+                any(f["at"] is None for f in fs)
+                or len({len(f["at"]) for f in fs}) != 1
+                or len({f["groups"] for f in fs}) != 1
             ):
                 raise PeftFormatError(
-                    f"load_peft_adapter: {p!r} gets both whole-leaf and per-layer "
-                    "modules, or layers of different orientations."
+                    f"load_peft_adapter: {p!r} gets both whole-leaf and per-entry "
+                    "modules, entries over different numbers of stack axes "
+                    f"({sorted({f['at'] for f in fs if f['at']})}), or entries of "
+                    "different orientations."
                 )
-            a, b, rank, alpha = _stack_layers(fs, rslora)
-            shift = lambda axes: tuple(ax + 1 for ax in axes)  # noqa: E731
+            a, b, rank, alpha = _stack_entries(fs, rslora)
+            k = len(fs[0]["at"])
+            shift = lambda axes: tuple(ax + k for ax in axes)  # noqa: E731, B023
             layouts.append(
-                LeafLayout(p, fs[0]["leaf_shape"], shift(in_ax), shift(out_ax), (0,))
+                LeafLayout(
+                    p,
+                    fs[0]["leaf_shape"],
+                    shift(in_ax),
+                    shift(out_ax),
+                    tuple(range(k)),
+                )
             )
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
@@ -619,36 +835,50 @@ def load_peft_adapter(
     )
 
 
-def _stack_layers(fs: list[dict], rslora: bool):
-    """The per-layer modules of one stacked leaf as `a (L, in, r)`, `b (L, r, out)`.
+def _leaf_factors(f: dict) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's `A (r, in)`, `B (out, r)` on the module weight's axes: `a (*in, r)`,
+    `b (r, *out)`, the flat `in`/`out` unflattened row-major over the in- and
+    out-axes in increasing order (as `w.reshape` makes a multi-axis kernel from a
+    torch `(out, in)` weight's transpose)."""
+    shape, (ins, outs) = f["shape"], f["groups"]
+    a = f["a"].T.reshape(*(shape[ax] for ax in ins), f["rank"])
+    b = f["b"].T.reshape(f["rank"], *(shape[ax] for ax in outs))
+    return a, b
 
-    Ranks are zero-padded to the largest, layers the adapter lacks are zero, and one
-    scale serves the leaf: that of most layers; a layer with another scale (another
-    rank or alpha by `rank_pattern` / `alpha_pattern`) has the ratio folded into its
-    `B`, which keeps its product `s_l · A_l B_l` (to float rounding)."""
-    n_layers = fs[0]["leaf_shape"][0]
-    n_in, n_out = fs[0]["a"].shape[1], fs[0]["b"].shape[0]
+
+def _stack_entries(fs: list[dict], rslora: bool):
+    """The per-entry modules of one stacked or fused leaf as `a (*stack, *in, r)`,
+    `b (*stack, r, *out)`, `stack` the leaf's first `len(entry)` axes.
+
+    Ranks are zero-padded to the largest, entries the adapter lacks are zero, and
+    one scale serves the leaf: that of most entries; an entry with another scale
+    (another rank or alpha by `rank_pattern` / `alpha_pattern`) has the ratio
+    folded into its `B`, which keeps its product `s_e · A_e B_e` (to float
+    rounding)."""
+    k = len(fs[0]["at"])
+    stack = fs[0]["leaf_shape"][:k]
+    shape, (ins, outs) = fs[0]["shape"], fs[0]["groups"]
     r_max = max(f["rank"] for f in fs)
     norm = (lambda r: math.sqrt(r)) if rslora else (lambda r: r)
     scales = [f["alpha"] / norm(f["rank"]) for f in fs]
     s_leaf = _most_common(scales)
     dtype = np.result_type(*[f["a"].dtype for f in fs], *[f["b"].dtype for f in fs])
-    a = np.zeros((n_layers, n_in, r_max), dtype)
-    b = np.zeros((n_layers, r_max, n_out), dtype)
+    a = np.zeros((*stack, *(shape[ax] for ax in ins), r_max), dtype)
+    b = np.zeros((*stack, r_max, *(shape[ax] for ax in outs)), dtype)
     for f, s in zip(fs, scales):
-        r, layer = f["rank"], f["layer"]
-        a[layer, :, :r] = f["a"].T
-        b_l = f["b"].T
+        r, at = f["rank"], f["at"]
+        a_e, b_e = _leaf_factors(f)
         if s != s_leaf:
-            b_l = (b_l.astype(np.float64) * (s / s_leaf)).astype(dtype)
-        b[layer, :r, :] = b_l
+            b_e = (b_e.astype(np.float64) * (s / s_leaf)).astype(dtype)
+        a[(*at, Ellipsis, slice(0, r))] = a_e
+        b[(*at, slice(0, r))] = b_e
     return a, b, r_max, s_leaf * norm(r_max)
 
 
 def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> None:
     for module, value in base_copies.items():
         try:
-            p, layer = leaves.locate(module, key_map)
+            p, at = leaves.locate(module, key_map)
         except PeftFormatError as e:
             raise PeftFormatError(
                 f"{file}: the adapter ships the whole weight of {module!r} (PEFT "
@@ -657,7 +887,7 @@ def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> Non
                 f"Point `key_map` at the leaf. ({e})"
             ) from None
         leaf = np.asarray(leaves.by_path[p][0])
-        leaf = leaf if layer is None else leaf[layer]
+        leaf = leaf if at is None else leaf[at]
         same = leaf.shape == value.shape and np.array_equal(
             leaf.astype(np.float32), value.astype(np.float32)
         )
@@ -669,88 +899,6 @@ def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> Non
                 "which lorax_arrays cannot apply as a low-rank update. Load that "
                 "weight into the model first."
             )
-
-
-def _orient(found: list[dict], orientation) -> None:
-    """Decides, per leaf, whether it is `(in, out)` or `(out, in)`."""
-    undecided = []
-    for f in found:
-        shape, (r, n_in), (n_out, _) = f["shape"], f["a"].shape, f["b"].shape
-        del r
-        if len(shape) != 2:
-            raise PeftFormatError(
-                f"load_peft_adapter: PEFT module {f['module']!r} maps to {f['path']!r} "
-                f"of shape {shape}, but its A/B describe a 2-D ({n_out} x {n_in}) "
-                "weight. Multi-axis leaves cannot be loaded from PEFT yet, and a "
-                "stacked leaf (stack axis first) takes one module per layer "
-                "(`model.layers.3...`, or key_map to `(path, layer)`)."
-            )
-        fits = [
-            o
-            for o, s in zip(_ORIENTATIONS, [(n_in, n_out), (n_out, n_in)])
-            if s == shape
-        ]
-        if not fits:
-            raise PeftFormatError(
-                f"load_peft_adapter: PEFT module {f['module']!r} has in={n_in}, "
-                f"out={n_out}, but its leaf {f['path']!r} has shape {shape}: the "
-                "adapter was made for another model, or key_map points at the wrong "
-                "leaf."
-            )
-        forced = _orientation_override(orientation, f["path"])
-        if forced is not None:
-            if forced not in fits:
-                raise PeftFormatError(
-                    f"load_peft_adapter: orientation {forced!r} for {f['path']!r} "
-                    f"contradicts its shape {shape} (in={n_in}, out={n_out})."
-                )
-            f["orientation"] = forced
-        elif f["is_linear"]:
-            f["orientation"] = "out_in"  # eqx.nn.Linear.weight is (out, in)
-            if "out_in" not in fits:
-                raise PeftFormatError(
-                    f"load_peft_adapter: PEFT module {f['module']!r} has in={n_in}, "
-                    f"out={n_out}, but the eqx.nn.Linear weight {f['path']!r} has "
-                    f"shape {shape} (an (out, in) weight): wrong model or key_map."
-                )
-        elif f["kind"] == "embedding":
-            f["orientation"] = "in_out"  # JAX embedding tables are (vocab, dim)
-            if "in_out" not in fits:
-                raise PeftFormatError(
-                    f"load_peft_adapter: embedding {f['module']!r} has vocab={n_in}, "
-                    f"dim={n_out}, but {f['path']!r} has shape {shape}; pass "
-                    "orientation={...: 'out_in'} if that table is stored (dim, vocab)."
-                )
-        elif len(fits) == 1:
-            f["orientation"] = fits[0]
-        else:
-            f["orientation"] = None
-            undecided.append(f)
-    decided = [g for g in found if g["orientation"] is not None]
-    for f in undecided:
-        seen = {
-            g["orientation"]
-            for g in decided
-            if g["kind"] == "linear"
-            and not g["is_linear"]
-            and g["weight_name"] == f["weight_name"]
-        }
-        if len(seen) == 1:
-            f["orientation"] = seen.pop()
-            continue
-        why = (
-            "the adapter's other leaves disagree"
-            if seen
-            else "no non-square leaf of the adapter shows the convention"
-        )
-        raise PeftFormatError(
-            f"load_peft_adapter: {f['path']!r} (PEFT module {f['module']!r}) is "
-            f"square, {f['shape']}, and {why}, so it cannot tell whether the leaf "
-            "is (in, out) as a Flax Dense kernel or (out, in) as a torch Linear "
-            "weight; a wrong guess is a silently wrong model. Say which with "
-            "`orientation='in_out'` or `'out_in'` (or a dict from a regex over tree "
-            "paths to one of those)."
-        )
 
 
 # ----------------------------------------------------------------------------
@@ -782,10 +930,9 @@ def _namer(key_map) -> Callable[[str], str]:
     )
 
 
-def _module_name(path: str, namer, stacked: bool = False) -> str:
-    """The PEFT module name of a leaf; for a stacked leaf a format string with
-    `{i}` where the layer number goes."""
-    name = namer(path)
+def _module_name(path: str, name, stacked: bool = False) -> str:
+    """A PEFT module name given for a leaf, checked; for a stacked leaf a format
+    string with `{i}` where the layer number goes."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"key_map gave {name!r} for {path!r}; expected a module name.")
     name = name.removeprefix(_PREFIX)
@@ -798,11 +945,76 @@ def _module_name(path: str, namer, stacked: bool = False) -> str:
                 f"name {name!r} has no layer list ({', '.join(_LAYER_LISTS)}) to put "
                 "the layer number after. Give `key_map` as a function of the tree "
                 "path returning a name with '{i}' for the layer, e.g. "
-                "'model.layers.{i}.self_attn.q_proj'."
+                "'model.layers.{i}.self_attn.q_proj' (for a fused kernel, a list "
+                "of names, one per entry: ['...q_proj', '...k_proj', "
+                "'...v_proj']), or as the dict load_peft_adapter takes."
             )
         parts.insert(at[-1] + 1, "{i}")
         name = ".".join(parts)
     return name
+
+
+def _entry_namer(lay, key_map, namer) -> Callable[[Entry], str]:
+    """The PEFT module name of each entry of a leaf's stack axes (`()` for a leaf
+    without them): from a dict `key_map`'s `(path, entry)` values, else from the
+    leaf's name (`{i}` the layer of a layer stack) or, from a function, a list of
+    names for the entries of the last stack axis (a fused kernel's q, k, v)."""
+    path, ns = lay.path, len(lay.stack_axes)
+    if isinstance(key_map, Mapping):
+        module_path = "/".join(_module_parts(path)[0])
+        named = {
+            _as_entry(t[1]): m.removeprefix(_PREFIX)
+            for m, t in key_map.items()
+            if isinstance(t, tuple)
+            and len(t) == 2
+            and isinstance(t[0], str)
+            and t[0].strip("/") in (path, module_path)
+            and _is_entry(t[1])
+        }
+        if named:
+
+            def from_dict(entry):
+                if entry not in named:
+                    raise ValueError(
+                        f"save_peft_adapter: key_map names entries {sorted(named)} "
+                        f"of {path!r} but not entry {entry}, whose factors are not "
+                        "zero: add it to key_map."
+                    )
+                return named[entry]
+
+            return from_dict
+    name = namer(path)
+    if isinstance(name, (list, tuple)) and ns in (1, 2):
+        if len(name) != lay.stack_shape[-1]:
+            raise ValueError(
+                f"save_peft_adapter: key_map gave {len(name)} names for {path!r}, "
+                f"whose last stack axis has {lay.stack_shape[-1]} entries."
+            )
+        names = [_module_name(path, n, stacked=ns == 2) for n in name]
+        return lambda entry: names[entry[-1]].format(i=entry[0])
+    if ns == 0:
+        name = _module_name(path, name)
+        return lambda entry: name
+    if ns == 1:
+        name = _module_name(path, name, stacked=True)
+        return lambda entry: name.format(i=entry[0])
+    raise ValueError(
+        f"save_peft_adapter: {path!r} has {ns} stack axes (shape {lay.shape}): name "
+        "its entries with key_map, a dict from PEFT module name to `(path, (layer, "
+        "entry))` (the dict load_peft_adapter takes), or a function of the tree "
+        "path giving one name per entry of the last stack axis, with '{i}' for "
+        "the layer (['model.layers.{i}.self_attn.q_proj', ...])."
+    )
+
+
+def _flat_factors(lay, a, b) -> tuple[np.ndarray, np.ndarray]:
+    """One module's `a (*in, r)`, `b (r, *out)` (in the leaf's group orders) as
+    PEFT's `A (r, in)`, `B (out, r)`, flattened row-major over the in- and
+    out-axes in increasing order (what `load_peft_adapter` reads)."""
+    ins, outs = lay.in_axes, lay.out_axes
+    a = np.transpose(a, [*np.argsort(ins), len(ins)])
+    b = np.transpose(b, [0, *(1 + np.argsort(outs))])
+    return a.reshape(-1, a.shape[-1]).T, b.reshape(b.shape[0], -1).T
 
 
 def _most_common(values):
@@ -833,15 +1045,21 @@ def save_peft_adapter(
     - `path`: the directory to write (created if needed; the two files in it are
         replaced atomically).
     - `adapter`: one [`lorax_arrays.Adapter`][] (take one out of a stack with
-        `stack[i]`) whose leaves are 2-D, or stacks of 2-D layers (one stack
-        axis: each layer becomes a module, `model.layers.{i}.self_attn.q_proj`,
-        and layers whose factors are all zero are left out).
-    - `key_map`: the module names: a dict from PEFT module name to tree path (the
-        same dict [`lorax_arrays.load_peft_adapter`][] takes) or a function from
-        tree path to module name (for a stacked leaf, a name with `{i}` where the
-        layer number goes). By default the tree path without its weight's
-        name and a leading `params`, joined with '.'
-        (`transformer/h/0/attn/c_attn/kernel` -> `transformer.h.0.attn.c_attn`).
+        `stack[i]`). A leaf with stack axes (leading ones: a layer stack, a
+        fused kernel such as Gemma's `(3, N, D, H)` QKV, or both) becomes one
+        module per entry, `model.layers.{i}.self_attn.q_proj`, and entries whose
+        factors are all zero are left out. Multi-axis in- and out-groups are
+        flattened row-major in increasing axis order (the order
+        `load_peft_adapter` reads back).
+    - `key_map`: the module names: a dict from PEFT module name to tree path, or
+        to `(path, entry)` for an entry of a leaf's stack axes (the same dict
+        [`lorax_arrays.load_peft_adapter`][] takes), or a function from tree
+        path to module name (for a layer stack, a name with `{i}` where the
+        layer number goes; for a fused kernel, a list of names, one per entry
+        of its last stack axis, each with `{i}` if a layer axis comes first).
+        By default the tree path without its weight's name and a leading
+        `params`, joined with '.' (`transformer/h/0/attn/c_attn/kernel` ->
+        `transformer.h.0.attn.c_attn`).
     - `base_model_name_or_path`: recorded in `adapter_config.json` (PEFT and the
         Hub use it to find the base model).
     - `config`: extra `adapter_config.json` entries (`{"task_type": "CAUSAL_LM"}`).
@@ -864,41 +1082,39 @@ def save_peft_adapter(
     for lay, r, alpha, rs in zip(
         adapter.layouts, adapter.ranks, adapter.alphas, adapter.use_rslora
     ):
-        stacked = len(lay.stack_axes) == 1 and len(lay.shape) == 3
-        if not stacked and (lay.stack_axes or len(lay.shape) != 2):
+        ns = len(lay.stack_axes)
+        if lay.stack_axes != tuple(range(ns)):
             raise ValueError(
-                f"save_peft_adapter: {lay.path!r} has shape {lay.shape} (in_axes="
-                f"{lay.in_axes}, out_axes={lay.out_axes}, stack_axes="
-                f"{lay.stack_axes}); PEFT's LoRA layers are 2-D, so only 2-D leaves "
-                "and stacks of them (one stack axis) can be exported."
+                f"save_peft_adapter: {lay.path!r} has stack_axes={lay.stack_axes} "
+                f"(shape {lay.shape}); PEFT modules are read back from the leading "
+                "axes of a leaf (layers, a fused kernel's entries), so the stack "
+                "axes must come first, in order: transpose the leaf."
             )
         a, b = (np.asarray(x) for x in adapter.weights[lay.path])
-        if stacked:
-            name = _module_name(lay.path, namer, stacked=True)
-            per_layer = [
-                (name.format(i=i), a[i], b[i])
-                for i in range(lay.stack_shape[0])
-                if np.any(a[i]) and np.any(b[i])  # a layer the adapter leaves alone
-            ]
-        else:
-            per_layer = [(_module_name(lay.path, namer), a, b)]
+        name_of = _entry_namer(lay, key_map, namer)
+        per_layer = [
+            (name_of(e), *_flat_factors(lay, a[e], b[e]))
+            for e in np.ndindex(*lay.stack_shape)
+            # an entry (layer) the adapter leaves alone
+            if not ns or (np.any(a[e]) and np.any(b[e]))
+        ]
         weight_name = _module_parts(lay.path)[1]
         for name, a_l, b_l in per_layer:
             if name in {m[0] for m in modules}:
                 raise ValueError(
-                    f"save_peft_adapter: two leaves map to PEFT module {name!r}; "
-                    "give key_map."
+                    f"save_peft_adapter: two leaves map to PEFT module {name!r} (or "
+                    "two entries of one leaf's stack axes); give key_map."
                 )
             embedding = weight_name == "embedding" or name.split(".")[-1] in (
                 _EMBEDDING_MODULES
             )
             key = _PREFIX + name
             if embedding:
-                tensors[f"{key}.lora_embedding_A"] = a_l.T
-                tensors[f"{key}.lora_embedding_B"] = b_l.T
+                tensors[f"{key}.lora_embedding_A"] = a_l
+                tensors[f"{key}.lora_embedding_B"] = b_l
             else:
-                tensors[f"{key}.lora_A.weight"] = a_l.T
-                tensors[f"{key}.lora_B.weight"] = b_l.T
+                tensors[f"{key}.lora_A.weight"] = a_l
+                tensors[f"{key}.lora_B.weight"] = b_l
             modules.append((name, r, float(alpha), bool(rs)))
     if not modules:
         raise ValueError("save_peft_adapter: the adapter has no leaves.")

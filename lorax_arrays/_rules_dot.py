@@ -91,45 +91,60 @@ def _low_rank_term(lora, x, idx, lead, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, 
     put first by the caller). The product is brought to the canonical problem of
     `_strategies` (x as `(S, G, R, d_in)`), computed by the chosen strategy, and
     laid back out.
+
+    Stack axes that are free in the product (a fused QKV kernel) join the stack
+    groups: `S` is the batch stack groups times the free stack entries `F`, and x
+    (which has no such axis) is broadcast over the `F` entries, one copy each. The
+    flops are those of `F` separate adapted products, no more; the copy is `F`
+    times x, which the base product outgrows (it writes `F · d_out` per token).
     """
     dtype, pref = _compute_dtype(x, params)
     precision = params.get("precision")
     k = len(lead)
     x_shape = tuple(x.shape)
-    x_perm, stack_perm, out_perm = lora.layout.dot_perms(
+    layout = lora.layout
+    x_perm, stack_perm, out_perm = layout.dot_perms(
         c_l, c_x, b_l, b_x, x_free, lora_is_lhs
     )
     batch_shape = tuple(x_shape[d] for d in b_x)
+    free_stack_shape = tuple(lora.shape[ax] for ax in layout.free_stack_axes(b_l))
     rest_shape = tuple(x_shape[d] for d in x_free[k:])
-    out_shape = lora.layout.out_shape(lora.shape)
+    out_shape = layout.out_shape(lora.shape)
+    s_x, f_ = math.prod(batch_shape), math.prod(free_stack_shape)
     sizes = (
-        math.prod(batch_shape),
+        s_x * f_,
         math.prod(lead),
         math.prod(rest_shape),
-        math.prod(lora.layout.in_shape(lora.shape)),
+        math.prod(layout.in_shape(lora.shape)),
         math.prod(out_shape),
         lora.n_adapters,
         lora.rank,
     )
     operands = {"x": x_shape, "w": tuple(lora.shape)}
     strategy = resolve(lora.strategy, sizes, operands=operands)
-    # The factors with their stack axes in the order of the batch axes.
-    a, b = lora.layout.stack_ordered(lora.a, lora.b, stack_perm)
+    # The factors' stack axes: the batch ones in the order of the batch axes, then
+    # the free ones.
+    a, b = layout.stack_ordered(lora.a, lora.b, stack_perm)
     s_, g, r_tok, d_in, d_out, n, rank = sizes
 
     def term(x, a, b, idx, scale):
-        x3 = _lax.reshape(_lax.transpose(x, x_perm), (s_, g, r_tok, d_in))
+        x3 = _lax.reshape(_lax.transpose(x, x_perm), (s_x, g, r_tok, d_in))
+        if f_ > 1:  # one copy of x per entry of the free stack axes
+            x3 = lax.broadcast_in_dim(x3, (s_x, f_, g, r_tok, d_in), (0, 2, 3, 4))
+        x3 = _lax.reshape(x3, (s_, g, r_tok, d_in))
         a3 = _lax.convert(_lax.reshape(a, (s_, n, d_in, rank)), dtype)
         b3 = _lax.convert(_lax.reshape(b, (s_, n, rank, d_out)), dtype)
         safe = clamp_indices(idx, n)
         s = _lax.reshape(gathered_scale(scale, idx), (g,))
         ids = _lax.reshape(safe, (g,))
         u = low_rank(strategy, x3, a3, b3, ids, s, precision=precision, pref=pref)
-        return _lax.reshape(u, (*batch_shape, *lead, *rest_shape, *out_shape))
+        shape = (*batch_shape, *free_stack_shape, *lead, *rest_shape, *out_shape)
+        return _lax.reshape(u, shape)
 
     if isinstance(x, quax.Value):
         term = quax.quaxify(term)
-    u = term(x, a, b, idx, lora.scale)  # (*batch, *x_free, *out in `out_axes` order)
+    # (*batch, *free stack, *x_free, *out in `out_axes` order)
+    u = term(x, a, b, idx, lora.scale)
     return _lax.transpose(u, out_perm)  # dot_general's (batch, lhs free, rhs free)
 
 
@@ -171,10 +186,11 @@ def _layout_message(lora, c_l, b_l) -> str:
         f"BatchedLoraArray with weight shape {lora.shape}, but its layout is "
         f"in_axes={lora.in_axes}, out_axes={lora.out_axes}, "
         f"stack_axes={lora.stack_axes}. The low-rank rewrite needs the contraction "
-        "to be exactly over the in-axes (or exactly over the out-axes), with every "
-        "stack axis a batch axis. If the "
-        "layout is wrong, fix `in_axes`/`out_axes` in the LoraRule; to build the "
-        "dense per-example weight for this product instead, pass "
+        "to be exactly over the in-axes (or exactly over the out-axes), and every "
+        "batch axis to be a stack axis (a stack axis may also stay free: a fused "
+        "kernel, each entry its own adapter). If the layout is wrong, fix "
+        "`in_axes`/`out_axes`/`stack_axes` in the LoraRule; to build the dense "
+        "per-example weight for this product instead, pass "
         "`allow_materialise=True`."
     )
 

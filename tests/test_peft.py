@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -577,12 +578,23 @@ def test_save_refusals(tmp_path):
     ad = lx.init_adapter(mlp, lx.LoraRule("weight", rank=2), key=jax.random.PRNGKey(1))
     with pytest.raises(TypeError, match=r"stack\[i\]"):
         lx.save_peft_adapter(tmp_path / "s", lx.stack_adapters([ad, ad]))
-    multi = {"w": jnp.zeros((3, 4, 5))}
-    mad = lx.init_adapter(
-        multi, lx.LoraRule("w", rank=2, in_axes=0, out_axes=(1, 2)), key=jr_key(1)
+    # Multi-axis leaves are written (see the fused-kernel tests below), but
+    # stack axes that are not leading could not be read back.
+    inner = {"w": jnp.zeros((4, 3, 5))}
+    iad = lx.init_adapter(
+        inner,
+        lx.LoraRule("w", rank=2, in_axes=0, out_axes=2, stack_axes=1),
+        key=jr_key(1),
     )
-    with pytest.raises(ValueError, match="only 2-D leaves"):
-        lx.save_peft_adapter(tmp_path / "t", mad)
+    with pytest.raises(ValueError, match="stack axes must come first"):
+        lx.save_peft_adapter(tmp_path / "t", iad)
+    two = {"layers": {"qkv": {"w": jnp.zeros((2, 3, 4, 5))}}}
+    tad = lx.init_adapter(
+        two, lx.LoraRule("w", rank=2, stack_axes=(0, 1)), key=jr_key(1)
+    )
+    tad = jax.tree.map(jnp.ones_like, tad)
+    with pytest.raises(ValueError, match="2 stack axes"):
+        lx.save_peft_adapter(tmp_path / "t", tad)
     stacked = {"blocks": {"w": jnp.zeros((3, 4, 5))}, "w": jnp.zeros((3, 4, 5))}
     sad = lx.init_adapter(
         stacked, lx.LoraRule("^w", rank=2, stack_axes=0), key=jr_key(1)
@@ -797,3 +809,254 @@ def test_stacked_layers_load_and_save(tmp_path_factory, orient, seed):
     by_map = lx.load_peft_adapter(path, params, key_map=km, orientation=orient)
     for x_, y_ in zip(by_map.weights[lay.path], ad.weights[lay.path]):
         np.testing.assert_array_equal(np.asarray(x_), np.asarray(y_))
+
+
+# ----------------------------------------------------------------------------
+# Fused kernels: separate PEFT q/k/v modules onto one leaf's entries.
+
+FB, FT, FD, FN, FK, FH = 3, 3, 8, 4, 2, 3  # D != N*H: the shapes decide the axes
+
+
+def _unfused_params(rng, n_layers, kv_heads):
+    """torch-like separate projections as Flax `(in, out)` kernels, per layer."""
+    shapes = {
+        "q_proj": (FD, FN * FH),
+        "k_proj": (FD, kv_heads * FH),
+        "v_proj": (FD, kv_heads * FH),
+        "o_proj": (FN * FH, FD),
+    }
+    return {
+        "model": {
+            "layers": {
+                str(layer): {
+                    "self_attn": {
+                        name: {
+                            "kernel": jnp.asarray(
+                                (rng.standard_normal(shape) * 0.4).astype(np.float32)
+                            )
+                        }
+                        for name, shape in shapes.items()
+                    }
+                }
+                for layer in range(n_layers)
+            }
+        }
+    }
+
+
+def _fuse(unfused, n_layers, kv_heads):
+    """The same weights as Gemma lays them out: `qkv_einsum (3, N, D, H)` (MHA)
+    or `q_einsum (N, D, H)` + `kv_einsum (2, K, D, H)` (GQA), `attn_vec_einsum
+    (N, H, D)`; with a leading layer axis when there are several layers."""
+    per_layer = []
+    for layer in range(n_layers):
+        m = unfused["model"]["layers"][str(layer)]["self_attn"]
+        w = {k: np.asarray(v["kernel"]) for k, v in m.items()}
+
+        def heads(kernel, n):  # (D, n*H) -> (n, D, H)
+            return kernel.reshape(FD, n, FH).transpose(1, 0, 2)
+
+        q = heads(w["q_proj"], FN)
+        k, v = heads(w["k_proj"], kv_heads), heads(w["v_proj"], kv_heads)
+        p = {"attn_vec_einsum": {"w": w["o_proj"].reshape(FN, FH, FD)}}
+        if kv_heads == FN:
+            p["qkv_einsum"] = {"w": np.stack([q, k, v])}
+        else:
+            p["q_einsum"] = {"w": q}
+            p["kv_einsum"] = {"w": np.stack([k, v])}
+        per_layer.append(p)
+    if n_layers == 1:
+        return jax.tree.map(jnp.asarray, per_layer[0])
+    stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per_layer)
+    return {"layers": stacked}
+
+
+def _fused_key_map(n_layers, kv_heads):
+    """PEFT module name -> (leaf path, entry) on the fused tree."""
+    km = {}
+    for layer in range(n_layers):
+        name = f"model.layers.{layer}.self_attn"
+        pre = "" if n_layers == 1 else "layers/"
+        at = (lambda e: e) if n_layers == 1 else (lambda e, j=layer: (j, e))
+        if kv_heads == FN:
+            for e, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                km[f"{name}.{proj}"] = (f"{pre}qkv_einsum/w", at(e))
+        else:
+            km[f"{name}.q_proj"] = (
+                f"{pre}q_einsum/w" if n_layers == 1 else (f"{pre}q_einsum/w", layer)
+            )
+            km[f"{name}.k_proj"] = (f"{pre}kv_einsum/w", at(0))
+            km[f"{name}.v_proj"] = (f"{pre}kv_einsum/w", at(1))
+        km[f"{name}.o_proj"] = (
+            f"{pre}attn_vec_einsum/w"
+            if n_layers == 1
+            else (f"{pre}attn_vec_einsum/w", layer)
+        )
+    return km
+
+
+def _unfused_reference(unfused, adapter, x, n_layers, kv_heads):
+    """The separate-projection model in float64 NumPy, `adapter` (an Adapter on
+    the unfused tree, or None) merged into every kernel it has."""
+    from tests.test_fused_qkv import _attend
+
+    def weight(path):
+        w = np.asarray(unfused_leaf(path), np.float64)
+        if adapter is None or path not in adapter.weights:
+            return w
+        j = adapter.paths.index(path)
+        r, alpha = adapter.ranks[j], adapter.alphas[j]
+        s = alpha / (np.sqrt(r) if adapter.use_rslora[j] else r)
+        a, b = (np.asarray(v, np.float64) for v in adapter.weights[path])
+        return w + s * (a @ b)
+
+    def unfused_leaf(path):
+        node = unfused
+        for part in path.split("/"):
+            node = node[part]
+        return node
+
+    h = np.asarray(x, np.float64)
+    for layer in range(n_layers):
+        pre = f"model/layers/{layer}/self_attn"
+        proj = lambda n: weight(f"{pre}/{n}/kernel")  # noqa: E731, B023
+        q = (h @ proj("q_proj")).reshape(FB, FT, FN, FH)
+        k = (h @ proj("k_proj")).reshape(FB, FT, kv_heads, FH)
+        v = (h @ proj("v_proj")).reshape(FB, FT, kv_heads, FH)
+        enc = _attend(q, k, v, np).reshape(FB, FT, FN * FH)
+        h = h + enc @ proj("o_proj")
+    return h
+
+
+def _unfused_adapters(unfused):
+    """Two adapters on the separate projections: own ranks and alphas per
+    projection, one rsLoRA leaf, and no `v_proj` after layer 0 in the first (its
+    fused entries must come out zero)."""
+    first = [
+        lx.LoraRule("q_proj", 2, 4.0),
+        lx.LoraRule("k_proj", 3, 3.0, use_rslora=True),
+        lx.LoraRule("/0/self_attn/v_proj", 4, 2.0),
+        lx.LoraRule("o_proj", 2, 1.0),
+    ]
+    second = [lx.LoraRule("(q|k|v)_proj", 1, 2.0)]
+    return [
+        export_for_peft.random_adapter(unfused, rules, seed)
+        for seed, rules in enumerate([first, second])
+    ]
+
+
+@pytest.mark.parametrize("n_layers, kv_heads", [(1, FN), (2, FK)])
+def test_separate_qkv_modules_load_onto_fused_kernels(tmp_path, n_layers, kv_heads):
+    """PEFT adapters trained on separate `q_proj`/`k_proj`/`v_proj`/`o_proj`
+    (written by `save_peft_adapter` from the unfused tree) load onto Gemma's
+    fused kernels through `key_map` (`(path, entry)`, `(path, (layer, entry))`),
+    and the fused model serves what the unfused one with the adapters merged in
+    NumPy computes; exported back per module they are the same products."""
+    from tests.test_fused_qkv import gemma_attention, gemma_stack
+
+    rng = np.random.default_rng(n_layers)
+    unfused = _unfused_params(rng, n_layers, kv_heads)
+    fused = _fuse(unfused, n_layers, kv_heads)
+    adapters = _unfused_adapters(unfused)
+    key_map = _fused_key_map(n_layers, kv_heads)
+    loaded = []
+    for j, ad in enumerate(adapters):
+        lx.save_peft_adapter(tmp_path / f"a{j}", ad)
+        loaded.append(lx.load_peft_adapter(tmp_path / f"a{j}", fused, key_map=key_map))
+    first = loaded[0]
+    fused_path = "qkv_einsum/w" if kv_heads == FN else "kv_einsum/w"
+    fused_path = fused_path if n_layers == 1 else f"layers/{fused_path}"
+    (lay,) = [lay for lay in first.layouts if lay.path == fused_path]
+    n_stack = 1 if n_layers == 1 else 2
+    assert lay.stack_axes == tuple(range(n_stack))
+    assert lay.in_axes == (n_stack + 1,) and lay.out_axes == (n_stack, n_stack + 2)
+    if n_layers == 2:
+        a, b = first.weights[fused_path]
+        v = 2 if kv_heads == FN else 1
+        assert not np.any(np.asarray(a)[1, v]) and not np.any(np.asarray(b)[1, v])
+        assert np.all(np.any(np.asarray(b)[0] != 0, axis=(1, 2, 3)))
+
+    x = rng.standard_normal((FB, FT, FD)).astype(np.float32)
+    idx = jnp.array([0, 1, -1])
+    model = (
+        gemma_attention if n_layers == 1 else lambda p, x: gemma_stack(p["layers"], x)
+    )
+    served = lx.loraify(fused, lx.stack_adapters(loaded), idx)
+    out = jax.jit(lx.quaxify(model))(served, x)
+    for row, ad in enumerate([*adapters, None]):
+        ref = _unfused_reference(unfused, ad, x, n_layers, kv_heads)
+        np.testing.assert_allclose(out[row], ref[row], rtol=2e-4, atol=2e-4)
+    base = _unfused_reference(unfused, None, x, n_layers, kv_heads)
+    assert np.abs(out[0] - base[0]).max() > 1e-2
+
+    # Back out, per module, with the same key_map: each module's product
+    # s · B A is the original's (ranks padded, scales folded).
+    lx.save_peft_adapter(tmp_path / "out", first, key_map=key_map)
+    t_in, _ = read_safetensors(tmp_path / "a0" / "adapter_model.safetensors")
+    t_out, _ = read_safetensors(tmp_path / "out" / "adapter_model.safetensors")
+    assert set(t_out) == set(t_in)
+    cfg_in = json.loads((tmp_path / "a0" / "adapter_config.json").read_text())
+    cfg_out = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+
+    def product(t, cfg, module):
+        key = f"base_model.model.{module}"
+        a, b = t[f"{key}.lora_A.weight"], t[f"{key}.lora_B.weight"]
+        r = cfg["rank_pattern"].get(re.escape(module), cfg["r"])
+        alpha = cfg["alpha_pattern"].get(re.escape(module), cfg["lora_alpha"])
+        s = alpha / (np.sqrt(r) if cfg["use_rslora"] else r)
+        return s * (b.astype(np.float64) @ a.astype(np.float64))
+
+    modules = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in t_in}
+    for module in modules:
+        np.testing.assert_allclose(
+            product(t_out, cfg_out, module),
+            product(t_in, cfg_in, module),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    # ... and they load onto the unfused tree by their default names.
+    back = lx.load_peft_adapter(tmp_path / "out", unfused)
+    assert set(back.paths) == set(adapters[0].paths)
+
+
+def test_fused_kernel_ambiguous_axes_and_refusals(tmp_path):
+    """With `D == N * H` both `in=D` and `in=(N, H)` fit a `(3, N, D, H)` entry:
+    refused, naming the choices, until `orientation` gives the leaf's axes; a
+    module at an entry the leaf lacks, or at a stack entry and the whole leaf,
+    is refused."""
+    rng = np.random.default_rng(0)
+    n, h = 2, 3
+    d = n * h
+    fused = {"attn": {"qkv_einsum": {"w": jnp.zeros((3, n, d, h))}}}
+    mods = {
+        f"attn.{p}": _factors(rng, d, n * h, 2) for p in ("q_proj", "k_proj", "v_proj")
+    }
+    path = _peft_dir(tmp_path / "p", mods)
+    km = {
+        f"attn.{p}": ("attn/qkv_einsum/w", e)
+        for e, p in enumerate(("q_proj", "k_proj", "v_proj"))
+    }
+    with pytest.raises(
+        lx.PeftFormatError, match=r"2 ways.*\(\(2,\), \(1, 3\)\).*orientation="
+    ):
+        lx.load_peft_adapter(path, fused, key_map=km)
+    with pytest.raises(lx.PeftFormatError, match="describes a 2-D weight"):
+        lx.load_peft_adapter(path, fused, key_map=km, orientation="in_out")
+    ad = lx.load_peft_adapter(
+        path, fused, key_map=km, orientation={"qkv": ((2,), (1, 3))}
+    )
+    (lay,) = ad.layouts
+    assert (lay.in_axes, lay.out_axes, lay.stack_axes) == ((2,), (1, 3), (0,))
+    a, b = ad.weights[lay.path]
+    for e, p in enumerate(("q_proj", "k_proj", "v_proj")):
+        pa, pb = mods[f"attn.{p}"]
+        np.testing.assert_array_equal(np.asarray(a[e]), pa.T)
+        np.testing.assert_array_equal(np.asarray(b[e]), pb.T.reshape(2, n, h))
+    bad = {**km, "attn.v_proj": ("attn/qkv_einsum/w", 3)}
+    with pytest.raises(lx.PeftFormatError, match=r"entry \(3,\).*no such entry"):
+        lx.load_peft_adapter(path, fused, key_map=bad, orientation=((2,), (1, 3)))
+    mixed = {**km, "attn.v_proj": "attn/qkv_einsum/w"}
+    with pytest.raises(lx.PeftFormatError, match="another model|whole-leaf"):
+        lx.load_peft_adapter(path, fused, key_map=mixed, orientation=((2,), (1, 3)))
+    with pytest.raises(TypeError, match=r"\(path, \(i, j\)\)"):
+        lx.load_peft_adapter(path, fused, key_map=lambda m: ("x", "0"))
