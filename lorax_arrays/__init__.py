@@ -6,6 +6,7 @@ models, through quax's multiple dispatch."""
 from . import (
     _compat as _compat,
     _rules_control as _rules_control,
+    _rules_conv as _rules_conv,
     _rules_dot as _rules_dot,
     _rules_elementwise as _rules_elementwise,
     _rules_layout as _rules_layout,
@@ -46,6 +47,7 @@ from ._peft import (
     save_peft_adapter as save_peft_adapter,
 )
 from ._quaxify import quaxify as quaxify, register as register
+from ._qwix import QwixArray as QwixArray, from_qwix as from_qwix
 from ._targeting import (
     LeafLayout as LeafLayout,
     LoraRule as LoraRule,

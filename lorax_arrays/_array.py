@@ -26,6 +26,7 @@ from ._indices import (
 )
 from ._lax import take
 from ._layout import Layout
+from ._qwix import QwixArray, is_qarray, is_with_aux
 from ._strategies import check_strategy
 
 
@@ -141,7 +142,8 @@ class BatchedLoraArray(quax.ArrayValue):
         """**Arguments:**
 
         - `w`: the frozen base weight: an array, or another `quax.ArrayValue` (a
-            quantised weight, say) whose own rules handle `dot_general(x, w)`.
+            quantised weight, say) whose own rules handle `dot_general(x, w)`. A
+            qwix `QArray` (or qwix's PTQ `WithAux`) is wrapped in `lx.QwixArray`.
         - `a`: every adapter's A, shape `(*stack, n_adapters, *in, rank)`.
         - `b`: every adapter's B, shape `(*stack, n_adapters, rank, *out)`.
         - `scale`: `(n_adapters,)` multipliers (alpha / rank), or one float for all.
@@ -173,6 +175,8 @@ class BatchedLoraArray(quax.ArrayValue):
             were made for (`lx.loraify(tree, bank, idx, compact=True)`), numbered
             by their place in it; `lx.with_indices` refuses such an array.
         """
+        if is_qarray(w) or is_with_aux(w):  # a qwix-quantised base weight
+            w = QwixArray(w)
         shape, _ = _shape_dtype(w)
         ndim = len(shape)
         self.layout = Layout.of(ndim, in_axes, out_axes, stack_axes)
@@ -471,7 +475,7 @@ def materialise_per_example(
         delta_fn = jax.vmap(delta_fn)
     delta = delta_fn(a, b)
     w = lora.frozen_w
-    w = quax.quaxify(jnp.asarray)(w) if isinstance(w, quax.Value) else w
+    w = type(w).materialise(w) if isinstance(w, quax.Value) else w
     s = s.reshape(s.shape + (1,) * w.ndim)
     return (w + s * delta).astype(w.dtype)
 

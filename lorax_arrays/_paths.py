@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax.tree_util as jtu
+import quax
 
 
 def key_str(key: Any) -> str:
@@ -26,12 +28,51 @@ def path_str(keypath: Iterable[Any]) -> str:
     return "/".join(key_str(k) for k in keypath)
 
 
+# A QArray's codes inside a WithAux, flattened by NNX's State into plain leaves.
+_QWIX_PART = re.compile(r"(^|/)array/qvalue(/value)?$")
+
+
+def _is_named_leaf(x: Any) -> bool:
+    # A quax value (a quantised weight, a BatchedLoraArray) stands for one array,
+    # its `aval`: it is named by its own path, never by those of its parts.
+    return isinstance(x, quax.ArrayValue) or _is_qwix_with_aux(x)
+
+
+def _is_qwix_with_aux(x: Any) -> bool:
+    return type(x).__name__ == "WithAux" and type(x).__module__.startswith("qwix.")
+
+
 def flatten_with_paths(
     tree: Any, is_leaf: Callable[[Any], bool] | None = None
 ) -> tuple[list[tuple[str, Any]], Any]:
-    """Leaves with their '/'-joined paths, and the treedef to rebuild the tree."""
-    leaves, treedef = jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return [(path_str(kp), leaf) for kp, leaf in leaves], treedef
+    """Leaves with their '/'-joined paths, and the treedef to rebuild the tree.
+
+    A quax value is one leaf. A tree straight from qwix's quantisation is refused:
+    `lx.from_qwix` puts its weights at the paths the float model's had.
+    """
+    stop = (
+        _is_named_leaf if is_leaf is None else lambda x: _is_named_leaf(x) or is_leaf(x)
+    )
+    leaves, treedef = jtu.tree_flatten_with_path(tree, is_leaf=stop)
+    named = [(path_str(kp), leaf) for kp, leaf in leaves]
+    for path, leaf in named:
+        if _is_qwix_with_aux(leaf):
+            raise ValueError(
+                f"{path!r} is a qwix-quantised weight as qwix stores it (a WithAux "
+                "holding a QArray, whose parts have paths such as "
+                "'.../array/qvalue'). Convert the tree first with "
+                "`lx.from_qwix(tree)`: it puts each quantised weight at the path "
+                "the float model's weight had, where rules and adapters find it."
+            )
+        if _QWIX_PART.search(path):
+            raise ValueError(
+                f"{path!r} is a piece of a qwix-quantised weight: an nnx.State or "
+                "pure dict of a quantised model holds its codes and scales as "
+                "separate leaves and no longer says how they were quantised. "
+                "Convert the quantised model itself with `lx.from_qwix(model)` "
+                "(after `nnx.update(model, state)` if you hold only its state)."
+            )
+    return named, treedef
 
 
 def close_matches(path: str, known: Iterable[str]) -> str:

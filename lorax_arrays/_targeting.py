@@ -19,6 +19,7 @@ import numpy as np
 from ._array import BatchedLoraArray
 from ._layout import Layout, normalise_axes
 from ._paths import flatten_with_paths
+from ._qwix import QwixArray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,9 @@ class LoraRule:
     with at least two axes are considered (biases and norms never are). In an
     `eqx.nn.Linear` only the weight is, and the parameters of Equinox norm layers
     never are, even in a vmapped stack of layers where biases and norm scales are
-    2-D.
+    2-D. A quax value (a quantised weight, say a `lx.QwixArray` from
+    `lx.from_qwix`) is one leaf, named by its own path, with the shape and dtype
+    it stands for; its parts (integer codes, scales) never are.
 
     **Arguments:**
 
@@ -295,6 +298,18 @@ def _infer_layout_unchecked(path: str, shape, rule: LoraRule, is_linear_weight: 
     return LeafLayout(path, tuple(shape), ins, outs, stack)
 
 
+def _quantised_hint(candidates) -> str:
+    quantised = [p for p, leaf, _ in candidates if isinstance(leaf, QwixArray)]
+    if not quantised:
+        return ""
+    return (
+        f" Quantised weights ({quantised[0]!r}"
+        + (f" and {len(quantised) - 1} more" if len(quantised) > 1 else "")
+        + ") are named by the float model's paths and stand for the dequantised "
+        "weight: their parts ('qvalue', 'scale', 'zero_point') are not weights."
+    )
+
+
 def match_rules(tree: Any, rules: LoraRule | Sequence[LoraRule]) -> RuleMatches:
     """Which leaves of `tree` the rules adapt, with their layouts, before committing.
 
@@ -355,6 +370,7 @@ def match_rules(tree: Any, rules: LoraRule | Sequence[LoraRule]) -> RuleMatches:
                 f"LoraRule({rule.pattern!r}) matches no weight (earlier rules may "
                 "have claimed its leaves; 1-D leaves such as biases are never "
                 f"adapted). Weights that can be adapted: {shown}{more}."
+                + _quantised_hint(candidates)
             )
     return RuleMatches(matches)
 
