@@ -6,11 +6,11 @@ models, through quax's multiple dispatch."""
 from . import (
     _compat as _compat,
     _rules_control as _rules_control,
-    _rules_conv as _rules_conv,
     _rules_dot as _rules_dot,
     _rules_elementwise as _rules_elementwise,
     _rules_layout as _rules_layout,
     _rules_lookup as _rules_lookup,
+    _rules_placement as _rules_placement,
 )
 from ._adapters import (
     Adapter as Adapter,

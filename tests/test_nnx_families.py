@@ -75,6 +75,8 @@ WORKING = [
     "moe-gshard",  # experts a batch axis of dot_general
     "nnx-mlp",
     "nnx-lm1b",  # nnx.MultiHeadAttention's own cache, made before the call
+    "maxtext",  # the head moved from host memory with jax.device_put at each use
+    "nnx-sharded",  # state constrained to its partition specs in the call
 ]
 
 
@@ -89,7 +91,6 @@ def test_family_matches_reference(name):
 
 # The leaves below fail (see the next section); everything else is checked.
 PARTLY = {
-    "maxtext": [r"logits_dense"],  # device_put
     "deepseek-mla": [r"wkv_b"],  # weight absorption: an out-axis as a batch axis
     "nnx-cnn": [r"conv"],  # conv_general_dilated (issue 11)
 }
@@ -132,24 +133,12 @@ UNSUPPORTED = [
         id="nnx-cnn-conv",
     ),
     pytest.param(
-        "maxtext",
-        r"logits_dense",
-        r"`device_put` has no rule for BatchedLoraArray",
-        id="maxtext-device_put",
-    ),
-    pytest.param(
         "deepseek-mla",
         r"layers/0/attn/wkv_b",
         r"dot_general contracts axes \(2,\) \(batch axes \(1,\)\) of a "
         r"BatchedLoraArray with weight shape \(8, 4, 4\), but its layout is "
         r"in_axes=\(0,\), out_axes=\(1, 2\)",
         id="deepseek-mla-absorbed-wkv_b",
-    ),
-    pytest.param(
-        "nnx-sharded",
-        r"dot1/kernel",
-        r"`sharding_constraint` has no rule for BatchedLoraArray",
-        id="nnx-sharded-with_sharding_constraint",
     ),
 ]
 
