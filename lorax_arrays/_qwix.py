@@ -150,7 +150,13 @@ class QwixArray(quax.ArrayValue):
 
     __add__ = __radd__ = __sub__ = __rsub__ = _outside_quaxify
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _outside_quaxify
-    __matmul__ = __rmatmul__ = __neg__ = __getitem__ = _outside_quaxify
+    __matmul__ = __rmatmul__ = __neg__ = _outside_quaxify
+
+    def __getitem__(self, key):
+        # `variable[...]`, NNX's way to read a Variable's value, is the value.
+        if key is Ellipsis:
+            return self
+        return self._outside_quaxify(key)
 
 
 def _qwix_dot(lhs, rhs, dimension_numbers, params):

@@ -547,6 +547,13 @@ def test_unsupported_uses_of_a_quantised_weight_are_errors():
     # No silent dequantisation for an op without a rule.
     with pytest.raises(lx.UnsupportedOperationError, match="qwix-quantised weight"):
         lx.quaxify(lambda m: jnp.sin(m.up.kernel[...]))(converted)
+    # Outside quaxify: NNX's `v[...]` reads the weight itself; anything else that
+    # needs a plain array says where it works.
+    assert isinstance(converted.up.kernel[...], lx.QwixArray)
+    with pytest.raises(TypeError, match="used as a plain array"):
+        converted.up.kernel[...][0]
+    with pytest.raises(TypeError, match="used as a plain array"):
+        converted.up.kernel[...] + 1.0
     # merge cannot fold an adapter into a quantised weight: the error says how.
     with pytest.raises(TypeError, match="dequantise the tree first"):
         lx.merge(converted, adapter)
