@@ -6,6 +6,7 @@ models, through quax's multiple dispatch."""
 from . import (
     _compat as _compat,
     _rules_control as _rules_control,
+    _rules_conv as _rules_conv,
     _rules_dot as _rules_dot,
     _rules_elementwise as _rules_elementwise,
     _rules_layout as _rules_layout,

@@ -56,6 +56,17 @@ def test_peft_example_end_to_end(tmp_path):
     assert (tmp_path / "export" / "legal" / "adapter_config.json").exists()
 
 
+def test_conv_example_serves_mixed_batch():
+    out = _run(["examples/conv_lora.py"])
+    for name in ["sketch", "xray", "satellite", "night", "base"]:
+        assert re.search(rf"^\s+\d+\s+{name}\s", out, re.M), out
+    worst = float(
+        re.search(r"Largest deviation from the merged models: (\S+) ", out)[1]
+    )
+    assert worst < 1e-4
+    assert "no per-image kernel is built" in out
+
+
 def test_quantised_base_example():
     out = _run(["examples/quantised_base.py"])
     assert out.count("request") == 5
