@@ -11,21 +11,39 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import quax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._errors import LoraIndexError
 from ._indices import check_indices
+from ._paths import flatten_with_paths
 from ._targeting import LeafLayout, LoraRule, match_rules
 
 BASE = "__base__"
 
 
 class Adapter(eqx.Module):
-    """One LoRA adapter: an `(a, b)` pair per adapted leaf.
+    """One adapter: an `(a, b)` pair per adapted leaf, and the vectors of the LoRA
+    variants (DoRA, IA3) where it has them.
 
-    A pytree whose array leaves are exactly the A and B matrices, so `jax.tree.map`,
-    `eqx.partition`, optax and orbax work on it directly. Ranks, alphas and layouts
-    are static metadata.
+    A pytree whose array leaves are exactly its trainable parameters (the A and B
+    matrices, DoRA magnitudes, IA3 vectors), so `jax.tree.map`, `eqx.partition`,
+    optax and orbax work on it directly. Ranks, alphas and layouts are static
+    metadata.
+
+    For an input `x` of a leaf `W` (in-features `in`, out-features `out`), the
+    adapted product is
+
+        y = ((x ⊙ h) (W + s·A B)) ⊙ g
+
+    with `s = alpha / rank` (`alpha / sqrt(rank)` for rsLoRA), `h = in_scales[path]`
+    (1 where absent), and `g = out_scales[path]` (1 where absent) times, for a DoRA
+    leaf, `magnitudes[path] / ‖W + s·A B‖` (the norm over the in-axes of each
+    out-feature, with no gradient through it, as in PEFT). So a plain LoRA leaf
+    has only `(a, b)`; an IA3 leaf has rank 0 and one vector (`out_scales` for
+    PEFT's `k`/`v` targets, `in_scales` for its `feedforward_modules`); a DoRA leaf
+    has `(a, b)` and a magnitude. A VeRA adapter is a LoRA whose factors are its
+    shared projections scaled by its vectors (`A·diag(d)`, `B·diag(b)`, alpha = rank).
 
     **Fields:**
 
@@ -40,6 +58,10 @@ class Adapter(eqx.Module):
         PEFT's embedding LoRA, which changes the embedding module and not a head
         tied to its table; [`lorax_arrays.load_peft_adapter`][] sets it for
         embeddings. Empty (the default) means False everywhere.
+    - `magnitudes`: DoRA's magnitude vector per path, `(*stack, *out)`; a path
+        here is a DoRA leaf.
+    - `in_scales`: IA3's vector on the input per path, `(*stack, *in)`.
+    - `out_scales`: IA3's vector on the output per path, `(*stack, *out)`.
     """
 
     weights: dict[str, tuple[Array, Array]]
@@ -48,6 +70,9 @@ class Adapter(eqx.Module):
     alphas: tuple[float, ...] = eqx.field(static=True)
     use_rslora: tuple[bool, ...] = eqx.field(static=True)
     lookup_only: tuple[bool, ...] = eqx.field(static=True, default=())
+    magnitudes: dict[str, Array] = eqx.field(default_factory=dict)
+    in_scales: dict[str, Array] = eqx.field(default_factory=dict)
+    out_scales: dict[str, Array] = eqx.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.lookup_only:
@@ -74,16 +99,53 @@ class Adapter(eqx.Module):
                     f"Adapter: at {lay.path!r} expected a{exp_a} and b{exp_b}, got "
                     f"a{tuple(a.shape)} and b{tuple(b.shape)}."
                 )
+        by_path = {lay.path: lay for lay in self.layouts}
+        for field, group in (
+            ("magnitudes", "out"),
+            ("in_scales", "in"),
+            ("out_scales", "out"),
+        ):
+            for path, v in getattr(self, field).items():
+                lay = by_path.get(path)
+                if lay is None:
+                    raise ValueError(
+                        f"Adapter: `{field}` has a vector at {path!r}, which is not "
+                        f"one of the adapter's leaves {sorted(by_path)}."
+                    )
+                part = lay.in_shape if group == "in" else lay.out_shape
+                want = (*lay.stack_shape, *part)
+                if tuple(v.shape) != want:
+                    raise ValueError(
+                        f"Adapter: `{field}[{path!r}]` has shape {tuple(v.shape)}; "
+                        f"expected (*stack, *{group}) = {want}."
+                    )
+        for path in self.magnitudes:
+            if self.ranks[self.paths.index(path)] == 0:
+                raise ValueError(
+                    f"Adapter: {path!r} has a DoRA magnitude but rank 0: DoRA is a "
+                    "LoRA (A, B) with a magnitude."
+                )
 
     @property
     def paths(self) -> tuple[str, ...]:
         """The adapted paths, in order."""
         return tuple(lay.path for lay in self.layouts)
 
+    def kind(self, path: str) -> str:
+        """What the adapter does at `path`: `"lora"`, `"dora"`, `"ia3"` (rank 0
+        with a vector) or `"lora+ia3"` (both)."""
+        if path in self.magnitudes:
+            return "dora"
+        vectors = path in self.in_scales or path in self.out_scales
+        lora = self.ranks[self.paths.index(path)] > 0
+        return ("lora+ia3" if lora else "ia3") if vectors else "lora"
+
     def scale(self, path: str) -> float:
         """`alpha / rank` (or `alpha / sqrt(rank)`) of the leaf at `path`."""
         j = self.paths.index(path)
         r = self.ranks[j]
+        if r == 0:  # an IA3 leaf: no low-rank term
+            return 0.0
         return self.alphas[j] / (math.sqrt(r) if self.use_rslora[j] else r)
 
 
@@ -97,7 +159,10 @@ def init_adapter(
     """A new adapter for the leaves of `tree` that `rules` match.
 
     `a` is drawn as in PEFT (`U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, Kaiming-uniform)
-    and `b` starts at zero, so a new adapter leaves the model unchanged.
+    and `b` starts at zero, so a new adapter leaves the model unchanged. So do the
+    variants a rule asks for (`LoraRule(..., variant=...)`), initialised as PEFT
+    does: a DoRA leaf's magnitude is the weight's norm over its in-axes per
+    out-feature, an IA3 vector is 1.
 
     **Arguments:**
 
@@ -129,13 +194,49 @@ def init_adapter(
         a = jnp.asarray((draw[lo:hi] * bound).reshape(shape).astype(dt))
         b = jnp.asarray(xp.zeros((*lay.stack_shape, m.rank, *lay.out_shape), dt))
         weights[lay.path] = (a, b)
+    vectors = _init_variants(tree, matches, dtype, xp)
     return Adapter(
         weights=weights,
         layouts=tuple(m.layout for m in matches),
         ranks=tuple(m.rank for m in matches),
         alphas=tuple(m.alpha for m in matches),
         use_rslora=tuple(m.use_rslora for m in matches),
+        **vectors,
     )
+
+
+def _init_variants(tree: Any, matches, dtype, xp) -> dict[str, dict[str, Array]]:
+    """The variants' vectors at their initial values (see `init_adapter`)."""
+    vectors: dict[str, dict[str, Array]] = {
+        "magnitudes": {},
+        "in_scales": {},
+        "out_scales": {},
+    }
+    if all(m.rule.variant == "lora" for m in matches):
+        return vectors
+    leaves = dict(flatten_with_paths(tree)[0])
+    for m in matches:
+        lay, variant = m.layout, m.rule.variant
+        dt = np.dtype(m.dtype if dtype is None else dtype)
+        if variant == "dora":
+            w = leaves[lay.path]
+            if isinstance(w, quax.Value):
+                w = type(w).materialise(w)
+            norm = jnp.sqrt(
+                jnp.sum(jnp.square(w.astype(jnp.float32)), axis=lay.in_axes)
+            )
+            # The remaining axes are the stack axes then the out-axes, in w's
+            # order; the vector is laid out as (*stack, *out) in the layout's.
+            kept = [ax for ax in range(len(lay.shape)) if ax not in lay.in_axes]
+            order = [kept.index(ax) for ax in (*lay.stack_axes, *lay.out_axes)]
+            vectors["magnitudes"][lay.path] = jnp.transpose(norm, order).astype(dt)
+        elif variant == "ia3":
+            ones = xp.ones((*lay.stack_shape, *lay.out_shape), dt)
+            vectors["out_scales"][lay.path] = jnp.asarray(ones)
+        elif variant == "ia3_feedforward":
+            ones = xp.ones((*lay.stack_shape, *lay.in_shape), dt)
+            vectors["in_scales"][lay.path] = jnp.asarray(ones)
+    return vectors
 
 
 class AdapterStack(eqx.Module):
@@ -156,6 +257,11 @@ class AdapterStack(eqx.Module):
         [`lorax_arrays.Adapter`][]; an empty `lookup_only` means False everywhere).
     - `names`: optional adapter names, for
         [`AdapterStack.indices`][lorax_arrays.AdapterStack.indices].
+    - `magnitudes`, `in_scales`, `out_scales`: the variants' vectors (see
+        [`lorax_arrays.Adapter`][]), per path where any adapter has them, stacked
+        as `(*stack, n_adapters, *out)` (`*in` for `in_scales`), 1 for adapters
+        without them.
+    - `variants`: per path, per adapter, `(dora, has in_scale, has out_scale)`.
     """
 
     weights: dict[str, tuple[Array, Array]]
@@ -166,10 +272,19 @@ class AdapterStack(eqx.Module):
     use_rslora: tuple[tuple[bool, ...], ...] = eqx.field(static=True)
     names: tuple[str, ...] | None = eqx.field(static=True, default=None)
     lookup_only: tuple[tuple[bool, ...], ...] = eqx.field(static=True, default=())
+    magnitudes: dict[str, Array] = eqx.field(default_factory=dict)
+    in_scales: dict[str, Array] = eqx.field(default_factory=dict)
+    out_scales: dict[str, Array] = eqx.field(default_factory=dict)
+    variants: tuple[tuple[tuple[bool, bool, bool], ...], ...] = eqx.field(
+        static=True, default=()
+    )
 
     def __post_init__(self):
         if not self.lookup_only:
             self.lookup_only = tuple(tuple(False for _ in r) for r in self.ranks)
+        if not self.variants:
+            none = (False, False, False)
+            self.variants = tuple(tuple(none for _ in r) for r in self.ranks)
 
     def head_scales(self, path: str) -> Float[Array, " n_adapters"]:
         """The scales for reading `path` along its out-axes (a tied output head):
@@ -195,22 +310,36 @@ class AdapterStack(eqx.Module):
         """Adapter `i` (an int, or a name), with its padding removed."""
         i = self._position(i)
         weights, layouts, ranks, alphas, rs, lk = {}, [], [], [], [], []
+        vectors = {"magnitudes": {}, "in_scales": {}, "out_scales": {}}
         for j, lay in enumerate(self.layouts):
             r = self.ranks[j][i]
-            if r == 0:
-                continue
+            path = lay.path
             ns = len(lay.stack_axes)
-            a, b = self.weights[lay.path]
+            own = dict(
+                zip(("magnitudes", "in_scales", "out_scales"), self.variants[j][i])
+            )
+            if r == 0 and not any(own.values()):
+                continue
+            for field, mine in own.items():
+                if mine:
+                    vectors[field][path] = jnp.take(getattr(self, field)[path], i, ns)
+            a, b = self.weights[path]
             a_i = jnp.take(a, i, axis=ns)[..., :r]
             b_i = jax.lax.slice_in_dim(jnp.take(b, i, axis=ns), 0, r, axis=ns)
-            weights[lay.path] = (a_i, b_i)
+            weights[path] = (a_i, b_i)
             layouts.append(lay)
             ranks.append(r)
             alphas.append(self.alphas[j][i])
             rs.append(self.use_rslora[j][i])
             lk.append(self.lookup_only[j][i])
         return Adapter(
-            weights, tuple(layouts), tuple(ranks), tuple(alphas), tuple(rs), tuple(lk)
+            weights,
+            tuple(layouts),
+            tuple(ranks),
+            tuple(alphas),
+            tuple(rs),
+            tuple(lk),
+            **vectors,
         )
 
     def _position(self, i: int | str) -> int:
@@ -314,6 +443,12 @@ def stack_adapters(
                     "made for the same model."
                 )
     weights, scales, ranks, alphas, rs, lookup = {}, {}, [], [], [], []
+    vectors: dict[str, dict[str, Array]] = {
+        "magnitudes": {},
+        "in_scales": {},
+        "out_scales": {},
+    }
+    variants = []
     for path, lay in layouts.items():
         ns = len(lay.stack_axes)
         per = [
@@ -350,6 +485,22 @@ def stack_adapters(
             for r, a_, rs_ in zip(r_each, al, rsl)
         ]
         scales[path] = jnp.asarray(sc, jnp.float32)
+        flags = []
+        for field in ("magnitudes", "in_scales", "out_scales"):
+            have = [path in getattr(ad, field) for ad in adapters]
+            flags.append(have)
+            if not any(have):
+                continue
+            part = lay.in_shape if field == "in_scales" else lay.out_shape
+            ones = jnp.ones((*lay.stack_shape, *part), dtype)
+            vectors[field][path] = jnp.stack(
+                [
+                    getattr(ad, field)[path].astype(dtype) if h else ones
+                    for ad, h in zip(adapters, have)
+                ],
+                axis=ns,
+            )
+        variants.append(tuple(zip(*flags)))
         ranks.append(r_each)
         alphas.append(al)
         rs.append(rsl)
@@ -362,4 +513,6 @@ def stack_adapters(
         use_rslora=tuple(rs),
         names=names,
         lookup_only=tuple(lookup),
+        variants=tuple(variants),
+        **vectors,
     )

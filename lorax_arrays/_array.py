@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import equinox as eqx
@@ -116,6 +116,8 @@ class BatchedLoraArray(quax.ArrayValue):
     scale: Float[Array, " n_adapters"]
     indices: Int[Array, ...] | None
     head_scale: Float[Array, " n_adapters"] | None
+    in_scale: Float[Array, ...] | None
+    out_scale: Float[Array, ...] | None
     layout: Layout = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
     strategy: str = eqx.field(static=True)
@@ -136,6 +138,8 @@ class BatchedLoraArray(quax.ArrayValue):
         allow_materialise: bool = False,
         strategy: str = "auto",
         head_scale: Float[ArrayLike, " n_adapters"] | None = None,
+        in_scale: Float[ArrayLike, ...] | None = None,
+        out_scale: Float[ArrayLike, ...] | None = None,
         batch_axis: int = 0,
         compact: bool = False,
     ):
@@ -164,6 +168,13 @@ class BatchedLoraArray(quax.ArrayValue):
             other way round, contracted over its out-axes (a tied output head
             `h @ E.T`); `None` (the default) means `scale`. PEFT's embedding LoRA
             leaves a tied head alone: 0 for those adapters.
+        - `in_scale`, `out_scale`: the LoRA variants' per-adapter vectors (IA3's,
+            and DoRA's `magnitude / ‖W + s·A B‖`), shaped as rank-1 factors:
+            `in_scale` `(*stack, n_adapters, *in, 1)` like `a`, `out_scale`
+            `(*stack, n_adapters, 1, *out)` like `b`. Adapter `i` then stands
+            for `diag(h_i) (w + s_i·a_i b_i) diag(g_i)`, and the product is
+            `((x ⊙ h_i) (w + s_i·a_i b_i)) ⊙ g_i`. `None` is all ones (and costs
+            nothing). [`lorax_arrays.loraify`][] computes them from the adapters.
         - `batch_axis`: where the indices' axes sit among an activation's free
             axes (those a product neither contracts nor batches over). `0` (the
             default): they lead, as in `(B, T, D)` with `(B,)` or `(B, T)`
@@ -195,6 +206,8 @@ class BatchedLoraArray(quax.ArrayValue):
             if not jnp.issubdtype(head_scale.dtype, jnp.inexact):
                 head_scale = head_scale.astype(jnp.float32)
         self.head_scale = head_scale
+        self.in_scale = None if in_scale is None else jnp.asarray(in_scale)
+        self.out_scale = None if out_scale is None else jnp.asarray(out_scale)
         self.indices = coerce_indices(indices)
         self.allow_materialise = bool(allow_materialise)
         self.strategy = check_strategy(strategy)
@@ -250,6 +263,16 @@ class BatchedLoraArray(quax.ArrayValue):
                 f"{what}: `head_scale` has shape {self.head_scale.shape}; expected "
                 f"(n_adapters,) = ({n},)."
             )
+        for name, want in (
+            ("in_scale", (*exp_a[:-1], 1)),
+            ("out_scale", (*exp_b[: ns + 1], 1, *exp_b[ns + 2 :])),
+        ):
+            v = getattr(self, name)
+            if v is not None and tuple(v.shape) != want:
+                raise ValueError(
+                    f"{what}: `{name}` has shape {tuple(v.shape)}; expected {want} "
+                    f"(shaped as a rank-1 {'`a`' if name == 'in_scale' else '`b`'})."
+                )
         if self.indices is not None:
             check_indices(self.indices, n)
 
@@ -380,6 +403,45 @@ class BatchedLoraArray(quax.ArrayValue):
         """
         return freeze(self.w)
 
+    @property
+    def has_variants(self) -> bool:
+        """Whether any adapter has a variant's vectors here (`in_scale` or
+        `out_scale` set: DoRA, IA3)."""
+        return self.in_scale is not None or self.out_scale is not None
+
+    def map_factors(self, fn: Callable, **changes: Any) -> BatchedLoraArray:
+        """A copy with `a, b = fn(a, b)`, and the variants' vectors transformed
+        the same way (`in_scale` is laid out as a rank-1 `a`, `out_scale` as a
+        rank-1 `b`), for a rule that cuts, reshapes or reorders the factors.
+
+        **Arguments:**
+
+        - `fn`: `(a, b) -> (a, b)`, for factors of any rank.
+        - `**changes`: other fields to change (`w`, `layout`, ...).
+
+        **Returns:**
+
+        A new `BatchedLoraArray`.
+        """
+        a, b = fn(self.a, self.b)
+        if self.has_variants:
+            h, g = self.in_scale, self.out_scale
+            ns = self.layout.n_stack
+            h_in = h if h is not None else jnp.ones((*self.a.shape[:-1], 1), a.dtype)
+            shape_b = self.b.shape
+            g_in = (
+                g
+                if g is not None
+                else jnp.ones((*shape_b[: ns + 1], 1, *shape_b[ns + 2 :]), b.dtype)
+            )
+            h_out, g_out = fn(h_in, g_in)
+            changes = dict(
+                in_scale=None if h is None else h_out,
+                out_scale=None if g is None else g_out,
+                **changes,
+            )
+        return self.replace(a=a, b=b, **changes)
+
     def replace(self, **changes: Any) -> BatchedLoraArray:
         """A copy with some fields changed, validated again.
 
@@ -404,6 +466,8 @@ class BatchedLoraArray(quax.ArrayValue):
             allow_materialise=self.allow_materialise,
             strategy=self.strategy,
             head_scale=self.head_scale,
+            in_scale=self.in_scale,
+            out_scale=self.out_scale,
             batch_axis=self.batch_axis,
             compact=self.compact,
         )
@@ -477,7 +541,29 @@ def materialise_per_example(
     w = lora.frozen_w
     w = type(w).materialise(w) if isinstance(w, quax.Value) else w
     s = s.reshape(s.shape + (1,) * w.ndim)
-    return (w + s * delta).astype(w.dtype)
+    dense = w + s * delta
+    if lora.has_variants:  # diag(h) (w + s·a b) diag(g), per example
+        lay = lora.layout
+        for vec, pad_rank in ((lora.in_scale, "a"), (lora.out_scale, "b")):
+            if vec is None:
+                continue
+            v = jnp.moveaxis(take(vec, idx, ns), src, dst)
+            # A rank-1 factor's outer product with ones lays it on w's axes.
+            if pad_rank == "a":
+                other = jnp.ones(
+                    (*v.shape[: idx.ndim + ns], 1, *lay.out_shape(w.shape)), v.dtype
+                )
+                pair = (v, other)
+            else:
+                other = jnp.ones(
+                    (*v.shape[: idx.ndim + ns], *lay.in_shape(w.shape), 1), v.dtype
+                )
+                pair = (other, v)
+            fn = lay.dense_delta
+            for _ in range(idx.ndim):
+                fn = jax.vmap(fn)
+            dense = dense * fn(*pair)
+    return dense.astype(w.dtype)
 
 
 def _unsupported_message(primitive, lora: BatchedLoraArray) -> str:

@@ -288,6 +288,18 @@ class AdapterBank:
             raise TypeError(
                 f"AdapterBank.add: expected an Adapter, got {type(adapter).__name__}."
             )
+        variant = next(
+            (adapter.kind(p) for p in adapter.paths if adapter.kind(p) != "lora"),
+            None,
+        )
+        if variant is not None:
+            raise ValueError(
+                f"AdapterBank.add({name!r}): this is a {variant.upper()} adapter, and "
+                "a bank's slots hold LoRA factors only. Serve DoRA and IA3 "
+                "adapters (with LoRA ones and base rows, in one batch) from "
+                "`lx.stack_adapters([...])` instead; a VeRA adapter is a LoRA and "
+                "can be added."
+            )
         if not adapter.paths:
             raise ValueError(
                 f"AdapterBank.add({name!r}): the adapter adapts no leaf; use None "

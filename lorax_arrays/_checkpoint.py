@@ -11,9 +11,11 @@ The manifest holds the format name (`"lorax_arrays.adapter"`) and version, the k
 (`"adapter"` or `"stack"`), the version of lorax_arrays that wrote it, the name of
 the arrays directory, the stack's `n_adapters` and `names`, and per adapted leaf its
 path, shape, in/out/stack axes, rank(s), alpha(s), `use_rslora` and, for each of its
-arrays (`a`, `b`, and a stack's `scale`), the orbax key, dtype, shape and the SHA-256
-of the array's bytes in C order. It also lists every file under the arrays directory
-with its size and SHA-256, and ends with a `checksum`: the SHA-256 of the canonical
+arrays (`a`, `b`, a stack's `scale`, and the vectors of LoRA variants:
+`magnitude`, `in_scale`, `out_scale`, with a stack's per-adapter `variants`
+flags), the orbax key, dtype, shape and the SHA-256 of the array's bytes in C
+order. It also lists every file under the arrays directory with its size and
+SHA-256, and ends with a `checksum`: the SHA-256 of the canonical
 JSON (sorted keys, no spaces) of everything else. The file itself is that same
 content written with `json.dumps(..., sort_keys=True, indent=1)`, so a change to any
 byte of it is detected.
@@ -51,7 +53,15 @@ from ._paths import close_matches
 from ._targeting import LeafLayout, candidate_leaves
 
 FORMAT = "lorax_arrays.adapter"
-FORMAT_VERSION = 1
+# Format 2 adds the vectors of LoRA variants (DoRA, IA3); a checkpoint without
+# them is still written as format 1, which older versions read.
+FORMAT_VERSION = 2
+# The manifest's array roles of the variants' vectors, and their Adapter fields.
+_VECTORS = {
+    "magnitude": "magnitudes",
+    "in_scale": "in_scales",
+    "out_scale": "out_scales",
+}
 MANIFEST = "lorax_adapter.json"
 
 _LOCK = ".lorax_adapter.lock"
@@ -122,7 +132,7 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter | AdapterStack) -> No
             _fsync_tree(arrays_dir)
             manifest: dict[str, Any] = {
                 "format": FORMAT,
-                "format_version": FORMAT_VERSION,
+                "format_version": 2 if _has_vectors(adapter) else 1,
                 "library_version": _library_version(),
                 "kind": "stack" if isinstance(adapter, AdapterStack) else "adapter",
                 "arrays_dir": name,
@@ -142,6 +152,10 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter | AdapterStack) -> No
                 _remove_leftovers(root, keep=None, only=name)
             raise
         _remove_leftovers(root, keep=name)
+
+
+def _has_vectors(adapter: Adapter | AdapterStack) -> bool:
+    return any(getattr(adapter, field) for field in _VECTORS.values())
 
 
 def _flatten(adapter: Adapter | AdapterStack) -> tuple[dict[str, np.ndarray], list]:
@@ -165,11 +179,16 @@ def _flatten(adapter: Adapter | AdapterStack) -> tuple[dict[str, np.ndarray], li
             entry["alphas"] = [float(al) for al in adapter.alphas[i]]
             entry["use_rslora"] = [bool(rs) for rs in adapter.use_rslora[i]]
             entry["lookup_only"] = [bool(f) for f in adapter.lookup_only[i]]
+            if any(any(v) for v in adapter.variants[i]):
+                entry["variants"] = [[bool(f) for f in v] for v in adapter.variants[i]]
         else:
             entry["rank"] = int(adapter.ranks[i])
             entry["alpha"] = float(adapter.alphas[i])
             entry["use_rslora"] = bool(adapter.use_rslora[i])
             entry["lookup_only"] = bool(adapter.lookup_only[i])
+        for role, field in _VECTORS.items():
+            if lay.path in getattr(adapter, field):
+                parts[role] = getattr(adapter, field)[lay.path]
         entry["arrays"] = {}
         for role, x in parts.items():
             key = f"{role}_{i}"
@@ -399,7 +418,7 @@ def _read_manifest(mpath: Path) -> dict[str, Any]:
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise corrupt(f"format_version {version!r} is not an integer")
-    if version > FORMAT_VERSION:
+    if version > FORMAT_VERSION or version < 1:
         raise CheckpointError(
             f"{mpath}: written in checkpoint format {version} (by lorax_arrays "
             f"{manifest.get('library_version')}); this lorax_arrays "
@@ -437,6 +456,7 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
             if len(names) != n:
                 raise ValueError(f"{len(names)} names for {n} adapters")
         layouts, ranks, alphas, rslora, lookup, entries = [], [], [], [], [], []
+        variants = []
         for leaf in manifest["leaves"]:
             lay = LeafLayout(
                 str(leaf["path"]),
@@ -458,16 +478,23 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
                 al = tuple(float(x) for x in leaf["alphas"])
                 rs = tuple(bool(x) for x in leaf["use_rslora"])
                 lk = tuple(bool(x) for x in leaf.get("lookup_only", [False] * n))
-                if not len(r) == len(al) == len(rs) == len(lk) == n:
+                var = leaf.get("variants", [[False] * 3] * n)
+                var = tuple(tuple(bool(f) for f in v) for v in var)
+                if not len(r) == len(al) == len(rs) == len(lk) == len(var) == n:
                     raise ValueError(f"{lay.path!r}: per-adapter lists are not {n}")
+                if any(len(v) != 3 for v in var):
+                    raise ValueError(f"{lay.path!r}: variants are not flag triples")
                 mid, rank = (n,), max(r, default=0)
-                expected = {"a", "b", "scale"}
+                expected = {"a", "b", "scale"} | {
+                    role for k, role in enumerate(_VECTORS) if any(v[k] for v in var)
+                }
             else:
                 r, al = int(leaf["rank"]), float(leaf["alpha"])
                 rs = bool(leaf["use_rslora"])
                 lk = bool(leaf.get("lookup_only", False))
+                var = None
                 mid, rank = (), r
-                expected = {"a", "b"}
+                expected = {"a", "b"} | (set(leaf["arrays"]) & set(_VECTORS))
             entry = dict(leaf["arrays"])
             if set(entry) != expected:
                 raise ValueError(f"{lay.path!r}: arrays {sorted(entry)}")
@@ -475,6 +502,9 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
                 "a": (*lay.stack_shape, *mid, *lay.in_shape, rank),
                 "b": (*lay.stack_shape, *mid, rank, *lay.out_shape),
                 "scale": (n,),
+                "magnitude": (*lay.stack_shape, *mid, *lay.out_shape),
+                "in_scale": (*lay.stack_shape, *mid, *lay.in_shape),
+                "out_scale": (*lay.stack_shape, *mid, *lay.out_shape),
             }
             for role, info in entry.items():
                 if tuple(info["shape"]) != shapes[role]:
@@ -491,6 +521,7 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
             alphas.append(al)
             rslora.append(rs)
             lookup.append(lk)
+            variants.append(var)
             entries.append(entry)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(
@@ -505,6 +536,7 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
         alphas=tuple(alphas),
         use_rslora=tuple(rslora),
         lookup_only=tuple(lookup),
+        variants=tuple(variants),
         arrays=entries,
     )
 
@@ -647,6 +679,14 @@ def _build(
         lay.path: (to_jax(got["a"], lay.path), to_jax(got["b"], lay.path))
         for lay, got in zip(layouts, arrays)
     }
+    vectors = {
+        field: {
+            lay.path: to_jax(got[role], lay.path)
+            for lay, got in zip(layouts, arrays)
+            if role in got
+        }
+        for role, field in _VECTORS.items()
+    }
     try:
         if spec["kind"] == "adapter":
             return Adapter(
@@ -656,6 +696,7 @@ def _build(
                 alphas=spec["alphas"],
                 use_rslora=spec["use_rslora"],
                 lookup_only=spec["lookup_only"],
+                **vectors,
             )
         return AdapterStack(
             weights=weights,
@@ -669,6 +710,8 @@ def _build(
             use_rslora=spec["use_rslora"],
             names=spec["names"],
             lookup_only=spec["lookup_only"],
+            variants=spec["variants"],
+            **vectors,
         )
     except ValueError as e:
         raise CheckpointError(

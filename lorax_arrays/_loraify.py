@@ -9,6 +9,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import ArrayLike, Int
 
@@ -42,7 +43,7 @@ def _serving_arrays(
     """Per adapted path its `LeafLayout` and `(a, b, scale, head_scale)`, and the
     indices that go with them."""
     if isinstance(adapters, AdapterBank):
-        return adapters.arrays(indices, compact)
+        return (*adapters.arrays(indices, compact), None)
     if compact:
         raise ValueError(
             "loraify(..., compact=True) serves from an AdapterBank; a stack holds "
@@ -53,7 +54,67 @@ def _serving_arrays(
     for lay, flags in zip(stack.layouts, stack.lookup_only):
         head = stack.head_scales(lay.path) if any(flags) else None
         out[lay.path] = (lay, (*stack.weights[lay.path], stack.scales[lay.path], head))
-    return out, indices
+    return out, indices, stack
+
+
+def _variant_scales(stack: AdapterStack | None, path: str, leaf: Any, a, b, scale):
+    """`(in_scale, out_scale)` of the leaf at `path`, shaped as rank-1 factors
+    (`None` where no adapter has one): IA3's vectors, and for DoRA adapters their
+    magnitude over the column norms of `w + s·A B` (no gradient through the
+    norms, as in PEFT), computed without building `w + s·A B`."""
+    if stack is None or not any(
+        any(v) for v in stack.variants[stack.paths.index(path)]
+    ):
+        return None, None
+    j = stack.paths.index(path)
+    lay = stack.layouts[j].layout
+    ns = lay.n_stack
+    h = stack.in_scales.get(path)
+    g = stack.out_scales.get(path)
+    dora = [v[0] for v in stack.variants[j]]
+    if any(dora):
+        m = stack.magnitudes[path]
+        norm = jax.lax.stop_gradient(dora_norms(leaf, a, b, scale, lay))
+        mask = jnp.asarray(dora).reshape((len(dora),) + (1,) * (m.ndim - ns - 1))
+        ratio = jnp.where(mask, m / norm.astype(m.dtype), 1)
+        g = ratio if g is None else g * ratio
+    if h is not None:
+        h = h[..., None]  # (*stack, n, *in, 1): a rank-1 `a`
+    if g is not None:
+        g = jnp.expand_dims(g, ns + 1)  # (*stack, n, 1, *out): a rank-1 `b`
+    return h, g
+
+
+def dora_norms(w: Any, a, b, scale, layout) -> jax.Array:
+    """`‖w + s_i·A_i B_i‖` over the in-axes, for each out-feature and adapter:
+    `(*stack, n, *out)`, from `‖w_c‖² + 2 s·w_cᵀ A b_c + s²·b_cᵀ (AᵀA) b_c`,
+    in float32 (or wider)."""
+    import math
+
+    import quax
+
+    if isinstance(w, quax.Value):  # a quantised base: its dequantised value
+        w = type(w).materialise(w)
+    ns = layout.n_stack
+    shape = tuple(w.shape)
+    d_in = math.prod(layout.in_shape(shape))
+    out_shape = layout.out_shape(shape)
+    d_out = math.prod(out_shape)
+    stack = layout.stack_shape(shape)
+    dt = jnp.promote_types(w.dtype, jnp.float32)
+    perm = (*layout.stack_axes, *layout.in_axes, *layout.out_axes)
+    wt = jnp.transpose(w, perm).reshape(*stack, d_in, d_out).astype(dt)
+    n, r = a.shape[ns], a.shape[-1]
+    a2 = a.reshape(*stack, n, d_in, r).astype(dt)
+    b2 = b.reshape(*stack, n, r, d_out).astype(dt)
+    s = jnp.asarray(scale, dt).reshape((n, 1))
+    w2 = jnp.sum(wt * wt, axis=-2)[..., None, :]  # (*stack, 1, out)
+    wta = jnp.einsum("...io,...nir->...nor", wt, a2)
+    cross = jnp.einsum("...nor,...nro->...no", wta, b2)
+    ata = jnp.einsum("...nir,...nis->...nrs", a2, a2)
+    quad = jnp.einsum("...nro,...nrs,...nso->...no", b2, ata, b2)
+    norm2 = w2 + 2 * s * cross + s * s * quad
+    return jnp.sqrt(jnp.maximum(norm2, 0)).reshape(*stack, n, *out_shape)
 
 
 def _replace_at_paths(tree: Any, fn, paths: Sequence[str], what: str) -> Any:
@@ -116,7 +177,7 @@ def loraify(
 
     A copy of `tree` whose adapted leaves are `BatchedLoraArray`s.
     """
-    served, indices = _serving_arrays(adapters, indices, compact)
+    served, indices, stack = _serving_arrays(adapters, indices, compact)
     indices = coerce_indices(indices)
 
     def put(path, leaf):
@@ -131,11 +192,14 @@ def loraify(
                 f"loraify: the adapter was made for a weight of shape {lay.shape} at "
                 f"{path!r}, but the tree's leaf there has shape {tuple(leaf.shape)}."
             )
+        in_scale, out_scale = _variant_scales(stack, path, leaf, a, b, scale)
         return BatchedLoraArray(
             leaf,
             a,
             b,
             scale=scale,
+            in_scale=in_scale,
+            out_scale=out_scale,
             indices=indices,
             in_axes=lay.in_axes,
             out_axes=lay.out_axes,
@@ -226,7 +290,9 @@ def with_indices(
 
 
 def merge(tree: Any, adapter: Adapter) -> Any:
-    """Folds one adapter into plain weights: `w + scale * a ⊗ b` at each path.
+    """Folds one adapter into plain weights: `w + scale * a ⊗ b` at each path
+    (and, for the variants, `diag(h) (w + s·a ⊗ b) diag(g)`: see
+    [`lorax_arrays.Adapter`][]).
 
     The result needs no `quaxify`: it is the model that adapter alone describes.
     Useful to check a batched forward pass against, or to export.
@@ -258,8 +324,25 @@ def merge(tree: Any, adapter: Adapter) -> Any:
                 f"the tree's leaf there has shape {tuple(leaf.shape)}."
             )
         a, b = adapter.weights[path]
-        delta = lay.layout.dense_delta(a, b)
-        return (leaf + adapter.scale(path) * delta).astype(leaf.dtype)
+        layout = lay.layout
+        merged = leaf + adapter.scale(path) * layout.dense_delta(a, b)
+        stack, ins, outs = lay.stack_shape, lay.in_shape, lay.out_shape
+
+        def on_in(v):  # (*stack, *in) laid on the weight's axes
+            return layout.dense_delta(v[..., None], jnp.ones((*stack, 1, *outs)))
+
+        def on_out(v):  # (*stack, *out) laid on the weight's axes
+            ones = jnp.ones((*stack, *ins, 1))
+            return layout.dense_delta(ones, jnp.expand_dims(v, len(stack)))
+
+        if path in adapter.magnitudes:  # DoRA: m / ‖w + s·A B‖ per out-feature
+            norm = jnp.sqrt(jnp.sum(merged * merged, axis=lay.in_axes, keepdims=True))
+            merged = merged * on_out(adapter.magnitudes[path]) / norm
+        if path in adapter.in_scales:
+            merged = merged * on_in(adapter.in_scales[path])
+        if path in adapter.out_scales:
+            merged = merged * on_out(adapter.out_scales[path])
+        return merged.astype(leaf.dtype)
 
     return _replace_at_paths(base, fold, adapter.paths, "merge")
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from ._adapters import Adapter, AdapterStack
 from ._errors import PeftFormatError
+from ._paths import flatten_with_paths
 from ._safetensors import read_safetensors, write_atomically, write_safetensors
 from ._targeting import LeafLayout, candidate_leaves
 
@@ -55,7 +56,6 @@ _EMBEDDING_MODULES = (
 # Config entries that change what the adapter computes and that we do not serve
 # yet: loading such an adapter as plain LoRA would be silently wrong.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (`use_dora=True`)",
     "lora_bias": "a LoRA bias (`lora_bias=True`)",
     "modules_to_save": "fully trained modules (`modules_to_save`)",
     "layer_replication": "layer replication (`layer_replication`)",
@@ -328,25 +328,62 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
+_PEFT_TYPES = ("LORA", "IA3", "VERA")
+
+
+def _peft_type(config: dict) -> str:
+    return str(config.get("peft_type", "LORA")).upper()
+
+
 def _check_config(config: dict, file: Path) -> None:
-    peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
+    peft_type = _peft_type(config)
+    if peft_type not in _PEFT_TYPES:
         raise PeftFormatError(
-            f"{file}: peft_type is {peft_type!r}; load_peft_adapter reads LoRA "
-            "adapters only (IA3, LoHa, LoKr, VeRA... are not supported yet)."
+            f"{file}: peft_type is {config.get('peft_type')!r}; load_peft_adapter "
+            "reads LoRA adapters only, with the variants DoRA, IA3 and VeRA (LoHa, "
+            "LoKr, OFT... are not supported yet)."
         )
-    for key, what in _UNSUPPORTED.items():
-        if config.get(key):
-            raise PeftFormatError(
-                f"{file}: the adapter uses {what}, which lorax_arrays does not serve "
-                "yet; loading the rest as plain LoRA would give wrong outputs."
-            )
+    if config.get("modules_to_save"):
+        raise PeftFormatError(
+            f"{file}: the adapter uses fully trained modules (`modules_to_save`), "
+            "which lorax_arrays does not serve yet; loading the rest would give "
+            "wrong outputs."
+        )
+    if peft_type == "IA3":
+        for key in ("target_modules", "feedforward_modules"):
+            value = config.get(key)
+            if value is not None and not isinstance(value, (str, list)):
+                raise PeftFormatError(
+                    f"{file}: {key!r} is {value!r}; expected a regex or a list of "
+                    "module names."
+                )
+        return
     bias = config.get("bias", "none")
     if bias != "none":
         raise PeftFormatError(
             f"{file}: bias={bias!r}: the adapter trains the model's biases, which "
             "lorax_arrays does not serve yet (only bias='none')."
         )
+    if peft_type == "VERA":
+        if not config.get("save_projection", True):
+            raise PeftFormatError(
+                f"{file}: a VeRA adapter saved with save_projection=False: its "
+                "shared projections vera_A / vera_B are not in the file, and "
+                "regenerating them from projection_prng_key="
+                f"{config.get('projection_prng_key')!r} needs PyTorch's random "
+                "number generator. Re-save it in PEFT with "
+                "`VeraConfig(save_projection=True)`."
+            )
+        value = config.get("r")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PeftFormatError(f"{file}: 'r' is {value!r}; expected an integer.")
+        return
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise PeftFormatError(
+                f"{file}: the adapter uses {what}, which lorax_arrays does not serve "
+                "yet; loading the rest as plain LoRA would give wrong outputs."
+            )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise PeftFormatError(
@@ -365,19 +402,42 @@ def _check_config(config: dict, file: Path) -> None:
 
 
 _KEY = re.compile(
-    r"^(?P<module>.+)\.(?:(?P<lin>lora_[AB])\.weight|(?P<emb>lora_embedding_[AB]))$"
+    r"^(?P<module>.+)\.(?:(?P<lin>lora_[AB])\.weight|(?P<emb>lora_embedding_[AB])"
+    r"|(?P<mag>lora_magnitude_vector)|(?P<ia3>ia3_l)|vera_lambda_(?P<vera>[bd]))$"
 )
+# What each peft_type's files hold per module (the `_KEY` groups), for errors.
+_EXPECTED = {
+    "LORA": "'<module>.lora_A.weight', '<module>.lora_B.weight', "
+    "'<module>.lora_embedding_A', '<module>.lora_embedding_B' and, with use_dora, "
+    "'<module>.lora_magnitude_vector'",
+    "IA3": "'<module>.ia3_l'",
+    "VERA": "'base_model.vera_A', 'base_model.vera_B', '<module>.vera_lambda_d' "
+    "and '<module>.vera_lambda_b'",
+}
 
 
-def _parse_keys(tensors: dict[str, np.ndarray], file: Path):
-    """Splits the file's keys into LoRA factors per module and saved base weights."""
+def _parse_keys(tensors: dict[str, np.ndarray], file: Path, config: dict):
+    """Splits the file's keys into the adapter's tensors per module (`A`, `B`,
+    DoRA's `m`, IA3's `l`, VeRA's `d` and `b`), saved base weights, and VeRA's
+    shared projections."""
+    peft_type = _peft_type(config)
+    dora = peft_type == "LORA" and bool(config.get("use_dora"))
     factors: dict[str, dict[str, np.ndarray]] = {}
     kinds: dict[str, str] = {}
     base_copies: dict[str, np.ndarray] = {}
+    shared: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
+        if peft_type == "VERA" and key in ("base_model.vera_A", "base_model.vera_B"):
+            shared[key[-1]] = value
+            continue
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         m = _KEY.match(name)
-        if m:
+        group = (
+            None
+            if m is None
+            else next(g for g in ("lin", "emb", "mag", "ia3", "vera") if m[g])
+        )
+        if group in ("lin", "emb") and peft_type == "LORA":
             module = m["module"]
             kind = "embedding" if m["emb"] else "linear"
             which = (m["emb"] or m["lin"])[-1]
@@ -388,39 +448,138 @@ def _parse_keys(tensors: dict[str, np.ndarray], file: Path):
                 )
             factors.setdefault(module, {})[which] = value
             continue
-        if "lora_magnitude_vector" in name:
+        if group == "mag" and dora:
+            factors.setdefault(m["module"], {})["m"] = value
+            continue
+        if group == "mag" and peft_type == "LORA":
             raise PeftFormatError(
-                f"{file}: key {key!r} is a DoRA magnitude vector; DoRA adapters are "
-                "not supported yet."
+                f"{file}: key {key!r} is a DoRA magnitude vector, but the config "
+                "does not set use_dora: the directory's two files do not belong "
+                "together."
             )
-        if "lora_" not in name and name.endswith(".weight"):
+        if group == "ia3" and peft_type == "IA3":
+            factors.setdefault(m["module"], {})["l"] = value
+            continue
+        if group == "vera" and peft_type == "VERA":
+            factors.setdefault(m["module"], {})[m["vera"]] = value
+            continue
+        if m is None and "lora_" not in name and name.endswith(".weight"):
             # PEFT's `save_embedding_layers` stores whole embedding layers (when they
             # are targeted or the vocabulary was resized).
             module = name[: -len(".weight")]
             module = module.removesuffix(".base_layer")
             base_copies[module] = value
             continue
-        raise PeftFormatError(
-            f"{file}: key {key!r} is not a LoRA weight lorax_arrays understands "
-            "(expected '<module>.lora_A.weight', '<module>.lora_B.weight', "
-            "'<module>.lora_embedding_A' or '<module>.lora_embedding_B')."
+        other = (
+            ""
+            if group is None
+            else (
+                " It belongs to another PEFT method than the config's (peft_type is "
+                f"{config.get('peft_type', 'LORA')!r}): the directory's two files do "
+                "not belong together."
+            )
         )
-    for module, pair in factors.items():
-        if set(pair) != {"A", "B"}:
-            missing = ({"A", "B"} - set(pair)).pop()
+        what = {"LORA": "LoRA", "IA3": "IA3", "VERA": "VeRA"}[peft_type]
+        raise PeftFormatError(
+            f"{file}: key {key!r} is not a {what} weight lorax_arrays understands "
+            f"(expected {_EXPECTED[peft_type]}).{other}"
+        )
+    for module, parts in factors.items():
+        kinds.setdefault(module, "linear")
+        if peft_type == "LORA":
+            _check_lora_module(module, parts, kinds[module], dora, file)
+        elif peft_type == "IA3":
+            v = parts["l"]
+            if v.ndim != 2 or 1 not in v.shape:
+                conv = " (a convolution's IA3?)" if v.ndim == 4 else ""
+                raise PeftFormatError(
+                    f"{file}: module {module!r} has ia3_l of shape {v.shape}{conv}; "
+                    "expected (out, 1) or, for a feedforward module, (1, in). Only "
+                    "IA3 on linear layers is supported so far."
+                )
+        else:
+            if set(parts) != {"b", "d"}:
+                missing = ({"b", "d"} - set(parts)).pop()
+                raise PeftFormatError(
+                    f"{file}: module {module!r} has no vera_lambda_{missing}: the "
+                    "file is incomplete."
+                )
+            if parts["b"].ndim != 1 or parts["d"].shape != (config["r"],):
+                raise PeftFormatError(
+                    f"{file}: module {module!r} has vera_lambda_b {parts['b'].shape} "
+                    f"and vera_lambda_d {parts['d'].shape}; expected (out,) and "
+                    f"(r,) = ({config['r']},)."
+                )
+    if peft_type == "VERA":
+        if set(shared) != {"A", "B"}:
             raise PeftFormatError(
-                f"{file}: module {module!r} has lora_{'AB'.replace(missing, '')} but "
-                f"no lora_{missing}: the file is incomplete."
+                f"{file}: a VeRA file without its shared projections "
+                "'base_model.vera_A' / 'base_model.vera_B' (saved with "
+                "save_projection=False?): regenerating them needs PyTorch's random "
+                "number generator. Re-save it in PEFT with save_projection=True."
             )
-        a, b = pair["A"], pair["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            conv = " (a convolution's LoRA?)" if a.ndim == 4 else ""
+        r = config["r"]
+        if (
+            shared["A"].ndim != 2
+            or shared["B"].ndim != 2
+            or shared["A"].shape[0] != r
+            or shared["B"].shape[1] != r
+        ):
             raise PeftFormatError(
-                f"{file}: module {module!r} has A {a.shape} and B {b.shape}{conv}; "
-                "expected A (r, in) and B (out, r) with the same r. Only LoRA on "
-                "linear and embedding layers is supported so far."
+                f"{file}: vera_A {shared['A'].shape} and vera_B {shared['B'].shape}; "
+                f"expected (r, max_in) and (max_out, r) with r = {r}."
             )
-    return factors, kinds, base_copies
+    return factors, kinds, base_copies, shared
+
+
+def _check_lora_module(module: str, parts: dict, kind: str, dora: bool, file: Path):
+    if not {"A", "B"} <= set(parts):
+        missing = "A" if "A" not in parts else "B"
+        have = "".join(k for k in "AB" if k in parts)
+        raise PeftFormatError(
+            f"{file}: module {module!r} has "
+            + (f"lora_{have} but " if have else "a DoRA magnitude but ")
+            + f"no lora_{missing}: the file is incomplete."
+        )
+    a, b = parts["A"], parts["B"]
+    conv = (
+        3 <= a.ndim <= 5
+        and b.ndim == a.ndim
+        and a.shape[0] == b.shape[1]
+        and all(n == 1 for n in b.shape[2:])
+        and kind == "linear"
+    )
+    if not conv and (a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]):
+        raise PeftFormatError(
+            f"{file}: module {module!r} has A {a.shape} and B {b.shape}; expected "
+            "A (r, in) and B (out, r) with the same r (a linear or embedding "
+            "layer), or a convolution's A (r, in, *kernel) and B (out, r, 1, ...)."
+        )
+    if not dora:
+        return
+    if conv:
+        raise PeftFormatError(
+            f"{file}: module {module!r} is a convolution with DoRA (use_dora=True); "
+            "lorax_arrays serves DoRA on linear layers only."
+        )
+    if kind == "embedding":
+        raise PeftFormatError(
+            f"{file}: module {module!r} is an embedding with DoRA (use_dora=True); "
+            "lorax_arrays serves DoRA on linear layers only (an embedding's DoRA "
+            "normalises the table per embedding dimension, which the lookup rule "
+            "does not do)."
+        )
+    if "m" not in parts:
+        raise PeftFormatError(
+            f"{file}: the config sets use_dora (DoRA), but module {module!r} has "
+            "no lora_magnitude_vector: the file is incomplete."
+        )
+    if parts["m"].shape != (b.shape[0],):
+        raise PeftFormatError(
+            f"{file}: module {module!r} has a DoRA magnitude of shape "
+            f"{parts['m'].shape} for out={b.shape[0]} (lora_B {b.shape}); expected "
+            f"({b.shape[0]},)."
+        )
 
 
 _ORIENTATIONS = ("in_out", "out_in")
@@ -551,7 +710,9 @@ def _orient(found: list[dict], orientation) -> None:
                 "the wrong leaf."
             )
         forced = _orientation_override(orientation, f["path"])
-        if forced is not None:
+        if f.get("conv_groups") is not None:
+            f["groups"] = f["conv_groups"]
+        elif forced is not None:
             f["groups"] = _forced_groups(forced, f, fits)
         elif f["is_linear"] and len(shape) == 2:
             f["groups"] = _GROUPS["out_in"]  # eqx.nn.Linear.weight is (out, in)
@@ -625,12 +786,32 @@ def load_peft_adapter(
     dtype: Any = None,
     orientation: str | Mapping[str, str] | None = None,
 ) -> Adapter:
-    """Reads a Hugging Face PEFT LoRA directory as an `Adapter` for `tree`.
+    """Reads a Hugging Face PEFT LoRA, DoRA, IA3 or VeRA directory as an `Adapter`
+    for `tree`.
 
     No PyTorch is needed. Every weight in the file must find its leaf, and every
-    config entry must be one lorax_arrays serves faithfully: anything else
-    (DoRA, a trained bias, `modules_to_save`, another `peft_type`, an unknown key)
-    is an error that names it, never a partial load.
+    config entry must be one lorax_arrays serves faithfully: anything else (a
+    trained bias, `modules_to_save`, another `peft_type`, an unknown key) is an
+    error that names it, never a partial load.
+
+    - **Variants.** Each maps onto the fields of [`lorax_arrays.Adapter`][]:
+        - DoRA (`use_dora: true`): `lora_A`/`lora_B` as for LoRA, and each
+          module's `lora_magnitude_vector (out,)` becomes `magnitudes[path]`,
+          `(*stack, *out)`, laid on the out-axes as `lora_B`'s rows are. The
+          norm is that of the tree's base weight plus the update, per
+          out-feature, with no gradient, as in PEFT. DoRA on an embedding is
+          refused.
+        - IA3 (`peft_type: "IA3"`): a rank-0 leaf with one vector. `ia3_l (out,
+          1)` scales the output (`out_scales[path]`); for a module in
+          `feedforward_modules` (PEFT's matching: a regex full match, or a name
+          suffix), `ia3_l (1, in)` scales the input (`in_scales[path]`). PEFT
+          also scales the bias of an output-scaled module, and lorax_arrays
+          scales only the matmul: a bias leaf next to such a weight
+          (`.../k_proj/bias`) is refused.
+        - VeRA (`peft_type: "VERA"`): a plain LoRA with scale 1 (alpha = rank),
+          exact: `A = diag(vera_lambda_d) vera_A[:, :in]`, `B = diag(vera_lambda_b)
+          vera_B[:out]`. The shared projections must be in the file
+          (`save_projection=True`); regenerating them needs PyTorch's RNG.
 
     - **Names.** A PEFT key `base_model.model.<module>.lora_A.weight` names a
       torch module such as `model.layers.0.self_attn.q_proj`. By default it maps to
@@ -709,15 +890,19 @@ def load_peft_adapter(
         )
         raise FileNotFoundError(f"load_peft_adapter: {weights_file} missing.{hint}")
     tensors, _ = read_safetensors(weights_file)
-    factors, kinds, base_copies = _parse_keys(tensors, weights_file)
+    peft_type = _peft_type(config)
+    factors, kinds, base_copies, shared = _parse_keys(tensors, weights_file, config)
     if not factors:
-        raise PeftFormatError(f"{weights_file}: the file holds no LoRA weights.")
+        raise PeftFormatError(f"{weights_file}: the file holds no adapter weights.")
 
     leaves = _Leaves(tree)
-    default_r, default_alpha = config["r"], config["lora_alpha"]
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
+    rank_pattern, alpha_pattern, rslora = {}, {}, False
+    if peft_type == "LORA":
+        default_r, default_alpha = config["r"], config["lora_alpha"]
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+        rslora = bool(config.get("use_rslora", False))
+    biases = _bias_modules(tree) if peft_type == "IA3" else {}
 
     placed: dict[str, tuple[str, str]] = {}  # leaf path -> module
     found: list[dict] = []
@@ -737,16 +922,6 @@ def load_peft_adapter(
                 f"{module!r} both map to {where}."
             )
         placed[leaf_path, at] = module
-        a, b = factors[module]["A"], factors[module]["B"]
-        r = a.shape[0]
-        r_cfg = rank_pattern.get(pattern_key(rank_pattern, module), default_r)
-        if r != r_cfg:
-            raise PeftFormatError(
-                f"{weights_file}: module {module!r} has rank {r} in the file but "
-                f"{r_cfg} by the config (r={default_r}, rank_pattern="
-                f"{rank_pattern}): the directory's two files do not belong together."
-            )
-        alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), default_alpha)
         leaf, is_linear = leaves.by_path[leaf_path]
         shape = tuple(leaf.shape)
         if at is not None:
@@ -760,6 +935,43 @@ def load_peft_adapter(
                     "module's weight."
                 )
             shape = shape[k:]
+        parts = factors[module]
+        vec = None  # (Adapter field, flat vector)
+        conv_groups = None  # a convolution's (in_axes, out_axes)
+        if peft_type == "LORA":
+            a, b = parts["A"], parts["B"]
+            r = a.shape[0]
+            r_cfg = rank_pattern.get(pattern_key(rank_pattern, module), default_r)
+            if r != r_cfg:
+                raise PeftFormatError(
+                    f"{weights_file}: module {module!r} has rank {r} in the file but "
+                    f"{r_cfg} by the config (r={default_r}, rank_pattern="
+                    f"{rank_pattern}): the directory's two files do not belong "
+                    "together."
+                )
+            alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), default_alpha)
+            if "m" in parts:
+                vec = ("magnitudes", parts["m"])
+            conv_groups = None
+            if a.ndim > 2:
+                a, b, conv_groups = _conv_module(module, a, b, shape, leaf_path)
+        elif peft_type == "IA3":
+            a, b, r, alpha, vec = _ia3_module(
+                module, parts["l"], shape, config, weights_file
+            )
+            bias = biases.get(_module_parts(leaf_path)[0])
+            if vec[0] == "out_scales" and bias is not None:
+                raise PeftFormatError(
+                    f"load_peft_adapter: IA3 scales the output of {module!r} "
+                    "(not a feedforward module), and PEFT multiplies that output "
+                    f"including its bias, but lorax_arrays scales only the "
+                    f"matmul of {leaf_path!r} and the tree has a bias {bias!r} "
+                    "next to it: serving it would be silently wrong. (IA3 on "
+                    "feedforward modules, which scales the input, is fine.)"
+                )
+        else:
+            a, b, r = _vera_module(module, parts, shared, shape, weights_file)
+            alpha = float(r)  # VeRA has no scale: alpha / r = 1
         found.append(
             dict(
                 module=module,
@@ -774,6 +986,8 @@ def load_peft_adapter(
                 shape=shape,
                 is_linear=is_linear,
                 weight_name=_module_parts(leaf_path)[1],
+                vec=vec,
+                conv_groups=conv_groups,
             )
         )
 
@@ -785,6 +999,7 @@ def load_peft_adapter(
         groups.setdefault(f["path"], []).append(f)
     order = [p for p, _, _ in leaves.entries if p in groups]
     weights, layouts, ranks, alphas, lookup = {}, [], [], [], []
+    vectors: dict[str, dict] = {"magnitudes": {}, "in_scales": {}, "out_scales": {}}
     for p in order:
         fs = groups[p]
         in_ax, out_ax = fs[0]["groups"]
@@ -820,6 +1035,8 @@ def load_peft_adapter(
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
         weights[p] = (jnp.asarray(a), jnp.asarray(b))
+        for field, v in _leaf_vectors(fs, leaves.by_path[p][0]).items():
+            vectors[field][p] = jnp.asarray(v if dtype is None else v.astype(dtype))
         ranks.append(rank)
         alphas.append(alpha)
         # PEFT's embedding LoRA changes the embedding module only; a head tied to
@@ -832,7 +1049,153 @@ def load_peft_adapter(
         alphas=tuple(alphas),
         use_rslora=tuple(rslora for _ in order),
         lookup_only=tuple(lookup),
+        **vectors,
     )
+
+
+def _conv_module(module: str, a, b, shape, path: str):
+    """A PEFT convolution LoRA (`lora_A (r, I, *k)`, `lora_B (O, r, 1, ...)`) as
+    `A (r, in)`, `B (out, r)` flattened over the leaf's in-axes in increasing
+    order, and those axes: a Flax kernel `(*k, I, O)` has in-axes `(*k, I)` and
+    out-axis `O`, an Equinox / torch weight `(O, I, *k)` in-axes `(I, *k)` and
+    out-axis `O` (by its shape; by the weight's name, `kernel` or `weight`,
+    where both fit)."""
+    r, n_in, kernel, n_out = a.shape[0], a.shape[1], a.shape[2:], b.shape[0]
+    nd = len(shape)
+    fits = {}
+    if shape == (*kernel, n_in, n_out):  # Flax HWIO
+        perm = (*range(2, 2 + len(kernel)), 1, 0)
+        fits["kernel"] = (perm, (tuple(range(nd - 1)), (nd - 1,)))
+    if shape == (n_out, n_in, *kernel):  # Equinox / torch OIHW
+        perm = (*range(1, 2 + len(kernel)), 0)
+        fits["weight"] = (perm, (tuple(range(1, nd)), (0,)))
+    if not fits:
+        raise PeftFormatError(
+            f"load_peft_adapter: PEFT module {module!r} is a convolution with "
+            f"in={n_in}, out={n_out} and kernel {kernel}, but its leaf {path!r} "
+            f"has shape {shape}, neither a Flax kernel {(*kernel, n_in, n_out)} "
+            f"nor an Equinox weight {(n_out, n_in, *kernel)}: the adapter was "
+            "made for another model, or key_map points at the wrong leaf."
+        )
+    if len(fits) == 2:
+        name = _module_parts(path)[1]
+        if name not in fits:
+            raise PeftFormatError(
+                f"load_peft_adapter: the convolution {module!r} fits {path!r} "
+                f"(shape {shape}) both as a Flax (*kernel, in, out) kernel and an "
+                "Equinox (out, in, *kernel) weight, and its name does not say "
+                "which ('kernel' or 'weight'); give key_map to a leaf so named."
+            )
+        fits = {name: fits[name]}
+    perm, groups = next(iter(fits.values()))
+    a = np.transpose(a, perm).reshape(-1, r).T
+    return a, b.reshape(n_out, r), groups
+
+
+def _bias_modules(tree: Any) -> dict[tuple[str, ...], str]:
+    """The tree's bias leaves (`.../k_proj/bias`, NNX's `.../bias/value`) by the
+    path components of their module."""
+    out = {}
+    for path, _ in flatten_with_paths(tree)[0]:
+        parts = path.split("/")
+        while len(parts) > 1 and parts[-1] in _VALUE_NAMES:
+            parts = parts[:-1]
+        if len(parts) > 1 and parts[-1] == "bias":
+            out[tuple(parts[:-1])] = path
+    return out
+
+
+def _is_feedforward(config: Mapping[str, Any], key: str) -> bool | None:
+    """PEFT's IA3 `_check_target_module_feedforward` (a regex full match, or a
+    suffix of the name, without a dot); None when the config has none."""
+    ff = config.get("feedforward_modules")
+    if ff is None:
+        return None
+    if isinstance(ff, str):
+        return re.fullmatch(ff, key) is not None
+    return any(key.endswith(t) for t in ff)
+
+
+def _ia3_module(module: str, vec, shape, config, file: Path):
+    """An IA3 module as a rank-0 LoRA (`A (0, in)`, `B (out, 0)`) and its vector:
+    `ia3_l (out, 1)` scales the output (`out_scales`), `(1, in)` of a
+    feedforward module the input (`in_scales`)."""
+    ff = _is_feedforward(config, module)
+    if ff is None:  # no feedforward_modules saved: the vector's shape says
+        ff = vec.shape[0] == 1 and vec.shape[1] != 1
+    n = vec.shape[1] if ff else vec.shape[0]
+    want = (1, n) if ff else (n, 1)
+    if tuple(vec.shape) != want:
+        role = "is" if ff else "is not"
+        raise PeftFormatError(
+            f"{file}: module {module!r} {role} one of the config's "
+            f"feedforward_modules={config.get('feedforward_modules')!r}, so its "
+            f"ia3_l should be {'(1, in)' if ff else '(out, 1)'}, but it is "
+            f"{tuple(vec.shape)}: the directory's two files do not belong together."
+        )
+    total = math.prod(shape)
+    if total % n:
+        raise PeftFormatError(
+            f"load_peft_adapter: PEFT module {module!r} has an IA3 vector of "
+            f"{n} {'in' if ff else 'out'}-features, which does not divide its "
+            f"leaf's weight of shape {shape}: the adapter was made for another "
+            "model, or key_map points at the wrong leaf."
+        )
+    n_in, n_out = (n, total // n) if ff else (total // n, n)
+    a, b = np.zeros((0, n_in), vec.dtype), np.zeros((n_out, 0), vec.dtype)
+    return a, b, 0, 0.0, ("in_scales" if ff else "out_scales", vec.reshape(-1))
+
+
+def _vera_module(module: str, parts, shared, shape, file: Path):
+    """A VeRA module as a plain LoRA with scale 1: PEFT computes
+    `Δy = λ_b ⊙ ((λ_d ⊙ (x A[:, :in]ᵀ)) B[:out]ᵀ)`, which is
+    `A' = diag(λ_d) A[:, :in]` `(r, in)` and `B' = diag(λ_b) B[:out]` `(out, r)`."""
+    lb, ld = parts["b"], parts["d"]
+    n_out, total = lb.shape[0], math.prod(shape)
+    pa, pb = shared["A"], shared["B"]
+    n_in = total // n_out
+    if total % n_out or n_in > pa.shape[1] or n_out > pb.shape[0]:
+        raise PeftFormatError(
+            f"load_peft_adapter: VeRA module {module!r} has out={n_out} "
+            f"(vera_lambda_b), and its leaf's weight has shape {shape}, which "
+            f"does not fit that or the shared projections vera_A {pa.shape} and "
+            f"vera_B {pb.shape}: the adapter was made for another model, or "
+            "key_map points at the wrong leaf."
+        )
+    dt = np.result_type(pa, pb, lb, ld)
+    a = (ld[:, None].astype(dt) * pa[:, :n_in].astype(dt)).astype(dt)
+    b = (pb[:n_out].astype(dt) * lb[:, None].astype(dt)).astype(dt)
+    return a, b, ld.shape[0]
+
+
+def _leaf_vectors(fs: list[dict], leaf) -> dict[str, np.ndarray]:
+    """The variants' vectors of one leaf's modules on its axes: `(*out)`
+    (`(*in)` for `in_scales`) in the leaf's group orders, `(*stack, ...)` for
+    per-entry modules. Entries without a vector get the identity: 1 for IA3,
+    the base weight's norm for a DoRA magnitude."""
+    out = {}
+    shape, (ins, outs) = fs[0]["shape"], fs[0]["groups"]
+    at0 = fs[0]["at"]
+    for field in sorted({f["vec"][0] for f in fs if f["vec"] is not None}):
+        axes = ins if field == "in_scales" else outs
+        part = tuple(shape[ax] for ax in axes)
+        mine = [f for f in fs if f["vec"] is not None and f["vec"][0] == field]
+        dt = np.result_type(*[f["vec"][1].dtype for f in mine])
+        if at0 is None:
+            out[field] = mine[0]["vec"][1].reshape(part).astype(dt)
+            continue
+        k = len(at0)
+        stack = fs[0]["leaf_shape"][:k]
+        if field == "magnitudes" and len(mine) < math.prod(stack):
+            w = np.asarray(leaf, np.float32)
+            v = np.sqrt(np.sum(np.square(w), axis=tuple(ax + k for ax in ins)))
+            v = v.astype(dt)
+        else:
+            v = np.ones((*stack, *part), dt)
+        for f in mine:
+            v[f["at"]] = f["vec"][1].reshape(part)
+        out[field] = v
+    return out
 
 
 def _leaf_factors(f: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -860,15 +1223,17 @@ def _stack_entries(fs: list[dict], rslora: bool):
     shape, (ins, outs) = fs[0]["shape"], fs[0]["groups"]
     r_max = max(f["rank"] for f in fs)
     norm = (lambda r: math.sqrt(r)) if rslora else (lambda r: r)
-    scales = [f["alpha"] / norm(f["rank"]) for f in fs]
-    s_leaf = _most_common(scales)
+    # An IA3 entry (rank 0) has no scale.
+    scales = [f["alpha"] / norm(f["rank"]) if f["rank"] else None for f in fs]
+    live = [sc for sc in scales if sc is not None]
+    s_leaf = _most_common(live) if live else 0.0
     dtype = np.result_type(*[f["a"].dtype for f in fs], *[f["b"].dtype for f in fs])
     a = np.zeros((*stack, *(shape[ax] for ax in ins), r_max), dtype)
     b = np.zeros((*stack, r_max, *(shape[ax] for ax in outs)), dtype)
     for f, s in zip(fs, scales):
         r, at = f["rank"], f["at"]
         a_e, b_e = _leaf_factors(f)
-        if s != s_leaf:
+        if s is not None and s != s_leaf:
             b_e = (b_e.astype(np.float64) * (s / s_leaf)).astype(dtype)
         a[(*at, Ellipsis, slice(0, r))] = a_e
         b[(*at, slice(0, r))] = b_e
@@ -1077,6 +1442,18 @@ def save_peft_adapter(
         raise TypeError(
             f"save_peft_adapter: expected an Adapter, got {type(adapter).__name__}."
         )
+    for field, what in (
+        ("magnitudes", "DoRA magnitudes"),
+        ("in_scales", "IA3 input scales"),
+        ("out_scales", "IA3 output scales"),
+    ):
+        if getattr(adapter, field):
+            raise ValueError(
+                f"save_peft_adapter: the adapter has {what} (at "
+                f"{sorted(getattr(adapter, field))}); writing DoRA and IA3 adapters "
+                "in PEFT's format is not supported yet, and writing the LoRA "
+                "factors alone would be a different adapter."
+            )
     namer = _namer(key_map)
     modules, tensors = [], {}
     for lay, r, alpha, rs in zip(

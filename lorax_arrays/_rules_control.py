@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.extend.core as jexc
+import jax.numpy as jnp
 import quax
 from jax import lax
 from jaxtyping import ArrayLike
@@ -48,11 +49,15 @@ def _split_for_scan(lora: BatchedLoraArray):
             "`stack_axes` (LoraRule(..., stack_axes=(0,)))."
         )
     step, a, b = lora.layout.scan_step(lora.a, lora.b)
+    j = lora.stack_axes.index(0)
+    # The variants' vectors are laid out as factors: sliced like them.
+    names = [n for n in ("in_scale", "out_scale") if getattr(lora, n) is not None]
+    vectors = [jnp.moveaxis(getattr(lora, n), j, 0) for n in names]
 
-    def rebuild(w, a, b):
-        return lora.replace(w=w, a=a, b=b, layout=step)
+    def rebuild(w, a, b, *vs):
+        return lora.replace(w=w, a=a, b=b, layout=step, **dict(zip(names, vs)))
 
-    return (lora.frozen_w, a, b), rebuild
+    return (lora.frozen_w, a, b, *vectors), rebuild
 
 
 @quax.register(lax.scan_p, precedence=1)
@@ -118,6 +123,12 @@ def _scan_output(y: BatchedLoraArray, step: list, xs: list, consts: list, carry:
         if _stacked(arr)
         for v in (arr.scale, arr.indices)
     ]
+    if y.has_variants:
+        raise UnsupportedOperationError(
+            "A lax.scan body returns a BatchedLoraArray with DoRA or IA3 vectors "
+            "that is not the layer it was given; stacking such arrays back is not "
+            "supported. Return the per-step result of using the array instead."
+        )
     if not all(any(v is u for u in shared) for v in (y.scale, y.indices)):
         raise UnsupportedOperationError(
             "A lax.scan body returns a BatchedLoraArray whose scales or adapter "

@@ -81,6 +81,12 @@ def _compute_dtype(x, params):
 
 def lora_conv(lora: BatchedLoraArray, x: Any, params: dict) -> Any:
     """`conv_general_dilated(x, lora, **params)` in low-rank form."""
+    if lora.has_variants:
+        raise UnsupportedOperationError(
+            "conv_general_dilated with an adapted kernel whose adapters include "
+            "DoRA or IA3 vectors: conv LoRA is served for plain LoRA adapters only "
+            "(PEFT's conv DoRA and IA3 are not supported yet)."
+        )
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     groups = (params["feature_group_count"], params["batch_group_count"])
     ins, outs = conv_layout(rhs_spec)

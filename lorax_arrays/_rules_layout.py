@@ -1,7 +1,8 @@
 """Dispatch rules that change how the weight is laid out without building W + AB.
 
 Registers: `transpose`, `convert_element_type`, `copy`, `reshape`, `slice`,
-`split`, `squeeze`.
+`split`, `squeeze`, and `broadcast_in_dim` when it is the identity (what
+`jnp` indexing emits after a gather, `w[experts]`, with no new axes to add).
 
 `transpose` permutes the layout, `convert_element_type` casts the base weight (the
 low-rank term is computed in the activation's dtype), `reshape` merges or splits axes
@@ -48,13 +49,21 @@ def _(operand: BatchedLoraArray, **params):
     return operand
 
 
+@quax.register(lax.broadcast_in_dim_p)
+def _(operand: BatchedLoraArray, **params):
+    shape, dims = tuple(params["shape"]), tuple(params["broadcast_dimensions"])
+    if shape == tuple(operand.shape) and dims == tuple(range(len(shape))):
+        return operand  # the identity
+    return BatchedLoraArray.default(lax.broadcast_in_dim_p, (operand,), params)
+
+
 @quax.register(lax.reshape_p)
 def _(operand: BatchedLoraArray, **params):
     old, new = tuple(operand.shape), tuple(params["new_sizes"])
     try:
         if params.get("dimensions") is not None:
             raise LayoutError("it is not a plain row-major reshape")
-        layout, a, b = operand.layout.reshaped(operand.a, operand.b, old, new)
+        layout, _, _ = operand.layout.reshaped(operand.a, operand.b, old, new)
     except LayoutError as why:
         raise UnsupportedOperationError(
             f"Cannot reshape a BatchedLoraArray of shape {old} (in_axes="
@@ -64,7 +73,11 @@ def _(operand: BatchedLoraArray, **params):
             "`allow_materialise=True` to build the dense weight instead."
         ) from None
     w = bind(lax.reshape_p, operand.frozen_w, **params)
-    return operand.replace(w=w, a=a, b=b, layout=layout)
+
+    def reshape(a, b):
+        return operand.layout.reshaped(a, b, old, new)[1:]
+
+    return operand.map_factors(reshape, w=w, layout=layout)
 
 
 @quax.register(lax.slice_p)
@@ -73,18 +86,21 @@ def _(operand: BatchedLoraArray, **params):
     (fused QKV kernels, `W[i]` on a layer stack)."""
     shape = operand.shape
     strides = params.get("strides") or (1,) * len(shape)
-    a, b = operand.a, operand.b
-    for axis, (lo, hi, st) in enumerate(
-        zip(params["start_indices"], params["limit_indices"], strides)
-    ):
-        if (lo, hi, st) == (0, shape[axis], 1):
-            continue
-        ax_a, ax_b = operand.layout.factor_axes(axis)
-        if ax_a is not None:
-            a = lax.slice_in_dim(a, lo, hi, st, axis=ax_a)
-        if ax_b is not None:
-            b = lax.slice_in_dim(b, lo, hi, st, axis=ax_b)
-    return operand.replace(w=bind(lax.slice_p, operand.frozen_w, **params), a=a, b=b)
+
+    def cut(a, b):
+        for axis, (lo, hi, st) in enumerate(
+            zip(params["start_indices"], params["limit_indices"], strides)
+        ):
+            if (lo, hi, st) == (0, shape[axis], 1):
+                continue
+            ax_a, ax_b = operand.layout.factor_axes(axis)
+            if ax_a is not None:
+                a = lax.slice_in_dim(a, lo, hi, st, axis=ax_a)
+            if ax_b is not None:
+                b = lax.slice_in_dim(b, lo, hi, st, axis=ax_b)
+        return a, b
+
+    return operand.map_factors(cut, w=bind(lax.slice_p, operand.frozen_w, **params))
 
 
 @quax.register(lax.split_p)
@@ -92,16 +108,16 @@ def _(operand: BatchedLoraArray, *, sizes, axis):
     """`jnp.split(W, n, axis)`: each piece keeps the low-rank form."""
     pieces = bind(lax.split_p, operand.frozen_w, sizes=sizes, axis=axis)
     ax_a, ax_b = operand.layout.factor_axes(axis)
-    a_parts = lax.split(operand.a, sizes, ax_a) if ax_a is not None else None
-    b_parts = lax.split(operand.b, sizes, ax_b) if ax_b is not None else None
-    return [
-        operand.replace(
-            w=w,
-            a=operand.a if a_parts is None else a_parts[j],
-            b=operand.b if b_parts is None else b_parts[j],
-        )
-        for j, w in enumerate(pieces)
-    ]
+
+    def piece(j):
+        def cut(a, b):
+            a = a if ax_a is None else lax.split(a, sizes, ax_a)[j]
+            b = b if ax_b is None else lax.split(b, sizes, ax_b)[j]
+            return a, b
+
+        return cut
+
+    return [operand.map_factors(piece(j), w=w) for j, w in enumerate(pieces)]
 
 
 @quax.register(lax.squeeze_p)
@@ -111,6 +127,9 @@ def _(operand: BatchedLoraArray, *, dimensions):
     layout = operand.layout.squeezed(dims)
     if not layout.in_axes or not layout.out_axes:  # `E[3]`: a row, not a weight
         return squeezed_lookup(operand, tuple(dims))
-    a, b = operand.layout.squeeze_factors(operand.a, operand.b, dims)
     w = bind(lax.squeeze_p, operand.frozen_w, dimensions=dimensions)
-    return operand.replace(w=w, a=a, b=b, layout=layout)
+
+    def squeeze(a, b):
+        return operand.layout.squeeze_factors(a, b, dims)
+
+    return operand.map_factors(squeeze, w=w, layout=layout)

@@ -21,6 +21,10 @@ Also here, because they are the other ways JAX indexes a table:
   BatchedLoraArray;
 - a squeeze that removes every in-axis (or out-axis), which is what a static lookup
   `E[3]` becomes after `slice`: the row itself, for scalar indices.
+- a `gather` of whole entries along stack axes, `w[experts]` on an expert stack
+  `(E, D, F)` with `experts: (B, T, k)` (`_entries_gather`): a BatchedLoraArray
+  whose stack axes are `(B, T, k)`, each entry's factors gathered with its
+  example's adapter already chosen.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ._indices import (
     scalar_needed_message,
 )
 from ._lax import convert, take
+from ._layout import Layout
 
 
 def _lookup_view(lora: BatchedLoraArray, axis: int) -> BatchedLoraArray | None:
@@ -133,6 +138,8 @@ def _(operand: BatchedLoraArray, start_indices, **params):
             view = _lookup_view(operand, axis)
     if view is None:
         block = _stack_gather(operand, start_indices, dn, sizes)
+        if block is None:
+            block = _entries_gather(operand, start_indices, dn, sizes, params)
         if block is not None:
             return block
         if operand.allow_materialise:  # opted in: dense per-example weights
@@ -144,10 +151,13 @@ def _(operand: BatchedLoraArray, start_indices, **params):
             f"{operand.in_axes}, out_axes={operand.out_axes}, stack_axes="
             f"{operand.stack_axes}) with {dn} and slice_sizes={sizes}: only "
             "whole-row lookups along the table's single in-axis (or single "
-            "out-axis), `E[tokens]` or `jnp.take(E, tokens, axis=0)`, keep the "
+            "out-axis), `E[tokens]` or `jnp.take(E, tokens, axis=0)`, and "
+            "gathers of whole entries along stack axes (`w[experts]`, "
+            "`jnp.take(w, experts, axis=0)` on an expert stack) keep the "
             "low-rank form (slice a layer stack with lax.scan first). Pass "
             "`allow_materialise=True` to build dense weights for this op."
         )
+    _no_variants(operand, what)
     base = bind(lax.gather_p, operand.frozen_w, start_indices, **params)
     tokens = start_indices[..., list(dn.start_index_map).index(axis)]
     delta = _rows_delta(view, tokens, what)  # (*batch, *other axes)
@@ -170,6 +180,7 @@ def _(operand: BatchedLoraArray, *starts, slice_sizes):
         view = _lookup_view(operand, axis)
     if view is None:
         return _dynamic_block(operand, starts, sizes)
+    _no_variants(operand, what)
     base = bind(lax.dynamic_slice_p, operand.frozen_w, *starts, slice_sizes=sizes)
     token = jnp.asarray(starts[axis])
     if operand.indices is not None and operand.indices.ndim:
@@ -212,6 +223,109 @@ def _stack_gather(lora: BatchedLoraArray, start_indices, dn, sizes):
     return block
 
 
+def _has_variants(lora: BatchedLoraArray) -> bool:
+    """Whether the array carries a LoRA variant's vectors (DoRA, IA3), which the
+    entry gather does not carry over yet."""
+    return any(getattr(lora, f, None) is not None for f in ("in_scale", "out_scale"))
+
+
+def _entries_gather(lora: BatchedLoraArray, start_indices, dn, sizes, params):
+    """Whole entries gathered along stack axes (`w[experts]` or `jnp.take(w,
+    experts, axis=0)` on an expert stack `(E, D, F)` with `experts: (B, T, k)`):
+    a new `BatchedLoraArray` whose stack axes are the gather's index batch axes
+    (`(B, T, k)`) followed by the stack axes left whole. `None` when the gather is
+    not of that form.
+
+    Each entry's adapter is chosen here, once: the array's indices label the
+    leading axes of the index batch shape (the array's `batch_axis` and row-major
+    regrouping apply, as for an activation), are broadcast over it, and the factors
+    are gathered per entry *and* per adapter, `a[experts, idx]` and `b[experts,
+    idx]`, so nothing of size `(B, T, k, n_adapters, ...)` is built. The guarded
+    scale (`gathered_scale`: 0 for -1 rows, NaN for out-of-range indices) is folded
+    into the gathered `b`. The result has a single adapter of scale 1 and scalar
+    index 0, so every entry's product (`einsum("BTD,BTKDF->BTKF")`, the stack
+    axes as batch or free axes of `dot_general`) is its own low-rank product.
+
+    The scale folded in is `scale`, also when the entries are later read the other
+    way round (contracted over their out-axes): a `head_scale` that differs from
+    `scale` belongs to embedding tables, which are not entry stacks.
+    """
+    shape = tuple(lora.shape)
+    gathered = tuple(dn.start_index_map)
+    kept = [ax for ax in range(len(shape)) if ax not in gathered]
+    n_batch = start_indices.ndim - 1
+    if not (
+        gathered
+        and n_batch >= 1
+        and not _has_variants(lora)
+        and not dn.operand_batching_dims
+        and all(ax in lora.stack_axes and sizes[ax] == 1 for ax in gathered)
+        and set(dn.collapsed_slice_dims) == set(gathered)
+        and len(set(gathered)) == len(gathered)
+        and all(
+            sizes[ax] == shape[ax] for ax in range(len(shape)) if ax not in gathered
+        )
+        and start_indices.shape[-1] == len(gathered)
+    ):
+        return None
+    batch_shape = tuple(start_indices.shape[:-1])
+    out_nd = n_batch + len(kept)
+    position = dict(zip(kept, dn.offset_dims))  # operand axis -> output axis
+    batch_pos = [d for d in range(out_nd) if d not in dn.offset_dims]
+    # The adapter of every entry, from the array's indices.
+    what = (
+        f"the index array of a gather (index batch shape {batch_shape}) taking "
+        f"whole entries along stack axes {gathered} of an adapted weight of shape "
+        f"{shape}"
+    )
+    idx, lead, start = align_indices(
+        require_indices(lora), batch_shape, what, lora.batch_axis
+    )
+    idx = lax.broadcast_in_dim(idx, batch_shape, tuple(range(start, start + len(lead))))
+    safe = clamp_indices(idx, lora.n_adapters).astype(jnp.int32)
+    scale = gathered_scale(lora.scale, idx)  # (*batch_shape,)
+    # Start indices into the factors: the entry along each gathered stack axis,
+    # then the adapter.
+    ns = lora.layout.n_stack
+    cols = [start_indices[..., j].astype(jnp.int32) for j in range(len(gathered))]
+    starts = jnp.stack([*cols, safe], axis=-1)
+    factor_axes = (*(lora.stack_axes.index(ax) for ax in gathered), ns)
+    rem_stack = [j for j, ax in enumerate(lora.stack_axes) if ax not in gathered]
+
+    def gather_factor(f):
+        f_sizes = [1 if d in factor_axes else f.shape[d] for d in range(f.ndim)]
+        n_off = f.ndim - len(factor_axes)
+        dnums = lax.GatherDimensionNumbers(
+            offset_dims=tuple(range(n_batch, n_batch + n_off)),
+            collapsed_slice_dims=tuple(sorted(factor_axes)),
+            start_index_map=factor_axes,
+        )
+        g = lax.gather(f, starts, dnums, f_sizes, mode=lax.GatherScatterMode.CLIP)
+        # (*batch, *kept stack, ...) -> with a single adapter axis after the stack
+        return lax.expand_dims(g, (n_batch + len(rem_stack),))
+
+    a = gather_factor(lora.a)
+    b = gather_factor(lora.b)
+    s = convert(scale, b.dtype)
+    b = b * lax.broadcast_in_dim(s, b.shape, tuple(range(n_batch)))
+    layout = Layout(
+        tuple(position[ax] for ax in lora.in_axes),
+        tuple(position[ax] for ax in lora.out_axes),
+        (*batch_pos, *(position[lora.stack_axes[j]] for j in rem_stack)),
+    )
+    w = bind(lax.gather_p, lora.frozen_w, start_indices, **params)
+    return lora.replace(
+        w=w,
+        a=a,
+        b=b,
+        scale=jnp.ones((1,), lora.scale.dtype),
+        head_scale=None,
+        indices=jnp.zeros((), jnp.int32),
+        layout=layout,
+        compact=False,
+    )
+
+
 def _dynamic_block(lora: BatchedLoraArray, starts, sizes) -> BatchedLoraArray:
     """`(W + AB)[block]` at dynamic offsets is `W[block] + A[in part] B[out part]`:
     still low rank. `A` is sliced on its in and stack axes, `B` on its out and stack
@@ -220,21 +334,36 @@ def _dynamic_block(lora: BatchedLoraArray, starts, sizes) -> BatchedLoraArray:
     a dynamic slice of the stack axis followed by a squeeze."""
     starts = [jnp.asarray(st, jnp.int32) for st in starts]
     zero = jnp.zeros((), jnp.int32)
-    a_starts, a_sizes = [zero] * lora.a.ndim, list(lora.a.shape)
-    b_starts, b_sizes = [zero] * lora.b.ndim, list(lora.b.shape)
-    for ax in range(lora.ndim):
-        if sizes[ax] == lora.shape[ax]:
-            continue
-        pos_a, pos_b = lora.layout.factor_axes(ax)
-        if pos_a is not None:
-            a_starts[pos_a], a_sizes[pos_a] = starts[ax], sizes[ax]
-        if pos_b is not None:
-            b_starts[pos_b], b_sizes[pos_b] = starts[ax], sizes[ax]
-    return lora.replace(
-        w=bind(lax.dynamic_slice_p, lora.frozen_w, *starts, slice_sizes=tuple(sizes)),
-        a=lax.dynamic_slice(lora.a, a_starts, a_sizes),
-        b=lax.dynamic_slice(lora.b, b_starts, b_sizes),
-    )
+
+    def cut(a, b):  # also the variants' vectors, laid out as rank-1 factors
+        a_starts, a_sizes = [zero] * a.ndim, list(a.shape)
+        b_starts, b_sizes = [zero] * b.ndim, list(b.shape)
+        for ax in range(lora.ndim):
+            if sizes[ax] == lora.shape[ax]:
+                continue
+            pos_a, pos_b = lora.layout.factor_axes(ax)
+            if pos_a is not None:
+                a_starts[pos_a], a_sizes[pos_a] = starts[ax], sizes[ax]
+            if pos_b is not None:
+                b_starts[pos_b], b_sizes[pos_b] = starts[ax], sizes[ax]
+        return (
+            lax.dynamic_slice(a, a_starts, a_sizes),
+            lax.dynamic_slice(b, b_starts, b_sizes),
+        )
+
+    w = bind(lax.dynamic_slice_p, lora.frozen_w, *starts, slice_sizes=tuple(sizes))
+    return lora.map_factors(cut, w=w)
+
+
+def _no_variants(lora: BatchedLoraArray, what: str) -> None:
+    if lora.has_variants:
+        raise UnsupportedOperationError(
+            f"{what} on a BatchedLoraArray of shape {tuple(lora.shape)} whose "
+            "adapters include DoRA or IA3 vectors: those are served in products "
+            "`x @ W` only, not in lookups of rows or columns of the weight (PEFT's "
+            "DoRA on an embedding is not supported yet). Serve plain LoRA adapters "
+            "on this leaf."
+        )
 
 
 def squeezed_lookup(lora: BatchedLoraArray, dims: tuple[int, ...]):
@@ -249,6 +378,7 @@ def squeezed_lookup(lora: BatchedLoraArray, dims: tuple[int, ...]):
     `allow_materialise`; per-example indices are refused with or without it, since
     one row cannot hold each example's adapter.
     """
+    _no_variants(lora, f"Squeezing axes {tuple(dims)} (a static lookup)")
     indices = require_indices(lora)
     if indices.ndim:
         raise UnsupportedOperationError(

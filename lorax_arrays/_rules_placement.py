@@ -60,13 +60,16 @@ def _placements(lora: BatchedLoraArray, where: Any) -> dict[str, Any]:
 def _moved(lora: BatchedLoraArray, put) -> BatchedLoraArray:
     """`lora` with `put(field_value, role)` applied to its weight, factors and
     scales (`role`: 'w', 'a', 'b' or 's')."""
-    head = lora.head_scale
+    head, h, g = lora.head_scale, lora.in_scale, lora.out_scale
     return lora.replace(
         w=put(lora.w, "w"),
         a=put(lora.a, "a"),
         b=put(lora.b, "b"),
         scale=put(lora.scale, "s"),
         head_scale=None if head is None else put(head, "s"),
+        # The variants' vectors are laid out as rank-1 factors: placed as those.
+        in_scale=None if h is None else put(h, "a"),
+        out_scale=None if g is None else put(g, "b"),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,13 +47,23 @@ class LoraRule:
         (`alpha / sqrt(rank)` with `use_rslora`). Defaults to `rank` (scale 1).
     - `in_axes`: the weight's axes that an activation contracts with. Inferred when
         not given: `eqx.nn.Linear.weight` is `(out, in)`, any other 2-D leaf is
-        `(in, out)` as in `x @ W` (a Flax `kernel`).
+        `(in, out)` as in `x @ W` (a Flax `kernel`). The kernel of an Equinox
+        `Conv*` / `ConvTranspose*` layer `(O, I, *k)` has `out_axes=(0,)`, that of
+        an NNX `Conv` / `ConvTranspose` `(*k, I, O)` the last axis; the other
+        axes are its in-axes. (A linen conv kernel, a bare array, is not told
+        from a `DenseGeneral` kernel: give it `out_axes=-1`.)
     - `out_axes`: the weight's axes that the product produces. Inferred as the
         remaining axes when only `in_axes` is given (and vice versa).
     - `stack_axes`: layer-stack axes (a scanned stack of layers). Leading axes of an
         `eqx.nn.Linear.weight` with more than 2 axes are stack axes by default
         (unless `in_axes`/`out_axes` name them).
     - `use_rslora`: scale by `alpha / sqrt(rank)` (rank-stabilised LoRA).
+    - `variant`: what [`lorax_arrays.init_adapter`][] creates at the matched
+        leaves: `"lora"` (the default); `"dora"` (a LoRA with a magnitude per
+        out-feature, starting at the weight's column norms); `"ia3"` (a vector
+        scaling the product's output, PEFT's IA3 on `k`/`v`, starting at 1:
+        write rank 0); `"ia3_feedforward"` (a vector scaling the input, PEFT's
+        IA3 `feedforward_modules`, rank 0).
     """
 
     pattern: str
@@ -63,11 +74,23 @@ class LoraRule:
     out_axes: int | tuple[int, ...] | None = None
     stack_axes: int | tuple[int, ...] = ()
     use_rslora: bool = False
+    variant: str = "lora"
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool):
             raise TypeError(f"LoraRule({self.pattern!r}): rank must be an int.")
-        if self.rank < 1:
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"LoraRule({self.pattern!r}): unknown variant {self.variant!r}; "
+                f"choose one of {VARIANTS}."
+            )
+        if self.variant.startswith("ia3"):
+            if self.rank != 0:
+                raise ValueError(
+                    f"LoraRule({self.pattern!r}, {self.rank}, variant="
+                    f"{self.variant!r}): IA3 has no low-rank factors; write rank 0."
+                )
+        elif self.rank < 1:
             raise ValueError(f"LoraRule({self.pattern!r}): rank must be >= 1.")
         try:
             re.compile(self.pattern)
@@ -77,8 +100,13 @@ class LoraRule:
     @property
     def scale(self) -> float:
         """`alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA."""
+        if self.rank == 0:
+            return 0.0
         alpha = self.rank if self.alpha is None else self.alpha
         return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+VARIANTS = ("lora", "dora", "ia3", "ia3_feedforward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,16 +232,22 @@ def candidate_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
     """
 
     def is_leaf(x):
-        return _is_linear(x) or _is_elementwise(x) or isinstance(x, BatchedLoraArray)
+        return (
+            _is_linear(x)
+            or _is_eqx_conv(x)
+            or _is_elementwise(x)
+            or isinstance(x, BatchedLoraArray)
+        )
 
     out = []
     for path, leaf in flatten_with_paths(tree, is_leaf=is_leaf)[0]:
         if _is_elementwise(leaf):
             continue
-        if _is_linear(leaf):
-            # Only the weight: in a vmapped stack of Linears (`eqx.filter_vmap`,
-            # scan over layers) the bias is 2-D, (*stack, out), but it is never a
-            # matrix that an activation contracts with.
+        if _is_linear(leaf) or _is_eqx_conv(leaf):
+            # Only the weight: an Equinox conv's bias is (out, 1, ..., 1), and in
+            # a vmapped stack of Linears (`eqx.filter_vmap`, scan over layers) the
+            # bias is 2-D, (*stack, out), but neither is ever a matrix that an
+            # activation contracts with.
             is_lora = lambda x: isinstance(x, BatchedLoraArray)  # noqa: E731
             for sub, sub_leaf in flatten_with_paths(leaf, is_leaf=is_lora)[0]:
                 if sub != "weight":
@@ -221,7 +255,9 @@ def candidate_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
                 if isinstance(sub_leaf, BatchedLoraArray):
                     sub_leaf = sub_leaf.w
                 if _is_candidate(sub_leaf):
-                    out.append((f"{path}/{sub}" if path else sub, sub_leaf, True))
+                    out.append(
+                        (f"{path}/{sub}" if path else sub, sub_leaf, _is_linear(leaf))
+                    )
             continue
         if isinstance(leaf, BatchedLoraArray):
             leaf = leaf.w
@@ -230,9 +266,45 @@ def candidate_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
     return out
 
 
-def _infer_layout(path: str, shape, rule: LoraRule, is_linear_weight: bool):
+def _is_eqx_conv(x: Any) -> bool:
+    return isinstance(x, (eqx.nn.Conv, eqx.nn.ConvTranspose))
+
+
+def _is_conv(x: Any) -> bool:
+    if _is_eqx_conv(x):
+        return True
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, (nnx.Conv, nnx.ConvTranspose))
+
+
+def conv_out_axes(tree: Any) -> dict[str, int]:
+    """The out-feature axis of each unstacked conv kernel of `tree` that a layer
+    object identifies, by path: 0 for an Equinox `Conv*` / `ConvTranspose*`
+    weight `(O, I, *k)`, the last axis for an NNX `Conv` / `ConvTranspose`
+    kernel `(*k, I, O)`. Kernels of a vmapped stack of layers (more axes than
+    the convolution has) are left out: their axes need a rule's `stack_axes`."""
+    out = {}
+    for path, layer in flatten_with_paths(tree, is_leaf=_is_conv)[0]:
+        if not _is_conv(layer):
+            continue
+        eqx_layer = _is_eqx_conv(layer)
+        name, axis = ("weight", 0) if eqx_layer else ("kernel", -1)
+        nd = (
+            layer.num_spatial_dims + 2
+            if eqx_layer
+            else len(tuple(np.atleast_1d(layer.kernel_size))) + 2
+        )
+        for sub, leaf in flatten_with_paths(layer)[0]:
+            if sub.split("/")[0] == name and len(getattr(leaf, "shape", ())) == nd:
+                out[f"{path}/{sub}" if path else sub] = axis % nd
+    return out
+
+
+def _infer_layout(
+    path: str, shape, rule: LoraRule, is_linear_weight: bool, conv_out=None
+):
     try:
-        return _infer_layout_unchecked(path, shape, rule, is_linear_weight)
+        return _infer_layout_unchecked(path, shape, rule, is_linear_weight, conv_out)
     except (ValueError, TypeError) as e:
         if repr(path) in str(e):
             raise
@@ -259,7 +331,9 @@ def _stack_hint(shape, stack) -> str:
     )
 
 
-def _infer_layout_unchecked(path: str, shape, rule: LoraRule, is_linear_weight: bool):
+def _infer_layout_unchecked(
+    path: str, shape, rule: LoraRule, is_linear_weight: bool, conv_out=None
+):
     ndim = len(shape)
     stack = normalise_axes(rule.stack_axes, ndim, "stack_axes")
     if is_linear_weight and not stack and ndim > 2:
@@ -281,6 +355,11 @@ def _infer_layout_unchecked(path: str, shape, rule: LoraRule, is_linear_weight: 
     elif rule.out_axes is not None:
         outs = normalise_axes(rule.out_axes, ndim, "out_axes")
         ins = tuple(ax for ax in rest if ax not in outs)
+    elif conv_out is not None and not stack:
+        # A conv layer's kernel: the out-feature axis is produced, the in-feature
+        # and spatial axes are contracted.
+        outs = (conv_out,)
+        ins = tuple(ax for ax in rest if ax != conv_out)
     elif len(rest) == 2:
         ins, outs = (
             ((rest[1],), (rest[0],)) if is_linear_weight else ((rest[0],), (rest[1],))
@@ -292,7 +371,8 @@ def _infer_layout_unchecked(path: str, shape, rule: LoraRule, is_linear_weight: 
             f"default.{_stack_hint(shape, stack)} Say which axes are contracted and "
             "which are produced, e.g. `LoraRule(pattern, rank, in_axes=(0,), "
             "out_axes=(1, 2))` for a Flax DenseGeneral kernel of shape (in, heads, "
-            "head_dim)."
+            "head_dim); for a convolution, `out_axes=-1` for a Flax HWIO conv "
+            "kernel, `out_axes=0` for an Equinox OIHW conv weight."
         )
     Layout(ins, outs, stack).check(ndim, f"LoraRule({rule.pattern!r}) on {path!r}")
     return LeafLayout(path, tuple(shape), ins, outs, stack)
@@ -342,13 +422,16 @@ def match_rules(tree: Any, rules: LoraRule | Sequence[LoraRule]) -> RuleMatches:
         if not isinstance(r, LoraRule):
             raise TypeError(f"Expected LoraRule objects, got {type(r).__name__}.")
     candidates = candidate_leaves(tree)
+    convs = conv_out_axes(tree)
     used = [False] * len(rules)
     matches = []
     for path, leaf, is_linear_weight in candidates:
         for i, rule in enumerate(rules):
             if re.search(rule.pattern, path):
                 used[i] = True
-                layout = _infer_layout(path, leaf.shape, rule, is_linear_weight)
+                layout = _infer_layout(
+                    path, leaf.shape, rule, is_linear_weight, convs.get(path)
+                )
                 alpha = float(rule.rank if rule.alpha is None else rule.alpha)
                 matches.append(
                     RuleMatch(

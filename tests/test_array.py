@@ -361,7 +361,7 @@ def test_stack_axis_contracted_is_refused():
     lora, _ = _make((2, 5, 3), (1,), (2,), (0,), indices=np.array([0, 1], np.int32))
     x = jnp.ones((2, 2))
     f = lambda W, x: jax.lax.dot_general(x, W, (((1,), (0,)), ((), ())))  # noqa: E731
-    with pytest.raises(lx.UnsupportedOperationError, match=r"contracts axes \(0,\)"):
+    with pytest.raises(lx.UnsupportedOperationError, match=r"stack ax"):
         lx.quaxify(f)(lora, x)
 
 

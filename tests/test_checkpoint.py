@@ -646,3 +646,103 @@ def test_killed_save_leaves_a_loadable_checkpoint(killed_saves, point):
         "lorax_adapter.json",
     ]
     assert len(os.listdir(root)) == 3
+
+
+# -- LoRA variants (DoRA, IA3) ---------------------------------------------------------
+
+
+VARIANT_TREE = {
+    "dense": np.ones((6, 5), np.float32),
+    "blocks": {"w": np.ones((2, 5, 6), np.float32)},
+    "k": np.ones((6, 4), np.float32),
+    "ff": np.ones((4, 6), np.float32),
+    "plain": np.ones((5, 5), np.float32),
+}
+VARIANT_RULES = [
+    lx.LoraRule("^dense$", 3, alpha=6.0, variant="dora"),
+    lx.LoraRule("^blocks/w$", 2, stack_axes=(0,), in_axes=(1,), variant="dora"),
+    lx.LoraRule("^k$", 0, variant="ia3"),
+    lx.LoraRule("^ff$", 0, variant="ia3_feedforward"),
+    lx.LoraRule("^plain$", 2),
+]
+
+
+def assert_same_vectors(x, y) -> None:
+    for field in ("magnitudes", "in_scales", "out_scales"):
+        xs, ys = getattr(x, field), getattr(y, field)
+        assert set(xs) == set(ys), field
+        for p in xs:
+            u, v = np.asarray(xs[p]), np.asarray(ys[p])
+            assert u.dtype == v.dtype and u.shape == v.shape
+            assert u.tobytes() == v.tobytes()
+
+
+@pytest.fixture(scope="module")
+def variant_adapter():
+    ad = random_adapter(VARIANT_TREE, VARIANT_RULES, seed=5)
+    assert [ad.kind(p) for p in ad.paths] == ["dora", "dora", "ia3", "ia3", "lora"]
+    return ad
+
+
+def test_round_trip_variant_adapter(tmp_path, variant_adapter):
+    ad = variant_adapter
+    save_adapter(tmp_path / "ck", ad)
+    m = json.loads((tmp_path / "ck" / "lorax_adapter.json").read_text())
+    assert m["format_version"] == 2
+    back = load_adapter(tmp_path / "ck", VARIANT_TREE)
+    assert_same(ad, back)
+    assert_same_vectors(ad, back)
+    assert [back.kind(p) for p in back.paths] == [ad.kind(p) for p in ad.paths]
+    assert back.weights["k"][0].shape == (6, 0)  # rank 0: nothing stored
+
+
+def test_round_trip_variant_stack(tmp_path, variant_adapter):
+    plain = random_adapter(VARIANT_TREE, lx.LoraRule("^(k|plain)$", 1), seed=6)
+    stack = lx.stack_adapters([plain, variant_adapter, plain], names=["p", "v", "q"])
+    save_adapter(tmp_path / "ck", stack)
+    back = load_adapter(tmp_path / "ck")
+    assert_same(stack, back)
+    assert_same_vectors(stack, back)
+    assert back.variants == stack.variants
+    assert back.variants[back.paths.index("k")] == (
+        (False, False, False),
+        (False, False, True),
+        (False, False, False),
+    )
+    assert_same_vectors(stack[1], back[1])
+    # A plain stack round-trips as before, in format 1.
+    save_adapter(tmp_path / "plain", lx.stack_adapters([plain]))
+    m = json.loads((tmp_path / "plain" / "lorax_adapter.json").read_text())
+    assert m["format_version"] == 1 and "variants" not in m["leaves"][0]
+
+
+def test_variant_vectors_are_checked(tmp_path, variant_adapter):
+    stack = lx.stack_adapters([variant_adapter])
+    root = tmp_path / "ck"
+    save_adapter(root, stack)
+    mpath = root / "lorax_adapter.json"
+    good = json.loads(mpath.read_text())
+
+    def leaf(m, path):
+        return next(x for x in m["leaves"] if x["path"] == path)
+
+    def rewrite(edit):
+        m = json.loads(json.dumps(good))
+        edit(m)
+        m["checksum"] = ck._checksum(m)
+        mpath.write_text(ck._dump(m))
+
+    # Flags that disagree with the arrays saved.
+    rewrite(lambda m: leaf(m, "k").update(variants=[[True, False, False]]))
+    with pytest.raises(CheckpointError, match="malformed.*arrays"):
+        load_adapter(root)
+    # A vector of the wrong shape for its layout.
+    rewrite(lambda m: leaf(m, "dense")["arrays"]["magnitude"].update(shape=[1, 6]))
+    with pytest.raises(CheckpointError, match="magnitude has shape"):
+        load_adapter(root)
+    # A vector's checksum.
+    rewrite(lambda m: leaf(m, "ff")["arrays"]["in_scale"].update(sha256="0" * 64))
+    with pytest.raises(CheckpointError, match="'in_scale' array of 'ff'.*checksum"):
+        load_adapter(root)
+    rewrite(lambda m: None)
+    assert_same_vectors(stack, load_adapter(root))

@@ -73,10 +73,14 @@ WORKING = [
     "gemma3-whole",
     "gemma4",  # (V, L, P) lookup, w * c (scalar, NumPy in a while_loop)
     "moe-gshard",  # experts a batch axis of dot_general
+    "moe-gather",  # w[experts]: the entries' factors gathered per adapter
+    "moe-take",  # jnp.take(w, experts, axis=0)
+    "deepseek-mla",  # absorbed wkv_b: an out-axis as a dot_general batch axis
     "nnx-mlp",
     "nnx-lm1b",  # nnx.MultiHeadAttention's own cache, made before the call
     "maxtext",  # the head moved from host memory with jax.device_put at each use
     "nnx-sharded",  # state constrained to its partition specs in the call
+    "nnx-cnn",  # nnx.Conv kernels (3, 3, in, out): conv_general_dilated
 ]
 
 
@@ -87,58 +91,26 @@ def test_family_matches_reference(name):
     assert set(stack.paths) == {m.path for m in every}  # every rule adapted
 
 
-# --- families where some leaves cannot be adapted today ------------------------
-
-# The leaves below fail (see the next section); everything else is checked.
-PARTLY = {
-    "deepseek-mla": [r"wkv_b"],  # weight absorption: an out-axis as a batch axis
-    "nnx-cnn": [r"conv"],  # conv_general_dilated (issue 11)
-}
-
-
-@pytest.mark.parametrize("name", PARTLY)
-def test_family_without_the_unsupported_leaves(name):
-    check_against_reference(name, drop=PARTLY[name])
-
-
 # --- what fails today ----------------------------------------------------------
-
-GATHER = (
-    r"`gather` on a BatchedLoraArray of shape \(4, 16, 32\) \(in_axes=\(1,\), "
-    r"out_axes=\(2,\), stack_axes=\(0,\)\).*only whole-row lookups"
-)
 
 UNSUPPORTED = [
     # (family, the one leaf adapted, the error's words)
-    pytest.param("moe-gather", r"moe/gate_proj", GATHER, id="moe-gather-w[idx]"),
-    pytest.param("moe-take", r"moe/up_proj", GATHER, id="moe-take-jnp.take"),
     pytest.param(
         "moe-onehot",
         r"moe/gate_proj",
-        r"dot_general contracts axes \(0,\) \(batch axes \(\)\) of a "
-        r"BatchedLoraArray with weight shape \(4, 16, 32\)",
+        r"dot_general contracts the stack axes \(0,\) of a BatchedLoraArray with "
+        r"weight shape \(4, 16, 32\).*contracting the stack axis mixes the "
+        r"entries' adapters.*no low-rank form.*`w\[experts\]`.*"
+        r"einsum\('BTD,EDF->BTEF', x, w\)",
         id="moe-onehot-contracts-expert-axis",
     ),
     pytest.param(
         "moe-ragged",
         r"moe/down_proj",
-        r"`ragged_dot_general` has no rule for BatchedLoraArray",
+        r"`ragged_dot_general` \(`lax.ragged_dot`\) with a BatchedLoraArray "
+        r"\(weight shape \(4, 32, 16\).*which request, and so which adapter, each "
+        r"row belongs to is lost.*`w\[experts\]`",
         id="moe-ragged-ragged_dot",
-    ),
-    pytest.param(
-        "nnx-cnn",
-        r"conv2/kernel",
-        r"`conv_general_dilated` has no rule for BatchedLoraArray \(weight shape "
-        r"\(3, 3, 4, 8\)",
-        id="nnx-cnn-conv",
-    ),
-    pytest.param(
-        "deepseek-mla",
-        r"layers/0/attn/wkv_b",
-        r"dot_general contracts axes \(2,\) \(batch axes \(1,\)\) of a "
-        r"BatchedLoraArray with weight shape \(8, 4, 4\), but its layout is "
-        r"in_axes=\(0,\), out_axes=\(1, 2\)",
-        id="deepseek-mla-absorbed-wkv_b",
     ),
 ]
 
@@ -171,10 +143,15 @@ def test_cache_made_inside_the_call_is_not_written_back():
 def test_sweep_names_primitive_leaf_and_model_code():
     """The sweep drives past the first error (each failing leaf dropped in turn)
     and ties each error to its leaf and to the model code that raised it."""
-    out = run_script(["benchmarks/coverage_sweep.py", "--quick", "--family", "nnx-cnn"])
-    assert "| `nnx-cnn` | 2 of 4 | traces |" in out
-    for conv in ("conv1", "conv2"):
+    out = run_script(
+        ["benchmarks/coverage_sweep.py", "--quick", "--family", "moe-onehot"]
+    )
+    assert "| `moe-onehot` | 1 of 4 | traces |" in out
+    for name, line in (
+        ("gate", 'gate = jnp.einsum("BTD,BTKDF->BTKF", x, select(w1))'),
+        ("up", 'up = jnp.einsum("BTD,BTKDF->BTKF", x, select(w3))'),
+    ):
         assert (
-            f"`conv_general_dilated`: `{conv}/kernel` (CNN.__call__: "
-            f"`x = self.avg_pool(nnx.relu(self.{conv}(x)))` → flax Conv.__call__)"
+            f"`dot_general (UnsupportedOperationError)`: `moe/{name}_proj` "
+            f"(MoE.__call__: `{line}`)"
         ) in out
