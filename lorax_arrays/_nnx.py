@@ -120,14 +120,19 @@ class NnxAware(eqx.Module):
         if not where:
             return quax.quaxify(fn, filter_spec)(*args, **kwargs)
         nodes = [leaves[i] for i in where]
-        graphdef, state = nnx.split(nodes)
         others = [None if is_node(leaf) else leaf for leaf in leaves]
+        # NNX's update context (as its own transforms use) lets a call that
+        # changes the modules' structure (a cache created in the call where the
+        # module held None) be written back; otherwise only the changed state is.
+        tag = object()
+        restructured: dict[str, Any] = {}
 
         def inner(state: Any, others: list[Any]) -> Any:
             # quax rebuilt the Variables in `state` outside its trace; rebuild them
             # here (a pytree round trip), so that they belong to this one.
             state = jtu.tree_map(lambda x: x, state)
-            merged = nnx.merge(graphdef, state)
+            with nnx.merge_context(tag, inner=True) as ctx:
+                merged = ctx.merge(graphdef, state)
             before = _snapshot(nnx, state)
             full = list(others)
             for i, node in zip(where, merged):
@@ -135,11 +140,29 @@ class NnxAware(eqx.Module):
             head_in, args_in, kwargs_in = jtu.tree_unflatten(treedef, full)
             call = functools.partial(fn.__func__, head_in) if method else head_in
             out = call(*args_in, **kwargs_in)
-            return out, _changed(nnx, before, nnx.split(merged)[1])
+            graphdef_after, state_after = nnx.split(merged)
+            whole = None
+            if graphdef_after != graphdef:  # new attributes (sown values, caches)
+                with nnx.split_context(tag) as ctx:
+                    graphdef_out, whole = ctx.split(merged)
+                restructured["graphdef"] = graphdef_out
+            return out, _changed(nnx, before, state_after), whole
 
-        out, changed = quax.quaxify(inner, filter_spec)(state, others)
-        if changed is not None:
-            _write_back(nnx, nodes, changed)
+        with nnx.update_context(tag):
+            with nnx.split_context(tag) as ctx:
+                graphdef, state = ctx.split(nodes)
+            out, changed, whole = quax.quaxify(inner, filter_spec)(state, others)
+            if changed is not None:
+                try:
+                    _write_back(nnx, nodes, changed)
+                except ValueError as e:
+                    # `nnx.update` writes values and new Variables, not new
+                    # sub-modules (a cache made in the call where the module held
+                    # None): NNX's update context rebuilds the structure.
+                    if "Expected a subgraph" not in str(e) or whole is None:
+                        raise
+                    with nnx.merge_context(tag, inner=False) as ctx:
+                        ctx.merge(restructured["graphdef"], whole)
         if any(map(is_node, jtu.tree_leaves(out, is_leaf=is_node))):
             # NNX objects returned (`nnx.state(m, nnx.Intermediate)`, say) were
             # rebuilt by quax outside every trace: rebuild them in the caller's.
