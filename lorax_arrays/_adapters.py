@@ -42,8 +42,10 @@ class Adapter(eqx.Module):
     out-feature, with no gradient through it, as in PEFT). So a plain LoRA leaf
     has only `(a, b)`; an IA3 leaf has rank 0 and one vector (`out_scales` for
     PEFT's `k`/`v` targets, `in_scales` for its `feedforward_modules`); a DoRA leaf
-    has `(a, b)` and a magnitude. A VeRA adapter is a LoRA whose factors are its
-    shared projections scaled by its vectors (`A·diag(d)`, `B·diag(b)`, alpha = rank).
+    has `(a, b)` and a magnitude. A VeRA leaf (`vera`) holds in `weights` its
+    frozen random projections `(A, B)` and in `vera` its trainable vectors
+    `(d, b)`: it is the LoRA `(A·diag(d), B·diag(b))` with scale 1 (`lora_factors`),
+    and no gradient reaches the projections.
 
     **Fields:**
 
@@ -62,6 +64,8 @@ class Adapter(eqx.Module):
         here is a DoRA leaf.
     - `in_scales`: IA3's vector on the input per path, `(*stack, *in)`.
     - `out_scales`: IA3's vector on the output per path, `(*stack, *out)`.
+    - `vera`: VeRA's vectors per path, `(d, b)` with `d: (*stack, rank)` and
+        `b: (*stack, *out)`; a path here is a VeRA leaf.
     """
 
     weights: dict[str, tuple[Array, Array]]
@@ -73,6 +77,7 @@ class Adapter(eqx.Module):
     magnitudes: dict[str, Array] = eqx.field(default_factory=dict)
     in_scales: dict[str, Array] = eqx.field(default_factory=dict)
     out_scales: dict[str, Array] = eqx.field(default_factory=dict)
+    vera: dict[str, tuple[Array, Array]] = eqx.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.lookup_only:
@@ -119,6 +124,26 @@ class Adapter(eqx.Module):
                         f"Adapter: `{field}[{path!r}]` has shape {tuple(v.shape)}; "
                         f"expected (*stack, *{group}) = {want}."
                     )
+        for path, (d, b) in self.vera.items():
+            lay = by_path.get(path)
+            if lay is None:
+                raise ValueError(
+                    f"Adapter: `vera` has vectors at {path!r}, which is not one of "
+                    f"the adapter's leaves {sorted(by_path)}."
+                )
+            r = self.ranks[self.paths.index(path)]
+            want_d, want_b = (*lay.stack_shape, r), (*lay.stack_shape, *lay.out_shape)
+            if tuple(d.shape) != want_d or tuple(b.shape) != want_b:
+                raise ValueError(
+                    f"Adapter: VeRA vectors at {path!r} have shapes d"
+                    f"{tuple(d.shape)}, b{tuple(b.shape)}; expected d{want_d} "
+                    f"(*stack, rank) and b{want_b} (*stack, *out)."
+                )
+            if path in self.magnitudes or path in self.in_scales:
+                raise ValueError(
+                    f"Adapter: {path!r} is a VeRA leaf and also has DoRA or IA3 "
+                    "vectors; one kind per leaf."
+                )
         for path in self.magnitudes:
             if self.ranks[self.paths.index(path)] == 0:
                 raise ValueError(
@@ -136,9 +161,25 @@ class Adapter(eqx.Module):
         with a vector) or `"lora+ia3"` (both)."""
         if path in self.magnitudes:
             return "dora"
+        if path in self.vera:
+            return "vera"
         vectors = path in self.in_scales or path in self.out_scales
         lora = self.ranks[self.paths.index(path)] > 0
         return ("lora+ia3" if lora else "ia3") if vectors else "lora"
+
+    def lora_factors(self, path: str) -> tuple[Array, Array]:
+        """The `(a, b)` that the leaf at `path` is served with: `weights[path]`,
+        or for a VeRA leaf its projections scaled by its vectors,
+        `(A·diag(d), B·diag(b))`, with no gradient to the projections."""
+        a, b = self.weights[path]
+        if path not in self.vera:
+            return a, b
+        d, bvec = self.vera[path]
+        lay = self.layouts[self.paths.index(path)]
+        ns, ni = len(lay.stack_shape), len(lay.in_shape)
+        a = jax.lax.stop_gradient(a) * jnp.reshape(d, (*d.shape[:ns], *(1,) * ni, -1))
+        b = jax.lax.stop_gradient(b) * jnp.expand_dims(bvec, ns)
+        return a, b
 
     def scale(self, path: str) -> float:
         """`alpha / rank` (or `alpha / sqrt(rank)`) of the leaf at `path`."""
@@ -195,14 +236,60 @@ def init_adapter(
         b = jnp.asarray(xp.zeros((*lay.stack_shape, m.rank, *lay.out_shape), dt))
         weights[lay.path] = (a, b)
     vectors = _init_variants(tree, matches, dtype, xp)
+    vera = _init_vera(matches, weights, dtype, key)
     return Adapter(
         weights=weights,
         layouts=tuple(m.layout for m in matches),
         ranks=tuple(m.rank for m in matches),
-        alphas=tuple(m.alpha for m in matches),
-        use_rslora=tuple(m.use_rslora for m in matches),
+        alphas=tuple(
+            float(m.rank) if m.rule.variant == "vera" else m.alpha for m in matches
+        ),
+        use_rslora=tuple(
+            False if m.rule.variant == "vera" else m.use_rslora for m in matches
+        ),
+        vera=vera,
         **vectors,
     )
+
+
+def _init_vera(matches, weights, dtype, key) -> dict[str, tuple[Array, Array]]:
+    """VeRA's leaves as PEFT makes them: one pair of random projections for all
+    of them, `A (max in, r)` and `B (r, max out)` (Kaiming-uniform as PEFT's,
+    bounds `1/sqrt(max in)` and `1/sqrt(r)`), each leaf taking the top-left part
+    (its flattened in- and out-features), the same in every stack entry; `d` starts
+    at 0.1 and `b` at 0, so the model is unchanged. Replaces `weights` there with
+    the projections."""
+    veras = [m for m in matches if m.rule.variant == "vera"]
+    if not veras:
+        return {}
+    ranks = {m.rank for m in veras}
+    if len(ranks) > 1:
+        raise ValueError(
+            f"init_adapter: VeRA leaves share one pair of projections, so one rank; "
+            f"the rules give ranks {sorted(ranks)}."
+        )
+    (r,) = ranks
+    d_in = max(math.prod(m.layout.in_shape) for m in veras)
+    d_out = max(math.prod(m.layout.out_shape) for m in veras)
+    k_a, k_b = jr.split(jr.fold_in(key, 0x7E7A))
+    proj_a = jr.uniform(k_a, (d_in, r), jnp.float32, -1.0, 1.0) / math.sqrt(d_in)
+    proj_b = jr.uniform(k_b, (r, d_out), jnp.float32, -1.0, 1.0) / math.sqrt(r)
+    vera = {}
+    for m in veras:
+        lay = m.layout
+        dt = np.dtype(m.dtype if dtype is None else dtype)
+        n_in, n_out = math.prod(lay.in_shape), math.prod(lay.out_shape)
+        stack = lay.stack_shape
+        a = proj_a[:n_in].reshape(*lay.in_shape, r).astype(dt)
+        b = proj_b[:, :n_out].reshape(r, *lay.out_shape).astype(dt)
+        a = jnp.broadcast_to(a, (*stack, *a.shape))
+        b = jnp.broadcast_to(b, (*stack, *b.shape))
+        weights[lay.path] = (a, b)
+        vera[lay.path] = (
+            jnp.full((*stack, r), 0.1, dt),
+            jnp.zeros((*stack, *lay.out_shape), dt),
+        )
+    return vera
 
 
 def _init_variants(tree: Any, matches, dtype, xp) -> dict[str, dict[str, Array]]:
@@ -452,7 +539,9 @@ def stack_adapters(
     for path, lay in layouts.items():
         ns = len(lay.stack_axes)
         per = [
-            (ad.weights[path], ad.paths.index(path)) if path in ad.weights else None
+            (ad.lora_factors(path), ad.paths.index(path))
+            if path in ad.weights
+            else None
             for ad in adapters
         ]
         r_each = tuple(ad.ranks[p[1]] if p else 0 for ad, p in zip(adapters, per))

@@ -308,7 +308,7 @@ class AdapterBank:
         arrays, nbytes = {}, 0
         for j, lay in enumerate(adapter.layouts):
             leaf = self._check_leaf(name, lay, adapter.ranks[j])
-            a, b = adapter.weights[lay.path]
+            a, b = adapter.lora_factors(lay.path)  # VeRA: as the LoRA it serves
             a, b = self._to_host(name, lay.path, a, b, leaf)
             scale = np.float32(adapter.scale(lay.path))
             head = np.float32(0.0 if adapter.lookup_only[j] else scale)

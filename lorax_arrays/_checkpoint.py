@@ -155,7 +155,14 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter | AdapterStack) -> No
 
 
 def _has_vectors(adapter: Adapter | AdapterStack) -> bool:
-    return any(getattr(adapter, field) for field in _VECTORS.values())
+    return any(getattr(adapter, field) for field in _VECTORS.values()) or bool(
+        getattr(adapter, "vera", None)
+    )
+
+
+# VeRA's trainable vectors `(d, b)` of an Adapter's VeRA leaf (its `a` and `b` are
+# the frozen projections).
+_VERA = ("vera_d", "vera_b")
 
 
 def _flatten(adapter: Adapter | AdapterStack) -> tuple[dict[str, np.ndarray], list]:
@@ -189,6 +196,8 @@ def _flatten(adapter: Adapter | AdapterStack) -> tuple[dict[str, np.ndarray], li
         for role, field in _VECTORS.items():
             if lay.path in getattr(adapter, field):
                 parts[role] = getattr(adapter, field)[lay.path]
+        if not is_stack and lay.path in adapter.vera:
+            parts.update(zip(_VERA, adapter.vera[lay.path]))
         entry["arrays"] = {}
         for role, x in parts.items():
             key = f"{role}_{i}"
@@ -494,7 +503,9 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
                 lk = bool(leaf.get("lookup_only", False))
                 var = None
                 mid, rank = (), r
-                expected = {"a", "b"} | (set(leaf["arrays"]) & set(_VECTORS))
+                expected = {"a", "b"} | (set(leaf["arrays"]) & {*_VECTORS, *_VERA})
+                if len(set(leaf["arrays"]) & set(_VERA)) == 1:
+                    raise ValueError(f"{lay.path!r}: one of VeRA's two vectors")
             entry = dict(leaf["arrays"])
             if set(entry) != expected:
                 raise ValueError(f"{lay.path!r}: arrays {sorted(entry)}")
@@ -505,6 +516,8 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
                 "magnitude": (*lay.stack_shape, *mid, *lay.out_shape),
                 "in_scale": (*lay.stack_shape, *mid, *lay.in_shape),
                 "out_scale": (*lay.stack_shape, *mid, *lay.out_shape),
+                "vera_d": (*lay.stack_shape, rank),
+                "vera_b": (*lay.stack_shape, *lay.out_shape),
             }
             for role, info in entry.items():
                 if tuple(info["shape"]) != shapes[role]:
@@ -687,6 +700,11 @@ def _build(
         }
         for role, field in _VECTORS.items()
     }
+    vera = {
+        lay.path: (to_jax(got["vera_d"], lay.path), to_jax(got["vera_b"], lay.path))
+        for lay, got in zip(layouts, arrays)
+        if "vera_d" in got
+    }
     try:
         if spec["kind"] == "adapter":
             return Adapter(
@@ -696,6 +714,7 @@ def _build(
                 alphas=spec["alphas"],
                 use_rslora=spec["use_rslora"],
                 lookup_only=spec["lookup_only"],
+                vera=vera,
                 **vectors,
             )
         return AdapterStack(

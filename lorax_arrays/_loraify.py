@@ -323,7 +323,7 @@ def merge(tree: Any, adapter: Adapter) -> Any:
                 f"merge: the adapter was made for shape {lay.shape} at {path!r}, but "
                 f"the tree's leaf there has shape {tuple(leaf.shape)}."
             )
-        a, b = adapter.weights[path]
+        a, b = adapter.lora_factors(path)
         layout = lay.layout
         merged = leaf + adapter.scale(path) * layout.dense_delta(a, b)
         stack, ins, outs = lay.stack_shape, lay.in_shape, lay.out_shape
@@ -369,7 +369,13 @@ def adapter_mask(tree: Any) -> Any:
             falses = jax.tree.map(lambda _: False, x)
             return eqx.tree_at(lambda n: (n.a, n.b), falses, (True, True))
         if isinstance(x, Adapter):
-            return jax.tree.map(lambda _: True, x)
+            # Everything but VeRA's frozen projections (its `weights` there).
+            trues = jax.tree.map(lambda _: True, x)
+            frozen = {p: (False, False) for p in x.vera}
+            if not frozen:
+                return trues
+            weights = {**trues.weights, **frozen}
+            return eqx.tree_at(lambda ad: ad.weights, trues, weights)
         if isinstance(x, AdapterStack):
             falses = jax.tree.map(lambda _: False, x)
             trues = {p: (True, True) for p in x.weights}

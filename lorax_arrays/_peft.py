@@ -1467,7 +1467,8 @@ def save_peft_adapter(
                 "axes of a leaf (layers, a fused kernel's entries), so the stack "
                 "axes must come first, in order: transpose the leaf."
             )
-        a, b = (np.asarray(x) for x in adapter.weights[lay.path])
+        # A VeRA leaf is written as the LoRA it is served as.
+        a, b = (np.asarray(x) for x in adapter.lora_factors(lay.path))
         name_of = _entry_namer(lay, key_map, namer)
         per_layer = [
             (name_of(e), *_flat_factors(lay, a[e], b[e]))

@@ -63,7 +63,10 @@ class LoraRule:
         out-feature, starting at the weight's column norms); `"ia3"` (a vector
         scaling the product's output, PEFT's IA3 on `k`/`v`, starting at 1:
         write rank 0); `"ia3_feedforward"` (a vector scaling the input, PEFT's
-        IA3 `feedforward_modules`, rank 0).
+        IA3 `feedforward_modules`, rank 0); `"vera"` (frozen random projections
+        shared by every matched leaf, sliced to each, and trainable vectors `d`
+        (starting at 0.1) and `b` (at 0), as PEFT's VeRA; `alpha` is ignored:
+        scale 1).
     """
 
     pattern: str
@@ -106,7 +109,7 @@ class LoraRule:
         return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-VARIANTS = ("lora", "dora", "ia3", "ia3_feedforward")
+VARIANTS = ("lora", "dora", "ia3", "ia3_feedforward", "vera")
 
 
 @dataclasses.dataclass(frozen=True)

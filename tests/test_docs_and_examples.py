@@ -18,6 +18,7 @@ DOCS = [
     "docs/peft.md",
     "docs/nnx.md",
     "docs/serving.md",
+    "docs/variants.md",
 ]
 
 
@@ -145,3 +146,26 @@ def test_index_guard_benchmark_runs_quick():
         assert re.fullmatch(r"\s*\d+\.\d+x\s*", ratio)
         assert int(added) <= 4
     assert re.search(r"W1 cost of the guard: [+-]\d+\.\d+%", out)
+
+
+def test_variants_benchmark_runs_quick():
+    """Every LoRA variant (and the mixed batches) is checked row by row against its
+    adapters merged alone, then timed on both workloads: a row per variant, each
+    cell a measured ratio; the mixed stack is padded to VeRA's rank."""
+    out = _run(["benchmarks/variants.py", "--quick"])
+    assert out.count("every row matches its adapter merged alone") == 2, out
+    rows = {}
+    for name in ["base", "lora", "dora", "ia3", "vera", "mixed", "mixed-r16"]:
+        row = re.search(rf"^\| {re.escape(name)} \|.*$", out, re.M)
+        assert row, out
+        cells = [c.strip() for c in row[0].strip("|").split("|")]
+        rows[name] = cells
+        # W1 then W3: ms, / base, / lora, temp MiB, auto's pick.
+        for ms, to_base, to_lora in (cells[2:5], cells[7:10]):
+            assert float(ms) > 0, row[0]
+            assert re.fullmatch(r"\d+\.\d+x", to_base), row[0]
+            assert re.fullmatch(r"\d+\.\d+x", to_lora), row[0]
+    assert rows["base"][3] == rows["lora"][4] == "1.00x"
+    assert [rows[k][1] for k in ("lora", "dora", "ia3")] == ["16", "16", "0"]
+    assert rows["mixed"][1] == rows["vera"][1] and rows["mixed-r16"][1] == "16"
+    assert len(re.findall(r"^- W[13] .*: lora .* ms, dora .* ms", out, re.M)) == 2

@@ -347,3 +347,86 @@ def test_refusals(mixed):
     with pytest.raises(ValueError, match="DORA adapter"):
         bank.add("d", adapters[1])
     bank.add("l", lx.init_adapter(params, RULES["lora"], key=jax.random.key(0)))
+
+
+# --- VeRA, trained here --------------------------------------------------------
+
+
+def test_vera_trains_its_vectors_only(mixed, tmp_path):
+    params, _, _, x = mixed
+    rules = [lx.LoraRule(r"up|down", 4, variant="vera", stack_axes=0)]
+    fresh = lx.init_adapter(params, rules, key=jax.random.key(3))
+    assert fresh.kind("up") == "vera" and fresh.kind("down") == "vera"
+    # One pair of projections for every leaf: down's (F, r) block is up's top rows.
+    a_up, _ = fresh.weights["up"]
+    a_down, _ = fresh.weights["down"]
+    np.testing.assert_array_equal(a_up[0][:F], a_down[0])
+    np.testing.assert_array_equal(a_up[0], a_up[1])  # the same in every layer
+    idx = jnp.array([0, -1, 0, 0, -1, 0, 0, 0])
+    # New: the model itself (b starts at 0).
+    same = jax.jit(lx.quaxify(forward))(lx.loraify(params, fresh, idx), x)
+    np.testing.assert_allclose(np.asarray(same), np.asarray(forward(params, x)), **TOL)
+
+    rng = np.random.default_rng(11)
+    trained = eqx_tree_vera(fresh, rng)
+    served = jax.jit(lx.quaxify(forward))(lx.loraify(params, trained, idx), x)
+
+    def np_weight(path):
+        a, b = (np.asarray(v, np.float64) for v in trained.weights[path])
+        d, bv = (np.asarray(v, np.float64) for v in trained.vera[path])
+        w = np.asarray(params[path], np.float64)
+        return w + (a * d[:, None, :]) @ (b * bv[:, None, :])
+
+    merged = {"up": np_weight("up"), "down": np_weight("down")}
+    merged["head"] = np.asarray(params["head"], np.float64)
+    base = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    for e, i in enumerate(np.asarray(idx)):
+        want = _np_forward(merged if i >= 0 else base, x[e])
+        np.testing.assert_allclose(np.asarray(served[e]), want, **TOL)
+    np.testing.assert_allclose(
+        np.asarray(lx.merge(params, trained)["up"]), merged["up"], rtol=1e-5, atol=1e-5
+    )
+
+    # Gradients: to d and b, none to the projections; the mask says the same.
+    def loss(ad):
+        y = lx.quaxify(forward)(lx.loraify(params, ad, idx), x)
+        return jnp.sum(y**2)
+
+    grads = jax.grad(loss)(trained)
+    for path in ("up", "down"):
+        assert not np.any(np.asarray(grads.weights[path][0]))
+        assert not np.any(np.asarray(grads.weights[path][1]))
+        assert np.abs(np.asarray(grads.vera[path][0])).max() > 1e-4
+        assert np.abs(np.asarray(grads.vera[path][1])).max() > 1e-4
+    mask = lx.adapter_mask(trained)
+    assert mask.weights["up"] == (False, False) and mask.vera["up"] == (True, True)
+
+    # A checkpoint keeps the kind, the projections and the vectors.
+    lx.save_adapter(tmp_path / "vera", trained)
+    back = lx.load_adapter(tmp_path / "vera", params)
+    assert back.kind("up") == "vera"
+    for path in ("up", "down"):
+        for got, want in zip(
+            (*back.weights[path], *back.vera[path]),
+            (*trained.weights[path], *trained.vera[path]),
+        ):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def eqx_tree_vera(adapter, rng):
+    """The adapter with random non-zero VeRA vectors (projections untouched)."""
+    vera = {
+        p: tuple(
+            jnp.asarray(nonzero(rng, v.shape) * rng.choice([-1, 1], v.shape), v.dtype)
+            for v in vecs
+        )
+        for p, vecs in adapter.vera.items()
+    }
+    return lx.Adapter(
+        weights=adapter.weights,
+        layouts=adapter.layouts,
+        ranks=adapter.ranks,
+        alphas=adapter.alphas,
+        use_rslora=adapter.use_rslora,
+        vera=vera,
+    )
