@@ -188,7 +188,7 @@ def _mla_arrays(case, b=3):
     return x, w, a, bb, scale, idx
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(mla_cases())
 def test_absorbed_weight_matches_reference(case):
     x, w, a, b, scale, idx = _mla_arrays(case)
