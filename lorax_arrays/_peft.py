@@ -328,7 +328,7 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-_PEFT_TYPES = ("LORA", "IA3", "VERA")
+_PEFT_TYPES = ("LORA", "IA3", "VERA", "LOHA", "LOKR")
 
 
 def _peft_type(config: dict) -> str:
@@ -340,8 +340,8 @@ def _check_config(config: dict, file: Path) -> None:
     if peft_type not in _PEFT_TYPES:
         raise PeftFormatError(
             f"{file}: peft_type is {config.get('peft_type')!r}; load_peft_adapter "
-            "reads LoRA adapters only, with the variants DoRA, IA3 and VeRA (LoHa, "
-            "LoKr, OFT... are not supported yet)."
+            "reads LoRA adapters only, with the variants DoRA, IA3, VeRA, LoHa and "
+            "LoKr (OFT, BOFT, AdaLoRA... are not supported yet)."
         )
     if config.get("modules_to_save"):
         raise PeftFormatError(
@@ -357,6 +357,19 @@ def _check_config(config: dict, file: Path) -> None:
                     f"{file}: {key!r} is {value!r}; expected a regex or a list of "
                     "module names."
                 )
+        return
+    if peft_type in ("LOHA", "LOKR"):
+        for key in ("r", "alpha"):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PeftFormatError(
+                    f"{file}: {key!r} is {value!r}; expected a number (a "
+                    f"{_WHAT[peft_type]} config has 'r' and 'alpha')."
+                )
+        for key in ("rank_pattern", "alpha_pattern"):
+            value = config.get(key) or {}
+            if not isinstance(value, dict):
+                raise PeftFormatError(f"{file}: {key!r} must be a dict, got {value!r}.")
         return
     bias = config.get("bias", "none")
     if bias != "none":
@@ -403,7 +416,8 @@ def _check_config(config: dict, file: Path) -> None:
 
 _KEY = re.compile(
     r"^(?P<module>.+)\.(?:(?P<lin>lora_[AB])\.weight|(?P<emb>lora_embedding_[AB])"
-    r"|(?P<mag>lora_magnitude_vector)|(?P<ia3>ia3_l)|vera_lambda_(?P<vera>[bd]))$"
+    r"|(?P<mag>lora_magnitude_vector)|(?P<ia3>ia3_l)|vera_lambda_(?P<vera>[bd])"
+    r"|hada_(?P<loha>w[12]_[ab]|t[12])|lokr_(?P<lokr>w[12](?:_[ab])?|t2))$"
 )
 # What each peft_type's files hold per module (the `_KEY` groups), for errors.
 _EXPECTED = {
@@ -413,7 +427,12 @@ _EXPECTED = {
     "IA3": "'<module>.ia3_l'",
     "VERA": "'base_model.vera_A', 'base_model.vera_B', '<module>.vera_lambda_d' "
     "and '<module>.vera_lambda_b'",
+    "LOHA": "'<module>.hada_w1_a', '<module>.hada_w1_b', '<module>.hada_w2_a' and "
+    "'<module>.hada_w2_b'",
+    "LOKR": "'<module>.lokr_w1' or '<module>.lokr_w1_a' and '<module>.lokr_w1_b', "
+    "and '<module>.lokr_w2' or '<module>.lokr_w2_a' and '<module>.lokr_w2_b'",
 }
+_WHAT = {"LORA": "LoRA", "IA3": "IA3", "VERA": "VeRA", "LOHA": "LoHa", "LOKR": "LoKr"}
 
 
 def _parse_keys(tensors: dict[str, np.ndarray], file: Path, config: dict):
@@ -435,7 +454,9 @@ def _parse_keys(tensors: dict[str, np.ndarray], file: Path, config: dict):
         group = (
             None
             if m is None
-            else next(g for g in ("lin", "emb", "mag", "ia3", "vera") if m[g])
+            else next(
+                g for g in ("lin", "emb", "mag", "ia3", "vera", "loha", "lokr") if m[g]
+            )
         )
         if group in ("lin", "emb") and peft_type == "LORA":
             module = m["module"]
@@ -463,6 +484,9 @@ def _parse_keys(tensors: dict[str, np.ndarray], file: Path, config: dict):
         if group == "vera" and peft_type == "VERA":
             factors.setdefault(m["module"], {})[m["vera"]] = value
             continue
+        if group in ("loha", "lokr") and peft_type == group.upper():
+            factors.setdefault(m["module"], {})[m[group]] = value
+            continue
         if m is None and "lora_" not in name and name.endswith(".weight"):
             # PEFT's `save_embedding_layers` stores whole embedding layers (when they
             # are targeted or the vocabulary was resized).
@@ -479,7 +503,7 @@ def _parse_keys(tensors: dict[str, np.ndarray], file: Path, config: dict):
                 "not belong together."
             )
         )
-        what = {"LORA": "LoRA", "IA3": "IA3", "VERA": "VeRA"}[peft_type]
+        what = _WHAT[peft_type]
         raise PeftFormatError(
             f"{file}: key {key!r} is not a {what} weight lorax_arrays understands "
             f"(expected {_EXPECTED[peft_type]}).{other}"
@@ -497,6 +521,8 @@ def _parse_keys(tensors: dict[str, np.ndarray], file: Path, config: dict):
                     "expected (out, 1) or, for a feedforward module, (1, in). Only "
                     "IA3 on linear layers is supported so far."
                 )
+        elif peft_type in ("LOHA", "LOKR"):
+            _check_lycoris_module(module, parts, peft_type, file)
         else:
             if set(parts) != {"b", "d"}:
                 missing = ({"b", "d"} - set(parts)).pop()
@@ -530,6 +556,60 @@ def _parse_keys(tensors: dict[str, np.ndarray], file: Path, config: dict):
                 f"expected (r, max_in) and (max_out, r) with r = {r}."
             )
     return factors, kinds, base_copies, shared
+
+
+def _check_lycoris_module(module: str, parts: dict, peft_type: str, file: Path):
+    """A LoHa or LoKr module's tensors: those of a linear layer, complete."""
+    what = _WHAT[peft_type]
+    prefix = "hada_" if peft_type == "LOHA" else "lokr_"
+    conv = [k for k in ("t1", "t2") if k in parts] or [
+        k for k, v in parts.items() if v.ndim != 2
+    ]
+    if conv:
+        raise PeftFormatError(
+            f"{file}: module {module!r} has {prefix}{conv[0]} of shape "
+            f"{parts[conv[0]].shape}: a convolution's {what} (use_effective_conv2d "
+            f"or a conv kernel). lorax_arrays serves {what} on linear layers only."
+        )
+    if peft_type == "LOHA":
+        need = [("w1_a",), ("w1_b",), ("w2_a",), ("w2_b",)]
+    else:
+        need = [("w1", "w1_a"), ("w2", "w2_a")]
+    for alts in need:
+        if not any(k in parts for k in alts):
+            raise PeftFormatError(
+                f"{file}: module {module!r} has no {prefix}{alts[0]}: the file is "
+                "incomplete."
+            )
+    if peft_type == "LOKR":
+        for w in ("w1", "w2"):
+            lo = [k for k in (f"{w}_a", f"{w}_b") if k in parts]
+            if (w in parts and lo) or len(lo) == 1:
+                raise PeftFormatError(
+                    f"{file}: module {module!r} has "
+                    + ", ".join(f"lokr_{k}" for k in (w, *lo) if k in parts)
+                    + f": expected lokr_{w}, or lokr_{w}_a and lokr_{w}_b."
+                )
+    shapes = {k: v.shape for k, v in parts.items()}
+    if peft_type == "LOHA":
+        ok = (
+            shapes["w1_a"][1] == shapes["w1_b"][0]
+            and shapes["w2_a"][1] == shapes["w2_b"][0]
+            and shapes["w1_a"][0] == shapes["w2_a"][0]
+            and shapes["w1_b"][1] == shapes["w2_b"][1]
+        )
+    else:
+        ok = all(
+            parts[f"{w}_a"].shape[1] == parts[f"{w}_b"].shape[0]
+            for w in ("w1", "w2")
+            if w not in parts
+        )
+    if not ok:
+        raise PeftFormatError(
+            f"{file}: module {module!r} has {what} tensors of shapes "
+            + ", ".join(f"{prefix}{k} {v}" for k, v in sorted(shapes.items()))
+            + ", which do not fit together."
+        )
 
 
 def _check_lora_module(module: str, parts: dict, kind: str, dora: bool, file: Path):
@@ -786,8 +866,8 @@ def load_peft_adapter(
     dtype: Any = None,
     orientation: str | Mapping[str, str] | None = None,
 ) -> Adapter:
-    """Reads a Hugging Face PEFT LoRA, DoRA, IA3 or VeRA directory as an `Adapter`
-    for `tree`.
+    """Reads a Hugging Face PEFT LoRA, DoRA, IA3, VeRA, LoHa or LoKr directory as
+    an `Adapter` for `tree`.
 
     No PyTorch is needed. Every weight in the file must find its leaf, and every
     config entry must be one lorax_arrays serves faithfully: anything else (a
@@ -812,6 +892,11 @@ def load_peft_adapter(
           exact: `A = diag(vera_lambda_d) vera_A[:, :in]`, `B = diag(vera_lambda_b)
           vera_B[:out]`. The shared projections must be in the file
           (`save_projection=True`); regenerating them needs PyTorch's RNG.
+        - LoHa (`peft_type: "LOHA"`) and LoKr (`"LOKR"`) on linear layers: the
+          exact plain LoRA they equal, scale 1 (PEFT's `alpha / r` folded into
+          `B`). LoHa's `(w1_a w1_b) ⊙ (w2_a w2_b)` has rank `r²`; LoKr's
+          `kron(w1, w2)` (each factor full or `_a @ _b`) rank `rank(w1)·rank(w2)`;
+          both at most `min(out, in)`. Convolutions are refused.
 
     - **Names.** A PEFT key `base_model.model.<module>.lora_A.weight` names a
       torch module such as `model.layers.0.self_attn.q_proj`. By default it maps to
@@ -897,8 +982,9 @@ def load_peft_adapter(
 
     leaves = _Leaves(tree)
     rank_pattern, alpha_pattern, rslora = {}, {}, False
-    if peft_type == "LORA":
-        default_r, default_alpha = config["r"], config["lora_alpha"]
+    if peft_type in ("LORA", "LOHA", "LOKR"):
+        default_r = config["r"]
+        default_alpha = config["lora_alpha" if peft_type == "LORA" else "alpha"]
         rank_pattern = config.get("rank_pattern") or {}
         alpha_pattern = config.get("alpha_pattern") or {}
         rslora = bool(config.get("use_rslora", False))
@@ -969,6 +1055,13 @@ def load_peft_adapter(
                     "next to it: serving it would be silently wrong. (IA3 on "
                     "feedforward modules, which scales the input, is fine.)"
                 )
+        elif peft_type in ("LOHA", "LOKR"):
+            r_cfg = rank_pattern.get(pattern_key(rank_pattern, module), default_r)
+            alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), default_alpha)
+            a, b, r = _lycoris_module(
+                module, parts, peft_type, r_cfg, alpha, shape, leaf_path, weights_file
+            )
+            alpha = float(r)  # the scale alpha / r is folded into b
         else:
             a, b, r = _vera_module(module, parts, shared, shape, weights_file)
             alpha = float(r)  # VeRA has no scale: alpha / r = 1
@@ -1166,6 +1259,81 @@ def _vera_module(module: str, parts, shared, shape, file: Path):
     a = (ld[:, None].astype(dt) * pa[:, :n_in].astype(dt)).astype(dt)
     b = (pb[:n_out].astype(dt) * lb[:, None].astype(dt)).astype(dt)
     return a, b, ld.shape[0]
+
+
+def _full_factors(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An exact factorisation `w = u @ v` (float64) of least inner size: the
+    identity on the smaller side when `w` has full rank (no rounding at all), else
+    the thin SVD truncated at its numerical rank (float64)."""
+    w = w.astype(np.float64)
+    n, m = w.shape
+    k = int(np.linalg.matrix_rank(w)) if min(n, m) else 0
+    if k == min(n, m):
+        return (np.eye(n), w) if n <= m else (w, np.eye(m))
+    k = max(k, 1)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    return u[:, :k] * s[:k], vt[:k]
+
+
+def _lycoris_module(module, parts, peft_type, r_cfg, alpha, shape, path, file):
+    """A LoHa or LoKr module as an exact plain LoRA `A (R, in)`, `B (out, R)`
+    with scale 1 (PEFT's `alpha / r` folded into `B`), computed in float64.
+
+    - LoHa: `ΔW = (w1_a w1_b) ⊙ (w2_a w2_b) · alpha / r`, and the Hadamard product
+      of `U1 V1` and `U2 V2` is `U V` with `U[o, (p, q)] = U1[o, p] U2[o, q]` and
+      `V[(p, q), i] = V1[p, i] V2[q, i]`: rank `R = r²`.
+    - LoKr: `ΔW = kron(w1, w2) · alpha / r` (PEFT's scale, whether the factors
+      are full or low-rank), `w1 = lokr_w1` or `lokr_w1_a lokr_w1_b`, likewise
+      `w2`; `kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2)`, a full factor
+      factorised exactly (`_full_factors`): rank `R = r1 · r2`.
+
+    Where `R` exceeds `min(out, in)`, the update itself is used (`A = ΔW`,
+    `B = I` or `A = I`, `B = ΔW`), of rank `min(out, in)`."""
+    what = _WHAT[peft_type]
+    dt = np.result_type(*parts.values())
+    f64 = {k: v.astype(np.float64) for k, v in parts.items()}
+    if peft_type == "LOHA":
+        u1, v1, u2, v2 = f64["w1_a"], f64["w1_b"], f64["w2_a"], f64["w2_b"]
+        r_file = u1.shape[1]
+        if r_file != r_cfg or u2.shape[1] != r_cfg:
+            raise PeftFormatError(
+                f"{file}: module {module!r} has LoHa rank {r_file} / {u2.shape[1]} "
+                f"in the file but {r_cfg} by the config (r, rank_pattern): the "
+                "directory's two files do not belong together."
+            )
+        u = (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
+        v = (v1[:, None, :] * v2[None, :, :]).reshape(-1, v1.shape[1])
+    else:
+        uv = []
+        for w in ("w1", "w2"):
+            if w in f64:
+                uv.append(_full_factors(f64[w]))
+                continue
+            lo_a, lo_b = f64[f"{w}_a"], f64[f"{w}_b"]
+            if lo_a.shape[1] != r_cfg:
+                raise PeftFormatError(
+                    f"{file}: module {module!r} has lokr_{w}_a of rank "
+                    f"{lo_a.shape[1]} in the file but r={r_cfg} by the config (r, "
+                    "rank_pattern): the directory's two files do not belong together."
+                )
+            uv.append((lo_a, lo_b))
+        (u1, v1), (u2, v2) = uv
+        u, v = np.kron(u1, u2), np.kron(v1, v2)
+    n_out, n_in = u.shape[0], v.shape[1]
+    if len(shape) != 2 or shape not in ((n_in, n_out), (n_out, n_in)):
+        raise PeftFormatError(
+            f"load_peft_adapter: {what} module {module!r} has a weight of "
+            f"(out, in) = ({n_out}, {n_in}), and its leaf {path!r} has shape "
+            f"{shape}: lorax_arrays serves {what} on 2-D linear weights (of a "
+            "leaf, or of an entry of a layer stack or fused kernel) only, not on "
+            "convolutions or multi-axis kernels. Either the adapter was made for "
+            "another model, or key_map points at the wrong leaf."
+        )
+    u = u * (float(alpha) / float(r_cfg))
+    if u.shape[1] > min(n_out, n_in):
+        delta = u @ v
+        u, v = (np.eye(n_out), delta) if n_out <= n_in else (delta, np.eye(n_in))
+    return v.astype(dt), u.astype(dt), u.shape[1]
 
 
 def _leaf_vectors(fs: list[dict], leaf) -> dict[str, np.ndarray]:

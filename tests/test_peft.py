@@ -435,7 +435,7 @@ def _simple(tmp_path, config=None, extra=None, modules=None):
     [
         ({"use_dora": True}, "DoRA"),
         ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
-        ({"peft_type": "LOHA"}, "LoRA adapters only"),
+        ({"peft_type": "OFT"}, "LoRA adapters only"),
         ({"bias": "all"}, "bias='all'"),
         ({"bias": "lora_only"}, "biases"),
         ({"modules_to_save": ["classifier"]}, "modules_to_save"),

@@ -289,7 +289,7 @@ def test_ia3_next_to_a_bias_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "name, tensors, config, match",
     [
-        ("ia3", {"x.ia3_l": np.ones((6, 1))}, {"peft_type": "LOHA"}, "LoHa"),
+        ("ia3", {"x.ia3_l": np.ones((6, 1))}, {"peft_type": "OFT"}, "OFT"),
         ("ia3", {"x.lora_A.weight": np.ones((2, 6))}, None, "another PEFT method"),
         ("ia3", {"x.ia3_l.bias": np.ones((6, 1))}, None, "not a IA3 weight"),
         ("ia3", None, {"feedforward_modules": ["k_proj"]}, "ia3_l should be"),
