@@ -105,6 +105,8 @@ class LoraRule:
         """`alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA."""
         if self.rank == 0:
             return 0.0
+        if self.variant == "vera":  # no alpha: its vectors carry the scale
+            return 1.0
         alpha = self.rank if self.alpha is None else self.alpha
         return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
@@ -176,9 +178,12 @@ class RuleMatches(tuple):
     """
 
     def __str__(self) -> str:
+        kinds = any(m.rule.variant != "lora" for m in self)
         head = ("path", "shape", "in", "out", "stack", "rank", "scale", "rule")
-        rows = [
-            (
+        head = (*head[:5], "kind", *head[5:]) if kinds else head
+        rows = []
+        for m in self:
+            row = (
                 m.path,
                 str(m.layout.shape),
                 str(m.layout.in_axes),
@@ -188,16 +193,10 @@ class RuleMatches(tuple):
                 f"{m.scale:g}",
                 repr(m.rule.pattern),
             )
-            for m in self
-        ]
+            rows.append((*row[:5], m.rule.variant, *row[5:]) if kinds else row)
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-        params = sum(
-            m.rank
-            * (math.prod(m.layout.in_shape) + math.prod(m.layout.out_shape))
-            * max(1, math.prod(m.layout.stack_shape))
-            for m in self
-        )
+        params = sum(_trainable(m) for m in self)
         lines = [fmt(head), fmt(tuple("-" * w for w in widths))]
         lines += [fmt(r) for r in rows]
         lines.append(f"{len(self)} leaves adapted, {params:,} adapter parameters.")
@@ -205,6 +204,19 @@ class RuleMatches(tuple):
 
     def __repr__(self) -> str:
         return f"RuleMatches(\n{self}\n)"
+
+
+def _trainable(m: RuleMatch) -> int:
+    """How many trainable parameters `init_adapter` makes for a match."""
+    d_in, d_out = math.prod(m.layout.in_shape), math.prod(m.layout.out_shape)
+    per_entry = {
+        "lora": m.rank * (d_in + d_out),
+        "dora": m.rank * (d_in + d_out) + d_out,
+        "ia3": d_out,
+        "ia3_feedforward": d_in,
+        "vera": m.rank + d_out,  # its projections are frozen
+    }[m.rule.variant]
+    return per_entry * max(1, math.prod(m.layout.stack_shape))
 
 
 def _is_linear(x: Any) -> bool:

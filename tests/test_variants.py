@@ -430,3 +430,29 @@ def eqx_tree_vera(adapter, rng):
         use_rslora=adapter.use_rslora,
         vera=vera,
     )
+
+
+def test_match_rules_table_shows_kinds_and_trainable_counts(mixed):
+    params = mixed[0]
+    rules = [
+        lx.LoraRule("up", 3, variant="dora", stack_axes=0),
+        lx.LoraRule("down", 0, variant="ia3_feedforward", stack_axes=0),
+        lx.LoraRule("head", 2, variant="vera"),
+    ]
+    table = str(lx.match_rules(params, rules))
+    lines = table.splitlines()
+    assert " kind " in lines[0]
+    by_path = {line.split()[0]: line for line in lines[2:5]}
+    for path, kind in [("up", "dora"), ("down", "ia3_feedforward"), ("head", "vera")]:
+        assert f" {kind} " in by_path[path], by_path[path]
+    # DoRA: L * (r (D + F) + F); IA3 on the input: L * F; VeRA: r + out (3).
+    n = L * (3 * (D + F) + F) + L * F + (2 + 3)
+    assert f"{n:,} adapter parameters" in table
+    ad = lx.init_adapter(params, rules, key=jax.random.key(0))
+    mask = lx.adapter_mask(ad)
+    trainable = sum(
+        int(np.size(v))
+        for v, keep in zip(jax.tree.leaves(ad), jax.tree.leaves(mask))
+        if keep
+    )
+    assert trainable == n
