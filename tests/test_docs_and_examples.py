@@ -169,3 +169,19 @@ def test_variants_benchmark_runs_quick():
     assert [rows[k][1] for k in ("lora", "dora", "ia3")] == ["16", "16", "0"]
     assert rows["mixed"][1] == rows["vera"][1] and rows["mixed-r16"][1] == "16"
     assert len(re.findall(r"^- W[13] .*: lora .* ms, dora .* ms", out, re.M)) == 2
+
+
+def test_mixed_variants_example_trains_and_serves_every_kind():
+    out = _run(["examples/mixed_variants.py", "--steps", "8"])
+    for kind in ("lora", "dora", "ia3", "vera"):
+        first, last = map(
+            float, re.search(rf"trained {kind}\s.*loss (\S+) -> (\S+)", out).groups()
+        )
+        assert last < first, (kind, out)  # training reduced each kind's loss
+    rows = re.findall(
+        r"row \d: (\w+)\s+\|batched - alone\| = (\S+), moved .* (\S+)", out
+    )
+    assert len(rows) == 8, out
+    for name, err, moved in rows:
+        assert float(err) < 1e-4
+        assert (float(moved) > 1e-2) if name != "base" else (float(moved) == 0.0)
