@@ -26,8 +26,9 @@ Run: python benchmarks/qwix_base.py [--quick]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import dataclasses
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,9 @@ import qwix
 from flax import nnx
 
 import lorax_arrays as lx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved  # noqa: E402
 
 
 class Block(nnx.Module):
@@ -90,33 +94,8 @@ def random_adapters(model, rules, n, key) -> list[lx.Adapter]:
         for path, (a, b) in ad.weights.items():
             k = jax.random.fold_in(jax.random.fold_in(key, 1000 + i), hash(path) % 997)
             weights[path] = (a, 0.02 * jax.random.normal(k, b.shape, b.dtype))
-        out.append(
-            lx.Adapter(
-                weights=weights,
-                layouts=ad.layouts,
-                ranks=ad.ranks,
-                alphas=ad.alphas,
-                use_rslora=ad.use_rslora,
-            )
-        )
+        out.append(dataclasses.replace(ad, weights=weights))
     return out
-
-
-def time_interleaved(fns, repeats):
-    """Median seconds of each `(function, args)`, timed in a fresh order each
-    round."""
-    for f, args in fns.values():  # compile and warm up
-        jax.block_until_ready(f(*args))
-        jax.block_until_ready(f(*args))
-    times = {k: [] for k in fns}
-    order = np.random.default_rng(0)
-    for _ in range(repeats):
-        for k in order.permutation(list(fns)):
-            f, args = fns[k]
-            t = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
@@ -182,7 +161,13 @@ def main():
             rtol=1e-5,
             atol=1e-5,
         )
-        med = time_interleaved(fns, args.repeats)
+        med = interleaved(
+            {
+                k: lambda f=f, a=a: jax.block_until_ready(f(*a))
+                for k, (f, a) in fns.items()
+            },
+            args.repeats,
+        )
         print(
             f"\n{workload}: {args.batch} sequences x {seq} tokens; median of "
             f"{args.repeats}, interleaved"

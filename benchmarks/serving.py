@@ -66,6 +66,7 @@ import argparse
 import dataclasses
 import functools
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +78,9 @@ import numpy as np
 from jax import lax
 
 import lorax_arrays as lx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved as measure  # noqa: E402
 
 FORCED = ["gather", "segment", "dense"]
 STRATEGIES = ["auto", *FORCED]
@@ -286,24 +290,6 @@ def adapter_rank(i: int, cfg: Config) -> int:
 
 
 # -- timing ------------------------------------------------------------------------
-
-
-def measure(variants: dict, repeats: int, seed: int = 0) -> dict[str, float]:
-    """Median seconds per call of each variant, timed interleaved: every round
-    runs each once, in a fresh random order. `variants` maps a name to a thunk, or
-    to `(run, warm)` where `warm()` compiles what `run()` needs; a thunk is warmed
-    by calling it."""
-    variants = {k: v if isinstance(v, tuple) else (v, v) for k, v in variants.items()}
-    for _, warm in variants.values():
-        warm()
-    times = {k: [] for k in variants}
-    order = np.random.default_rng(seed)
-    for _ in range(repeats):
-        for name in order.permutation(list(variants)):
-            t = time.perf_counter()
-            variants[name][0]()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def timed(fn, repeats):

@@ -56,6 +56,7 @@ import numpy as np
 import lorax_arrays as lx
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved  # noqa: E402
 from suite import mlp, mlp_params  # noqa: E402
 
 VARIANTS = ["base", "lora", "dora", "ia3", "vera", "mixed", "mixed-r16"]
@@ -183,16 +184,11 @@ def measure(v, repeats):
             mem[name] = compiled.memory_analysis().temp_size_in_bytes / 2**20
         except Exception:  # backend without memory analysis
             mem[name] = float("nan")
-        jax.block_until_ready(compiled(*args))
-    times = {k: [] for k in v}
-    order = np.random.default_rng(0)
-    for _ in range(repeats):
-        for name in order.permutation(list(v)):
-            args = v[name][1]
-            t = time.perf_counter()
-            jax.block_until_ready(programs[name](*args))
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(t) for k, t in times.items()}, mem
+    runs = {
+        name: lambda p=programs[name], a=args: jax.block_until_ready(p(*a))
+        for name, (_, args) in v.items()
+    }
+    return interleaved(runs, repeats), mem
 
 
 def time_loraify(params, stack, idx, repeats) -> float:

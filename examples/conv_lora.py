@@ -21,6 +21,7 @@ Run: python examples/conv_lora.py [--batch 8] [--size 16]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.extend.core as jax_core
@@ -68,15 +69,7 @@ def make_adapters(model, ranks, key) -> list[lx.Adapter]:
             path: (a, jnp.asarray(0.2 * rng.standard_normal(b.shape), b.dtype))
             for path, (a, b) in adapter.weights.items()
         }
-        adapters.append(
-            lx.Adapter(
-                weights=weights,
-                layouts=adapter.layouts,
-                ranks=adapter.ranks,
-                alphas=adapter.alphas,
-                use_rslora=adapter.use_rslora,
-            )
-        )
+        adapters.append(dataclasses.replace(adapter, weights=weights))
     return adapters
 
 

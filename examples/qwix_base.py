@@ -13,6 +13,7 @@ Run: python examples/qwix_base.py [--qtype int8|int4]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -100,13 +101,7 @@ def with_random_b(adapter: lx.Adapter, key) -> lx.Adapter:
     for path, (a, b) in adapter.weights.items():
         key, sub = jax.random.split(key)
         weights[path] = (a, 0.1 * jax.random.normal(sub, b.shape, b.dtype))
-    return lx.Adapter(
-        weights=weights,
-        layouts=adapter.layouts,
-        ranks=adapter.ranks,
-        alphas=adapter.alphas,
-        use_rslora=adapter.use_rslora,
-    )
+    return dataclasses.replace(adapter, weights=weights)
 
 
 if __name__ == "__main__":

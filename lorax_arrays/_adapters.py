@@ -11,15 +11,23 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import quax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._array import dense
 from ._errors import LoraIndexError
 from ._indices import check_indices
 from ._paths import flatten_with_paths
 from ._targeting import LeafLayout, LoraRule, match_rules
 
 BASE = "__base__"
+
+# The variants' per-leaf vectors (fields of Adapter and AdapterStack, in the order
+# of AdapterStack.variants' flags), each over the leaf's out- or in-features.
+VECTOR_FIELDS = {"magnitudes": "out", "in_scales": "in", "out_scales": "out"}
+
+
+def _no_vectors() -> dict[str, dict[str, Array]]:
+    return {field: {} for field in VECTOR_FIELDS}
 
 
 class Adapter(eqx.Module):
@@ -105,11 +113,7 @@ class Adapter(eqx.Module):
                     f"a{tuple(a.shape)} and b{tuple(b.shape)}."
                 )
         by_path = {lay.path: lay for lay in self.layouts}
-        for field, group in (
-            ("magnitudes", "out"),
-            ("in_scales", "in"),
-            ("out_scales", "out"),
-        ):
+        for field, group in VECTOR_FIELDS.items():
             for path, v in getattr(self, field).items():
                 lay = by_path.get(path)
                 if lay is None:
@@ -157,8 +161,8 @@ class Adapter(eqx.Module):
         return tuple(lay.path for lay in self.layouts)
 
     def kind(self, path: str) -> str:
-        """What the adapter does at `path`: `"lora"`, `"dora"`, `"ia3"` (rank 0
-        with a vector) or `"lora+ia3"` (both)."""
+        """What the adapter does at `path`: `"lora"`, `"dora"`, `"vera"`, `"ia3"`
+        (rank 0 with a vector) or `"lora+ia3"` (both)."""
         if path in self.magnitudes:
             return "dora"
         if path in self.vera:
@@ -294,11 +298,7 @@ def _init_vera(matches, weights, dtype, key) -> dict[str, tuple[Array, Array]]:
 
 def _init_variants(tree: Any, matches, dtype, xp) -> dict[str, dict[str, Array]]:
     """The variants' vectors at their initial values (see `init_adapter`)."""
-    vectors: dict[str, dict[str, Array]] = {
-        "magnitudes": {},
-        "in_scales": {},
-        "out_scales": {},
-    }
+    vectors = _no_vectors()
     if all(m.rule.variant == "lora" for m in matches):
         return vectors
     leaves = dict(flatten_with_paths(tree)[0])
@@ -306,9 +306,7 @@ def _init_variants(tree: Any, matches, dtype, xp) -> dict[str, dict[str, Array]]
         lay, variant = m.layout, m.rule.variant
         dt = np.dtype(m.dtype if dtype is None else dtype)
         if variant == "dora":
-            w = leaves[lay.path]
-            if isinstance(w, quax.Value):
-                w = type(w).materialise(w)
+            w = dense(leaves[lay.path])
             norm = jnp.sqrt(
                 jnp.sum(jnp.square(w.astype(jnp.float32)), axis=lay.in_axes)
             )
@@ -397,14 +395,12 @@ class AdapterStack(eqx.Module):
         """Adapter `i` (an int, or a name), with its padding removed."""
         i = self._position(i)
         weights, layouts, ranks, alphas, rs, lk = {}, [], [], [], [], []
-        vectors = {"magnitudes": {}, "in_scales": {}, "out_scales": {}}
+        vectors = _no_vectors()
         for j, lay in enumerate(self.layouts):
             r = self.ranks[j][i]
             path = lay.path
             ns = len(lay.stack_axes)
-            own = dict(
-                zip(("magnitudes", "in_scales", "out_scales"), self.variants[j][i])
-            )
+            own = dict(zip(VECTOR_FIELDS, self.variants[j][i]))
             if r == 0 and not any(own.values()):
                 continue
             for field, mine in own.items():
@@ -530,11 +526,7 @@ def stack_adapters(
                     "made for the same model."
                 )
     weights, scales, ranks, alphas, rs, lookup = {}, {}, [], [], [], []
-    vectors: dict[str, dict[str, Array]] = {
-        "magnitudes": {},
-        "in_scales": {},
-        "out_scales": {},
-    }
+    vectors = _no_vectors()
     variants = []
     for path, lay in layouts.items():
         ns = len(lay.stack_axes)
@@ -575,12 +567,12 @@ def stack_adapters(
         ]
         scales[path] = jnp.asarray(sc, jnp.float32)
         flags = []
-        for field in ("magnitudes", "in_scales", "out_scales"):
+        for field, group in VECTOR_FIELDS.items():
             have = [path in getattr(ad, field) for ad in adapters]
             flags.append(have)
             if not any(have):
                 continue
-            part = lay.in_shape if field == "in_scales" else lay.out_shape
+            part = lay.in_shape if group == "in" else lay.out_shape
             ones = jnp.ones((*lay.stack_shape, *part), dtype)
             vectors[field][path] = jnp.stack(
                 [

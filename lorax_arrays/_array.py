@@ -538,32 +538,36 @@ def materialise_per_example(
     for _ in range(idx.ndim):
         delta_fn = jax.vmap(delta_fn)
     delta = delta_fn(a, b)
-    w = lora.frozen_w
-    w = type(w).materialise(w) if isinstance(w, quax.Value) else w
+    w = dense(lora.frozen_w)
     s = s.reshape(s.shape + (1,) * w.ndim)
-    dense = w + s * delta
-    if lora.has_variants:  # diag(h) (w + s·a b) diag(g), per example
-        lay = lora.layout
-        for vec, pad_rank in ((lora.in_scale, "a"), (lora.out_scale, "b")):
-            if vec is None:
-                continue
-            v = jnp.moveaxis(take(vec, idx, ns), src, dst)
-            # A rank-1 factor's outer product with ones lays it on w's axes.
-            if pad_rank == "a":
-                other = jnp.ones(
-                    (*v.shape[: idx.ndim + ns], 1, *lay.out_shape(w.shape)), v.dtype
-                )
-                pair = (v, other)
-            else:
-                other = jnp.ones(
-                    (*v.shape[: idx.ndim + ns], *lay.in_shape(w.shape), 1), v.dtype
-                )
-                pair = (other, v)
-            fn = lay.dense_delta
-            for _ in range(idx.ndim):
-                fn = jax.vmap(fn)
-            dense = dense * fn(*pair)
-    return dense.astype(w.dtype)
+    out = w + s * delta
+    # The variants' vectors, diag(h) (w + s·a b) diag(g): each example's, laid on
+    # the weight's axes (a base row's are ones, as its delta is 0).
+    for vec, group, rank_axis in (
+        (lora.in_scale, "in", -1),
+        (lora.out_scale, "out", ns + 1),
+    ):
+        if vec is not None:
+            v = per_example(lora, jnp.squeeze(vec, rank_axis), indices)
+            v = jnp.moveaxis(v, src, dst)
+            out = out * lora.layout.on_weight(v, group, lead=idx.ndim)
+    return out.astype(w.dtype)
+
+
+def per_example(lora: BatchedLoraArray, vec: Array, indices: Array) -> Array:
+    """A per-adapter vector `(*stack, n_adapters, *rest)` at each example's
+    adapter: `(*stack, *indices.shape, *rest)`, all ones for base rows (`-1`)."""
+    ns = lora.layout.n_stack
+    v = take(vec, clamp_indices(indices, lora.n_adapters), ns)
+    rest = v.ndim - ns - indices.ndim
+    keep = (indices >= 0).reshape((1,) * ns + indices.shape + (1,) * rest)
+    return jnp.where(keep, v, jnp.ones((), v.dtype))
+
+
+def dense(w: Any) -> Any:
+    """`w` as a plain array: a quax value's own `materialise()` (an explicit
+    dequantisation, for a quantised weight), anything else as it is."""
+    return type(w).materialise(w) if isinstance(w, quax.Value) else w
 
 
 def _unsupported_message(primitive, lora: BatchedLoraArray) -> str:

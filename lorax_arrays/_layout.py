@@ -368,6 +368,25 @@ class Layout:
         perm = [source.index(ax) for ax in range(ns + ni + no)]
         return jnp.transpose(d, perm)
 
+    def on_weight(self, v: Array, group: str, lead: int = 0) -> Array:
+        """A vector over one axis group laid on the weight's axes: `v` is
+        `(*lead, *stack, *group)` (`group` `"in"` or `"out"`, its axes in the
+        layout's order), the result broadcasts against `(*lead, *w.shape)`."""
+        axes = self.in_axes if group == "in" else self.out_axes
+        dims = [*range(lead), *(lead + ax for ax in (*self.stack_axes, *axes))]
+        ndim = lead + self.n_stack + len(self.in_axes) + len(self.out_axes)
+        return broadcast_to_axes(v, dims, ndim)
+
+
+def broadcast_to_axes(v: Array, dims: Sequence[int], ndim: int) -> Array:
+    """`v`, whose axes stand for the axes `dims` of an `ndim`-D array, reordered
+    and given size-1 axes elsewhere, so that it broadcasts against that array."""
+    target = [1] * ndim
+    for k, d in enumerate(dims):
+        target[d] = v.shape[k]
+    order = sorted(range(len(dims)), key=lambda k: dims[k])
+    return jnp.transpose(v, order).reshape(target)
+
 
 def reshape_groups(
     old: tuple[int, ...], new: tuple[int, ...]
@@ -438,6 +457,7 @@ def dense_delta(
 __all__ = [
     "Layout",
     "LayoutError",
+    "broadcast_to_axes",
     "check_partition",
     "dense_delta",
     "normalise_axes",

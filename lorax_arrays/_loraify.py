@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ import jax.tree_util as jtu
 from jaxtyping import ArrayLike, Int
 
 from ._adapters import Adapter, AdapterStack, stack_adapters
-from ._array import BatchedLoraArray
+from ._array import BatchedLoraArray, dense
 from ._bank import AdapterBank
 from ._indices import coerce_indices
 from ._paths import close_matches, flatten_with_paths
@@ -62,11 +63,11 @@ def _variant_scales(stack: AdapterStack | None, path: str, leaf: Any, a, b, scal
     (`None` where no adapter has one): IA3's vectors, and for DoRA adapters their
     magnitude over the column norms of `w + s·A B` (no gradient through the
     norms, as in PEFT), computed without building `w + s·A B`."""
-    if stack is None or not any(
-        any(v) for v in stack.variants[stack.paths.index(path)]
-    ):
+    if stack is None:
         return None, None
     j = stack.paths.index(path)
+    if not any(any(v) for v in stack.variants[j]):
+        return None, None
     lay = stack.layouts[j].layout
     ns = lay.n_stack
     h = stack.in_scales.get(path)
@@ -89,12 +90,7 @@ def dora_norms(w: Any, a, b, scale, layout) -> jax.Array:
     """`‖w + s_i·A_i B_i‖` over the in-axes, for each out-feature and adapter:
     `(*stack, n, *out)`, from `‖w_c‖² + 2 s·w_cᵀ A b_c + s²·b_cᵀ (AᵀA) b_c`,
     in float32 (or wider)."""
-    import math
-
-    import quax
-
-    if isinstance(w, quax.Value):  # a quantised base: its dequantised value
-        w = type(w).materialise(w)
+    w = dense(w)  # a quantised base: its dequantised value
     ns = layout.n_stack
     shape = tuple(w.shape)
     d_in = math.prod(layout.in_shape(shape))
@@ -326,22 +322,13 @@ def merge(tree: Any, adapter: Adapter) -> Any:
         a, b = adapter.lora_factors(path)
         layout = lay.layout
         merged = leaf + adapter.scale(path) * layout.dense_delta(a, b)
-        stack, ins, outs = lay.stack_shape, lay.in_shape, lay.out_shape
-
-        def on_in(v):  # (*stack, *in) laid on the weight's axes
-            return layout.dense_delta(v[..., None], jnp.ones((*stack, 1, *outs)))
-
-        def on_out(v):  # (*stack, *out) laid on the weight's axes
-            ones = jnp.ones((*stack, *ins, 1))
-            return layout.dense_delta(ones, jnp.expand_dims(v, len(stack)))
-
         if path in adapter.magnitudes:  # DoRA: m / ‖w + s·A B‖ per out-feature
             norm = jnp.sqrt(jnp.sum(merged * merged, axis=lay.in_axes, keepdims=True))
-            merged = merged * on_out(adapter.magnitudes[path]) / norm
+            merged = merged * layout.on_weight(adapter.magnitudes[path], "out") / norm
         if path in adapter.in_scales:
-            merged = merged * on_in(adapter.in_scales[path])
+            merged = merged * layout.on_weight(adapter.in_scales[path], "in")
         if path in adapter.out_scales:
-            merged = merged * on_out(adapter.out_scales[path])
+            merged = merged * layout.on_weight(adapter.out_scales[path], "out")
         return merged.astype(leaf.dtype)
 
     return _replace_at_paths(base, fold, adapter.paths, "merge")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._adapters import Adapter, AdapterStack
+from ._array import dense
 from ._errors import PeftFormatError
 from ._paths import flatten_with_paths
 from ._safetensors import read_safetensors, write_atomically, write_safetensors
@@ -1355,7 +1356,7 @@ def _leaf_vectors(fs: list[dict], leaf) -> dict[str, np.ndarray]:
         k = len(at0)
         stack = fs[0]["leaf_shape"][:k]
         if field == "magnitudes" and len(mine) < math.prod(stack):
-            w = np.asarray(leaf, np.float32)
+            w = np.asarray(dense(leaf), np.float32)  # a quantised leaf too
             v = np.sqrt(np.sum(np.square(w), axis=tuple(ax + k for ax in ins)))
             v = v.astype(dt)
         else:

@@ -37,8 +37,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import quax
 from jax import lax
 from jaxtyping import ArrayLike
@@ -47,6 +45,7 @@ from . import _lax
 from ._array import BatchedLoraArray, bind
 from ._errors import UnsupportedOperationError
 from ._indices import align_indices, clamp_indices, gathered_scale, require_indices
+from ._rules_dot import _add, _compute_dtype
 
 
 def conv_layout(rhs_spec) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -71,12 +70,6 @@ def _layout_message(lora: BatchedLoraArray, rhs_spec) -> str:
         "(the other axes become the in-axes); to build the dense per-example kernel "
         "instead (scalar indices only), pass `allow_materialise=True`."
     )
-
-
-def _compute_dtype(x, params):
-    x_dtype = x.dtype if isinstance(x, quax.Value) else jax.dtypes.result_type(x)
-    dtype = x_dtype if jnp.issubdtype(x_dtype, jnp.inexact) else jnp.float32
-    return dtype, params.get("preferred_element_type")
 
 
 def lora_conv(lora: BatchedLoraArray, x: Any, params: dict) -> Any:
@@ -119,9 +112,7 @@ def lora_conv(lora: BatchedLoraArray, x: Any, params: dict) -> Any:
     )
     idx, lead, _ = align_indices(require_indices(lora), free_shape, what, 0)
     delta = _low_rank_term(lora, x, idx, lead, free_shape, params)
-    if isinstance(base, quax.Value):
-        return quax.quaxify(jnp.add)(base, delta.astype(base.dtype))
-    return base + delta.astype(base.dtype)
+    return _add(base, delta)
 
 
 def _low_rank_term(lora, x, idx, lead, free_shape, params):

@@ -24,9 +24,16 @@ from jax import lax
 from jaxtyping import ArrayLike
 
 from . import _lax
-from ._array import BatchedLoraArray, bind, materialise_per_example, swap_in_out
+from ._array import (
+    BatchedLoraArray,
+    bind,
+    materialise_per_example,
+    per_example,
+    swap_in_out,
+)
 from ._errors import UnsupportedOperationError
 from ._indices import align_indices, clamp_indices, gathered_scale, require_indices
+from ._layout import broadcast_to_axes
 from ._strategies import low_rank, resolve
 
 try:  # not exported by `jax.lax` (JAX 0.10)
@@ -76,13 +83,13 @@ def lora_dot(
     x_free = x_free[start:stop] + x_free[:start] + x_free[stop:]
 
     if lora.in_scale is not None:  # IA3 on the input: x ⊙ h, per row
-        h = _per_row(lora, lora.in_scale[..., 0], idx)  # (*stack, *lead, *in)
+        h = per_example(lora, lora.in_scale[..., 0], idx)  # (*stack, *lead, *in)
         dims = (
             [b_x[b_l.index(ax)] for ax in lora.stack_axes]
             + list(x_free[: len(lead)])
             + [c_x[c_l.index(ax)] for ax in lora.in_axes]
         )
-        x = _multiply(x, _laid_out(h, dims, x_shape))
+        x = _multiply(x, broadcast_to_axes(h, dims, len(x_shape)))
         lhs, rhs = (w, x) if lora_is_lhs else (x, w)
     base = bind(
         lax.dot_general_p, lhs, rhs, dimension_numbers=dimension_numbers, **params
@@ -93,13 +100,10 @@ def lora_dot(
         delta = _low_rank_term(
             lora, x, idx, lead, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, params
         )
-        if isinstance(base, quax.Value):
-            out = quax.quaxify(jnp.add)(base, delta.astype(base.dtype))
-        else:
-            out = base + delta.astype(base.dtype)
+        out = _add(base, delta)
     if lora.out_scale is not None:  # IA3 on the output, DoRA's m / ‖W + sAB‖
         ns = lora.layout.n_stack
-        g = _per_row(lora, jnp.squeeze(lora.out_scale, ns + 1), idx)
+        g = per_example(lora, jnp.squeeze(lora.out_scale, ns + 1), idx)
         free = sorted(x_free)
         n_w_free = len(lora.out_axes)
         x_at = len(b_l) + (n_w_free if lora_is_lhs else 0)
@@ -110,35 +114,21 @@ def lora_dot(
             + [x_at + free.index(d) for d in x_free[: len(lead)]]
             + [w_at + out_axes_sorted.index(ax) for ax in lora.out_axes]
         )
-        out = _multiply(out, _laid_out(g, dims, tuple(out.shape)))
+        out = _multiply(out, broadcast_to_axes(g, dims, out.ndim))
     return out
-
-
-def _per_row(lora, vec, idx):
-    """`vec[..., idx, ...]` along the adapter axis (after the stack axes): each
-    row's vector, all ones for base rows (`-1`)."""
-    ns = lora.layout.n_stack
-    v = _lax.take(vec, clamp_indices(idx, lora.n_adapters), ns)
-    rest = v.ndim - ns - idx.ndim
-    keep = (idx >= 0).reshape((1,) * ns + idx.shape + (1,) * rest)
-    return jnp.where(keep, v, jnp.ones((), v.dtype))
-
-
-def _laid_out(v, dims, shape):
-    """`v`, whose axes stand for the axes `dims` of an array of `shape`, reordered
-    and given size-1 axes so that it broadcasts against that array."""
-    order = sorted(range(len(dims)), key=lambda k: dims[k])
-    v = jnp.transpose(v, order)
-    target = [1] * len(shape)
-    for d in dims:
-        target[d] = shape[d]
-    return v.reshape(target)
 
 
 def _multiply(y, v):
     if isinstance(y, quax.Value):
         return quax.quaxify(jnp.multiply)(y, v.astype(y.dtype))
     return y * v.astype(y.dtype)
+
+
+def _add(base, delta):
+    """`base + delta`, `base` perhaps a quax value (a quantised product)."""
+    if isinstance(base, quax.Value):
+        return quax.quaxify(jnp.add)(base, delta.astype(base.dtype))
+    return base + delta.astype(base.dtype)
 
 
 def _variants_message(lora, c_l, b_l) -> str:
@@ -254,8 +244,6 @@ def _partial_group_dot(lora, x, dimension_numbers, lora_is_lhs, params):
     layout = lora.layout
     if not c_w or set(c_w) & set(layout.stack_axes):
         return None
-    if any(getattr(lora, f, None) is not None for f in ("in_scale", "out_scale")):
-        return None  # a LoRA variant's vectors (DoRA, IA3): not carried here yet
     if set(c_w) <= set(layout.in_axes):
         view = lora
     elif set(c_w) <= set(layout.out_axes):
@@ -326,9 +314,7 @@ def _partial_group_dot(lora, x, dimension_numbers, lora_is_lhs, params):
     base = bind(
         lax.dot_general_p, lhs, rhs, dimension_numbers=dimension_numbers, **params
     )
-    if isinstance(base, quax.Value):
-        return quax.quaxify(jnp.add)(base, delta.astype(base.dtype))
-    return base + delta.astype(base.dtype)
+    return _add(base, delta)
 
 
 def _materialised_dot(lora, x, dimension_numbers, lora_is_lhs, params):

@@ -108,11 +108,17 @@ def _(operand: BatchedLoraArray, *, sizes, axis):
     """`jnp.split(W, n, axis)`: each piece keeps the low-rank form."""
     pieces = bind(lax.split_p, operand.frozen_w, sizes=sizes, axis=axis)
     ax_a, ax_b = operand.layout.factor_axes(axis)
+    parts: dict[int, tuple] = {}  # each factor split once, for all the pieces
+
+    def split(x, ax):
+        if id(x) not in parts:  # (holding x, so its id is not reused)
+            parts[id(x)] = (x, lax.split(x, sizes, ax))
+        return parts[id(x)][1]
 
     def piece(j):
         def cut(a, b):
-            a = a if ax_a is None else lax.split(a, sizes, ax_a)[j]
-            b = b if ax_b is None else lax.split(b, sizes, ax_b)[j]
+            a = a if ax_a is None else split(a, ax_a)[j]
+            b = b if ax_b is None else split(b, ax_b)[j]
             return a, b
 
         return cut

@@ -223,12 +223,6 @@ def _stack_gather(lora: BatchedLoraArray, start_indices, dn, sizes):
     return block
 
 
-def _has_variants(lora: BatchedLoraArray) -> bool:
-    """Whether the array carries a LoRA variant's vectors (DoRA, IA3), which the
-    entry gather does not carry over yet."""
-    return any(getattr(lora, f, None) is not None for f in ("in_scale", "out_scale"))
-
-
 def _entries_gather(lora: BatchedLoraArray, start_indices, dn, sizes, params):
     """Whole entries gathered along stack axes (`w[experts]` or `jnp.take(w,
     experts, axis=0)` on an expert stack `(E, D, F)` with `experts: (B, T, k)`):
@@ -257,7 +251,7 @@ def _entries_gather(lora: BatchedLoraArray, start_indices, dn, sizes, params):
     if not (
         gathered
         and n_batch >= 1
-        and not _has_variants(lora)
+        and not lora.has_variants  # DoRA/IA3 vectors: not carried over yet
         and not dn.operand_batching_dims
         and all(ax in lora.stack_axes and sizes[ax] == 1 for ax in gathered)
         and set(dn.collapsed_slice_dims) == set(gathered)

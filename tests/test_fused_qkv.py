@@ -31,6 +31,7 @@ from tests.helpers import (
     dense_weight_per_example,
     draw_axes,
     largest_intermediate,
+    make_lora,
     random_indices,
     random_lora,
 )
@@ -218,20 +219,9 @@ def _qkv_lora(idx, stack_shape=(3,), seed=0, n=3, rank=2):
     ns = len(stack_shape)
     shape = (*stack_shape, N, D, H)
     in_axes, out_axes = (ns + 1,), (ns, ns + 2)
-    rng = np.random.default_rng(seed)
     stack_axes = tuple(range(ns))
-    w, a, b, scale = random_lora(
-        rng, shape, in_axes, out_axes, stack_axes, n_adapters=n, rank=rank
-    )
-    lora = lx.BatchedLoraArray(
-        jnp.asarray(w),
-        a,
-        b,
-        scale=scale,
-        indices=idx,
-        in_axes=in_axes,
-        out_axes=out_axes,
-        stack_axes=stack_axes,
+    lora, (w, a, b, scale) = make_lora(
+        shape, in_axes, out_axes, stack_axes, n=n, rank=rank, indices=idx, seed=seed
     )
     return lora, (w, a, b, scale, in_axes, out_axes, stack_axes)
 

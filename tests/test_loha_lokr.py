@@ -11,14 +11,15 @@ import re
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from lorax_arrays._safetensors import read_safetensors, write_safetensors
-from tests.test_peft import RTOL, export_for_peft, rel_err
+from lorax_arrays._safetensors import write_safetensors
+from tests import test_variants_peft as variants_peft
+from tests.test_peft import export_for_peft, rel_err
+from tests.test_variants_peft import _leaf, _modules, check_batch_equals_peft
 
 HERE = Path(__file__).parent / "fixtures" / "peft" / "llama"
 FIX = HERE / "loha_lokr"
@@ -32,19 +33,11 @@ def llama():
 
 
 def _tensors(name: str) -> dict[str, np.ndarray]:
-    return read_safetensors(FIX / "adapters" / name / "adapter_model.safetensors")[0]
+    return variants_peft._tensors(name, FIX)
 
 
 def _config(name: str) -> dict:
-    return json.loads((FIX / "adapters" / name / "adapter_config.json").read_text())
-
-
-def _leaf(module: str) -> str:
-    return "/".join(module.split(".")) + "/kernel"
-
-
-def _modules(tensors: dict, suffix: str) -> list[str]:
-    return sorted(k[len(P) : -len(suffix)] for k in tensors if k.endswith(suffix))
+    return variants_peft._config(name, FIX)
 
 
 def _pattern(cfg: dict, key: str, module: str, default):
@@ -122,24 +115,11 @@ def test_factors_equal_peft_update(llama, name, suffix, delta, rank):
 
 
 def test_mixed_batch_equals_peft(llama):
-    golden = np.load(FIX / "logits.npz")
     names = ["loha", "lokr", "lora"]
     adapters = [
         lx.load_peft_adapter(FIX / "adapters" / n, llama.params) for n in names[:2]
     ] + [lx.load_peft_adapter(LORA, llama.params)]
-    stack = lx.stack_adapters(adapters, names=names)
-    rows = [str(r) for r in golden["rows"]]
-    assert set(rows) == {*names, "__base__"}
-    forward = jax.jit(lx.quaxify(lambda p, ids: llama(ids, params=p).logits))
-    out = forward(
-        lx.loraify(llama.params, stack, stack.indices(rows)),
-        jnp.asarray(golden["input_ids"], jnp.int32),
-    )
-    for i, row in enumerate(rows):
-        alone = golden["base"] if row == "__base__" else golden[row]
-        assert rel_err(out[i], alone[i]) < RTOL, row
-        if row != "__base__":
-            assert rel_err(golden[row][i], golden["base"][i]) > 50 * RTOL, row
+    check_batch_equals_peft(llama, FIX / "logits.npz", adapters, names)
 
 
 # ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lorax_arrays as lx
-from tests.helpers import random_lora, walk_eqns
+from tests.helpers import dense_weight_per_example, make_lora, walk_eqns
 
 MESH = jax.make_mesh(
     (1,),
@@ -22,32 +22,23 @@ MESH = jax.make_mesh(
 )
 
 
-def _lora_and_reference(stacked: bool):
-    rng = np.random.default_rng(0)
-    # (L, D, F) with the layer axis a stack axis, or (D, F).
+def _lora(stacked: bool):
+    """`(L, D, F)` with the layer axis a stack axis, or `(D, F)`; four examples."""
     axes = (
         dict(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
         if stacked
         else dict(in_axes=(0,), out_axes=(1,))
     )
     shape = (2, 6, 5) if stacked else (6, 5)
-    w, a, b, scale = random_lora(rng, shape, **axes, n_adapters=3, rank=2)
     idx = np.array([0, 2, -1, 1], np.int32)
-    return lx.BatchedLoraArray(w, a, b, scale=scale, indices=idx, **axes)
+    return make_lora(shape, **axes, n=3, rank=2, indices=idx)[0]
 
 
 def _dense(lora, layer=None):
     """Per-example dense weights `w + s_i a_i b_i` in float64 NumPy."""
-    w = np.asarray(lora.w, np.float64)
-    a = np.asarray(lora.a, np.float64)
-    b = np.asarray(lora.b, np.float64)
-    s = np.asarray(lora.scale, np.float64)
-    if layer is not None:
-        w, a, b = w[layer], a[layer], b[layer]
-    out = []
-    for i in np.asarray(lora.indices):
-        out.append(w if i < 0 else w + s[i] * a[i] @ b[i])
-    return np.stack(out)
+    parts = (lora.w, lora.a, lora.b, lora.scale, lora.indices)
+    w_e = dense_weight_per_example(*parts, lora.in_axes, lora.out_axes, lora.stack_axes)
+    return w_e if layer is None else w_e[:, layer]
 
 
 def _eqns(jaxpr, name):
@@ -56,7 +47,7 @@ def _eqns(jaxpr, name):
 
 @pytest.mark.parametrize("stacked", [False, True])
 def test_sharding_constraint_keeps_low_rank_and_shards_factors(stacked):
-    lora = _lora_and_reference(stacked)
+    lora = _lora(stacked)
     spec = P(None, None, "model") if stacked else P(None, "model")
     sharding = NamedSharding(MESH, spec)
     x = np.random.default_rng(1).normal(size=(lora.indices.shape[0], 6))
@@ -88,7 +79,7 @@ def test_sharding_constraint_keeps_low_rank_and_shards_factors(stacked):
 
 
 def test_sharding_constraint_on_the_in_axis_goes_to_a():
-    lora = _lora_and_reference(False)
+    lora = _lora(False)
     spec = P("model", None)
 
     def f(w, x):
@@ -105,7 +96,7 @@ def test_sharding_constraint_on_the_in_axis_goes_to_a():
 
 
 def test_device_put_to_memory_space_keeps_value():
-    lora = _lora_and_reference(False)
+    lora = _lora(False)
     x = np.random.default_rng(2).normal(size=(lora.indices.shape[0], 6))
 
     def f(w, x):
@@ -122,7 +113,7 @@ def test_device_put_to_memory_space_keeps_value():
 
 
 def test_device_put_of_several_values_at_once():
-    lora = _lora_and_reference(False)
+    lora = _lora(False)
     x = jnp.asarray(np.random.default_rng(3).normal(size=(lora.indices.shape[0], 6)))
 
     def f(w, x):

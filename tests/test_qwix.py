@@ -12,6 +12,8 @@ of two ranks, so two scales) and loaded onto the quantised one unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,15 +89,7 @@ def random_adapters(float_model, rules) -> list[lx.Adapter]:
             p: (nonzero(rng, a.shape, 0.2, 0.5), nonzero(rng, b.shape, 0.2, 0.5))
             for p, (a, b) in template.weights.items()
         }
-        out.append(
-            lx.Adapter(
-                weights=weights,
-                layouts=template.layouts,
-                ranks=template.ranks,
-                alphas=template.alphas,
-                use_rslora=template.use_rslora,
-            )
-        )
+        out.append(dataclasses.replace(template, weights=weights))
     return out
 
 

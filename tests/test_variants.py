@@ -7,6 +7,8 @@ with random non-zero factors and vectors, base rows (-1) mixed in.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -368,7 +370,7 @@ def test_vera_trains_its_vectors_only(mixed, tmp_path):
     np.testing.assert_allclose(np.asarray(same), np.asarray(forward(params, x)), **TOL)
 
     rng = np.random.default_rng(11)
-    trained = eqx_tree_vera(fresh, rng)
+    trained = with_random_vera(fresh, rng)
     served = jax.jit(lx.quaxify(forward))(lx.loraify(params, trained, idx), x)
 
     def np_weight(path):
@@ -413,7 +415,7 @@ def test_vera_trains_its_vectors_only(mixed, tmp_path):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def eqx_tree_vera(adapter, rng):
+def with_random_vera(adapter, rng):
     """The adapter with random non-zero VeRA vectors (projections untouched)."""
     vera = {
         p: tuple(
@@ -422,14 +424,7 @@ def eqx_tree_vera(adapter, rng):
         )
         for p, vecs in adapter.vera.items()
     }
-    return lx.Adapter(
-        weights=adapter.weights,
-        layouts=adapter.layouts,
-        ranks=adapter.ranks,
-        alphas=adapter.alphas,
-        use_rslora=adapter.use_rslora,
-        vera=vera,
-    )
+    return dataclasses.replace(adapter, vera=vera)
 
 
 def test_match_rules_table_shows_kinds_and_trainable_counts(mixed):
@@ -456,3 +451,27 @@ def test_match_rules_table_shows_kinds_and_trainable_counts(mixed):
         if keep
     )
     assert trainable == n
+
+
+@pytest.mark.parametrize("i", [-1, 0, 1])
+def test_materialised_weight_with_vectors(i):
+    """The opt-in dense weight is diag(h_i) (W + s_i A_i B_i) diag(g_i), and the
+    base weight itself for -1."""
+    rng = np.random.default_rng(7)
+    w, a, b, scale = random_lora(rng, (2, 4, 3), (1,), (2,), (0,), n_adapters=2, rank=2)
+    h, g = nonzero(rng, (2, 2, 4)), nonzero(rng, (2, 2, 3))
+    lora = lx.BatchedLoraArray(
+        w,
+        a,
+        b,
+        scale=scale,
+        indices=np.int32(i),
+        in_axes=1,
+        out_axes=2,
+        stack_axes=0,
+        allow_materialise=True,
+        in_scale=h[..., None],
+        out_scale=g[:, :, None, :],
+    )
+    want = variant_weights(w, a, b, scale, h, g, np.int32(i), (1,), (2,), (0,))
+    np.testing.assert_allclose(np.asarray(lora.materialise()), want, rtol=1e-5)

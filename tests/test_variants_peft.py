@@ -29,16 +29,12 @@ def llama():
     return export_for_peft.load_base("llama")
 
 
-def _tensors(name: str) -> dict[str, np.ndarray]:
-    return read_safetensors(VARIANTS / "adapters" / name / "adapter_model.safetensors")[
-        0
-    ]
+def _tensors(name: str, root: Path = VARIANTS) -> dict[str, np.ndarray]:
+    return read_safetensors(root / "adapters" / name / "adapter_model.safetensors")[0]
 
 
-def _config(name: str) -> dict:
-    return json.loads(
-        (VARIANTS / "adapters" / name / "adapter_config.json").read_text()
-    )
+def _config(name: str, root: Path = VARIANTS) -> dict:
+    return json.loads((root / "adapters" / name / "adapter_config.json").read_text())
 
 
 def _leaf(module: str) -> str:
@@ -124,13 +120,21 @@ def test_vera_parses_to_a_plain_lora(llama):
 
 
 def test_mixed_variant_batch_equals_peft(llama):
-    golden = np.load(VARIANTS / "logits.npz")
     adapters = [
         lx.load_peft_adapter(VARIANTS / "adapters" / n, llama.params) for n in NAMES
     ]
-    stack = lx.stack_adapters(adapters, names=NAMES)
+    check_batch_equals_peft(llama, VARIANTS / "logits.npz", adapters, NAMES)
+
+
+def check_batch_equals_peft(llama, logits, adapters, names):
+    """`adapters` (named `names`) and base rows served in one jitted batch of the
+    Flax Llama, in the rows the golden file `logits` lists: each row within RTOL
+    of PEFT's logits for its adapter alone, and each adapter's PEFT logits well
+    away from the base model's."""
+    golden = np.load(logits)
+    stack = lx.stack_adapters(adapters, names=names)
     rows = [str(r) for r in golden["rows"]]
-    assert set(rows) == {*NAMES, "__base__"}
+    assert set(rows) == {*names, "__base__"}
     forward = jax.jit(lx.quaxify(lambda p, ids: llama(ids, params=p).logits))
     out = forward(
         lx.loraify(llama.params, stack, stack.indices(rows)),
