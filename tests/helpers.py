@@ -196,6 +196,32 @@ def reference_dot_general(
     return np.einsum(spec, x, w_e)
 
 
+# A base row (`-1`) or a zero adapter adds an exact zero to the base model's own
+# operations, so op by op (no `jit`) its output is the plain model's bit for bit.
+# Compiled, the adapted and the plain model are two XLA programs, which XLA may
+# fuse and order differently (jax 0.12 on CPU: a few float32 ulps, as between the
+# plain model run eagerly and jitted): compiled rows are compared within
+# BASE_ROW_ULPS ulps of each row's largest magnitude (docs/design.md, "Base rows").
+BASE_ROW_ULPS = 16
+
+
+def assert_base_rows(actual, base):
+    """Compiled rows that must be the base model's: equal up to `BASE_ROW_ULPS`
+    float32 ulps of each row's magnitude."""
+    actual = np.asarray(actual, np.float64)
+    base = np.asarray(base, np.float64)
+    assert actual.shape == base.shape, (actual.shape, base.shape)
+    assert np.all(np.isfinite(actual)), "non-finite values in a base row"
+    rows = base.reshape(base.shape[0], -1)
+    mag = np.abs(rows).max(axis=1).reshape((-1,) + (1,) * (base.ndim - 1))
+    tol = BASE_ROW_ULPS * np.finfo(np.float32).eps * mag
+    err = np.abs(actual - base)
+    assert np.all(err <= tol), (
+        f"base rows differ by up to {err.max():.3g} (> {BASE_ROW_ULPS} ulps of "
+        "their magnitude)"
+    )
+
+
 def assert_close_to_reference(actual, expected, magnitude, rtol: float = RTOL_F32):
     """Elementwise `|actual - expected| <= rtol * magnitude` (+ a float32 floor)."""
     actual = np.asarray(actual, np.float64)

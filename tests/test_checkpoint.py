@@ -32,7 +32,7 @@ import lorax_arrays as lx
 import lorax_arrays._checkpoint as ck
 from lorax_arrays._checkpoint import CheckpointError, load_adapter, save_adapter
 from tests.fast_init import numpy_init
-from tests.helpers import nonzero
+from tests.helpers import assert_base_rows, nonzero
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -225,7 +225,7 @@ def test_loaded_stack_serves(tmp_path, mlp, mlp_stack):
     expected = np.asarray(run(lx.loraify(mlp, mlp_stack, idx), xs))
     base = np.asarray(run(mlp, xs))
     np.testing.assert_array_equal(out, expected)
-    np.testing.assert_array_equal(out[2], base[2])
+    assert_base_rows(out[2:3], base[2:3])  # another program: within a few ulps
     assert np.all(np.abs(out[[0, 1, 3, 4]] - base[[0, 1, 3, 4]]).max(axis=1) > 1e-3)
     # One adapter of it, loaded on its own, serves the same rows.
     save_adapter(tmp_path / "one", mlp_stack["beta"])

@@ -119,15 +119,13 @@ def test_gathered_experts_result_is_an_adapted_array():
     dn = lax.GatherDimensionNumbers(
         offset_dims=(3, 4), collapsed_slice_dims=(0,), start_index_map=(0,)
     )
-    params = dict(
-        dimension_numbers=dn,
-        slice_sizes=(1, D, F),
-        indices_are_sorted=False,
-        unique_indices=False,
-        mode=lax.GatherScatterMode.CLIP,
-        fill_value=None,
-    )
-    got = _entries_gather(lora, experts[..., None], dn, (1, D, F), params)
+    # The parameters JAX itself binds (they differ between versions: jax 0.12
+    # added `out_sharding`), read off the gather `lax.gather` makes.
+    clip = lax.GatherScatterMode.CLIP
+    gather = lambda w, i: lax.gather(w, i, dn, (1, D, F), mode=clip)  # noqa: E731
+    (eqn,) = jax.make_jaxpr(gather)(jnp.zeros((E, D, F)), experts[..., None]).eqns
+    assert eqn.primitive is lax.gather_p
+    got = _entries_gather(lora, experts[..., None], dn, (1, D, F), eqn.params)
     assert got.shape == (B, T, K, D, F)
     assert (got.stack_axes, got.in_axes, got.out_axes) == ((0, 1, 2), (3,), (4,))
     assert got.n_adapters == 1 and got.indices.shape == ()
