@@ -174,6 +174,8 @@ def _quaxify_call(self, *args, **kwargs):
 PATCHED_QUAXIFY_CALL = JAX_TAKE_LEAVES_NO_TRACE and (
     QUAX_CALL_VERSIONS[0] <= QUAX_VERSION < QUAX_CALL_VERSIONS[1]
 )
+# quax's own method, for tests/test_compat.py to show what the patch fixes.
+native_quaxify_call = _Quaxify.__call__
 if PATCHED_QUAXIFY_CALL:
     _Quaxify.__call__ = _quaxify_call
 

@@ -3,7 +3,9 @@
 `HYPOTHESIS_PROFILE=thorough` runs many more random examples (slow; for bug hunts).
 """
 
+import importlib.metadata
 import os
+import sys
 
 import jax
 from hypothesis import settings
@@ -30,3 +32,15 @@ settings.register_profile(
     "thorough", max_examples=400, deadline=None, derandomize=False, print_blob=True
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_report_header(config):
+    """The versions under test, so each CI leg's log says which it ran."""
+    names = ["jax", "jaxlib", "flax", "equinox", "quax", "optax", "orbax-checkpoint"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return f"lorax_arrays under Python {sys.version.split()[0]}: " + ", ".join(found)

@@ -1,9 +1,12 @@
 """Sentinels and checks for what `lorax_arrays/_compat.py` patches into quax.
 
-When one of these fails after a quax upgrade, quax has changed under us: check
-whether the patch is still needed (and whether quax's own version keeps the custom
-backward pass of a `jax.custom_vjp` function applied to plain activations, which
-tests/test_control_flow.py checks), then update `CUSTOM_VJP_PATCH_VERSIONS`.
+When one of these fails after a quax (or JAX) upgrade, quax has changed under us:
+check whether each patch is still needed, then update its version range
+(`CUSTOM_VJP_PATCH_VERSIONS` for the custom_vjp method, whose custom backward pass
+tests/test_control_flow.py checks; `QUAX_CALL_VERSIONS` for `_Quaxify.__call__`
+and the tracer's `value` slot, which tests/test_nnx.py and
+tests/test_value_duck_typing.py exercise). docs/design.md, "Compatibility", says
+why each exists.
 """
 
 from __future__ import annotations
@@ -121,3 +124,54 @@ def test_other_quax_values_in_a_custom_vjp_behave_as_without_the_patch(monkeypat
     assert patched[0] is native[0] and patched[0] is NotImplementedError
     assert patched[1] == native[1]
     assert "BatchedLoraArray" not in patched[1]
+
+
+# -- quax's argument wrapping on JAX >= 0.11 ------------------------------------
+
+
+def _nnx_linear_under_plain_quax():
+    """An NNX Linear whose kernel is a quax LoraArray, through `quax.quaxify`."""
+    from flax import nnx
+
+    lin = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    lin.kernel = nnx.Param(LoraArray(lin.kernel[...], rank=1, key=jr.key(1)))
+    return quax.quaxify(lambda m, x: m(x))(lin, jnp.ones((4, 3)))
+
+
+def test_quax_versions_the_call_and_value_patches_were_checked_with():
+    lo, hi = _compat.QUAX_CALL_VERSIONS
+    assert lo <= _compat.QUAX_VERSION < hi, (
+        f"quax {_compat.QUAX_VERSION} is outside {lo} <= version < {hi}, the "
+        "versions whose `_Quaxify.__call__` and tracer `value` slot "
+        "lorax_arrays/_compat.py copies and wraps: check both against this quax "
+        "and widen QUAX_CALL_VERSIONS (or drop a patch quax no longer needs)"
+    )
+    assert _compat.PATCHED_TRACER_VALUE
+
+
+def test_the_call_patch_is_applied_exactly_on_a_jax_that_leaves_no_trace():
+    # JAX <= 0.10 leaves `eval_trace` current in `take_current_trace()`; >= 0.11
+    # leaves none. The patch is needed (and applied) only in the second case.
+    assert _compat.PATCHED_QUAXIFY_CALL == _compat.JAX_TAKE_LEAVES_NO_TRACE
+    version = tuple(int(p) for p in jax.__version__.split(".")[:2])
+    assert _compat.JAX_TAKE_LEAVES_NO_TRACE == (version >= (0, 11))
+
+
+def test_nnx_under_plain_quax_works_with_the_call_patch():
+    out = _nnx_linear_under_plain_quax()
+    assert out.shape == (4, 2) and np.isfinite(np.asarray(out)).all()
+
+
+def test_without_the_call_patch_nnx_fails_exactly_where_jax_leaves_no_trace(
+    monkeypatch,
+):
+    """What the patch fixes: on JAX >= 0.11, quax as it ships rebuilds NNX
+    Variables with no trace current, and NNX asserts."""
+    from quax._quaxify import _Quaxify
+
+    monkeypatch.setattr(_Quaxify, "__call__", _compat.native_quaxify_call)
+    if _compat.JAX_TAKE_LEAVES_NO_TRACE:
+        with pytest.raises(AssertionError):
+            _nnx_linear_under_plain_quax()
+    else:
+        assert _nnx_linear_under_plain_quax().shape == (4, 2)
