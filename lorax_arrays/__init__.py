@@ -33,6 +33,7 @@ from ._errors import (
     CheckpointError as CheckpointError,
     IndicesShapeError as IndicesShapeError,
     LoraIndexError as LoraIndexError,
+    NonFiniteAdapterError as NonFiniteAdapterError,
     PeftFormatError as PeftFormatError,
     UnsupportedOperationError as UnsupportedOperationError,
 )

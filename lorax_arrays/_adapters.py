@@ -14,8 +14,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._array import dense
-from ._errors import LoraIndexError
-from ._indices import check_indices
+from ._errors import LoraIndexError, NonFiniteAdapterError
+from ._indices import out_of_range_message
 from ._paths import flatten_with_paths
 from ._targeting import LeafLayout, LoraRule, match_rules
 
@@ -184,6 +184,41 @@ class Adapter(eqx.Module):
         a = jax.lax.stop_gradient(a) * jnp.reshape(d, (*d.shape[:ns], *(1,) * ni, -1))
         b = jax.lax.stop_gradient(b) * jnp.expand_dims(bvec, ns)
         return a, b
+
+    def check_finite(self, what: str = "Adapter") -> None:
+        """Raises `NonFiniteAdapterError` if any factor, vector or alpha of this
+        adapter is NaN or infinite, naming the leaf and the field. Arrays being
+        traced (inside `jit`) are not checked: their values are unknown.
+
+        **Arguments:**
+
+        - `what`: who is asking, for the message (`"stack_adapters: adapter
+            'a'"`, say).
+        """
+        for j, lay in enumerate(self.layouts):
+            if not math.isfinite(self.alphas[j]):
+                raise NonFiniteAdapterError(
+                    f"{what}: the alpha at {lay.path!r} is {self.alphas[j]}; the "
+                    "adapter is corrupt (check its config's `lora_alpha`)."
+                )
+        fields = [("a", "weights", 0), ("b", "weights", 1)]
+        fields += [(f, f, None) for f in ("magnitudes", "in_scales", "out_scales")]
+        fields += [("VeRA d", "vera", 0), ("VeRA b", "vera", 1)]
+        checks = []
+        for role, field, part in fields:
+            for path, value in getattr(self, field).items():
+                x = value if part is None else value[part]
+                if not isinstance(x, jax.core.Tracer):
+                    checks.append((role, path, x))
+        flags = jax.device_get([jnp.all(jnp.isfinite(x)) for _, _, x in checks])
+        for (role, path, _), ok in zip(checks, flags):
+            if not ok:
+                raise NonFiniteAdapterError(
+                    f"{what}: `{role}` at {path!r} holds NaN or infinite values; "
+                    "the adapter is corrupt or diverged. It would serve NaN rows "
+                    "(never other tenants' rows, but never a right answer either): "
+                    "retrain or reload it."
+                )
 
     def scale(self, path: str) -> float:
         """`alpha / rank` (or `alpha / sqrt(rank)`) of the leaf at `path`."""
@@ -471,9 +506,11 @@ class AdapterStack(eqx.Module):
             out.append(w)
         # -1 is the base model here, so negative numbers do not count from the end
         # as they do in `stack[i]`.
-        out = np.asarray(out, dtype=np.int32)
-        check_indices(out, n)
-        return jnp.asarray(out)
+        # Checked as Python ints, before int32 could wrap `2**32 + 1` to 1.
+        bad = [w for w in out if not -1 <= w < n]
+        if bad:
+            raise LoraIndexError(out_of_range_message(bad[0], n))
+        return jnp.asarray(np.asarray(out, dtype=np.int32))
 
 
 def stack_adapters(
@@ -512,6 +549,9 @@ def stack_adapters(
             raise ValueError(
                 f"stack_adapters: names must be distinct and not {BASE!r}: {names}."
             )
+    for i, ad in enumerate(adapters):
+        label = f"adapter {i}" if names is None else f"adapter {i} ({names[i]!r})"
+        ad.check_finite(f"stack_adapters: {label}")
     layouts: dict[str, LeafLayout] = {}
     for i, ad in enumerate(adapters):
         for lay in ad.layouts:

@@ -21,8 +21,10 @@ from ._indices import (
     clamp_indices,
     coerce_indices,
     gathered_scale,
+    guard_rows,
     require_indices,
     scalar_needed_message,
+    scale_rows,
 )
 from ._lax import take
 from ._layout import Layout
@@ -540,7 +542,7 @@ def materialise_per_example(
     delta = delta_fn(a, b)
     w = dense(lora.frozen_w)
     s = s.reshape(s.shape + (1,) * w.ndim)
-    out = w + s * delta
+    out = w + scale_rows(delta, s)
     # The variants' vectors, diag(h) (w + s·a b) diag(g): each example's, laid on
     # the weight's axes (a base row's are ones, as its delta is 0).
     for vec, group, rank_axis in (
@@ -557,11 +559,17 @@ def materialise_per_example(
 def per_example(lora: BatchedLoraArray, vec: Array, indices: Array) -> Array:
     """A per-adapter vector `(*stack, n_adapters, *rest)` at each example's
     adapter: `(*stack, *indices.shape, *rest)`, all ones for base rows (`-1`)."""
+    # One gather from `[ones, *vec, NaN]` along the adapter axis, at each index's
+    # guarded row (`guard_rows`): a base row reads the ones, never an adapter's
+    # vector (a non-finite one stays in its own rows), and an index outside
+    # `[-1, n)` reads NaN, as `gathered_scale` gives the low-rank term, so a leaf
+    # with no low-rank term (IA3 alone, rank 0) is guarded too.
     ns = lora.layout.n_stack
-    v = take(vec, clamp_indices(indices, lora.n_adapters), ns)
-    rest = v.ndim - ns - indices.ndim
-    keep = (indices >= 0).reshape((1,) * ns + indices.shape + (1,) * rest)
-    return jnp.where(keep, v, jnp.ones((), v.dtype))
+    edge = vec.shape[:ns] + (1,) + vec.shape[ns + 1 :]
+    table = jnp.concatenate(
+        [jnp.ones(edge, vec.dtype), vec, jnp.full(edge, jnp.nan, vec.dtype)], ns
+    )
+    return take(table, guard_rows(indices, lora.n_adapters), ns)
 
 
 def dense(w: Any) -> Any:

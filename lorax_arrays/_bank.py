@@ -305,11 +305,12 @@ class AdapterBank:
                 f"AdapterBank.add({name!r}): the adapter adapts no leaf; use None "
                 f"or {BASE!r} in requests for the base model."
             )
+        adapter.check_finite(f"AdapterBank.add({name!r})")
         arrays, nbytes = {}, 0
         for j, lay in enumerate(adapter.layouts):
             leaf = self._check_leaf(name, lay, adapter.ranks[j])
             a, b = adapter.lora_factors(lay.path)  # VeRA: as the LoRA it serves
-            a, b = self._to_host(name, lay.path, a, b, leaf)
+            a, b = self._to_host(a, b, leaf)
             scale = np.float32(adapter.scale(lay.path))
             head = np.float32(0.0 if adapter.lookup_only[j] else scale)
             arrays[lay.path] = (a, b, scale, head)
@@ -462,15 +463,9 @@ class AdapterBank:
         return leaf
 
     @staticmethod
-    def _to_host(name, path, a, b, leaf: _Leaf) -> tuple[np.ndarray, np.ndarray]:
+    def _to_host(a, b, leaf: _Leaf) -> tuple[np.ndarray, np.ndarray]:
         """The factors as NumPy in the bank's dtype, padded to the capacity."""
         a, b = np.asarray(a), np.asarray(b)
-        for role, x in (("a", a), ("b", b)):
-            if not np.all(np.isfinite(x)):
-                raise ValueError(
-                    f"AdapterBank.add({name!r}): `{role}` at {path!r} holds NaN or "
-                    "infinite values; the adapter is corrupt or diverged."
-                )
         ns, pad = leaf.n_stack, leaf.capacity - a.shape[-1]
         a_pad = [(0, 0)] * (a.ndim - 1) + [(0, pad)]
         b_pad = [(0, 0)] * b.ndim
@@ -494,6 +489,15 @@ class AdapterBank:
                 "AdapterBank.indices: `names` must be a flat list (one per request) "
                 "or a rectangular nested list (one per token)."
             ) from e
+        rows = [n for n in grid.flat if isinstance(n, (list, tuple))]
+        if rows:  # NumPy made a ragged nested list into an array of lists
+            lengths = [len(n) if isinstance(n, (list, tuple)) else 1 for n in names]
+            raise ValueError(
+                "AdapterBank.indices: per-token names must form a rectangular "
+                f"nested list (one row per request, one name per token), but the "
+                f"rows have lengths {lengths}. Pad the shorter rows (with None for "
+                "the base model, or the request's own adapter name)."
+            )
         for pos, n in np.ndenumerate(grid):
             if n is None or n == BASE:
                 grid[pos] = None

@@ -400,7 +400,15 @@ def load_adapter(path: str | os.PathLike, tree: Any = None) -> Adapter | Adapter
         }
         restored = _read_arrays(arrays_dir, mpath) if stored else {}
     arrays = _check_arrays(restored, stored, spec, arrays_dir)
-    return _build(spec, arrays, arrays_dir)
+    out = _build(spec, arrays, arrays_dir)
+    what = f"load_adapter({str(root)!r})"
+    if isinstance(out, Adapter):
+        out.check_finite(what)
+    else:
+        for i in range(len(out)):
+            name = f" ({out.names[i]!r})" if out.names else ""
+            out[i].check_finite(f"{what}: adapter {i}{name}")
+    return out
 
 
 def _read_manifest(mpath: Path) -> dict[str, Any]:

@@ -17,6 +17,11 @@ class CheckpointError(ValueError):
     """A saved adapter checkpoint is missing, incomplete, corrupted or not ours."""
 
 
+class NonFiniteAdapterError(ValueError):
+    """An adapter holds NaN or infinite values (a factor, a variant's vector, or
+    its alpha): corrupt or diverged. Refused wherever adapters enter the library."""
+
+
 class PeftFormatError(ValueError):
     """A PEFT directory that cannot be loaded faithfully: an unsupported feature,
     an inconsistent config, or a key or module that has no place in the tree."""

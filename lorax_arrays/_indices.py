@@ -19,9 +19,12 @@ alone. Their path through the library, in order:
     the model.
 5. `clamp_indices` and `gathered_scale`: what the strategies (`_strategies.py`)
     and the lookups receive: ids clamped into `[0, n)` (so `-1` reads adapter 0),
-    and each row's scale, `0` where the index is `-1` (which removes adapter 0's
-    term again) and NaN where a traced index lies outside `[-1, n)` (so that row
-    is NaN, never another adapter's output).
+    and each row's scale, `0` where the index is `-1` and NaN where a traced index
+    (of any integer dtype) lies outside `[-1, n)` (so that row is NaN, never
+    another adapter's output). `scale_rows` applies that scale: a row of scale 0
+    gets exactly 0, not `0 * (adapter 0's term)`, so a non-finite adapter 0 never
+    reaches a base row (isolation), and the product is formed in the scale's
+    precision (a float16 activation times `alpha / r` above 65504 stays finite).
 
 Each kind of error has one message, built here.
 """
@@ -54,13 +57,59 @@ def coerce_indices(indices: Any) -> Array | None:
     if indices is None:
         return None
     if isinstance(indices, (list, tuple, int, float, bool)):
-        values = np.asarray(indices)
+        values = _as_numpy(indices)
+        check_representable(values)
         if values.size == 0 or np.issubdtype(values.dtype, np.integer):
             values = values.astype(np.int32)
         indices = values
+    elif isinstance(indices, (np.ndarray, np.generic)):
+        # Checked as given: converting first (int64 to JAX's int32, uint64 to
+        # uint32) would wrap `2**32 + 1` to adapter 1.
+        check_representable(np.asarray(indices))
     indices = jnp.asarray(indices)
     check_dtype(indices)
     return indices
+
+
+def _as_numpy(indices: Any) -> np.ndarray:
+    """Python values as a NumPy array; ints too large for int64 raise
+    `LoraIndexError` quoting them (NumPy would give an object array or raise
+    `OverflowError`)."""
+    try:
+        values = np.asarray(indices)
+    except OverflowError:
+        values = np.asarray(indices, dtype=object)
+    if values.dtype == object:
+        flat = [v for v in values.reshape(-1) if isinstance(v, int)]
+        if flat:
+            bad = max(flat, key=abs)
+            raise LoraIndexError(unrepresentable_message(bad))
+    return values
+
+
+# Indices are served as int32 (JAX's default integer): no adapter number beyond this.
+_INDEX_MAX = 2**31 - 1
+
+
+def check_representable(values: np.ndarray) -> None:
+    """`LoraIndexError` when concrete integer `values` hold a number beyond int32,
+    quoting it as given: on the way to int32 it would wrap, `2**32 + 1` to adapter
+    1. (Numbers within int32 are range-checked against the adapter count later,
+    by `check_indices`.)"""
+    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < -_INDEX_MAX - 1:
+        raise LoraIndexError(unrepresentable_message(lo))
+    if hi > _INDEX_MAX:
+        raise LoraIndexError(unrepresentable_message(hi))
+
+
+def unrepresentable_message(bad: int) -> str:
+    return (
+        f"adapter index {bad} is out of range: indices are adapter numbers (0, 1, "
+        "...) or -1 for the base weight alone."
+    )
 
 
 def check_dtype(indices: Any) -> None:
@@ -292,7 +341,8 @@ def clamp_indices(indices: Array, n: int) -> Array:
     """Indices clamped into `[0, n)`: `-1` (base only) reads adapter 0, whose term
     the zero scale of `gathered_scale` then removes. Also used for token ids and
     tile ids, which must stay in bounds for the in-bounds gathers."""
-    lo, hi = np.zeros((), indices.dtype), np.full((), n - 1, indices.dtype)
+    top = min(n - 1, int(jnp.iinfo(indices.dtype).max))  # n may not fit (uint8)
+    lo, hi = np.zeros((), indices.dtype), np.full((), top, indices.dtype)
     return lax.clamp(lo, indices, hi)
 
 
@@ -315,9 +365,49 @@ def gathered_scale(scale: Array, indices: Array) -> Array:
     table = lax.concatenate(
         [np.zeros((1,), scale.dtype), scale, np.full((1,), np.nan, scale.dtype)], 0
     )
-    unsigned = np.dtype(f"uint{8 * indices.dtype.itemsize}")
-    row = lax.convert_element_type(
-        lax.add(indices, np.ones((), indices.dtype)), unsigned
-    )
-    row = lax.clamp(np.zeros((), unsigned), row, np.full((), n + 1, unsigned))
-    return _lax.take(table, row, 0)
+    return _lax.take(table, guard_rows(indices, n), 0)
+
+
+def guard_rows(indices: Array, n: int) -> Array:
+    """Each index's row in a table `[base, adapter 0, ..., adapter n-1, invalid]`:
+    `indices + 1` for `-1 <= indices < n`, and `n + 1` for every other value, of
+    any integer dtype.
+
+    Signed: `indices + 1` in unsigned arithmetic, where every negative number
+    below -1 wraps past the end, clamped. Unsigned (which has no -1): `+ 1` would
+    wrap the largest value (`uint8` 255, `uint32` 2**32 - 1) to row 0, the base,
+    so those are clamped to `n` first, which stays representable and lands on the
+    invalid row."""
+    dtype = indices.dtype
+    if jnp.issubdtype(dtype, jnp.unsignedinteger):
+        if n + 1 > int(jnp.iinfo(dtype).max):  # n + 1 must fit: widen first
+            wide = np.dtype(f"uint{16 * dtype.itemsize}")
+            return guard_rows(lax.convert_element_type(indices, wide), n)
+        row = lax.clamp(np.zeros((), dtype), indices, np.full((), n, dtype))
+        return lax.add(row, np.ones((), dtype))
+    unsigned = np.dtype(f"uint{8 * dtype.itemsize}")
+    row = lax.convert_element_type(lax.add(indices, np.ones((), dtype)), unsigned)
+    return lax.clamp(np.zeros((), unsigned), row, np.full((), n + 1, unsigned))
+
+
+def scale_rows(u: Array, s: Array) -> Array:
+    """`u * s` (`s` broadcasting against `u`, one scale per row), but exactly 0
+    where `s == 0` (a base row), whatever `u` holds there.
+
+    A base row computes with adapter 0's factors (its index is clamped to 0), so
+    `0 * u` would be NaN for it if adapter 0 were non-finite: one tenant's
+    corrupt adapter would change base rows. The product is formed in the wider
+    of the two dtypes and cast back, so a float16 `u` times a scale beyond
+    float16's range gives the true (representable) result, not infinity."""
+    s = jnp.asarray(s)
+    wide = jnp.promote_types(u.dtype, s.dtype)
+    prod = (u.astype(wide) * s.astype(wide)).astype(u.dtype)
+    return jnp.where(s == 0, jnp.zeros((), u.dtype), prod)
+
+
+def zero_base_rows(u: Array, s: Array) -> Array:
+    """`u` with the rows where `s == 0` (base rows, `s` broadcasting against `u`)
+    set to exactly 0: for a low-rank term whose scale was applied earlier, on a
+    narrower intermediate, and which a later product with a non-finite factor
+    could have made NaN there."""
+    return jnp.where(jnp.asarray(s) == 0, jnp.zeros((), u.dtype), u)

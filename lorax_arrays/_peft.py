@@ -1136,7 +1136,7 @@ def load_peft_adapter(
         # PEFT's embedding LoRA changes the embedding module only; a head tied to
         # the same table (GPT-2) keeps the base table.
         lookup.append(fs[0]["kind"] == "embedding")
-    return Adapter(
+    adapter = Adapter(
         weights=weights,
         layouts=tuple(layouts),
         ranks=tuple(ranks),
@@ -1145,6 +1145,8 @@ def load_peft_adapter(
         lookup_only=tuple(lookup),
         **vectors,
     )
+    adapter.check_finite(f"load_peft_adapter({str(path)!r})")
+    return adapter
 
 
 def _conv_module(module: str, a, b, shape, path: str):

@@ -44,7 +44,13 @@ from jaxtyping import ArrayLike
 from . import _lax
 from ._array import BatchedLoraArray, bind
 from ._errors import UnsupportedOperationError
-from ._indices import align_indices, clamp_indices, gathered_scale, require_indices
+from ._indices import (
+    align_indices,
+    clamp_indices,
+    gathered_scale,
+    require_indices,
+    scale_rows,
+)
 from ._rules_dot import _add, _compute_dtype
 
 
@@ -166,8 +172,7 @@ def _low_rank_term(lora, x, idx, lead, free_shape, params):
             # Each row keeps its own adapter's r channels: (G, R, n, r) -> (G, R, r).
             u = _lax.reshape(u, (g, rows, n, r))
             t = _pick_adapter(u, _lax.reshape(safe, (g,)))
-        s = lax.broadcast_in_dim(_lax.convert(s, t.dtype), t.shape, (0,))
-        t = _lax.convert(lax.mul(t, s), dtype)
+        t = _lax.convert(t, dtype)
         if single:  # the 1x1 conv with B: (G, R, r) · (r, O)
             b_1 = _lax.convert(b_1, dtype)
             dn = (((2,), (0,)), ((), ()))
@@ -178,6 +183,8 @@ def _low_rank_term(lora, x, idx, lead, free_shape, params):
         v = lax.dot_general(
             t, b_1, dn, precision=precision, preferred_element_type=pref
         )  # (G, R, O)
+        # The row's scale last (a select for base rows: `scale_rows`).
+        v = scale_rows(v, _lax.reshape(s, (g, 1, 1)))
         v = _lax.reshape(v, (*free_shape, o))  # (N, *spatial, O)
         # To the conv's own output layout: out_spec names where N, O and each
         # spatial dimension go.

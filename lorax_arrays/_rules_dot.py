@@ -32,7 +32,14 @@ from ._array import (
     swap_in_out,
 )
 from ._errors import UnsupportedOperationError
-from ._indices import align_indices, clamp_indices, gathered_scale, require_indices
+from ._indices import (
+    align_indices,
+    clamp_indices,
+    gathered_scale,
+    require_indices,
+    scale_rows,
+    zero_base_rows,
+)
 from ._layout import broadcast_to_axes
 from ._strategies import low_rank, resolve
 
@@ -290,9 +297,13 @@ def _partial_group_dot(lora, x, dimension_numbers, lora_is_lhs, params):
         safe = clamp_indices(idx, view.n_adapters)
         a_g = _lax.convert(_lax.take(a, safe, ns), dtype)  # (*stack, *I, *in, r)
         b_g = _lax.take(b, safe, ns)  # (*stack, *I, r, *out)
-        s = _lax.convert(gathered_scale(scale, idx), b_g.dtype)
+        s = gathered_scale(scale, idx)
         dims = tuple(range(ns, ns + s.ndim))
-        b_g = _lax.convert(b_g * lax.broadcast_in_dim(s, b_g.shape, dims), dtype)
+        on_b = lax.broadcast_in_dim(s, b_g.shape, dims)
+        b_g = _lax.convert(scale_rows(b_g, on_b), dtype)
+        # A base row reads adapter 0: both its factors are zeroed, so even a
+        # non-finite adapter 0 gives it exactly 0.
+        a_g = zero_base_rows(a_g, lax.broadcast_in_dim(s, a_g.shape, dims))
         t = jnp.einsum(
             f"{''.join(x_sub)},{''.join(a_sub)}->{''.join(t_sub)}",
             x.astype(dtype),

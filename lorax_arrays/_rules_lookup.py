@@ -44,6 +44,8 @@ from ._indices import (
     gathered_scale,
     require_indices,
     scalar_needed_message,
+    scale_rows,
+    zero_base_rows,
 )
 from ._lax import convert, take
 from ._layout import Layout
@@ -116,8 +118,8 @@ def _rows_delta_leading(lora, b, tokens, idx, k):
         convert(b_g, rows.dtype),
         (((rows.ndim - 1,), (k,)), (tuple(range(k)), tuple(range(k)))),
     )  # (*I, *rest, d)
-    s = convert(gathered_scale(lora.scale, idx), u.dtype)
-    return u * s.reshape(s.shape + (1,) * (rest + 1))
+    s = gathered_scale(lora.scale, idx)
+    return scale_rows(u, s.reshape(s.shape + (1,) * (rest + 1)))
 
 
 @quax.register(lax.gather_p)
@@ -300,8 +302,10 @@ def _entries_gather(lora: BatchedLoraArray, start_indices, dn, sizes, params):
 
     a = gather_factor(lora.a)
     b = gather_factor(lora.b)
-    s = convert(scale, b.dtype)
-    b = b * lax.broadcast_in_dim(s, b.shape, tuple(range(n_batch)))
+    # A base entry reads adapter 0: both factors zeroed (`scale_rows` on B,
+    # `zero_base_rows` on A), so a non-finite adapter 0 never reaches it.
+    b = scale_rows(b, lax.broadcast_in_dim(scale, b.shape, tuple(range(n_batch))))
+    a = zero_base_rows(a, lax.broadcast_in_dim(scale, a.shape, tuple(range(n_batch))))
     layout = Layout(
         tuple(position[ax] for ax in lora.in_axes),
         tuple(position[ax] for ax in lora.out_axes),
@@ -392,4 +396,5 @@ def squeezed_lookup(lora: BatchedLoraArray, dims: tuple[int, ...]):
     delta = lora.layout.squeezed(dims).dense_delta(take(a, safe, ns), take(b, safe, ns))
     w = bind(lax.squeeze_p, lora.frozen_w, dimensions=dims)
     w = quax.quaxify(jnp.asarray)(w) if isinstance(w, quax.Value) else w
-    return (w + convert(s, delta.dtype) * delta).astype(w.dtype)
+    s = s.reshape(s.shape + (1,) * (delta.ndim - s.ndim))
+    return (w + scale_rows(delta, s)).astype(w.dtype)

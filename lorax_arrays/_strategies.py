@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._indices import clamp_indices
+from ._indices import clamp_indices, scale_rows
 from ._lax import convert, take
 
 STRATEGIES = ("auto", "gather", "segment", "dense")
@@ -180,28 +180,44 @@ def low_rank(strategy, x, a, b, ids, s, *, precision=None, pref=None):
     return fn(x, a, b, ids, s, precision, pref)
 
 
+# Isolation: every strategy returns exactly 0 on base rows (scale 0) and leaves
+# each row untouched by every adapter but its own, even a non-finite one. Each
+# applies the row's scale last, with `scale_rows` (a base row reads adapter 0's
+# factors; its zero scale is a select, not `0 * u`). `_dense`, which multiplies
+# every row by every adapter, also selects by its one-hot instead of multiplying,
+# and reads non-finite B entries as 0, flagging the rows of their adapter NaN.
+
+
 def _bmm(x, y, precision, pref):
     """`(S, G, t, i) · (S, G, i, o) -> (S, G, t, o)`: one batched `dot_general`."""
     dn = (((3,), (2,)), ((0, 1), (0, 1)))
     return lax.dot_general(x, y, dn, precision=precision, preferred_element_type=pref)
 
 
+def _on_rows(s, u):
+    """`s` (G,) shaped to broadcast over the G axis of `u` `(S, G, R, ...)`."""
+    return lax.reshape(s, (1, s.shape[0]) + (1,) * (u.ndim - 2))
+
+
 def _scaled(u, s):
-    """`u * s` over the G axis of `(S, G, R, ...)`."""
-    s = lax.broadcast_in_dim(convert(s, u.dtype), u.shape, (1,))
-    return lax.mul(u, s)
+    """`u * s` over the G axis of `(S, G, R, ...)`; exactly 0 on base rows
+    (`scale_rows`)."""
+    return scale_rows(u, _on_rows(s, u))
 
 
 def _single(x, a, b, s, precision, pref):
-    """`n == 1`: `((x · A) * s) · B` with plain matmuls, no gather and no mask; the
-    per-row scale (0 for base-only rows) multiplies the small rank-wide product."""
+    """`n == 1`: `((x · A) · B) * s` with plain matmuls, no gather and no mask. The
+    per-row scale (0 for base-only rows) is applied last, as in `_gather`: to the
+    rank-wide `x · A` it could overflow a float16 intermediate (`alpha / r` of
+    1e5) although the row's result is small."""
     s_, _, d_in, rank = a.shape
     dn = (((3,), (1,)), ((0,), (0,)))
     a1 = lax.reshape(a, (s_, d_in, rank))
     t = lax.dot_general(x, a1, dn, precision=precision, preferred_element_type=pref)
-    t = convert(_scaled(t, s), x.dtype)  # (S, G, R, r)
+    t = convert(t, x.dtype)  # (S, G, R, r)
     b1 = lax.reshape(b, (s_, rank, b.shape[-1]))
-    return lax.dot_general(t, b1, dn, precision=precision, preferred_element_type=pref)
+    u = lax.dot_general(t, b1, dn, precision=precision, preferred_element_type=pref)
+    return _scaled(u, s)
 
 
 def _gather(x, a, b, ids, s, precision, pref):
@@ -219,14 +235,25 @@ def _dense(x, a, b, ids, s, precision, pref):
         lax.broadcast_in_dim(ids, (g, n), (0,)),
         lax.broadcasted_iota(ids.dtype, (g, n), 1),
     )
-    scale = lax.broadcast_in_dim(convert(s, x.dtype), (g, n), (0,))
-    mask = lax.select(hit, scale, lax.full((g, n), 0, x.dtype))
     dn = (((3,), (2,)), ((0,), (0,)))  # x · A for every adapter: (S, G, R, n, r)
     t = lax.dot_general(x, a, dn, precision=precision, preferred_element_type=pref)
-    mask = lax.broadcast_in_dim(convert(mask, t.dtype), t.shape, (1, 3))
-    t = convert(lax.mul(t, mask), x.dtype)
+    # Selected by the one-hot, not multiplied by it: another adapter's non-finite
+    # A gives 0 here, not 0 · NaN. The scale comes last (as in `_single`).
+    keep = lax.broadcast_in_dim(hit, t.shape, (1, 3))
+    t = convert(lax.select(keep, t, lax.full(t.shape, 0, t.dtype)), x.dtype)
+    # Every row meets every adapter's B below: non-finite entries are read as 0
+    # and the rows of their adapter flagged NaN instead.
+    finite = jnp.isfinite(b)
+    b_ok = jnp.all(finite, axis=(2, 3))  # (S, n)
+    b = jnp.where(finite, b, jnp.zeros((), b.dtype))
     dn = (((3, 4), (1, 2)), ((0,), (0,)))  # summed over adapters and rank
-    return lax.dot_general(t, b, dn, precision=precision, preferred_element_type=pref)
+    u = _scaled(
+        lax.dot_general(t, b, dn, precision=precision, preferred_element_type=pref),
+        s,
+    )
+    row_ok = take(b_ok, ids, 1) | (s == 0)[None, :]  # (S, G); base rows are fine
+    nan = jnp.full((), jnp.nan, u.dtype)
+    return jnp.where(lax.reshape(row_ok, row_ok.shape + (1, 1)), u, nan)
 
 
 def _tile_size(m: int, n: int) -> int:
