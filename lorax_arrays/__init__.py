@@ -26,7 +26,6 @@ from ._array import (
 from ._bank import (
     AdapterBank as AdapterBank,
     BankEvent as BankEvent,
-    StaleIndicesError as StaleIndicesError,
 )
 from ._checkpoint import load_adapter as load_adapter, save_adapter as save_adapter
 from ._errors import (
@@ -35,6 +34,7 @@ from ._errors import (
     LoraIndexError as LoraIndexError,
     NonFiniteAdapterError as NonFiniteAdapterError,
     PeftFormatError as PeftFormatError,
+    StaleIndicesError as StaleIndicesError,
     UnsupportedOperationError as UnsupportedOperationError,
 )
 from ._explain import explain_strategies as explain_strategies

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -184,6 +185,53 @@ class Adapter(eqx.Module):
         a = jax.lax.stop_gradient(a) * jnp.reshape(d, (*d.shape[:ns], *(1,) * ni, -1))
         b = jax.lax.stop_gradient(b) * jnp.expand_dims(bvec, ns)
         return a, b
+
+    def fingerprint(self) -> str:
+        """A content hash of this adapter: every array's dtype, shape and bytes
+        and all of its metadata (paths, layouts, ranks, alphas, rsLoRA, lookup
+        flags, which variant each leaf is).
+
+        Equal for equal adapters wherever they come from (`lx.save_adapter` /
+        `lx.load_adapter` round trips keep it: checkpoints store it and verify
+        it on load), different as soon as one value differs. Use it to key
+        caches by adapter identity.
+
+        **Returns:**
+
+        A hex SHA-256 digest, prefixed `"sha256:"`.
+        """
+        h = hashlib.sha256(b"lorax_arrays.Adapter/1\0")
+
+        def put(label: str, x: Any) -> None:
+            arr = np.ascontiguousarray(np.asarray(x))
+            head = f"{label}|{arr.dtype.str}|{arr.shape}\0".encode()
+            h.update(head)
+            h.update(arr.tobytes())
+
+        for j, lay in enumerate(self.layouts):
+            meta = (
+                lay.path,
+                lay.shape,
+                lay.in_axes,
+                lay.out_axes,
+                lay.stack_axes,
+                self.ranks[j],
+                repr(float(self.alphas[j])),
+                bool(self.use_rslora[j]),
+                bool(self.lookup_only[j]),
+                self.kind(lay.path),
+            )
+            h.update(repr(meta).encode() + b"\0")
+            a, b = self.weights[lay.path]
+            put("a", a)
+            put("b", b)
+            for field in ("magnitudes", "in_scales", "out_scales"):
+                if lay.path in getattr(self, field):
+                    put(field, getattr(self, field)[lay.path])
+            if lay.path in self.vera:
+                put("vera_d", self.vera[lay.path][0])
+                put("vera_b", self.vera[lay.path][1])
+        return "sha256:" + h.hexdigest()
 
     def check_finite(self, what: str = "Adapter") -> None:
         """Raises `NonFiniteAdapterError` if any factor, vector or alpha of this

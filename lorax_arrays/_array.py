@@ -120,6 +120,7 @@ class BatchedLoraArray(quax.ArrayValue):
     head_scale: Float[Array, " n_adapters"] | None
     in_scale: Float[Array, ...] | None
     out_scale: Float[Array, ...] | None
+    generations: Int[Array, " n_adapters"] | None
     layout: Layout = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
     strategy: str = eqx.field(static=True)
@@ -144,6 +145,7 @@ class BatchedLoraArray(quax.ArrayValue):
         out_scale: Float[ArrayLike, ...] | None = None,
         batch_axis: int = 0,
         compact: bool = False,
+        generations: Int[ArrayLike, " n_adapters"] | None = None,
     ):
         """**Arguments:**
 
@@ -187,6 +189,12 @@ class BatchedLoraArray(quax.ArrayValue):
         - `compact`: the stacked adapters are only those of the batch the indices
             were made for (`lx.loraify(tree, bank, idx, compact=True)`), numbered
             by their place in it; `lx.with_indices` refuses such an array.
+        - `generations`: `(n_adapters,)` integers, set when serving from an
+            [`lorax_arrays.AdapterBank`][]: each slot's current generation. The
+            indices are then the bank's issued values (`generation * n_adapters
+            + slot`, or `-1`), and a value that is not its slot's current issue
+            selects no adapter: its row is NaN (checked on the device, one
+            gather per row). `None` (the default): indices are adapter numbers.
         """
         if is_qarray(w) or is_with_aux(w):  # a qwix-quantised base weight
             w = QwixArray(w)
@@ -219,6 +227,7 @@ class BatchedLoraArray(quax.ArrayValue):
             )
         self.batch_axis = batch_axis
         self.compact = bool(compact)
+        self.generations = None if generations is None else jnp.asarray(generations)
 
     def __check_init__(self):
         shape, dtype = _shape_dtype(self.w)
@@ -275,8 +284,17 @@ class BatchedLoraArray(quax.ArrayValue):
                     f"{what}: `{name}` has shape {tuple(v.shape)}; expected {want} "
                     f"(shaped as a rank-1 {'`a`' if name == 'in_scale' else '`b`'})."
                 )
+        if self.generations is not None:
+            g = self.generations
+            if g.shape != (n,) or not jnp.issubdtype(g.dtype, jnp.integer):
+                raise ValueError(
+                    f"{what}: `generations` has shape {tuple(g.shape)} and dtype "
+                    f"{g.dtype}; expected integers of shape (n_adapters,) = ({n},)."
+                )
         if self.indices is not None:
-            check_indices(self.indices, n)
+            # Issued indices are checked against their generations by whoever
+            # knows them (the bank, `with_indices`) and on the device.
+            check_indices(self.indices, None if self.generations is not None else n)
 
     # -- quax interface ---------------------------------------------------------
 
@@ -472,6 +490,7 @@ class BatchedLoraArray(quax.ArrayValue):
             out_scale=self.out_scale,
             batch_axis=self.batch_axis,
             compact=self.compact,
+            generations=self.generations,
         )
         layout = changes.pop("layout", None)
         if layout is not None:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import weakref
+import itertools
+import secrets
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,10 +36,37 @@ from jax import lax
 from jaxtyping import Array, Int
 
 from ._adapters import BASE, Adapter, AdapterStack
-from ._errors import LoraIndexError
-from ._indices import out_of_range_message
+from ._errors import LoraIndexError, StaleIndicesError
+from ._indices import (
+    check_issued,
+    check_representable,
+    issued_value,
+    unrepresentable_message,
+)
 from ._paths import close_matches
 from ._targeting import LeafLayout, LoraRule, match_rules
+
+# Slot generations are drawn from one process-wide counter, so no two slots of any
+# banks in this process ever hold the same token (an index issued by one bank
+# never matches another's slots), starting at a random point so that indices from
+# another process almost never do either. Tokens must keep `token * slots + slot`
+# within int32.
+_TOKENS = itertools.count(secrets.randbelow(2**20) + 1)
+_TOKENS_LOCK = threading.Lock()
+# How many past generations a bank remembers, for its messages.
+_HISTORY_KEPT = 4096
+
+
+def _next_token(slots: int) -> int:
+    with _TOKENS_LOCK:
+        token = next(_TOKENS)
+    if issued_value(token, slots - 1, slots) > 2**31 - 1:
+        raise RuntimeError(
+            "AdapterBank: this process has changed bank slots so often that their "
+            f"generations no longer fit int32 indices with {slots} slots. Restart "
+            "the server process (or use fewer slots)."
+        )
+    return token
 
 
 class _UnknownAdapterError(KeyError):
@@ -48,17 +77,13 @@ class _UnknownAdapterError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class StaleIndicesError(LoraIndexError):
-    """Indices from `AdapterBank.indices` used after the bank gave one of their
-    slots to another adapter."""
-
-
 @dataclasses.dataclass(frozen=True)
 class BankEvent:
     """One change to the bank's device slots.
 
     `kind` is `"load"` (`name` written into `slot`), `"evict"` (`name` left
-    `slot` to make room) or `"remove"` (`name` was removed and its slot cleared).
+    `slot` to make room), `"remove"` (`name` was removed and its slot cleared) or
+    `"update"` (`name`'s new version written into its `slot`, by `bank.update`).
     """
 
     kind: str
@@ -180,9 +205,17 @@ class AdapterBank:
         )
         self._adapters: dict[str, _Entry] = {}
         self._slot_names: list[str | None] = [None] * self._slots
-        self._generation = [0] * self._slots
+        # Each slot's generation: a process-wide token drawn at every change of
+        # its content; the indices the bank hands out encode it (see
+        # `_indices.issued_value`). `_history` says what each recent token was,
+        # for messages about indices that no longer match.
+        self._generation = [_next_token(self._slots) for _ in range(self._slots)]
+        self._generations = jnp.asarray(self._generation, jnp.int32)
+        self._history: collections.OrderedDict[int, tuple[int, str | None]] = (
+            collections.OrderedDict()
+        )
+        self._versions: dict[str, int] = {}
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._issued: dict[int, tuple[weakref.ref, dict[int, int]]] = {}
         self.events: collections.deque[BankEvent] = collections.deque(
             maxlen=events_kept
         )
@@ -279,14 +312,67 @@ class AdapterBank:
                 f"AdapterBank.add: an adapter named {name!r} is already in the bank. "
                 f"Remove it first (`bank.remove({name!r})`) to replace it."
             )
+        self._adapters[name] = self._entry(name, adapter, "add", on_host=True)
+        self._versions[name] = self._versions.get(name, 0) + 1
+
+    def update(self, name: str, adapter: Adapter) -> None:
+        """Replaces the weights of the adapter `name` with `adapter`'s: a new
+        *version* of it (`bank.version(name)` goes up by one).
+
+        For loops that publish a new policy every step (RL): when `name` is loaded,
+        its slot is rewritten in place on the device (device arrays go straight
+        from the adapter to the slot: no host round trip, no disk, no recompile),
+        and when it is not, the next batch that names it loads the new weights.
+        Either way every index issued before the update stops selecting it:
+        concrete ones raise `lx.StaleIndicesError`, traced ones give NaN rows, so
+        no request is served by the old version after the new one is published.
+
+        **Arguments:**
+
+        - `name`: a registered adapter's name.
+        - `adapter`: its new weights, checked as `add` checks them (same leaves
+            or any subset of the bank's, any rank up to the capacity). A device
+            adapter is kept on the device.
+        """
+        self._known(name, "AdapterBank.update")
+        self._adapters[name] = self._entry(name, adapter, "update", on_host=False)
+        self._versions[name] += 1
+        if name in self._slot_names:
+            events = [BankEvent("update", name, self._slot_names.index(name))]
+            self._put(self._slot_names.index(name), name)
+            self._log(events)
+
+    def version(self, name: str) -> int:
+        """How many times the adapter `name` has been given weights in this bank:
+        1 after `add`, one more for each `update`, and a name removed and added
+        again continues from where it was. Key caches by `(name, version)` (a KV
+        or prefix cache keyed by name alone would serve blocks computed with an
+        older version).
+
+        **Arguments:**
+
+        - `name`: a registered adapter's name.
+
+        **Returns:**
+
+        The version, from 1.
+        """
+        self._known(name, "AdapterBank.version")
+        return self._versions[name]
+
+    def _entry(self, name: str, adapter: Adapter, what: str, on_host: bool):
+        """`adapter` checked and laid out for the bank's slots: per leaf its
+        factors padded to the capacity and its scales (NumPy when `on_host`,
+        else as they are, so device arrays stay on the device)."""
         if isinstance(adapter, AdapterStack):
             raise TypeError(
-                "AdapterBank.add takes one Adapter, got an AdapterStack; add each "
+                f"AdapterBank.{what} takes one Adapter, got an AdapterStack; add each "
                 "of its adapters: `for n in stack.names: bank.add(n, stack[n])`."
             )
         if not isinstance(adapter, Adapter):
             raise TypeError(
-                f"AdapterBank.add: expected an Adapter, got {type(adapter).__name__}."
+                f"AdapterBank.{what}: expected an Adapter, got "
+                f"{type(adapter).__name__}."
             )
         variant = next(
             (adapter.kind(p) for p in adapter.paths if adapter.kind(p) != "lora"),
@@ -294,28 +380,28 @@ class AdapterBank:
         )
         if variant is not None:
             raise ValueError(
-                f"AdapterBank.add({name!r}): this is a {variant.upper()} adapter, and "
-                "a bank's slots hold LoRA factors only. Serve DoRA and IA3 "
+                f"AdapterBank.{what}({name!r}): this is a {variant.upper()} adapter, "
+                "and a bank's slots hold LoRA factors only. Serve DoRA and IA3 "
                 "adapters (with LoRA ones and base rows, in one batch) from "
                 "`lx.stack_adapters([...])` instead; a VeRA adapter is a LoRA and "
                 "can be added."
             )
         if not adapter.paths:
             raise ValueError(
-                f"AdapterBank.add({name!r}): the adapter adapts no leaf; use None "
+                f"AdapterBank.{what}({name!r}): the adapter adapts no leaf; use None "
                 f"or {BASE!r} in requests for the base model."
             )
-        adapter.check_finite(f"AdapterBank.add({name!r})")
+        adapter.check_finite(f"AdapterBank.{what}({name!r})")
         arrays, nbytes = {}, 0
         for j, lay in enumerate(adapter.layouts):
-            leaf = self._check_leaf(name, lay, adapter.ranks[j])
+            leaf = self._check_leaf(name, lay, adapter.ranks[j], what)
             a, b = adapter.lora_factors(lay.path)  # VeRA: as the LoRA it serves
-            a, b = self._to_host(a, b, leaf)
+            a, b = self._padded(a, b, leaf, on_host)
             scale = np.float32(adapter.scale(lay.path))
             head = np.float32(0.0 if adapter.lookup_only[j] else scale)
             arrays[lay.path] = (a, b, scale, head)
             nbytes += a.nbytes + b.nbytes
-        self._adapters[name] = _Entry(arrays, nbytes)
+        return _Entry(arrays, nbytes)
 
     def remove(self, name: str) -> None:
         """Forgets the adapter `name`; if it is loaded, its slot is cleared (its
@@ -379,49 +465,54 @@ class AdapterBank:
         for n in wanted:  # most recently used last
             self._recent.pop(n, None)
             self._recent[n] = None
-        slot_of = {n: s for s, n in enumerate(self._slot_names) if n is not None}
+        issued = {
+            n: issued_value(self._generation[s], s, self._slots)
+            for s, n in enumerate(self._slot_names)
+            if n is not None
+        }
         out = np.full(grid.shape, -1, np.int32)
         for pos, n in np.ndenumerate(grid):
             if n is not None:
-                out[pos] = slot_of[n]
-        idx = jnp.asarray(out)
-        self._remember(idx, {slot_of[n]: self._generation[slot_of[n]] for n in wanted})
-        return idx
+                out[pos] = issued[n]
+        return jnp.asarray(out)
 
     def arrays(
         self, indices: Any, compact: bool = False
     ) -> tuple[dict[str, tuple[LeafLayout, tuple]], Any]:
         """What `lx.loraify(tree, bank, indices)` puts at each path (the layout and
-        `(a, b, scale, head_scale)`), and the indices to serve them with. Checks
-        the indices against the bank first.
+        `(a, b, scale, head_scale, generations)`), and the indices to serve them
+        with. Checks concrete indices against the bank first: each must be `-1` or
+        the current issue of its slot (`StaleIndicesError` otherwise).
 
         With `compact`, only the slots the indices use, gathered into a stack of
         the next power of two in size (padded with the first of them), and the
-        indices renumbered to match; the bank itself when that size is the
-        bank's."""
+        indices renumbered to match (plain positions, no generations); the bank
+        itself when that size is the bank's."""
         self._check_served(indices)
+        whole = {
+            p: (lf.layout, (*self._state[p], self._generations))
+            for p, lf in self._items
+        }
         if not compact:
-            return {p: (lf.layout, self._state[p]) for p, lf in self._items}, indices
+            return whole, indices
         if isinstance(indices, jax.core.Tracer) or indices is None:
             raise ValueError(
                 "loraify(..., compact=True) needs concrete indices (from "
                 "`bank.indices(names)`), to know which slots the batch uses."
             )
-        values = np.asarray(indices)
-        used = np.unique(values[values >= 0])
-        bad = values[(values < -1) | (values >= self._slots)]
-        if bad.size:
-            raise LoraIndexError(out_of_range_message(int(bad[0]), self._slots))
+        values = np.asarray(indices).astype(np.int64)
+        slots = np.where(values >= 0, values % self._slots, -1)
+        used = np.unique(slots[slots >= 0])
         size = min(self._slots, 1 << max(0, int(used.size) - 1).bit_length())
         if size == self._slots:  # as big as the bank: serve the bank itself
-            return {p: (lf.layout, self._state[p]) for p, lf in self._items}, indices
+            return whole, indices
         take = np.full((size,), used[0] if used.size else 0, np.int32)
         take[: used.size] = used
         position = np.full((self._slots + 1,), -1, np.int32)
         position[used] = np.arange(used.size, dtype=np.int32)
         compacted = self._compact(self._state, take)
-        served = {p: (lf.layout, compacted[p]) for p, lf in self._items}
-        return served, jnp.asarray(position[values])
+        served = {p: (lf.layout, (*compacted[p], None)) for p, lf in self._items}
+        return served, jnp.asarray(position[slots])
 
     # -- internals ----------------------------------------------------------------
 
@@ -434,12 +525,14 @@ class AdapterBank:
         nan = xp.full((n,), np.nan, np.float32)
         return a, b, nan, xp.full((n,), np.nan, np.float32)
 
-    def _check_leaf(self, name: str, lay: LeafLayout, rank: int) -> _Leaf:
+    def _check_leaf(
+        self, name: str, lay: LeafLayout, rank: int, what: str = "add"
+    ) -> _Leaf:
         leaf = self._leaves.get(lay.path)
         if leaf is None:
             near = close_matches(lay.path, self._leaves)
             raise ValueError(
-                f"AdapterBank.add({name!r}): the adapter adapts {lay.path!r}, which "
+                f"AdapterBank.{what}({name!r}): the adapter adapts {lay.path!r}, which "
                 f"is not one of the bank's leaves.{near}"
                 f" The bank's rules adapt: {', '.join(map(repr, self._leaves))}. "
                 "Build the bank with a rule that covers this leaf."
@@ -447,7 +540,7 @@ class AdapterBank:
         if not leaf.layout.compatible(lay):
             have, got = leaf.layout, lay
             raise ValueError(
-                f"AdapterBank.add({name!r}): at {lay.path!r} the adapter is laid "
+                f"AdapterBank.{what}({name!r}): at {lay.path!r} the adapter is laid "
                 f"out as shape {got.shape}, in_axes={got.in_axes}, "
                 f"out_axes={got.out_axes}, stack_axes={got.stack_axes}, but the "
                 f"bank as shape {have.shape}, in_axes={have.in_axes}, "
@@ -456,23 +549,25 @@ class AdapterBank:
             )
         if rank > leaf.capacity:
             raise ValueError(
-                f"AdapterBank.add({name!r}): at {lay.path!r} the adapter has rank "
+                f"AdapterBank.{what}({name!r}): at {lay.path!r} the adapter has rank "
                 f"{rank}, above the bank's capacity {leaf.capacity} there. Build the "
                 f"bank with `LoraRule(..., rank={rank})` (or larger) for this leaf."
             )
         return leaf
 
     @staticmethod
-    def _to_host(a, b, leaf: _Leaf) -> tuple[np.ndarray, np.ndarray]:
-        """The factors as NumPy in the bank's dtype, padded to the capacity."""
-        a, b = np.asarray(a), np.asarray(b)
+    def _padded(a, b, leaf: _Leaf, on_host: bool) -> tuple[Any, Any]:
+        """The factors in the bank's dtype, padded to the capacity: NumPy when
+        `on_host`, else JAX arrays on their device."""
+        xp = np if on_host else jnp
+        a, b = xp.asarray(a), xp.asarray(b)
         ns, pad = leaf.n_stack, leaf.capacity - a.shape[-1]
         a_pad = [(0, 0)] * (a.ndim - 1) + [(0, pad)]
         b_pad = [(0, 0)] * b.ndim
         b_pad[ns] = (0, pad)
         return (
-            np.pad(a.astype(leaf.dtype), a_pad),
-            np.pad(b.astype(leaf.dtype), b_pad),
+            xp.pad(a.astype(leaf.dtype), a_pad),
+            xp.pad(b.astype(leaf.dtype), b_pad),
         )
 
     def _name_grid(self, names: Sequence[Any]) -> np.ndarray:
@@ -550,41 +645,61 @@ class AdapterBank:
                 new[path] = (a, b, s, s)
         self._state = self._write(self._state, np.int32(slot), new)
         self._slot_names[slot] = name
-        self._generation[slot] += 1
+        self._new_generation(slot)
 
-    def _remember(self, idx: Array, generations: dict[int, int]) -> None:
-        key = id(idx)
-        self._issued[key] = (
-            weakref.ref(idx, lambda _, key=key: self._issued.pop(key, None)),
-            generations,
-        )
+    def _new_generation(self, slot: int) -> None:
+        """A fresh token for `slot` (its content changed): every index issued for
+        its previous content stops matching, on the host and on the device."""
+        token = _next_token(self._slots)
+        self._generation[slot] = token
+        self._history[token] = (slot, self._slot_names[slot])
+        while len(self._history) > _HISTORY_KEPT:
+            self._history.popitem(last=False)
+        self._generations = jnp.asarray(self._generation, jnp.int32)
 
     def _check_served(self, indices: Any) -> None:
-        """The checks `lx.loraify(tree, bank, indices)` runs on the host."""
-        issued = self._issued.get(id(indices))
-        if issued is not None and issued[0]() is indices:
-            for slot, gen in issued[1].items():
-                if self._generation[slot] != gen:
-                    now = self._slot_names[slot]
-                    change = f"given to {now!r}" if now is not None else "cleared"
-                    raise StaleIndicesError(
-                        "These indices came from an earlier `bank.indices(...)` "
-                        f"call, and slot {slot} has since been {change}: serving "
-                        "them would give those rows another adapter's output. Call "
-                        "`bank.indices(names)` for a batch right before "
-                        "`lx.loraify(tree, bank, idx)`, and run that batch before "
-                        "asking for the next one."
-                    )
-            return
+        """The checks `lx.loraify(tree, bank, indices)` runs on the host: each
+        concrete value is `-1` or the current issue of its slot."""
         if isinstance(indices, jax.core.Tracer) or indices is None:
-            return  # traced: rows routed to an empty slot come out NaN
+            return  # traced: checked on the device (NaN rows)
         values = np.asarray(indices)
-        if not np.issubdtype(values.dtype, np.integer):
+        if not np.issubdtype(values.dtype, np.integer) or values.size == 0:
             return  # `loraify` itself refuses these, with its own message
-        for slot in np.unique(values[values >= 0]):
-            if slot < self._slots and self._slot_names[slot] is None:
-                raise LoraIndexError(
-                    f"Index {slot} points at slot {slot} of the bank, which holds "
-                    "no adapter. Make indices with `bank.indices(names)`, which "
-                    "loads the adapters a batch names."
-                )
+        check_representable(values)
+        if int(values.min()) < -1:
+            raise LoraIndexError(unrepresentable_message(int(values.min())))
+        bad = check_issued(values, self._generation)
+        if bad:
+            raise StaleIndicesError(self.stale_message(int(values.reshape(-1)[bad[0]])))
+
+    def stale_message(self, value: int) -> str:
+        """Why the index `value` selects nothing in this bank now."""
+        fix = (
+            " Call `bank.indices(names)` for each batch right before "
+            "`lx.loraify(tree, bank, idx)` (or `lx.with_indices(served, idx)`), "
+            "and never keep indices across loads, removals or updates."
+        )
+        if value < -1:
+            return unrepresentable_message(value) + fix
+        slot, token = value % self._slots, value // self._slots
+        if token in self._history and self._history[token][0] == slot:
+            was = self._history[token][1]
+            now = self._slot_names[slot]
+            change = (
+                "cleared"
+                if now is None
+                else f"given to {now!r}"
+                if now != was
+                else f"updated to a new version of {now!r}"
+            )
+            return (
+                f"Index {value} was issued for {was!r} in slot {slot}, which has "
+                f"since been {change}: serving it would give that row another "
+                "adapter's (or version's) output." + fix
+            )
+        return (
+            f"Index {value} was not issued by this bank (for its slot {slot} now, or "
+            "recently): it comes from another bank, was made by hand, or is far "
+            "out of date. A bank's indices are valid only with that bank, for the "
+            "adapter version they were issued for." + fix
+        )

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -143,6 +144,11 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter | AdapterStack) -> No
                 manifest["n_adapters"] = adapter.n_adapters
                 names = adapter.names
                 manifest["names"] = None if names is None else [str(n) for n in names]
+                manifest["fingerprints"] = [
+                    adapter[i].fingerprint() for i in range(adapter.n_adapters)
+                ]
+            else:
+                manifest["fingerprint"] = adapter.fingerprint()
             manifest["checksum"] = _checksum(manifest)
             _write_manifest(root, manifest)
         except BaseException:
@@ -402,13 +408,43 @@ def load_adapter(path: str | os.PathLike, tree: Any = None) -> Adapter | Adapter
     arrays = _check_arrays(restored, stored, spec, arrays_dir)
     out = _build(spec, arrays, arrays_dir)
     what = f"load_adapter({str(root)!r})"
-    if isinstance(out, Adapter):
-        out.check_finite(what)
-    else:
-        for i in range(len(out)):
-            name = f" ({out.names[i]!r})" if out.names else ""
-            out[i].check_finite(f"{what}: adapter {i}{name}")
+    members = [out] if isinstance(out, Adapter) else [out[i] for i in range(len(out))]
+    stored = (
+        [manifest.get("fingerprint")]
+        if isinstance(out, Adapter)
+        else manifest.get("fingerprints") or [None] * len(members)
+    )
+    for i, (member, want) in enumerate(zip(members, stored)):
+        label = what
+        if isinstance(out, AdapterStack):
+            label += f": adapter {i}" + (f" ({out.names[i]!r})" if out.names else "")
+        member.check_finite(label)
+        # Checkpoints written before fingerprints were stored have none.
+        if want is not None and member.fingerprint() != want:
+            raise CheckpointError(
+                f"{label}: the loaded adapter's fingerprint {member.fingerprint()} "
+                f"is not the {want} recorded when it was saved: the checkpoint "
+                f"does not hold the adapter that was saved. {_ADVICE}"
+            )
+    if isinstance(out, AdapterStack):
+        _check_stack_scales(out, members, what)
     return out
+
+
+def _check_stack_scales(stack: AdapterStack, members: list[Adapter], what: str):
+    """A stack stores each leaf's per-adapter scales and, redundantly, each
+    adapter's rank, alpha and rsLoRA flag: they must agree."""
+    for lay in stack.layouts:
+        stored = np.asarray(stack.scales[lay.path], np.float64)
+        want = np.asarray(
+            [m.scale(lay.path) if lay.path in m.paths else 0.0 for m in members]
+        )
+        if not np.allclose(stored, want, rtol=1e-6, atol=0.0):
+            raise CheckpointError(
+                f"{what}: at {lay.path!r} the stored scales {stored.tolist()} are "
+                f"not the adapters' alpha / rank {want.tolist()}: the checkpoint's "
+                f"fields disagree. {_ADVICE}"
+            )
 
 
 def _read_manifest(mpath: Path) -> dict[str, Any]:
@@ -432,6 +468,10 @@ def _read_manifest(mpath: Path) -> dict[str, Any]:
             f"{mpath}: not a lorax_arrays adapter manifest (format {fmt!r}, expected "
             f"{FORMAT!r}). {_ADVICE}"
         )
+    # The checksum first: no field (not even the format version) is trusted
+    # before it, so a flipped digit reads as damage, not as a newer format.
+    if manifest.get("checksum") != _checksum(manifest):
+        raise corrupt("its checksum does not match its content")
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise corrupt(f"format_version {version!r} is not an integer")
@@ -442,8 +482,6 @@ def _read_manifest(mpath: Path) -> dict[str, Any]:
             f"({_library_version()}) reads format {FORMAT_VERSION} and older. "
             "Upgrade lorax_arrays to load it."
         )
-    if manifest.get("checksum") != _checksum(manifest):
-        raise corrupt("its checksum does not match its content")
     if _dump(manifest) != text:
         raise corrupt("its bytes are not those lorax_arrays wrote")
     return manifest
@@ -762,8 +800,17 @@ def _locked(root: Path, exclusive: bool) -> Iterator[None]:
     fd = None
     if fcntl is not None:
         flags = os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY
+        # Non-blocking: opening a FIFO (or a device) there must not wait forever.
+        flags |= getattr(os, "O_NONBLOCK", 0)
         with contextlib.suppress(OSError):
             fd = os.open(root / _LOCK, flags, 0o644)
+        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CheckpointError(
+                f"{root / _LOCK}: the checkpoint's lock file is not a regular file "
+                "(a FIFO, a device or a socket), so it cannot be locked; something "
+                "other than lorax_arrays put it there. Remove it and try again."
+            )
     try:
         if fd is not None:
             with contextlib.suppress(OSError):  # filesystems without flock

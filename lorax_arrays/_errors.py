@@ -9,6 +9,12 @@ class LoraIndexError(IndexError):
     """An adapter index is outside `[-1, n_adapters - 1]`."""
 
 
+class StaleIndicesError(LoraIndexError):
+    """Indices from `AdapterBank.indices` used after the adapter they were issued
+    for left its slot (evicted, removed, updated to a new version), or with a bank
+    that did not issue them."""
+
+
 class IndicesShapeError(ValueError):
     """The activation's leading axes do not line up with the adapter indices."""
 

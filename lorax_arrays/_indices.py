@@ -125,15 +125,20 @@ def check_dtype(indices: Any) -> None:
 # -- 2. range ---------------------------------------------------------------------
 
 
-def check_indices(indices: Any, n_adapters: int) -> None:
+def check_indices(indices: Any, n_adapters: int | None) -> None:
     """The dtype always; the range `[-1, n_adapters - 1]` only when the values are
     concrete (under `jit` they are unknown: out-of-range rows come out NaN, see
-    `gathered_scale`)."""
+    `gathered_scale`). `n_adapters=None`: issued indices (an AdapterBank's), which
+    are `-1` or non-negative, and checked against their generations elsewhere."""
     check_dtype(indices)
     if isinstance(indices, jax.core.Tracer) or indices.size == 0:
         return
     values = np.asarray(indices)
     lo, hi = int(values.min()), int(values.max())
+    if n_adapters is None:
+        if lo < -1:
+            raise LoraIndexError(unrepresentable_message(lo))
+        return
     if lo < -1 or hi >= n_adapters:
         raise LoraIndexError(out_of_range_message(lo if lo < -1 else hi, n_adapters))
 
@@ -163,10 +168,62 @@ class UnsetIndicesError(ValueError):
 
 
 def require_indices(lora: Any) -> Array:
-    """`lora.indices`, or `UnsetIndicesError` when they were never set."""
+    """`lora.indices` as adapter numbers, or `UnsetIndicesError` when they were
+    never set. Indices issued by an `AdapterBank` (the array has `generations`)
+    are decoded here, for every rule: a value that is not the current issue of
+    its slot becomes `n_adapters`, out of range, so its row is NaN
+    (`decode_issued`)."""
     if lora.indices is None:
         raise UnsetIndicesError.for_array(lora)
-    return lora.indices
+    if lora.generations is None:
+        return lora.indices
+    return decode_issued(lora.indices, lora.generations)
+
+
+# -- issued indices (AdapterBank) -------------------------------------------------
+#
+# An AdapterBank hands out `token * slots + slot` for a request served by `slot`,
+# where `token` is the slot's *generation*: a number drawn, process-wide, each
+# time a slot's content changes (a load, an eviction, a removal, an update). The
+# value itself says what it was issued for, so a copy of it (`np.asarray(idx)`,
+# `idx.tolist()`, `jnp.array(idx)`, an index passed traced into `jit`) still does,
+# and another bank's slots (which never hold the same token) do not match it.
+
+
+def issued_value(token: int, slot: int, slots: int) -> int:
+    """The index an `AdapterBank` hands out for `slot` at generation `token`."""
+    return token * slots + slot
+
+
+def decode_issued(indices: Array, generations: Array) -> Array:
+    """Slot numbers from issued indices: `-1` stays `-1`; a value whose slot's
+    generation is its token becomes that slot; anything else becomes `n` (out of
+    range: its row is NaN). One gather per row, from the `(slots,)` generations.
+    """
+    n = generations.shape[0]
+    idx = indices.astype(jnp.int32) if indices.dtype != jnp.int32 else indices
+    info = jnp.iinfo(indices.dtype)
+    if info.max > _INDEX_MAX:  # uint32, int64, uint64: would wrap into int32
+        big = indices > np.asarray(_INDEX_MAX).astype(indices.dtype)
+        if info.min < -_INDEX_MAX - 1:
+            big = big | (indices < np.asarray(-_INDEX_MAX - 1).astype(indices.dtype))
+        idx = jnp.where(big, np.int32(-2), idx)
+    slot = lax.rem(jnp.maximum(idx, 0), np.int32(n))
+    token = lax.div(jnp.maximum(idx, 0), np.int32(n))
+    current = _lax.take(generations.astype(jnp.int32), slot, 0)
+    ok = (idx >= 0) & (current == token)
+    return jnp.where(idx == -1, np.int32(-1), jnp.where(ok, slot, np.int32(n)))
+
+
+def check_issued(values: np.ndarray, generations: Sequence[int]) -> list[int]:
+    """The positions (flat) of concrete issued `values` that are neither `-1` nor
+    the current issue of their slot, for a host-side error."""
+    values = np.asarray(values).reshape(-1).astype(np.int64)
+    n = len(generations)
+    gens = np.asarray(generations, np.int64)
+    slot = np.where(values >= 0, values % n, 0)
+    ok = (values == -1) | ((values >= 0) & (gens[slot] == values // n))
+    return [int(p) for p in np.flatnonzero(~ok)]
 
 
 def scalar_needed_message(what: str, indices_shape: Sequence[int]) -> str:

@@ -12,12 +12,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import ArrayLike, Int
 
 from ._adapters import Adapter, AdapterStack, stack_adapters
 from ._array import BatchedLoraArray, dense
 from ._bank import AdapterBank
-from ._indices import coerce_indices
+from ._errors import StaleIndicesError
+from ._indices import check_issued, coerce_indices
 from ._paths import close_matches, flatten_with_paths
 
 
@@ -41,8 +43,9 @@ def _as_stack(adapters: Any) -> AdapterStack:
 def _serving_arrays(
     adapters: Any, indices: Any, compact: bool
 ) -> tuple[dict[str, tuple[Any, tuple]], Any]:
-    """Per adapted path its `LeafLayout` and `(a, b, scale, head_scale)`, and the
-    indices that go with them."""
+    """Per adapted path its `LeafLayout` and `(a, b, scale, head_scale,
+    generations)` (generations: a bank's, else None), the indices that go with
+    them, and the stack (None for a bank)."""
     if isinstance(adapters, AdapterBank):
         return (*adapters.arrays(indices, compact), None)
     if compact:
@@ -54,7 +57,8 @@ def _serving_arrays(
     out = {}
     for lay, flags in zip(stack.layouts, stack.lookup_only):
         head = stack.head_scales(lay.path) if any(flags) else None
-        out[lay.path] = (lay, (*stack.weights[lay.path], stack.scales[lay.path], head))
+        weights = (*stack.weights[lay.path], stack.scales[lay.path], head, None)
+        out[lay.path] = (lay, weights)
     return out, indices, stack
 
 
@@ -182,7 +186,7 @@ def loraify(
                 f"loraify: {path!r} is already a BatchedLoraArray. Loraify the base "
                 "tree, or change the requests with `lx.with_indices`."
             )
-        lay, (a, b, scale, head_scale) = served[path]
+        lay, (a, b, scale, head_scale, generations) = served[path]
         if tuple(leaf.shape) != lay.shape:
             raise ValueError(
                 f"loraify: the adapter was made for a weight of shape {lay.shape} at "
@@ -205,6 +209,7 @@ def loraify(
             head_scale=head_scale,
             batch_axis=batch_axis,
             compact=compact,
+            generations=generations,
         )
 
     return _replace_at_paths(tree, put, list(served), "loraify")
@@ -241,6 +246,7 @@ def with_indices(
     """
     indices = coerce_indices(indices)
     found = False
+    checked: set[int] = set()  # the generation tables already checked against
 
     def swap(x):
         nonlocal found
@@ -262,6 +268,9 @@ def with_indices(
                     "Loraify again for each batch: `lx.loraify(tree, bank, "
                     "bank.indices(names))`."
                 )
+            if x.generations is not None and id(x.generations) not in checked:
+                _check_issued_on_host(indices, x.generations)
+                checked.add(id(x.generations))
             if batch_axis is None:
                 return x.replace(indices=indices)
             return x.replace(indices=indices, batch_axis=batch_axis)
@@ -283,6 +292,27 @@ def with_indices(
             "first with `lx.loraify(tree, adapters)`."
         )
     return out
+
+
+def _check_issued_on_host(indices: Any, generations: Any) -> None:
+    """Concrete bank indices given to `with_indices`: each must be the current
+    issue of its slot (one small device-to-host copy of the bank's generations).
+    Traced ones are checked on the device instead."""
+    if isinstance(indices, jax.core.Tracer) or isinstance(generations, jax.core.Tracer):
+        return
+    values = np.asarray(indices)
+    if values.size == 0:
+        return
+    bad = check_issued(values, np.asarray(generations))
+    if bad:
+        value = int(values.reshape(-1)[bad[0]])
+        raise StaleIndicesError(
+            f"with_indices: index {value} is not a current issue of the bank this "
+            "tree serves from: its slot has since been given to another adapter, "
+            "cleared or updated, or the index came from another bank or was made "
+            "by hand (a bank's indices encode the slot and its generation). Use "
+            "indices from this bank's latest `bank.indices(names)`."
+        )
 
 
 def merge(tree: Any, adapter: Adapter) -> Any:

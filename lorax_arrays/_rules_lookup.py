@@ -319,6 +319,7 @@ def _entries_gather(lora: BatchedLoraArray, start_indices, dn, sizes, params):
         scale=jnp.ones((1,), lora.scale.dtype),
         head_scale=None,
         indices=jnp.zeros((), jnp.int32),
+        generations=None,
         layout=layout,
         compact=False,
     )

@@ -8,7 +8,6 @@ scanned layer stack and an output head.
 
 from __future__ import annotations
 
-import gc
 import re
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
+from lorax_arrays import _bank as lx_bank
 from tests.fast_init import random_adapters
 from tests.model_helpers import einsum_merge
 
@@ -186,7 +186,8 @@ def test_lru_eviction_spares_what_the_batch_needs():
     events = [(ev.kind, ev.name, ev.slot) for ev in bank.last_events]
     assert events == [("evict", "r4-rs", 2), ("load", "wq-only", 2)]
     assert list(bank.events)[-2:] == list(bank.last_events)
-    np.testing.assert_array_equal(idx, [2, 1])
+    # Issued indices encode the slot (and its generation): slot = value % slots.
+    np.testing.assert_array_equal(np.asarray(idx) % bank.slots, [2, 1])
     assert bank.loaded == {"r8": 0, "r2": 1, "wq-only": 2}
     # Already-loaded adapters are not written again.
     before = len(bank.events)
@@ -302,7 +303,9 @@ def test_stale_indices_are_refused():
     bank = _bank(slots=2)
     old = bank.indices(["r8", "r2"])
     bank.indices(["r1", "r4-rs"])  # both slots change hands
-    with pytest.raises(lx.StaleIndicesError, match=r"slot \d has since been given to"):
+    with pytest.raises(
+        lx.StaleIndicesError, match=r"issued for 'r\d' in slot \d, which has since"
+    ):
         lx.loraify(PARAMS, bank, old)
     assert isinstance(lx.StaleIndicesError("x"), lx.LoraIndexError)
     fresh = bank.indices(["r1"])
@@ -312,11 +315,13 @@ def test_stale_indices_are_refused():
         lx.loraify(PARAMS, bank, fresh)
 
 
-def test_indices_pointing_at_an_empty_slot():
-    """Concrete: refused on the host. Traced: NaN rows, never the base model."""
+def test_indices_not_issued_by_the_bank():
+    """Slot numbers written by hand (even a loaded slot's, or an empty one's) were
+    not issued: concrete, refused on the host; traced, NaN rows, never another
+    adapter's output or the base model's. Issued values, traced, serve."""
     bank = _bank(slots=3)
     idx = bank.indices(["r8", None, "r2", "r8"])
-    with pytest.raises(lx.LoraIndexError, match="slot 2 of the bank, which holds no"):
+    with pytest.raises(lx.StaleIndicesError, match="not issued by this bank"):
         lx.loraify(PARAMS, bank, jnp.array([0, 2, -1, 1], jnp.int32))
     served = lx.loraify(PARAMS, bank, idx)
 
@@ -324,7 +329,8 @@ def test_indices_pointing_at_an_empty_slot():
     def run(p, i):
         return lx.quaxify(forward)(lx.with_indices(p, i), TOKENS)
 
-    out = np.asarray(run(served, jnp.array([0, 2, -1, 7], jnp.int32)))
+    issued = np.asarray(idx)
+    out = np.asarray(run(served, jnp.array([issued[0], 2, -1, 0], jnp.int32)))
     assert np.isnan(out[[1, 3]]).all()
     for e, name in ((0, "r8"), (2, None)):
         np.testing.assert_allclose(
@@ -365,12 +371,15 @@ def test_events_are_bounded_and_long_name_lists_cut():
     )
 
 
-def test_issued_indices_are_forgotten_when_dropped():
-    bank = _bank(slots=2)
-    for _ in range(5):
-        bank.indices(["r8"])
-    gc.collect()
-    assert len(bank._issued) == 0
+def test_the_bank_remembers_a_bounded_history(monkeypatch):
+    """What each recent generation was (for messages) is kept for a bounded
+    number of changes, however long the server runs."""
+    monkeypatch.setattr(lx_bank, "_HISTORY_KEPT", 3)
+    bank = lx.AdapterBank(PARAMS, BANK_RULES, slots=1)
+    for j in range(6):
+        bank.add(f"n{j}", ADAPTERS["r1"])
+        bank.indices([f"n{j}"])
+    assert len(bank._history) == 3
 
 
 # -- errors -----------------------------------------------------------------------
@@ -460,3 +469,133 @@ def test_adapters_from_orbax_and_peft_directories(tmp_path):
     # PEFT's embedding LoRA leaves the head alone; the head has its own adapter.
     ref = forward(einsum_merge(PARAMS, peft_ad, xp=np), TOKENS)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+
+
+# -- an index is bound to the adapter and version it was issued for --------------
+
+
+def _copies(idx):
+    """What a careless server does with the indices it got."""
+    return {
+        "same object": idx,
+        "np.asarray": np.asarray(idx),
+        "tolist": np.asarray(idx).tolist(),
+        "jnp.array": jnp.array(idx),
+        "int64": np.asarray(idx).astype(np.int64),
+    }
+
+
+@jax.jit
+def _serve_traced(p, tokens, i):
+    return lx.quaxify(forward)(lx.with_indices(p, i), tokens)
+
+
+@pytest.mark.parametrize("how", ["evicted", "removed", "re-added", "updated"])
+def test_copies_of_old_indices_never_serve_the_slots_new_content(how):
+    """However the indices were copied or passed, once their slot's content
+    changed they select nothing: concrete, `StaleIndicesError` (at loraify and at
+    with_indices); traced through jit, NaN rows, while fresh indices serve."""
+    bank = _bank(slots=2, names=["r8", "r2", "r1"])
+    old = bank.indices(["r8", None, "r2", "r8"])
+    if how == "evicted":
+        bank.indices(["r1", "r2"])  # r8 (the least recent) leaves for r1
+    elif how == "removed":
+        bank.remove("r8")
+        bank.indices(["r1", "r2"])  # r1 lands in r8's old slot
+    elif how == "re-added":
+        bank.remove("r8")
+        bank.add("r8", ADAPTERS["r4-rs"])  # same name, other weights
+        bank.indices(["r8", "r2"])
+    else:
+        bank.update("r8", ADAPTERS["r4-rs"])
+    first = "r1" if how in ("evicted", "removed") else "r8"
+    fresh = bank.indices([first, None, "r2", "r2"])
+    fresh_tree = lx.loraify(PARAMS, bank, fresh)
+    for label, copy in _copies(old).items():
+        with pytest.raises(lx.StaleIndicesError):
+            lx.loraify(PARAMS, bank, copy)
+        with pytest.raises(lx.StaleIndicesError):
+            lx.with_indices(fresh_tree, copy)
+        out = np.asarray(
+            _serve_traced(fresh_tree, TOKENS, jnp.asarray(np.asarray(copy), jnp.int32))
+        )
+        # Rows 0 and 3 were r8's: r8 is gone, or another version now.
+        assert np.isnan(out[[0, 3]]).all(), label
+        # The base row and r2's row (its slot never changed) still serve.
+        np.testing.assert_allclose(
+            out[1], _reference_row(None, 1), rtol=2e-5, atol=2e-5
+        )
+        np.testing.assert_allclose(
+            out[2], _reference_row("r2", 2), rtol=2e-5, atol=2e-5
+        )
+
+
+def test_indices_of_one_bank_never_serve_another():
+    """Two banks with the same slots and the same adapters loaded the same way:
+    each one's indices select nothing in the other."""
+    a, b = _bank(slots=3), _bank(slots=3)
+    names = ["r8", "r2", None, "r1"]
+    ia, ib = a.indices(names), b.indices(names)
+    assert not np.array_equal(ia, ib)
+    with pytest.raises(lx.StaleIndicesError, match="not issued by this bank"):
+        lx.loraify(PARAMS, b, ia)
+    served_b = lx.loraify(PARAMS, b, ib)
+    out = np.asarray(_serve_traced(served_b, TOKENS, ia))
+    assert np.isnan(out[[0, 1, 3]]).all()
+    np.testing.assert_allclose(out[2], _reference_row(None, 2), rtol=2e-5, atol=2e-5)
+
+
+def test_update_publishes_a_new_version_in_place_without_recompiling():
+    bank = _bank(slots=2, names=["r8", "r2"])
+    traces = []
+
+    @jax.jit
+    def serve(p, tokens):
+        traces.append(1)
+        return lx.quaxify(forward)(p, tokens)
+
+    assert bank.version("r8") == 1
+    idx = bank.indices(["r8", "r2", None, "r8"])
+    _check_rows(serve(lx.loraify(PARAMS, bank, idx), TOKENS), ["r8", "r2", None, "r8"])
+    slot = bank.loaded["r8"]
+    # The new version, from device arrays (as a trainer publishes it).
+    new = jax.tree.map(jnp.asarray, ADAPTERS["r1"])
+    bank.update("r8", new)
+    assert bank.version("r8") == 2 and bank.version("r2") == 1
+    assert bank.last_events == (lx.BankEvent("update", "r8", slot),)
+    assert bank.loaded["r8"] == slot  # rewritten where it was
+    with pytest.raises(lx.StaleIndicesError, match="updated to a new version"):
+        lx.loraify(PARAMS, bank, idx)
+    idx2 = bank.indices(["r8", "r2", None, "r8"])
+    assert bank.last_events == ()  # nothing to load: the slot holds version 2
+    out = np.asarray(serve(lx.loraify(PARAMS, bank, idx2), TOKENS))
+    for e in (0, 3):  # r8's rows now serve r1's weights
+        np.testing.assert_allclose(
+            out[e], _reference_row("r1", e), rtol=2e-5, atol=2e-5
+        )
+    np.testing.assert_allclose(out[1], _reference_row("r2", 1), rtol=2e-5, atol=2e-5)
+    assert len(traces) == 1
+    # Not loaded: the next batch that names it loads the new weights.
+    bank.indices(["r2"])
+    bank.update("r2", ADAPTERS["r1"])
+    assert bank.version("r2") == 2
+    # Removed and added again: the version continues.
+    bank.remove("r2")
+    bank.add("r2", ADAPTERS["r2"])
+    assert bank.version("r2") == 3
+    with pytest.raises(KeyError, match="no adapter named 'zz'"):
+        bank.update("zz", ADAPTERS["r1"])
+    with pytest.raises(lx.NonFiniteAdapterError):
+        bank.update(
+            "r8",
+            jax.tree.map(lambda x: x * jnp.nan, ADAPTERS["r1"]),
+        )
+    assert bank.version("r8") == 2  # a refused update changes nothing
+
+
+def test_fingerprints_key_adapters_by_content():
+    assert (
+        ADAPTERS["r8"].fingerprint()
+        == jax.tree.map(np.asarray, ADAPTERS["r8"]).fingerprint()
+    )
+    assert len({ad.fingerprint() for ad in ADAPTERS.values()}) == len(ADAPTERS)

@@ -449,6 +449,13 @@ def test_newer_format_is_refused(saved, tmp_path):
     mpath = root / "lorax_adapter.json"
     m = json.loads(mpath.read_text())
     m["format_version"] = 99
+    # A flipped digit (the checksum no longer matches) is damage, not a newer
+    # format: the checksum is checked before any field is trusted.
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="checksum does not match"):
+        load_adapter(root)
+    # A manifest a newer lorax_arrays wrote (its checksum matches).
+    m["checksum"] = ck._checksum(m)
     mpath.write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="format 99.*Upgrade lorax_arrays"):
         load_adapter(root)
@@ -560,10 +567,11 @@ def killed_saves(tmp_path_factory, mlp_stack):
     """Each KILL_POINT: a v1 checkpoint and a save of v2 over it, killed there."""
     base = tmp_path_factory.mktemp("killed")
     v1 = mlp_stack
-    v1_fields = (v1.weights, v1.scales)
-    # Other values and names (made on the host: no eager JAX compiles).
+    # Other factors and names (made on the host: no eager JAX compiles); the
+    # scales stay those of the alphas and ranks, which a load cross-checks.
     v2 = lx.AdapterStack(
-        *[jax.tree.map(lambda x: np.asarray(x) * -2 + 0.5, f) for f in v1_fields],
+        jax.tree.map(lambda x: np.asarray(x) * -2 + 0.5, v1.weights),
+        jax.tree.map(np.asarray, v1.scales),
         v1.layouts,
         v1.ranks,
         v1.alphas,
@@ -638,7 +646,10 @@ def test_killed_save_leaves_a_loadable_checkpoint(killed_saves, point):
     else:
         assert sum(name.startswith("arrays-") for name in names) == 2
     # A later save that completes wins, and clears the leftovers.
-    v3 = jax.tree.map(lambda x: np.asarray(x) + 1, v1)
+    # (Other factors; the scales must stay those of the alphas and ranks.)
+    v3 = eqx.tree_at(
+        lambda s: s.weights, v1, jax.tree.map(lambda x: np.asarray(x) + 1, v1.weights)
+    )
     save_adapter(root, v3)
     assert_same(v3, load_adapter(root))
     assert sorted(os.listdir(root))[0::2] == [
@@ -746,3 +757,57 @@ def test_variant_vectors_are_checked(tmp_path, variant_adapter):
         load_adapter(root)
     rewrite(lambda m: None)
     assert_same_vectors(stack, load_adapter(root))
+
+
+# -- identity: fingerprints, redundant fields, odd lock files -------------------------
+
+
+def test_fingerprints_are_stored_and_survive_the_round_trip(tmp_path, mlp, mlp_stack):
+    ad = mlp_stack[1]
+    save_adapter(tmp_path / "one", ad)
+    back = load_adapter(tmp_path / "one", mlp)
+    assert back.fingerprint() == ad.fingerprint()
+    assert back.fingerprint().startswith("sha256:")
+    manifest = json.loads((tmp_path / "one" / "lorax_adapter.json").read_text())
+    assert manifest["fingerprint"] == ad.fingerprint()
+    # Different values, different fingerprints.
+    assert len({mlp_stack[i].fingerprint() for i in range(len(mlp_stack))}) == 3
+    a, b = ad.weights[ad.paths[0]]
+    nudged = eqx.tree_at(
+        lambda x: x.weights[ad.paths[0]][0], ad, a.at[(0,) * a.ndim].add(1e-3)
+    )
+    assert nudged.fingerprint() != ad.fingerprint()
+
+
+def test_a_manifest_whose_fingerprint_disagrees_is_refused(tmp_path, mlp_stack):
+    """Arrays that pass their checksums but are not the adapter that was saved
+    (a manifest edited, or arrays swapped with a correctly re-checksummed set)."""
+    save_adapter(tmp_path / "ck", mlp_stack)
+    mpath = tmp_path / "ck" / "lorax_adapter.json"
+    m = json.loads(mpath.read_text())
+    m["fingerprints"][1] = "sha256:" + "0" * 64
+    m["checksum"] = ck._checksum(m)
+    mpath.write_text(ck._dump(m))
+    with pytest.raises(CheckpointError, match="adapter 1.*fingerprint"):
+        load_adapter(tmp_path / "ck")
+
+
+def test_stack_scales_must_agree_with_alphas(tmp_path, mlp_stack):
+    path = mlp_stack.paths[0]
+    wrong = eqx.tree_at(
+        lambda s: s.scales[path], mlp_stack, mlp_stack.scales[path] * 2.0
+    )
+    save_adapter(tmp_path / "ck", wrong)
+    with pytest.raises(CheckpointError, match="stored scales"):
+        load_adapter(tmp_path / "ck")
+
+
+def test_a_lock_file_that_is_a_fifo_is_an_error_not_a_hang(tmp_path, mlp_stack):
+    save_adapter(tmp_path / "ck", mlp_stack)
+    lock = tmp_path / "ck" / ck._LOCK
+    lock.unlink(missing_ok=True)
+    os.mkfifo(lock)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_adapter(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        save_adapter(tmp_path / "ck", mlp_stack)
