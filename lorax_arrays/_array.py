@@ -190,11 +190,12 @@ class BatchedLoraArray(quax.ArrayValue):
             were made for (`lx.loraify(tree, bank, idx, compact=True)`), numbered
             by their place in it; `lx.with_indices` refuses such an array.
         - `generations`: `(n_adapters,)` integers, set when serving from an
-            [`lorax_arrays.AdapterBank`][]: each slot's current generation. The
-            indices are then the bank's issued values (`generation * n_adapters
-            + slot`, or `-1`), and a value that is not its slot's current issue
-            selects no adapter: its row is NaN (checked on the device, one
-            gather per row). `None` (the default): indices are adapter numbers.
+            [`lorax_arrays.AdapterBank`][]: each slot's generation when the tree
+            was loraified. [`lorax_arrays.with_indices`][] then takes the bank's
+            issued values (`generation * n_adapters + slot`, or `-1`) and decodes
+            them against these, once for every leaf, into the slot numbers held
+            in `indices`; a value that is not its slot's current issue becomes
+            `n_adapters`, so its row is NaN. `None` (the default): no bank.
         """
         if is_qarray(w) or is_with_aux(w):  # a qwix-quantised base weight
             w = QwixArray(w)
@@ -292,9 +293,7 @@ class BatchedLoraArray(quax.ArrayValue):
                     f"{g.dtype}; expected integers of shape (n_adapters,) = ({n},)."
                 )
         if self.indices is not None:
-            # Issued indices are checked against their generations by whoever
-            # knows them (the bank, `with_indices`) and on the device.
-            check_indices(self.indices, None if self.generations is not None else n)
+            check_indices(self.indices, n)
 
     # -- quax interface ---------------------------------------------------------
 

@@ -12,9 +12,10 @@ What makes a wrong adapter impossible to serve silently:
 
 - an empty slot's scales are NaN, so a row routed to it (by a traced index, or
   by indices kept past a `remove`) comes out NaN, never the base model's output;
-- every index array `indices` hands out is remembered (weakly) with the slots'
-  generations; `lx.loraify(tree, bank, idx)` refuses one whose slots have since
-  been given to other adapters, and any concrete index must name a loaded slot;
+- the indices it hands out encode their slot and the slot's generation (a token
+  drawn at every change of the slot's content), so every copy of them selects
+  only what they were issued for: concrete ones are checked on the host
+  (`StaleIndicesError`), traced ones on the device (NaN rows);
 - each load donates the old buffers, so a tree loraified before a load cannot be
   run afterwards (`lx.with_indices` names the problem).
 """

@@ -168,16 +168,10 @@ class UnsetIndicesError(ValueError):
 
 
 def require_indices(lora: Any) -> Array:
-    """`lora.indices` as adapter numbers, or `UnsetIndicesError` when they were
-    never set. Indices issued by an `AdapterBank` (the array has `generations`)
-    are decoded here, for every rule: a value that is not the current issue of
-    its slot becomes `n_adapters`, out of range, so its row is NaN
-    (`decode_issued`)."""
+    """`lora.indices`, or `UnsetIndicesError` when they were never set."""
     if lora.indices is None:
         raise UnsetIndicesError.for_array(lora)
-    if lora.generations is None:
-        return lora.indices
-    return decode_issued(lora.indices, lora.generations)
+    return lora.indices
 
 
 # -- issued indices (AdapterBank) -------------------------------------------------
@@ -188,6 +182,12 @@ def require_indices(lora: Any) -> Array:
 # value itself says what it was issued for, so a copy of it (`np.asarray(idx)`,
 # `idx.tolist()`, `jnp.array(idx)`, an index passed traced into `jit`) still does,
 # and another bank's slots (which never hold the same token) do not match it.
+#
+# They are decoded where they are given, once per call for every leaf (by
+# `lx.loraify(tree, bank, idx)` and `lx.with_indices`, on the host when concrete
+# and on the device when traced), so the arrays hold slot numbers and no rule pays
+# for the check: a value that is not its slot's current issue becomes `n`, out of
+# range, and its rows are NaN by `gathered_scale`.
 
 
 def issued_value(token: int, slot: int, slots: int) -> int:
@@ -201,6 +201,15 @@ def decode_issued(indices: Array, generations: Array) -> Array:
     range: its row is NaN). One gather per row, from the `(slots,)` generations.
     """
     n = generations.shape[0]
+    if not isinstance(indices, jax.core.Tracer) and not isinstance(
+        generations, jax.core.Tracer
+    ):  # concrete: on the host, no device ops dispatched one by one
+        values = np.asarray(indices).astype(np.int64)
+        gens = np.asarray(generations).astype(np.int64)
+        slot = np.where(values >= 0, values % n, 0)
+        ok = (values >= 0) & (gens[slot] == values // n)
+        out = np.where(values == -1, -1, np.where(ok, slot, n))
+        return jnp.asarray(out.astype(np.int32))
     idx = indices.astype(jnp.int32) if indices.dtype != jnp.int32 else indices
     info = jnp.iinfo(indices.dtype)
     if info.max > _INDEX_MAX:  # uint32, int64, uint64: would wrap into int32

@@ -19,7 +19,7 @@ from ._adapters import Adapter, AdapterStack, stack_adapters
 from ._array import BatchedLoraArray, dense
 from ._bank import AdapterBank
 from ._errors import StaleIndicesError
-from ._indices import check_issued, coerce_indices
+from ._indices import check_issued, coerce_indices, decode_issued
 from ._paths import close_matches, flatten_with_paths
 
 
@@ -179,6 +179,12 @@ def loraify(
     """
     served, indices, stack = _serving_arrays(adapters, indices, compact)
     indices = coerce_indices(indices)
+    if isinstance(adapters, AdapterBank) and indices is not None:
+        # The bank's issued values, checked by `bank.arrays` when concrete, as the
+        # slot numbers every leaf holds (once for all leaves).
+        gens = next(iter(served.values()))[1][4]
+        if gens is not None:
+            indices = decode_issued(indices, gens)
 
     def put(path, leaf):
         if _is_lora(leaf):
@@ -246,7 +252,7 @@ def with_indices(
     """
     indices = coerce_indices(indices)
     found = False
-    checked: set[int] = set()  # the generation tables already checked against
+    decoded: dict[int, Any] = {}  # a bank's slot numbers, by its generations
 
     def swap(x):
         nonlocal found
@@ -268,12 +274,16 @@ def with_indices(
                     "Loraify again for each batch: `lx.loraify(tree, bank, "
                     "bank.indices(names))`."
                 )
-            if x.generations is not None and id(x.generations) not in checked:
-                _check_issued_on_host(indices, x.generations)
-                checked.add(id(x.generations))
+            mine = indices
+            if x.generations is not None:  # a bank's tree: decode, once per bank
+                key = id(x.generations)
+                if key not in decoded:
+                    _check_issued_on_host(indices, x.generations)
+                    decoded[key] = decode_issued(indices, x.generations)
+                mine = decoded[key]
             if batch_axis is None:
-                return x.replace(indices=indices)
-            return x.replace(indices=indices, batch_axis=batch_axis)
+                return x.replace(indices=mine)
+            return x.replace(indices=mine, batch_axis=batch_axis)
         return x
 
     out = jtu.tree_map(swap, tree, is_leaf=_is_lora)

@@ -134,18 +134,21 @@ def test_compile_time_runs_quick():
 
 
 def test_index_guard_benchmark_runs_quick():
-    """Both programs are timed on both workloads, and the guard adds at most one
-    jaxpr equation per adapted matmul (4 in the two-layer MLP)."""
+    """The three programs are timed on both workloads; the guard adds at most one
+    jaxpr equation per adapted matmul (4 in the two-layer MLP), and decoding a
+    bank's issued indices a handful more per matmul."""
     out = _run(["benchmarks/index_guard.py", "--quick"])
-    rows = re.findall(
-        r"^\| (W[13] [^|]*)\|([^|]*)\|([^|]*)\|([^|]*)\|([^|]*)\|$", out, re.M
-    )
+    cell = r"([^|]*)\|"
+    rows = re.findall(r"^\| (W[13] [^|]*)\|" + cell * 6 + "$", out, re.M)
     assert [r[0].split()[0] for r in rows] == ["W1", "W3"], out
-    for _, bare, guarded, ratio, added in rows:
-        assert float(bare) > 0 and float(guarded) > 0
+    for _, bare, guarded, issued, ratio, issued_ratio, added in rows:
+        assert float(bare) > 0 and float(guarded) > 0 and float(issued) > 0
         assert re.fullmatch(r"\s*\d+\.\d+x\s*", ratio)
-        assert int(added) <= 4
+        assert re.fullmatch(r"\s*\d+\.\d+x\s*", issued_ratio)
+        by_guard, by_issue = (int(v) for v in added.split("/"))
+        assert by_guard <= 4 and by_guard < by_issue <= 4 * 12
     assert re.search(r"W1 cost of the guard: [+-]\d+\.\d+%", out)
+    assert re.search(r"W1 cost of the guard \+ issued indices: [+-]\d+\.\d+%", out)
 
 
 def test_variants_benchmark_runs_quick():
