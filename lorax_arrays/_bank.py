@@ -671,9 +671,11 @@ class AdapterBank:
             raise LoraIndexError(unrepresentable_message(int(values.min())))
         bad = check_issued(values, self._generation)
         if bad:
-            raise StaleIndicesError(self.stale_message(int(values.reshape(-1)[bad[0]])))
+            raise StaleIndicesError(
+                self._stale_message(int(values.reshape(-1)[bad[0]]))
+            )
 
-    def stale_message(self, value: int) -> str:
+    def _stale_message(self, value: int) -> str:
         """Why the index `value` selects nothing in this bank now."""
         fix = (
             " Call `bank.indices(names)` for each batch right before "
