@@ -39,8 +39,10 @@ from jaxtyping import Array, Int
 from ._adapters import BASE, Adapter, AdapterStack
 from ._errors import LoraIndexError, StaleIndicesError
 from ._indices import (
-    check_issued,
     check_representable,
+    decode_issued,
+    decode_issued_on_host,
+    first_stale,
     issued_value,
     unrepresentable_message,
 )
@@ -339,9 +341,9 @@ class AdapterBank:
         self._adapters[name] = self._entry(name, adapter, "update", on_host=False)
         self._versions[name] += 1
         if name in self._slot_names:
-            events = [BankEvent("update", name, self._slot_names.index(name))]
-            self._put(self._slot_names.index(name), name)
-            self._log(events)
+            slot = self._slot_names.index(name)
+            self._put(slot, name)
+            self._log([BankEvent("update", name, slot)])
 
     def version(self, name: str) -> int:
         """How many times the adapter `name` has been given weights in this bank:
@@ -482,31 +484,31 @@ class AdapterBank:
     ) -> tuple[dict[str, tuple[LeafLayout, tuple]], Any]:
         """What `lx.loraify(tree, bank, indices)` puts at each path (the layout and
         `(a, b, scale, head_scale, generations)`), and the indices to serve them
-        with. Checks concrete indices against the bank first: each must be `-1` or
-        the current issue of its slot (`StaleIndicesError` otherwise).
+        with: the issued `indices` decoded into slot numbers (`StaleIndicesError`
+        for a concrete value that is not the current issue of its slot; a traced
+        one is decoded on the device, to `slots` and so NaN rows).
 
         With `compact`, only the slots the indices use, gathered into a stack of
         the next power of two in size (padded with the first of them), and the
         indices renumbered to match (plain positions, no generations); the bank
         itself when that size is the bank's."""
-        self._check_served(indices)
+        slots = self._decoded(indices)
         whole = {
             p: (lf.layout, (*self._state[p], self._generations))
             for p, lf in self._items
         }
         if not compact:
-            return whole, indices
+            return whole, slots
         if isinstance(indices, jax.core.Tracer) or indices is None:
             raise ValueError(
                 "loraify(..., compact=True) needs concrete indices (from "
                 "`bank.indices(names)`), to know which slots the batch uses."
             )
-        values = np.asarray(indices).astype(np.int64)
-        slots = np.where(values >= 0, values % self._slots, -1)
+        slots = np.asarray(slots)
         used = np.unique(slots[slots >= 0])
         size = min(self._slots, 1 << max(0, int(used.size) - 1).bit_length())
         if size == self._slots:  # as big as the bank: serve the bank itself
-            return whole, indices
+            return whole, jnp.asarray(slots)
         take = np.full((size,), used[0] if used.size else 0, np.int32)
         take[: used.size] = used
         position = np.full((self._slots + 1,), -1, np.int32)
@@ -658,22 +660,25 @@ class AdapterBank:
             self._history.popitem(last=False)
         self._generations = jnp.asarray(self._generation, jnp.int32)
 
-    def _check_served(self, indices: Any) -> None:
-        """The checks `lx.loraify(tree, bank, indices)` runs on the host: each
-        concrete value is `-1` or the current issue of its slot."""
-        if isinstance(indices, jax.core.Tracer) or indices is None:
-            return  # traced: checked on the device (NaN rows)
+    def _decoded(self, indices: Any) -> Any:
+        """Issued `indices` as slot numbers: traced, on the device (a stale value
+        becomes `slots`, a NaN row); concrete, on the host against the bank's own
+        generations, refusing any value that is not `-1` or a current issue."""
+        if indices is None:
+            return None
+        if isinstance(indices, jax.core.Tracer):
+            return decode_issued(indices, self._generations)
         values = np.asarray(indices)
         if not np.issubdtype(values.dtype, np.integer) or values.size == 0:
-            return  # `loraify` itself refuses these, with its own message
+            return indices  # `loraify` itself refuses these, with its own message
         check_representable(values)
         if int(values.min()) < -1:
             raise LoraIndexError(unrepresentable_message(int(values.min())))
-        bad = check_issued(values, self._generation)
-        if bad:
-            raise StaleIndicesError(
-                self._stale_message(int(values.reshape(-1)[bad[0]]))
-            )
+        decoded = decode_issued_on_host(values, self._generation)
+        bad = first_stale(values, decoded, self._slots)
+        if bad is not None:
+            raise StaleIndicesError(self._stale_message(bad))
+        return jnp.asarray(decoded)
 
     def _stale_message(self, value: int) -> str:
         """Why the index `value` selects nothing in this bank now."""

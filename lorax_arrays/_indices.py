@@ -125,20 +125,15 @@ def check_dtype(indices: Any) -> None:
 # -- 2. range ---------------------------------------------------------------------
 
 
-def check_indices(indices: Any, n_adapters: int | None) -> None:
+def check_indices(indices: Any, n_adapters: int) -> None:
     """The dtype always; the range `[-1, n_adapters - 1]` only when the values are
     concrete (under `jit` they are unknown: out-of-range rows come out NaN, see
-    `gathered_scale`). `n_adapters=None`: issued indices (an AdapterBank's), which
-    are `-1` or non-negative, and checked against their generations elsewhere."""
+    `gathered_scale`)."""
     check_dtype(indices)
     if isinstance(indices, jax.core.Tracer) or indices.size == 0:
         return
     values = np.asarray(indices)
     lo, hi = int(values.min()), int(values.max())
-    if n_adapters is None:
-        if lo < -1:
-            raise LoraIndexError(unrepresentable_message(lo))
-        return
     if lo < -1 or hi >= n_adapters:
         raise LoraIndexError(out_of_range_message(lo if lo < -1 else hi, n_adapters))
 
@@ -204,12 +199,7 @@ def decode_issued(indices: Array, generations: Array) -> Array:
     if not isinstance(indices, jax.core.Tracer) and not isinstance(
         generations, jax.core.Tracer
     ):  # concrete: on the host, no device ops dispatched one by one
-        values = np.asarray(indices).astype(np.int64)
-        gens = np.asarray(generations).astype(np.int64)
-        slot = np.where(values >= 0, values % n, 0)
-        ok = (values >= 0) & (gens[slot] == values // n)
-        out = np.where(values == -1, -1, np.where(ok, slot, n))
-        return jnp.asarray(out.astype(np.int32))
+        return jnp.asarray(decode_issued_on_host(indices, generations))
     idx = indices.astype(jnp.int32) if indices.dtype != jnp.int32 else indices
     info = jnp.iinfo(indices.dtype)
     if info.max > _INDEX_MAX:  # uint32, int64, uint64: would wrap into int32
@@ -224,15 +214,23 @@ def decode_issued(indices: Array, generations: Array) -> Array:
     return jnp.where(idx == -1, np.int32(-1), jnp.where(ok, slot, np.int32(n)))
 
 
-def check_issued(values: np.ndarray, generations: Sequence[int]) -> list[int]:
-    """The positions (flat) of concrete issued `values` that are neither `-1` nor
-    the current issue of their slot, for a host-side error."""
-    values = np.asarray(values).reshape(-1).astype(np.int64)
-    n = len(generations)
-    gens = np.asarray(generations, np.int64)
+def decode_issued_on_host(indices: Any, generations: Any) -> np.ndarray:
+    """`decode_issued` for concrete values, in NumPy: int32 slot numbers, `-1`, or
+    `n` where a value is not the current issue of its slot (so a caller can
+    refuse it: `first_stale`)."""
+    values = np.asarray(indices).astype(np.int64)
+    gens = np.asarray(generations).astype(np.int64)
+    n = gens.shape[0]
     slot = np.where(values >= 0, values % n, 0)
-    ok = (values == -1) | ((values >= 0) & (gens[slot] == values // n))
-    return [int(p) for p in np.flatnonzero(~ok)]
+    ok = (values >= 0) & (gens[slot] == values // n)
+    return np.where(values == -1, -1, np.where(ok, slot, n)).astype(np.int32)
+
+
+def first_stale(indices: Any, decoded: np.ndarray, n: int) -> int | None:
+    """The first value of `indices` that decoded to `n` (not a current issue), or
+    None."""
+    bad = np.flatnonzero(decoded.reshape(-1) == n)
+    return int(np.asarray(indices).reshape(-1)[bad[0]]) if bad.size else None
 
 
 def scalar_needed_message(what: str, indices_shape: Sequence[int]) -> str:

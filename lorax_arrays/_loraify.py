@@ -12,14 +12,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jaxtyping import ArrayLike, Int
 
 from ._adapters import Adapter, AdapterStack, stack_adapters
 from ._array import BatchedLoraArray, dense
 from ._bank import AdapterBank
 from ._errors import StaleIndicesError
-from ._indices import check_issued, coerce_indices, decode_issued
+from ._indices import (
+    coerce_indices,
+    decode_issued,
+    decode_issued_on_host,
+    first_stale,
+)
 from ._paths import close_matches, flatten_with_paths
 
 
@@ -179,12 +183,6 @@ def loraify(
     """
     served, indices, stack = _serving_arrays(adapters, indices, compact)
     indices = coerce_indices(indices)
-    if isinstance(adapters, AdapterBank) and indices is not None:
-        # The bank's issued values, checked by `bank.arrays` when concrete, as the
-        # slot numbers every leaf holds (once for all leaves).
-        gens = next(iter(served.values()))[1][4]
-        if gens is not None:
-            indices = decode_issued(indices, gens)
 
     def put(path, leaf):
         if _is_lora(leaf):
@@ -278,8 +276,7 @@ def with_indices(
             if x.generations is not None:  # a bank's tree: decode, once per bank
                 key = id(x.generations)
                 if key not in decoded:
-                    _check_issued_on_host(indices, x.generations)
-                    decoded[key] = decode_issued(indices, x.generations)
+                    decoded[key] = _decoded(indices, x.generations)
                 mine = decoded[key]
             if batch_axis is None:
                 return x.replace(indices=mine)
@@ -304,18 +301,16 @@ def with_indices(
     return out
 
 
-def _check_issued_on_host(indices: Any, generations: Any) -> None:
-    """Concrete bank indices given to `with_indices`: each must be the current
-    issue of its slot (one small device-to-host copy of the bank's generations).
-    Traced ones are checked on the device instead."""
+def _decoded(indices: Any, generations: Any) -> Any:
+    """A bank's issued `indices`, given to `with_indices`, as slot numbers:
+    traced, on the device (a stale value gives NaN rows); concrete, on the host
+    (one small copy of the generations), refusing a value that is not the
+    current issue of its slot."""
     if isinstance(indices, jax.core.Tracer) or isinstance(generations, jax.core.Tracer):
-        return
-    values = np.asarray(indices)
-    if values.size == 0:
-        return
-    bad = check_issued(values, np.asarray(generations))
-    if bad:
-        value = int(values.reshape(-1)[bad[0]])
+        return decode_issued(indices, generations)
+    decoded = decode_issued_on_host(indices, generations)
+    value = first_stale(indices, decoded, generations.shape[0])
+    if value is not None:
         raise StaleIndicesError(
             f"with_indices: index {value} is not a current issue of the bank this "
             "tree serves from: its slot has since been given to another adapter, "
@@ -323,6 +318,7 @@ def _check_issued_on_host(indices: Any, generations: Any) -> None:
             "by hand (a bank's indices encode the slot and its generation). Use "
             "indices from this bank's latest `bank.indices(names)`."
         )
+    return jnp.asarray(decoded)
 
 
 def merge(tree: Any, adapter: Adapter) -> Any:

@@ -57,6 +57,18 @@ def _lora(strategy="auto", idx=(0, 2, -1, 1)):
     )
 
 
+def _from_numpy(w, a, b, scale, idx, strategy):
+    """A `(d_in, d_out)` BatchedLoraArray from NumPy parts."""
+    return lx.BatchedLoraArray(
+        *map(jnp.asarray, (w, a, b)),
+        scale=jnp.asarray(scale),
+        indices=jnp.asarray(idx),
+        in_axes=0,
+        out_axes=1,
+        strategy=strategy,
+    )
+
+
 def test_strategy_per_array_and_per_call():
     """The jaxpr shows which strategy ran: segment scatters tokens into adapter
     order, dense compares indices with every adapter (a one-hot against an
@@ -120,16 +132,7 @@ def test_single_adapter_is_the_plain_lora_product(strategy, idx_shape):
     idx = np.array([0, -1, 0, -1] if len(idx_shape) == 1 else [[0, -1, 0]] * 4)
     idx = idx.astype(np.int32)
     x = rng.standard_normal((4, 3, 6)).astype(np.float32)
-    lora = lx.BatchedLoraArray(
-        jnp.asarray(w),
-        jnp.asarray(a),
-        jnp.asarray(b),
-        scale=jnp.asarray(scale),
-        indices=jnp.asarray(idx),
-        in_axes=0,
-        out_axes=1,
-        strategy=strategy,
-    )
+    lora = _from_numpy(w, a, b, scale, idx, strategy)
     f = lx.quaxify(lambda W, x: x @ W)
     eqns = list(walk_eqns(jax.make_jaxpr(f)(lora, x)))
     names = {e.primitive.name for e in eqns}
@@ -186,16 +189,7 @@ def test_float16_rows_with_a_scale_beyond_float16(strategy, n):
     scale = np.full((n,), 2e5, np.float32)
     idx = np.array([0, n - 1, -1, 0], np.int32)
     x = rng.standard_normal((4, 6)).astype(np.float16)
-    lora = lx.BatchedLoraArray(
-        jnp.asarray(w),
-        jnp.asarray(a),
-        jnp.asarray(b),
-        scale=jnp.asarray(scale),
-        indices=jnp.asarray(idx),
-        in_axes=0,
-        out_axes=1,
-        strategy=strategy,
-    )
+    lora = _from_numpy(w, a, b, scale, idx, strategy)
     out = np.asarray(jax.jit(lx.quaxify(lambda W, x: x @ W))(lora, x), np.float64)
     assert np.isfinite(out).all()
     f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
