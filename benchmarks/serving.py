@@ -595,10 +595,11 @@ def bank_costs(server: Server, repeats: int) -> dict:
     recompiled = step_fn._cache_size() != compiled
 
     def factors(idx):  # (slot axis, array) for every a and b of the bank
+        served = bank.served(idx)
         return [
             (len(lay.stack_axes), x)
-            for lay, (a, b, *_) in bank.arrays(idx)[0].values()
-            for x in (a, b)
+            for lay in served.layouts
+            for x in served.factors[lay.path]
         ]
 
     # One slot write: an adapter that is not on the device, loaded alone.

@@ -50,6 +50,7 @@ from ._peft import (
 )
 from ._quaxify import quaxify as quaxify, register as register
 from ._qwix import QwixArray as QwixArray, from_qwix as from_qwix
+from ._served import ServedAdapters as ServedAdapters
 from ._targeting import (
     LeafLayout as LeafLayout,
     LoraRule as LoraRule,

@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from ._array import dense
 from ._errors import LoraIndexError, NonFiniteAdapterError
 from ._indices import out_of_range_message
 from ._paths import flatten_with_paths
-from ._targeting import LeafLayout, LoraRule, match_rules
+from ._served import ServedAdapters, as_dora_mask, served_indices, stacked_rows
+from ._targeting import LeafLayout, LoraRule, lora_scale, match_rules
 
 BASE = "__base__"
 
@@ -272,10 +273,7 @@ class Adapter(eqx.Module):
     def scale(self, path: str) -> float:
         """`alpha / rank` (or `alpha / sqrt(rank)`) of the leaf at `path`."""
         j = self.paths.index(path)
-        r = self.ranks[j]
-        if r == 0:  # an IA3 leaf: no low-rank term
-            return 0.0
-        return self.alphas[j] / (math.sqrt(r) if self.use_rslora[j] else r)
+        return lora_scale(self.alphas[j], self.ranks[j], self.use_rslora[j])
 
 
 def init_adapter(
@@ -461,6 +459,55 @@ class AdapterStack(eqx.Module):
         j = self.paths.index(path)
         keep = np.asarray([not f for f in self.lookup_only[j]], np.float32)
         return self.scales[path] * keep
+
+    def served(
+        self, indices: Int[ArrayLike, ...] | None = None, *, compact: bool = False
+    ) -> ServedAdapters:
+        """What `lx.loraify` serves from this stack, with `indices` (which adapter
+        each example or token uses, `-1` for the base model; or `None`, to set
+        later): one pytree to pass into a jitted step, which calls
+        `lx.loraify(tree, served)` inside (see [`lorax_arrays.ServedAdapters`][]).
+
+        **Arguments:**
+
+        - `indices`: `(batch,)`, `(batch, seq)`, a scalar, or `None`.
+        - `compact`: refused: a stack holds exactly the adapters it was given
+            (compacting is for an `AdapterBank`'s slots).
+
+        **Returns:**
+
+        A [`lorax_arrays.ServedAdapters`][].
+        """
+        if compact:
+            raise ValueError(
+                "loraify(..., compact=True) serves from an AdapterBank; a stack "
+                "holds exactly the adapters it was given already."
+            )
+        n = self.n_adapters
+        heads = None
+        if any(any(flags) for flags in self.lookup_only):
+            heads = stacked_rows([self.head_scales(p) for p in self.paths])
+        dora = {}
+        for lay, flags in zip(self.layouts, self.variants):
+            if any(f[0] for f in flags):
+                dora[lay.path] = as_dora_mask([f[0] for f in flags])
+        scales = (
+            stacked_rows([self.scales[p] for p in self.paths])
+            if self.layouts
+            else jnp.zeros((0, n), jnp.float32)
+        )
+        return ServedAdapters.make(
+            factors=dict(self.weights),
+            scales=scales,
+            head_scales=heads,
+            in_scales=dict(self.in_scales),
+            out_scales=dict(self.out_scales),
+            magnitudes=dict(self.magnitudes),
+            dora=dora,
+            generations=None,
+            indices=served_indices(indices, n, None),
+            layouts=self.layouts,
+        )
 
     @property
     def n_adapters(self) -> int:
@@ -650,10 +697,7 @@ def stack_adapters(
         lookup.append(
             tuple(ad.lookup_only[p[1]] if p else False for ad, p in zip(adapters, per))
         )
-        sc = [
-            0.0 if r == 0 else a_ / (math.sqrt(r) if rs_ else r)
-            for r, a_, rs_ in zip(r_each, al, rsl)
-        ]
+        sc = [lora_scale(a_, r, rs_) for r, a_, rs_ in zip(r_each, al, rsl)]
         scales[path] = jnp.asarray(sc, jnp.float32)
         flags = []
         for field, group in VECTOR_FIELDS.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -42,6 +44,34 @@ def _shape_dtype(w: Any) -> tuple[tuple[int, ...], Any]:
         "BatchedLoraArray: `w` must be a JAX/NumPy array or a quax.ArrayValue, got "
         f"{type(w).__name__}."
     )
+
+
+def base_weight(w: Any) -> Any:
+    """`w` as a `BatchedLoraArray` holds it: a qwix `QArray` (or qwix's PTQ
+    `WithAux`) wrapped in `QwixArray`, anything else as it is."""
+    if is_qarray(w) or is_with_aux(w):
+        return QwixArray(w)
+    return w
+
+
+def check_base_weight(w: Any, path: str, shape: tuple[int, ...], what: str) -> None:
+    """`w` (from `base_weight`) has `shape` and a floating-point dtype."""
+    got, dtype = _shape_dtype(w)
+    if got != shape:
+        raise ValueError(
+            f"{what}: the adapter was made for a weight of shape {shape} at "
+            f"{path!r}, but the tree's leaf there has shape {got}."
+        )
+    if not _inexact(dtype):
+        raise TypeError(
+            f"{what}: the leaf at {path!r} has dtype {dtype}; an adapted weight "
+            "must be floating point."
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _inexact(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
 class QuaxifyMissingError(TypeError):
@@ -197,8 +227,7 @@ class BatchedLoraArray(quax.ArrayValue):
             in `indices`; a value that is not its slot's current issue becomes
             `n_adapters`, so its row is NaN. `None` (the default): no bank.
         """
-        if is_qarray(w) or is_with_aux(w):  # a qwix-quantised base weight
-            w = QwixArray(w)
+        w = base_weight(w)
         shape, _ = _shape_dtype(w)
         ndim = len(shape)
         self.layout = Layout.of(ndim, in_axes, out_axes, stack_axes)
@@ -229,6 +258,16 @@ class BatchedLoraArray(quax.ArrayValue):
         self.batch_axis = batch_axis
         self.compact = bool(compact)
         self.generations = None if generations is None else jnp.asarray(generations)
+
+    @classmethod
+    def unchecked(cls, **fields: Any) -> BatchedLoraArray:
+        """A `BatchedLoraArray` from its fields as they are stored (`layout`, not
+        the axes), with no conversion or check: for `lx.loraify` and
+        `lx.with_indices`, which check what they serve once for every leaf
+        rather than once per leaf. Every field must be given."""
+        obj = object.__new__(cls)
+        obj.__dict__.update({name: fields[name] for name in _FIELDS})
+        return obj
 
     def __check_init__(self):
         shape, dtype = _shape_dtype(self.w)
@@ -500,6 +539,9 @@ class BatchedLoraArray(quax.ArrayValue):
             )
         kwargs.update(changes)
         return BatchedLoraArray(**kwargs)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(BatchedLoraArray))
 
 
 def swap_in_out(lora: BatchedLoraArray) -> BatchedLoraArray:

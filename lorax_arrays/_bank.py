@@ -2,11 +2,13 @@
 
 A server compiles its forward pass once and keeps it for hours while adapters are
 added, removed and requested by name. Everything on the device has a fixed shape:
-per adapted leaf, `a: (*stack, slots, *in, capacity)`, `b: (*stack, slots,
-capacity, *out)`, and `(slots,)` scales. Adapters live in host memory (NumPy) until
-a batch asks for them; `indices(names)` then writes each missing one into a slot
-(one jitted update with the bank's buffers donated, so in place), evicting the
-least recently used adapter that the batch does not need.
+per adapted leaf, `a: (*stack, slots, *in, capacity)` and `b: (*stack, slots,
+capacity, *out)` (and, for the kinds that have them, per-slot vectors), and for
+all leaves one `(paths, slots)` matrix of scales and one of head scales.
+Adapters live in host memory (NumPy) until a batch asks for them; `indices(names)`
+then writes each missing one into a slot (one jitted update with the bank's buffers
+donated, so in place), evicting the least recently used adapter that the batch does
+not need.
 
 What makes a wrong adapter impossible to serve silently:
 
@@ -16,14 +18,16 @@ What makes a wrong adapter impossible to serve silently:
   drawn at every change of the slot's content), so every copy of them selects
   only what they were issued for: concrete ones are checked on the host
   (`StaleIndicesError`), traced ones on the device (NaN rows);
-- each load donates the old buffers, so a tree loraified before a load cannot be
-  run afterwards (`lx.with_indices` names the problem).
+- each load donates the old buffers, so nothing served before a load can be run
+  afterwards (`bank.served(...)` kept past it raises `StaleIndicesError` when
+  passed to a jitted step; `lx.with_indices` names the problem for a tree).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import secrets
 import threading
@@ -34,19 +38,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Int
+from jaxtyping import Array, ArrayLike, Int
 
 from ._adapters import BASE, Adapter, AdapterStack
+from ._compat import tracing
 from ._errors import LoraIndexError, StaleIndicesError
 from ._indices import (
-    check_representable,
-    decode_issued,
+    coerce_indices,
     decode_issued_on_host,
     first_stale,
     issued_value,
     unrepresentable_message,
 )
-from ._paths import close_matches
+from ._paths import close_matches, flatten_with_paths
+from ._served import ServedAdapters, dora_norms
 from ._targeting import LeafLayout, LoraRule, match_rules
 
 # Slot generations are drawn from one process-wide counter, so no two slots of any
@@ -70,6 +75,28 @@ def _next_token(slots: int) -> int:
             "the server process (or use fewer slots)."
         )
     return token
+
+
+def _check_kinds(kinds: Any) -> tuple[str, ...]:
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(
+            f"AdapterBank: unknown kind(s) {bad}; `kinds` may hold {KINDS} (VeRA "
+            "adapters are served as LoRA)."
+        )
+    return tuple(k for k in KINDS if k in {"lora", *kinds})
+
+
+def _with(kinds: tuple[str, ...], kind: str) -> tuple[str, ...]:
+    return tuple(k for k in KINDS if k in {*kinds, kind})
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _dora_norm(w, a, b, scale, layout):
+    return dora_norms(w, a, b, jnp.reshape(scale, (1,)), layout)
 
 
 class _UnknownAdapterError(KeyError):
@@ -112,20 +139,43 @@ class _Entry:
     """A registered adapter, on the host: per leaf its factors padded to the
     capacity rank, and its scales (already zero where it lacks a leaf)."""
 
-    arrays: dict[str, tuple[np.ndarray, np.ndarray, np.float32, np.float32]]
+    arrays: dict[str, tuple[Any, Any, np.float32, np.float32]]
     nbytes: int
+    # Per leaf the vectors it is served with (IA3's in and out vectors; DoRA's
+    # `magnitude / ‖W + s·A B‖`, exact for as long as W is frozen), where the
+    # adapter has them.
+    in_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    out_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# What a bank can hold, beyond LoRA (and VeRA, which is served as the LoRA it
+# stands for): each kind's per-slot vectors cost memory and a multiply per row.
+KINDS = ("lora", "dora", "ia3")
 
 
 def _write_slot(state, slot, new, n_stack):
-    """`state` with slot `slot` of every array replaced by `new`'s."""
-    out = {}
-    for path, arrays in state.items():
-        ns = n_stack[path]
-        axes = (ns, ns, 0, 0)  # a, b: the slot axis follows the stack axes
-        out[path] = tuple(
-            lax.dynamic_update_index_in_dim(full, part.astype(full.dtype), slot, ax)
-            for full, part, ax in zip(arrays, new[path], axes)
+    """`state` with slot `slot` replaced by `new`'s: each path's factors (the slot
+    axis follows the stack axes) and column `slot` of the scale matrices."""
+    factors = {
+        path: tuple(
+            lax.dynamic_update_index_in_dim(
+                full, part.astype(full.dtype), slot, n_stack[path]
+            )
+            for full, part in zip(arrays, new["factors"][path])
         )
+        for path, arrays in state["factors"].items()
+    }
+    out = {"factors": factors}
+    for key in ("in", "out"):
+        out[key] = {
+            path: lax.dynamic_update_index_in_dim(
+                full, new[key][path].astype(full.dtype), slot, n_stack[path]
+            )
+            for path, full in state[key].items()
+        }
+    for key in ("scales", "heads"):
+        col = jnp.asarray(new[key], state[key].dtype)[:, None]
+        out[key] = lax.dynamic_update_index_in_dim(state[key], col, slot, 1)
     return out
 
 
@@ -162,6 +212,14 @@ class AdapterBank:
     - `dtype`: the factors' dtype on the device; defaults to each weight's own.
     - `events_kept`: how many of the latest loads, evictions and removals
         `bank.events` keeps (`bank.last_events` has those of the latest call).
+    - `kinds`: the kinds of adapter the slots hold: `"lora"` (always; VeRA
+        adapters are served as the LoRA they stand for), and `"dora"` and
+        `"ia3"`, which add per-slot vectors to every leaf (`(*stack, slots,
+        *out)`, and `*in` for IA3): memory, and an elementwise multiply per
+        adapted product, for every batch. DoRA's vector is `magnitude / ‖W +
+        s·A B‖`, computed once when the adapter is added or updated (the base
+        weight is frozen). A bank with vectors cannot serve a tied head or a
+        row lookup of an adapted leaf (as a stack of such adapters cannot).
     """
 
     def __init__(
@@ -172,6 +230,7 @@ class AdapterBank:
         slots: int,
         dtype: Any = None,
         events_kept: int = 1000,
+        kinds: Sequence[str] = ("lora",),
     ):
         if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)):
             raise TypeError(f"AdapterBank: `slots` must be an int, got {slots!r}.")
@@ -185,14 +244,17 @@ class AdapterBank:
             )
             for m in matches
         }
+        self._layouts = tuple(leaf.layout for leaf in self._leaves.values())
+        self._kinds = _check_kinds(kinds)
+        # DoRA's vectors depend on the base weight: kept (not copied) to compute
+        # them when an adapter is added or updated.
+        self._base = {}
+        if "dora" in self._kinds:
+            base = dict(flatten_with_paths(tree)[0])
+            self._base = {p: base[p] for p in self._leaves}
         # Made by XLA on the device (not `device_put` from NumPy, whose buffers
         # may alias host memory and so could not be donated and updated in place).
-        self._state = jax.jit(
-            lambda: {
-                path: self._empty_slot(leaf, self._slots, jnp)
-                for path, leaf in self._items
-            }
-        )()
+        self._state = jax.jit(self._empty_state)()
         self._write = jax.jit(
             lambda state, slot, new: _write_slot(
                 state, slot, new, {p: lf.n_stack for p, lf in self._items}
@@ -200,11 +262,22 @@ class AdapterBank:
             donate_argnums=0,
         )
         self._compact = jax.jit(
-            lambda state, take: jax.tree.map(
-                lambda x, ax: jnp.take(x, take, axis=ax, mode="clip"),
-                state,
-                {p: (lf.n_stack, lf.n_stack, 0, 0) for p, lf in self._items},
-            )
+            lambda state, take: {
+                **{
+                    key: {
+                        p: jax.tree.map(
+                            lambda x, p=p: jnp.take(
+                                x, take, axis=self._leaves[p].n_stack, mode="clip"
+                            ),
+                            arrays,
+                        )
+                        for p, arrays in state[key].items()
+                    }
+                    for key in ("factors", "in", "out")
+                },
+                "scales": jnp.take(state["scales"], take, axis=1, mode="clip"),
+                "heads": jnp.take(state["heads"], take, axis=1, mode="clip"),
+            }
         )
         self._adapters: dict[str, _Entry] = {}
         self._slot_names: list[str | None] = [None] * self._slots
@@ -247,7 +320,7 @@ class AdapterBank:
     @property
     def layouts(self) -> tuple[LeafLayout, ...]:
         """The `LeafLayout` of each adapted path."""
-        return tuple(leaf.layout for _, leaf in self._items)
+        return self._layouts
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -377,18 +450,16 @@ class AdapterBank:
                 f"AdapterBank.{what}: expected an Adapter, got "
                 f"{type(adapter).__name__}."
             )
-        variant = next(
-            (adapter.kind(p) for p in adapter.paths if adapter.kind(p) != "lora"),
-            None,
-        )
-        if variant is not None:
-            raise ValueError(
-                f"AdapterBank.{what}({name!r}): this is a {variant.upper()} adapter, "
-                "and a bank's slots hold LoRA factors only. Serve DoRA and IA3 "
-                "adapters (with LoRA ones and base rows, in one batch) from "
-                "`lx.stack_adapters([...])` instead; a VeRA adapter is a LoRA and "
-                "can be added."
-            )
+        for p in adapter.paths:
+            kind = adapter.kind(p)
+            needs = {"dora": "dora", "ia3": "ia3", "lora+ia3": "ia3"}.get(kind)
+            if needs is not None and needs not in self._kinds:
+                raise ValueError(
+                    f"AdapterBank.{what}({name!r}): this is a {kind.upper()} adapter "
+                    f"(at {p!r}), and this bank's slots hold {self._kinds} only. "
+                    f"Build the bank with `kinds={_with(self._kinds, needs)}` to "
+                    "serve it (with the rest, in one batch)."
+                )
         if not adapter.paths:
             raise ValueError(
                 f"AdapterBank.{what}({name!r}): the adapter adapts no leaf; use None "
@@ -396,15 +467,36 @@ class AdapterBank:
             )
         adapter.check_finite(f"AdapterBank.{what}({name!r})")
         arrays, nbytes = {}, 0
+        entry = _Entry(arrays, 0)
         for j, lay in enumerate(adapter.layouts):
             leaf = self._check_leaf(name, lay, adapter.ranks[j], what)
             a, b = adapter.lora_factors(lay.path)  # VeRA: as the LoRA it serves
-            a, b = self._padded(a, b, leaf, on_host)
             scale = np.float32(adapter.scale(lay.path))
+            self._vectors(entry, adapter, lay, a, b, scale, on_host)
+            a, b = self._padded(a, b, leaf, on_host)
             head = np.float32(0.0 if adapter.lookup_only[j] else scale)
             arrays[lay.path] = (a, b, scale, head)
             nbytes += a.nbytes + b.nbytes
-        return _Entry(arrays, nbytes)
+        nbytes += sum(v.nbytes for v in entry.in_vectors.values())
+        nbytes += sum(v.nbytes for v in entry.out_vectors.values())
+        return dataclasses.replace(entry, nbytes=nbytes)
+
+    def _vectors(self, entry, adapter, lay, a, b, scale, on_host) -> None:
+        """The vectors the leaf `lay` is served with, into `entry`: IA3's as
+        they are, DoRA's `magnitude / ‖W + s·A B‖` (computed on the device from
+        the bank's base weight, then kept as the adapter's other arrays are)."""
+        path, xp = lay.path, (np if on_host else jnp)
+        if path in adapter.in_scales:
+            entry.in_vectors[path] = xp.asarray(adapter.in_scales[path])
+        g = adapter.out_scales.get(path)
+        if path in adapter.magnitudes:
+            ns = len(lay.stack_axes)
+            a1, b1 = jnp.expand_dims(a, ns), jnp.expand_dims(b, ns)
+            norm = _dora_norm(self._base[path], a1, b1, scale, lay.layout)
+            ratio = jnp.asarray(adapter.magnitudes[path]) / jnp.squeeze(norm, ns)
+            g = ratio if g is None else g * ratio
+        if g is not None:
+            entry.out_vectors[path] = np.asarray(g) if on_host else jnp.asarray(g)
 
     def remove(self, name: str) -> None:
         """Forgets the adapter `name`; if it is loaded, its slot is cleared (its
@@ -479,54 +571,109 @@ class AdapterBank:
                 out[pos] = issued[n]
         return jnp.asarray(out)
 
-    def arrays(
-        self, indices: Any, compact: bool = False
-    ) -> tuple[dict[str, tuple[LeafLayout, tuple]], Any]:
-        """What `lx.loraify(tree, bank, indices)` puts at each path (the layout and
-        `(a, b, scale, head_scale, generations)`), and the indices to serve them
-        with: the issued `indices` decoded into slot numbers (`StaleIndicesError`
-        for a concrete value that is not the current issue of its slot; a traced
-        one is decoded on the device, to `slots` and so NaN rows).
+    def served(
+        self, indices: Int[ArrayLike, ...] | None = None, *, compact: bool = False
+    ) -> ServedAdapters:
+        """What `lx.loraify` serves from the bank's slots now, for a batch's
+        `indices` (from `bank.indices(names)`): one pytree, to pass as an
+        argument into the jitted step that calls `lx.loraify(params, served)`
+        inside, so a step costs one dispatch and no Python per leaf:
 
-        With `compact`, only the slots the indices use, gathered into a stack of
-        the next power of two in size (padded with the first of them), and the
-        indices renumbered to match (plain positions, no generations); the bank
-        itself when that size is the bank's."""
-        slots = self._decoded(indices)
-        whole = {
-            p: (lf.layout, (*self._state[p], self._generations))
-            for p, lf in self._items
-        }
-        if not compact:
-            return whole, slots
-        if isinstance(indices, jax.core.Tracer) or indices is None:
-            raise ValueError(
-                "loraify(..., compact=True) needs concrete indices (from "
-                "`bank.indices(names)`), to know which slots the batch uses."
+        ```python
+        @jax.jit
+        def step(params, served, x):
+            return lx.quaxify(forward)(lx.loraify(params, served), x)
+
+        y = step(params, bank.served(bank.indices(names)), x)
+        ```
+
+        Call it after `indices` (which may load adapters, rewriting slots in
+        place) and outside `jax.jit`: traced, the bank's arrays would be baked
+        into the program as they were when it was traced.
+
+        **Arguments:**
+
+        - `indices`: the bank's issued indices, checked here against the slots'
+            current generations (`lx.StaleIndicesError` for one that no longer
+            selects what it was issued for); `None` to set them later.
+        - `compact`: serve only the slots the indices use, copied into a stack
+            of the next power of two in size (see [`lorax_arrays.loraify`][]).
+
+        **Returns:**
+
+        A [`lorax_arrays.ServedAdapters`][] holding the bank's arrays (not
+        copies; after the next load, update or removal they are gone) and the
+        indices as slot numbers.
+        """
+        if tracing():
+            raise RuntimeError(
+                "AdapterBank.served (or lx.loraify with a bank) was called inside "
+                "a traced function (jax.jit, vmap, grad or lx.quaxify): the bank's "
+                "arrays would be baked into the compiled program as they are now, "
+                "and later loads would not reach it. Call `bank.served(idx)` "
+                "outside and pass its result in as an argument: "
+                "`step(params, bank.served(bank.indices(names)), x)` with "
+                "`lx.loraify(params, served)` inside `step`."
             )
-        slots = np.asarray(slots)
-        used = np.unique(slots[slots >= 0])
-        size = min(self._slots, 1 << max(0, int(used.size) - 1).bit_length())
-        if size == self._slots:  # as big as the bank: serve the bank itself
-            return whole, jnp.asarray(slots)
-        take = np.full((size,), used[0] if used.size else 0, np.int32)
-        take[: used.size] = used
-        position = np.full((self._slots + 1,), -1, np.int32)
-        position[used] = np.arange(used.size, dtype=np.int32)
-        compacted = self._compact(self._state, take)
-        served = {p: (lf.layout, (*compacted[p], None)) for p, lf in self._items}
-        return served, jnp.asarray(position[slots])
+        slots = self._decoded(indices)
+        state = self._state
+        generations = self._generations
+        if compact:
+            if indices is None:
+                raise ValueError(
+                    "loraify(..., compact=True) needs the batch's indices (from "
+                    "`bank.indices(names)`), to know which slots it uses."
+                )
+            slots = np.asarray(slots)
+            used = np.unique(slots[slots >= 0])
+            size = min(self._slots, 1 << max(0, int(used.size) - 1).bit_length())
+            if size < self._slots:  # else as big as the bank: serve the bank
+                take = np.full((size,), used[0] if used.size else 0, np.int32)
+                take[: used.size] = used
+                position = np.full((self._slots + 1,), -1, np.int32)
+                position[used] = np.arange(used.size, dtype=np.int32)
+                state, generations = self._compact(state, take), None
+                slots = position[slots]
+            slots = jnp.asarray(slots)
+        return ServedAdapters.make(
+            factors=dict(state["factors"]),
+            scales=state["scales"],
+            head_scales=state["heads"],
+            in_scales=dict(state["in"]),
+            out_scales=dict(state["out"]),
+            magnitudes={},
+            dora={},
+            generations=generations,
+            indices=slots,
+            layouts=self.layouts,
+            compact=compact and generations is None,
+        )
 
     # -- internals ----------------------------------------------------------------
 
+    def _empty_state(self) -> dict[str, Any]:
+        """Every slot empty (built by XLA on the device, see `__init__`): zero
+        factors, NaN scales."""
+        factors = {
+            path: self._empty_slot(leaf, self._slots, jnp) for path, leaf in self._items
+        }
+        nan = jnp.full((len(self._leaves), self._slots), np.nan, np.float32)
+        ins, outs = {}, {}
+        for path, leaf in self._items:
+            lay, stack = leaf.layout, (*leaf.layout.stack_shape, self._slots)
+            if "ia3" in self._kinds:
+                ins[path] = jnp.ones((*stack, *lay.in_shape), leaf.dtype)
+            if "ia3" in self._kinds or "dora" in self._kinds:
+                outs[path] = jnp.ones((*stack, *lay.out_shape), leaf.dtype)
+        return {"factors": factors, "in": ins, "out": outs, "scales": nan, "heads": nan}
+
     @staticmethod
-    def _empty_slot(leaf: _Leaf, n: int, xp: Any = np) -> tuple[Any, ...]:
-        """`n` empty slots: zero factors, NaN scales (NumPy, or `xp=jnp`)."""
+    def _empty_slot(leaf: _Leaf, n: int, xp: Any = np) -> tuple[Any, Any]:
+        """`n` empty slots' zero factors (NumPy, or `xp=jnp`)."""
         lay, r = leaf.layout, leaf.capacity
         a = xp.zeros((*lay.stack_shape, n, *lay.in_shape, r), leaf.dtype)
         b = xp.zeros((*lay.stack_shape, n, r, *lay.out_shape), leaf.dtype)
-        nan = xp.full((n,), np.nan, np.float32)
-        return a, b, nan, xp.full((n,), np.nan, np.float32)
+        return a, b
 
     def _check_leaf(
         self, name: str, lay: LeafLayout, rank: int, what: str = "add"
@@ -637,18 +784,37 @@ class AdapterBank:
     def _put(self, slot: int, name: str | None) -> None:
         """Writes adapter `name` (or an empty slot, for None) into `slot`."""
         entry = self._adapters[name] if name is not None else None
-        new = {}
+        factors, scales, heads = {}, [], []
         for path, leaf in self._items:
             if entry is not None and path in entry.arrays:
-                new[path] = entry.arrays[path]
-            else:
-                a, b, nan, _ = self._empty_slot(leaf, 1)
-                a, b = a.squeeze(leaf.n_stack), b.squeeze(leaf.n_stack)
-                s = np.float32(np.nan if entry is None else 0.0)
-                new[path] = (a, b, s, s)
+                a, b, scale, head = entry.arrays[path]
+            else:  # zero factors; scale 0 (the adapter lacks the path) or NaN
+                a, b = (x.squeeze(leaf.n_stack) for x in self._empty_slot(leaf, 1))
+                scale = head = np.float32(np.nan if entry is None else 0.0)
+            factors[path] = (a, b)
+            scales.append(scale)
+            heads.append(head)
+        new = {
+            "factors": factors,
+            "in": self._slot_vectors("in", entry),
+            "out": self._slot_vectors("out", entry),
+            "scales": np.asarray(scales, np.float32),
+            "heads": np.asarray(heads, np.float32),
+        }
         self._state = self._write(self._state, np.int32(slot), new)
         self._slot_names[slot] = name
         self._new_generation(slot)
+
+    def _slot_vectors(self, key: str, entry: _Entry | None) -> dict[str, Any]:
+        """One slot's `key` ("in" or "out") vectors: the entry's, else ones."""
+        mine = {} if entry is None else getattr(entry, f"{key}_vectors")
+        out = {}
+        for path in self._state[key]:
+            leaf = self._leaves[path]
+            group = leaf.layout.in_shape if key == "in" else leaf.layout.out_shape
+            ones = np.ones((*leaf.layout.stack_shape, *group), leaf.dtype)
+            out[path] = mine.get(path, ones)
+        return out
 
     def _new_generation(self, slot: int) -> None:
         """A fresh token for `slot` (its content changed): every index issued for
@@ -661,17 +827,15 @@ class AdapterBank:
         self._generations = jnp.asarray(self._generation, jnp.int32)
 
     def _decoded(self, indices: Any) -> Any:
-        """Issued `indices` as slot numbers: traced, on the device (a stale value
-        becomes `slots`, a NaN row); concrete, on the host against the bank's own
-        generations, refusing any value that is not `-1` or a current issue."""
+        """Issued (concrete) `indices` as slot numbers, decoded on the host
+        against the bank's own generations, refusing any value that is not `-1`
+        or a current issue."""
+        indices = coerce_indices(indices)  # refuses floats, bools, wrapped values
         if indices is None:
             return None
-        if isinstance(indices, jax.core.Tracer):
-            return decode_issued(indices, self._generations)
         values = np.asarray(indices)
-        if not np.issubdtype(values.dtype, np.integer) or values.size == 0:
-            return indices  # `loraify` itself refuses these, with its own message
-        check_representable(values)
+        if values.size == 0:
+            return indices
         if int(values.min()) < -1:
             raise LoraIndexError(unrepresentable_message(int(values.min())))
         decoded = decode_issued_on_host(values, self._generation)
@@ -684,8 +848,8 @@ class AdapterBank:
         """Why the index `value` selects nothing in this bank now."""
         fix = (
             " Call `bank.indices(names)` for each batch right before "
-            "`lx.loraify(tree, bank, idx)` (or `lx.with_indices(served, idx)`), "
-            "and never keep indices across loads, removals or updates."
+            "`bank.served(idx)` (or `lx.loraify(tree, bank, idx)`), and never "
+            "keep indices across loads, removals or updates."
         )
         if value < -1:
             return unrepresentable_message(value) + fix

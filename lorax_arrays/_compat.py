@@ -221,3 +221,9 @@ PATCHED_TRACER_VALUE = (
 )
 if PATCHED_TRACER_VALUE:
     _QuaxTracer.value = _TracerValueSlot(_QuaxTracer.__dict__["value"])
+
+
+def tracing() -> bool:
+    """Whether a JAX transformation (`jit`, `vmap`, `grad`, `quaxify`) is tracing
+    the code that asks."""
+    return not core.trace_state_clean()

@@ -4,9 +4,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax
@@ -15,16 +14,14 @@ import jax.tree_util as jtu
 from jaxtyping import ArrayLike, Int
 
 from ._adapters import Adapter, AdapterStack, stack_adapters
-from ._array import BatchedLoraArray, dense
-from ._bank import AdapterBank
-from ._errors import StaleIndicesError
-from ._indices import (
-    coerce_indices,
-    decode_issued,
-    decode_issued_on_host,
-    first_stale,
-)
-from ._paths import close_matches, flatten_with_paths
+from ._array import BatchedLoraArray, base_weight, check_base_weight
+from ._indices import coerce_indices
+from ._paths import close_matches, flatten_with_path_names
+from ._served import ServedAdapters, dora_norms, served_indices
+from ._strategies import check_strategy
+
+if TYPE_CHECKING:
+    from ._bank import AdapterBank
 
 
 def _is_lora(x: Any) -> bool:
@@ -44,47 +41,49 @@ def _as_stack(adapters: Any) -> AdapterStack:
     )
 
 
-def _serving_arrays(
-    adapters: Any, indices: Any, compact: bool
-) -> tuple[dict[str, tuple[Any, tuple]], Any]:
-    """Per adapted path its `LeafLayout` and `(a, b, scale, head_scale,
-    generations)` (generations: a bank's, else None), the indices that go with
-    them, and the stack (None for a bank)."""
-    if isinstance(adapters, AdapterBank):
-        return (*adapters.arrays(indices, compact), None)
-    if compact:
-        raise ValueError(
-            "loraify(..., compact=True) serves from an AdapterBank; a stack holds "
-            "exactly the adapters it was given already."
+def _served(adapters: Any, indices: Any, compact: bool) -> ServedAdapters:
+    """What `loraify` serves: `adapters.served(indices)` for a stack or a bank
+    (anything with that method), the stack of an `Adapter` or a list of them,
+    or a `ServedAdapters` itself (given `indices` then replace its own)."""
+    if isinstance(adapters, ServedAdapters):
+        if compact:
+            raise ValueError(
+                "loraify(..., compact=True): these adapters were already served; "
+                "ask for the compacted ones when serving them: "
+                "`bank.served(idx, compact=True)`."
+            )
+        return adapters if indices is None else adapters.with_indices(indices)
+    if isinstance(adapters, (Adapter, list, tuple)):
+        adapters = _as_stack(adapters)
+    served = getattr(adapters, "served", None)
+    if served is None:
+        raise TypeError(
+            "loraify: expected an AdapterStack, an AdapterBank, ServedAdapters, an "
+            f"Adapter or a list of Adapters, got {type(adapters).__name__}."
         )
-    stack = _as_stack(adapters)
-    out = {}
-    for lay, flags in zip(stack.layouts, stack.lookup_only):
-        head = stack.head_scales(lay.path) if any(flags) else None
-        weights = (*stack.weights[lay.path], stack.scales[lay.path], head, None)
-        out[lay.path] = (lay, weights)
-    return out, indices, stack
+    return served(indices, compact=compact)
 
 
-def _variant_scales(stack: AdapterStack | None, path: str, leaf: Any, a, b, scale):
+def _has_variants(served: ServedAdapters) -> bool:
+    return bool(served.in_scales or served.out_scales or served.dora)
+
+
+def _variant_scales(served: ServedAdapters, path: str, leaf: Any, a, b, scale):
     """`(in_scale, out_scale)` of the leaf at `path`, shaped as rank-1 factors
     (`None` where no adapter has one): IA3's vectors, and for DoRA adapters their
     magnitude over the column norms of `w + s·A B` (no gradient through the
     norms, as in PEFT), computed without building `w + s·A B`."""
-    if stack is None:
+    h = served.in_scales.get(path)
+    g = served.out_scales.get(path)
+    dora = served.dora.get(path)
+    if h is None and g is None and dora is None:
         return None, None
-    j = stack.paths.index(path)
-    if not any(any(v) for v in stack.variants[j]):
-        return None, None
-    lay = stack.layouts[j].layout
+    lay = next(lay for lay in served.layouts if lay.path == path).layout
     ns = lay.n_stack
-    h = stack.in_scales.get(path)
-    g = stack.out_scales.get(path)
-    dora = [v[0] for v in stack.variants[j]]
-    if any(dora):
-        m = stack.magnitudes[path]
+    if dora is not None:
+        m = served.magnitudes[path]
         norm = jax.lax.stop_gradient(dora_norms(leaf, a, b, scale, lay))
-        mask = jnp.asarray(dora).reshape((len(dora),) + (1,) * (m.ndim - ns - 1))
+        mask = jnp.reshape(dora, (dora.shape[0],) + (1,) * (m.ndim - ns - 1))
         ratio = jnp.where(mask, m / norm.astype(m.dtype), 1)
         g = ratio if g is None else g * ratio
     if h is not None:
@@ -94,51 +93,33 @@ def _variant_scales(stack: AdapterStack | None, path: str, leaf: Any, a, b, scal
     return h, g
 
 
-def dora_norms(w: Any, a, b, scale, layout) -> jax.Array:
-    """`‖w + s_i·A_i B_i‖` over the in-axes, for each out-feature and adapter:
-    `(*stack, n, *out)`, from `‖w_c‖² + 2 s·w_cᵀ A b_c + s²·b_cᵀ (AᵀA) b_c`,
-    in float32 (or wider)."""
-    w = dense(w)  # a quantised base: its dequantised value
-    ns = layout.n_stack
-    shape = tuple(w.shape)
-    d_in = math.prod(layout.in_shape(shape))
-    out_shape = layout.out_shape(shape)
-    d_out = math.prod(out_shape)
-    stack = layout.stack_shape(shape)
-    dt = jnp.promote_types(w.dtype, jnp.float32)
-    perm = (*layout.stack_axes, *layout.in_axes, *layout.out_axes)
-    wt = jnp.transpose(w, perm).reshape(*stack, d_in, d_out).astype(dt)
-    n, r = a.shape[ns], a.shape[-1]
-    a2 = a.reshape(*stack, n, d_in, r).astype(dt)
-    b2 = b.reshape(*stack, n, r, d_out).astype(dt)
-    s = jnp.asarray(scale, dt).reshape((n, 1))
-    w2 = jnp.sum(wt * wt, axis=-2)[..., None, :]  # (*stack, 1, out)
-    wta = jnp.einsum("...io,...nir->...nor", wt, a2)
-    cross = jnp.einsum("...nor,...nro->...no", wta, b2)
-    ata = jnp.einsum("...nir,...nis->...nrs", a2, a2)
-    quad = jnp.einsum("...nro,...nrs,...nso->...no", b2, ata, b2)
-    norm2 = w2 + 2 * s * cross + s * s * quad
-    return jnp.sqrt(jnp.maximum(norm2, 0)).reshape(*stack, n, *out_shape)
+def _leaf_positions(tree: Any) -> tuple[list[Any], Any, dict[str, int]]:
+    """The leaves of `tree` (a `BatchedLoraArray` is one), its treedef and each
+    path's position."""
+    leaves, treedef, paths = flatten_with_path_names(tree, is_leaf=_is_lora)
+    return leaves, treedef, {p: i for i, p in enumerate(paths)}
+
+
+def _missing_leaf(path: str, position: dict[str, int], what: str) -> KeyError:
+    return KeyError(
+        f"{what}: the adapter has a weight at {path!r}, but the tree has no "
+        f"leaf there.{close_matches(path, position)} Adapters must be used "
+        "with the model (and the same pytree structure) they were made for."
+    )
 
 
 def _replace_at_paths(tree: Any, fn, paths: Sequence[str], what: str) -> Any:
-    leaves, treedef = flatten_with_paths(tree, is_leaf=_is_lora)
-    position = {p: i for i, (p, _) in enumerate(leaves)}
-    new = [leaf for _, leaf in leaves]
+    new, treedef, position = _leaf_positions(tree)
     for path in paths:
         if path not in position:
-            raise KeyError(
-                f"{what}: the adapter has a weight at {path!r}, but the tree has no "
-                f"leaf there.{close_matches(path, position)} Adapters must be used "
-                "with the model (and the same pytree structure) they were made for."
-            )
+            raise _missing_leaf(path, position, what)
         new[position[path]] = fn(path, new[position[path]])
     return jtu.tree_unflatten(treedef, new)
 
 
 def loraify(
     tree: Any,
-    adapters: AdapterStack | AdapterBank | Adapter | Sequence[Adapter],
+    adapters: ServedAdapters | AdapterStack | AdapterBank | Adapter | Sequence[Adapter],
     indices: Int[ArrayLike, ...] | None = None,
     *,
     allow_materialise: bool = False,
@@ -154,13 +135,16 @@ def loraify(
     **Arguments:**
 
     - `tree`: the model or parameter tree the adapters were made for.
-    - `adapters`: an [`lorax_arrays.AdapterStack`][], an
+    - `adapters`: [`lorax_arrays.ServedAdapters`][] (from `stack.served(idx)`
+        or `bank.served(idx)`: what a jitted serving step takes as an argument,
+        calling `loraify` inside), an [`lorax_arrays.AdapterStack`][], an
         [`lorax_arrays.AdapterBank`][] (serving from its slots, with indices from
         `bank.indices(names)`), or an `Adapter` or a list of them (stacked for
         you).
     - `indices`: which adapter each example (`(batch,)`) or token
         (`(batch, seq)`) uses, `-1` for the base model; scalar inside `jax.vmap`.
         May be left `None` and set later with [`lorax_arrays.with_indices`][].
+        With `ServedAdapters`, `None` keeps the indices they were served with.
     - `allow_materialise`: let operations without a low-rank rule build the dense
         per-example weight instead of raising an error.
     - `strategy`: how the low-rank terms are computed (`"auto"`, `"gather"`,
@@ -181,42 +165,48 @@ def loraify(
 
     A copy of `tree` whose adapted leaves are `BatchedLoraArray`s.
     """
-    served, indices, stack = _serving_arrays(adapters, indices, compact)
-    indices = coerce_indices(indices)
-
-    def put(path, leaf):
+    new, treedef, position = _leaf_positions(tree)  # a tree's problems first
+    served = _served(adapters, indices, compact)
+    strategy = check_strategy(strategy)
+    if isinstance(batch_axis, bool) or not isinstance(batch_axis, int):
+        raise TypeError(f"loraify: `batch_axis` must be an int, got {batch_axis!r}.")
+    scales, heads = served.rows()
+    factors, indices, generations = served.factors, served.indices, served.generations
+    compact, variants = served.compact, _has_variants(served)
+    allow_materialise = bool(allow_materialise)
+    for j, lay in enumerate(served.layouts):
+        path = lay.path
+        if path not in position:
+            raise _missing_leaf(path, position, "loraify")
+        leaf = new[position[path]]
         if _is_lora(leaf):
             raise ValueError(
                 f"loraify: {path!r} is already a BatchedLoraArray. Loraify the base "
                 "tree, or change the requests with `lx.with_indices`."
             )
-        lay, (a, b, scale, head_scale, generations) = served[path]
-        if tuple(leaf.shape) != lay.shape:
-            raise ValueError(
-                f"loraify: the adapter was made for a weight of shape {lay.shape} at "
-                f"{path!r}, but the tree's leaf there has shape {tuple(leaf.shape)}."
-            )
-        in_scale, out_scale = _variant_scales(stack, path, leaf, a, b, scale)
-        return BatchedLoraArray(
-            leaf,
-            a,
-            b,
-            scale=scale,
+        w = base_weight(leaf)
+        check_base_weight(w, path, lay.shape, "loraify")
+        a, b = factors[path]
+        in_scale = out_scale = None
+        if variants:
+            in_scale, out_scale = _variant_scales(served, path, w, a, b, scales[j])
+        new[position[path]] = BatchedLoraArray.unchecked(
+            w=w,
+            a=a,
+            b=b,
+            scale=scales[j],
+            indices=indices,
+            head_scale=None if heads is None else heads[j],
             in_scale=in_scale,
             out_scale=out_scale,
-            indices=indices,
-            in_axes=lay.in_axes,
-            out_axes=lay.out_axes,
-            stack_axes=lay.stack_axes,
+            generations=generations,
+            layout=lay.layout,
             allow_materialise=allow_materialise,
             strategy=strategy,
-            head_scale=head_scale,
             batch_axis=batch_axis,
             compact=compact,
-            generations=generations,
         )
-
-    return _replace_at_paths(tree, put, list(served), "loraify")
+    return jtu.tree_unflatten(treedef, new)
 
 
 def _deleted(x: Any) -> bool:
@@ -249,44 +239,41 @@ def with_indices(
     A copy of `tree` whose BatchedLoraArrays use `indices`.
     """
     indices = coerce_indices(indices)
-    found = False
-    decoded: dict[int, Any] = {}  # a bank's slot numbers, by its generations
-
-    def swap(x):
-        nonlocal found
-        if _is_lora(x):
-            found = True
-            if x.compact:
-                raise ValueError(
-                    "with_indices: this tree was loraified with `compact=True`: it "
-                    "holds only the adapters of the batch it was made for, numbered "
-                    "by their place in it, so new indices would pick other "
-                    "adapters. Loraify again for each batch: `lx.loraify(tree, "
-                    "bank, bank.indices(names), compact=True)`."
-                )
-            if any(_deleted(f) for f in (x.a, x.b)):
-                raise ValueError(
-                    "with_indices: this tree's adapters were replaced since it was "
-                    "loraified (an AdapterBank loaded or removed an adapter, which "
-                    "updates its slots in place), so it can no longer be run. "
-                    "Loraify again for each batch: `lx.loraify(tree, bank, "
-                    "bank.indices(names))`."
-                )
-            mine = indices
-            if x.generations is not None:  # a bank's tree: decode, once per bank
-                key = id(x.generations)
-                if key not in decoded:
-                    decoded[key] = _decoded(indices, x.generations)
-                mine = decoded[key]
-            if batch_axis is None:
-                return x.replace(indices=mine)
-            return x.replace(indices=mine, batch_axis=batch_axis)
-        return x
-
-    out = jtu.tree_map(swap, tree, is_leaf=_is_lora)
-    if not found and any(
-        type(x).__name__ == "_QuaxTracer" for x in jtu.tree_leaves(tree)
+    if batch_axis is not None and (
+        isinstance(batch_axis, bool) or not isinstance(batch_axis, int)
     ):
+        raise TypeError(
+            f"with_indices: `batch_axis` must be an int, got {batch_axis!r}."
+        )
+    leaves, treedef = jtu.tree_flatten(tree, is_leaf=_is_lora)
+    # Checked (and a bank's decoded) once for all the leaves that share them.
+    served: dict[tuple[int, int], Any] = {}
+    found = False
+    for i, x in enumerate(leaves):
+        if not _is_lora(x):
+            continue
+        found = True
+        fields = dict(x.__dict__)  # (equinox's attribute lookup costs per leaf)
+        if fields["compact"]:
+            raise ValueError(
+                "with_indices: this tree was loraified with `compact=True`: it "
+                "holds only the adapters of the batch it was made for, numbered "
+                "by their place in it, so new indices would pick other "
+                "adapters. Loraify again for each batch: `lx.loraify(tree, "
+                "bank, bank.indices(names), compact=True)`."
+            )
+        a, generations = fields["a"], fields["generations"]
+        if _deleted(a) or _deleted(fields["b"]):
+            raise ValueError("with_indices: " + _REPLACED)
+        n = a.shape[fields["layout"].n_stack]
+        key = (id(generations), n)
+        if key not in served:
+            served[key] = served_indices(indices, n, generations)
+        fields["indices"] = served[key]
+        if batch_axis is not None:
+            fields["batch_axis"] = batch_axis
+        leaves[i] = BatchedLoraArray.unchecked(**fields)
+    if not found and any(type(x).__name__ == "_QuaxTracer" for x in leaves):
         raise ValueError(
             "with_indices was called inside `lx.quaxify`, where the weights are "
             "already being traced. Call it outside: for a per-example model under "
@@ -298,27 +285,16 @@ def with_indices(
             "with_indices: the tree holds no BatchedLoraArray. Put adapters in "
             "first with `lx.loraify(tree, adapters)`."
         )
-    return out
+    return jtu.tree_unflatten(treedef, leaves)
 
 
-def _decoded(indices: Any, generations: Any) -> Any:
-    """A bank's issued `indices`, given to `with_indices`, as slot numbers:
-    traced, on the device (a stale value gives NaN rows); concrete, on the host
-    (one small copy of the generations), refusing a value that is not the
-    current issue of its slot."""
-    if isinstance(indices, jax.core.Tracer) or isinstance(generations, jax.core.Tracer):
-        return decode_issued(indices, generations)
-    decoded = decode_issued_on_host(indices, generations)
-    value = first_stale(indices, decoded, generations.shape[0])
-    if value is not None:
-        raise StaleIndicesError(
-            f"with_indices: index {value} is not a current issue of the bank this "
-            "tree serves from: its slot has since been given to another adapter, "
-            "cleared or updated, or the index came from another bank or was made "
-            "by hand (a bank's indices encode the slot and its generation). Use "
-            "indices from this bank's latest `bank.indices(names)`."
-        )
-    return jnp.asarray(decoded)
+_REPLACED = (
+    "this tree's adapters were replaced since it was loraified (an "
+    "AdapterBank loaded, evicted, removed or updated an adapter, which rewrites "
+    "its slots in place), so it can no longer be run. Serve each batch anew: "
+    "`lx.loraify(tree, bank.served(bank.indices(names)))`, inside the jitted "
+    "step (see the Serving page)."
+)
 
 
 def merge(tree: Any, adapter: Adapter) -> Any:

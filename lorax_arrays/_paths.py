@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import difflib
 import re
 from collections.abc import Callable, Iterable
@@ -73,6 +74,36 @@ def flatten_with_paths(
                 "(after `nnx.update(model, state)` if you hold only its state)."
             )
     return named, treedef
+
+
+# The path names of the treedefs seen lately: a server rebuilds the same tree
+# every step, and naming its leaves is Python per leaf.
+_NAMES: collections.OrderedDict[Any, list[str]] = collections.OrderedDict()
+_NAMES_KEPT = 64
+
+
+def flatten_with_path_names(
+    tree: Any, is_leaf: Callable[[Any], bool] | None = None
+) -> tuple[list[Any], Any, list[str]]:
+    """`flatten_with_paths`, as the leaves, the treedef and the paths, with the
+    paths remembered per treedef (so a tree of a known structure costs one
+    flatten)."""
+    stop = (
+        _is_named_leaf if is_leaf is None else lambda x: _is_named_leaf(x) or is_leaf(x)
+    )
+    leaves, treedef = jtu.tree_flatten(tree, is_leaf=stop)
+    try:
+        names = _NAMES.get(treedef)
+    except (TypeError, ValueError):  # static data that cannot be hashed or compared
+        return leaves, treedef, [p for p, _ in flatten_with_paths(tree, is_leaf)[0]]
+    if names is None or any(_is_qwix_with_aux(x) for x in leaves):
+        names = [p for p, _ in flatten_with_paths(tree, is_leaf)[0]]
+        _NAMES[treedef] = names
+        while len(_NAMES) > _NAMES_KEPT:
+            _NAMES.popitem(last=False)
+    else:
+        _NAMES.move_to_end(treedef)
+    return leaves, treedef, names
 
 
 def close_matches(path: str, known: Iterable[str]) -> str:

@@ -31,7 +31,7 @@ from ._array import dense
 from ._errors import PeftFormatError
 from ._paths import flatten_with_paths
 from ._safetensors import read_safetensors, write_atomically, write_safetensors
-from ._targeting import LeafLayout, candidate_leaves
+from ._targeting import LeafLayout, candidate_leaves, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -1393,9 +1393,10 @@ def _stack_entries(fs: list[dict], rslora: bool):
     stack = fs[0]["leaf_shape"][:k]
     shape, (ins, outs) = fs[0]["shape"], fs[0]["groups"]
     r_max = max(f["rank"] for f in fs)
-    norm = (lambda r: math.sqrt(r)) if rslora else (lambda r: r)
     # An IA3 entry (rank 0) has no scale.
-    scales = [f["alpha"] / norm(f["rank"]) if f["rank"] else None for f in fs]
+    scales = [
+        lora_scale(f["alpha"], f["rank"], rslora) if f["rank"] else None for f in fs
+    ]
     live = [sc for sc in scales if sc is not None]
     s_leaf = _most_common(live) if live else 0.0
     dtype = np.result_type(*[f["a"].dtype for f in fs], *[f["b"].dtype for f in fs])
@@ -1408,7 +1409,8 @@ def _stack_entries(fs: list[dict], rslora: bool):
             b_e = (b_e.astype(np.float64) * (s / s_leaf)).astype(dtype)
         a[(*at, Ellipsis, slice(0, r))] = a_e
         b[(*at, slice(0, r))] = b_e
-    return a, b, r_max, s_leaf * norm(r_max)
+    # The alpha that gives the leaf's scale at rank r_max (`lora_scale` inverted).
+    return a, b, r_max, s_leaf * (math.sqrt(r_max) if rslora else r_max)
 
 
 def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> None:

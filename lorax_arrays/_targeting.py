@@ -7,6 +7,7 @@ Not dispatch rules: those are the `_rules_*.py` modules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import sys
@@ -108,7 +109,16 @@ class LoraRule:
         if self.variant == "vera":  # no alpha: its vectors carry the scale
             return 1.0
         alpha = self.rank if self.alpha is None else self.alpha
-        return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scale(alpha, self.rank, self.use_rslora)
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """The multiplier of a LoRA update: `alpha / rank`, or `alpha / sqrt(rank)`
+    with rsLoRA; 0 for rank 0 (an IA3 leaf has no low-rank term). The one place
+    this formula is written."""
+    if rank == 0:
+        return 0.0
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 VARIANTS = ("lora", "dora", "ia3", "ia3_feedforward", "vera")
@@ -129,7 +139,7 @@ class LeafLayout:
     out_axes: tuple[int, ...]
     stack_axes: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def layout(self) -> Layout:
         """The axis groups as a `Layout`."""
         return Layout(self.in_axes, self.out_axes, self.stack_axes)

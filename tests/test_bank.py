@@ -198,21 +198,30 @@ def test_lru_eviction_spares_what_the_batch_needs():
     assert set(bank.loaded) == {"no-embed", "r8", "r1"}
 
 
+def _slots_of(bank) -> dict:
+    """Per path `(a, b, scale, head_scale)` as the bank serves them."""
+    served = bank.served()
+    return {
+        p: (*served.factors[p], served.scales[j], served.head_scales[j])
+        for j, p in enumerate(served.paths)
+    }
+
+
 def test_load_writes_one_slot_in_place():
     """A load updates the bank's buffers in place (donated): the device pointers
     do not move, the old arrays are gone, and only the loaded slot changes."""
     bank = _bank(slots=3)
     bank.indices(["r8", "r2"])
-    before = {p: [x.unsafe_buffer_pointer() for x in v] for p, v in bank._state.items()}
-    old = jax.tree.leaves(bank._state)
+    before = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(bank.served())]
+    old = jax.tree.leaves(bank.served())
     # Host copies of copies: a NumPy view of the bank's own buffers would pin them
     # (JAX cannot donate a buffer NumPy can see), and the load would copy.
-    host = jax.tree.map(lambda x: np.asarray(jnp.copy(x)), bank._state)
+    host = jax.tree.map(lambda x: np.asarray(jnp.copy(x)), _slots_of(bank))
     bank.indices(["r4-rs"])  # slot 2
-    after = {p: [x.unsafe_buffer_pointer() for x in v] for p, v in bank._state.items()}
-    assert before == after
-    assert all(x.is_deleted() for x in old)
-    for path, (a, b, s, _) in bank._state.items():
+    after = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(bank.served())]
+    assert before[:-1] == after[:-1]  # all but the generations (a new host copy)
+    assert all(x.is_deleted() for x in old[:-1])
+    for path, (a, b, s, _) in _slots_of(bank).items():
         ns = len(bank._leaves[path].layout.stack_axes)
         a0, b0, s0, _ = host[path]
         np.testing.assert_array_equal(
@@ -227,7 +236,7 @@ def test_load_writes_one_slot_in_place():
 
 def test_bank_holds_fixed_shapes_and_reports_bytes():
     bank = _bank(slots=5)
-    a, b, s, hs = bank._state["layers/wq"]
+    a, b, s, hs = _slots_of(bank)["layers/wq"]
     assert a.shape == (L, 5, D, CAPACITY) and b.shape == (L, 5, CAPACITY, D)
     assert s.shape == hs.shape == (5,)
     expected = sum(
@@ -244,7 +253,7 @@ def test_bfloat16_bank_serves_float32_adapters():
     add), and rows match the float64 merge to bf16 precision."""
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
     bank = lx.AdapterBank(p16, BANK_RULES, slots=2)
-    assert bank._state["head"][0].dtype == jnp.bfloat16
+    assert _slots_of(bank)["head"][0].dtype == jnp.bfloat16
     bank.add("r4-rs", ADAPTERS["r4-rs"])
     names = ["r4-rs", None, "r4-rs", None]
     out = jax.jit(lx.quaxify(forward))(
@@ -345,12 +354,12 @@ def test_a_removed_adapter_cannot_be_served():
     bank.remove("r2")
     assert bank.events[-1] == lx.BankEvent("remove", "r2", 1)
     assert "r2" not in bank.loaded and "r2" not in bank.names
-    with pytest.raises(ValueError, match="Loraify again for each batch"):
+    with pytest.raises(ValueError, match="Serve each batch anew"):
         lx.with_indices(served, idx)
     with pytest.raises(KeyError, match="no adapter named 'r2'"):
         bank.indices(["r2"])
     # Its slot is empty (NaN scales) until reused.
-    assert np.isnan(np.asarray(bank._state["head"][2])[1])
+    assert np.isnan(np.asarray(_slots_of(bank)["head"][2])[1])
 
 
 def test_events_are_bounded_and_long_name_lists_cut():
@@ -599,3 +608,150 @@ def test_fingerprints_key_adapters_by_content():
         == jax.tree.map(np.asarray, ADAPTERS["r8"]).fingerprint()
     )
     assert len({ad.fingerprint() for ad in ADAPTERS.values()}) == len(ADAPTERS)
+
+
+# -- the served step: bank.served(idx) into a jitted step ------------------------
+
+
+def _served_step():
+    traces = []
+
+    @jax.jit
+    def step(params, served, tokens):
+        traces.append(1)
+        return lx.quaxify(forward)(lx.loraify(params, served), tokens)
+
+    return step, traces
+
+
+def test_served_step_serves_every_row_and_compiles_once():
+    """The pattern the Serving page teaches: routing on the host, the bank's arrays
+    and the batch's slots passed in as one argument, the tree rebuilt inside the
+    trace. A stream of batches with loads, evictions, a remove and an update: each
+    row equals its adapter merged in NumPy, with one compile."""
+    _adapters_matter()
+    bank = _bank(slots=3)
+    step, traces = _served_step()
+    stream = [
+        ["r8", None, "r2", "r8"],
+        ["r4-rs", "wq-only", "r1", None],  # evicts all three
+        ["no-embed", "r8", "r8", "r2"],
+    ]
+    for names in stream:
+        _check_rows(step(PARAMS, bank.served(bank.indices(names)), TOKENS), names)
+    bank.remove("r8")
+    bank.update("r2", ADAPTERS["r8"])
+    names = [None, "r2", "r1", "r2"]
+    out = np.asarray(step(PARAMS, bank.served(bank.indices(names)), TOKENS))
+    for e, name in enumerate(names):
+        want = _reference_row("r8" if name == "r2" else name, e)
+        np.testing.assert_allclose(out[e], want, rtol=2e-5, atol=2e-5)
+    assert len(traces) == 1
+
+
+def test_served_step_per_token_names():
+    bank = _bank(slots=3)
+    step, _ = _served_step()
+    grid = [["r8", "r2", None]] * 2 + [[None, None, "r1"], ["r1", "r1", "r1"]]
+    out = np.asarray(step(PARAMS, bank.served(bank.indices(grid)), TOKENS))
+    # Token t of row e: the model has no mixing across tokens, so each position
+    # equals the row run with that token's adapter.
+    for e, row in enumerate(grid):
+        for t, name in enumerate(row):
+            np.testing.assert_allclose(
+                out[e, t], _reference_row(name, e)[t], rtol=2e-5, atol=2e-5
+            )
+
+
+@pytest.mark.parametrize("how", ["evicted", "removed", "updated"])
+def test_served_adapters_kept_past_a_change_are_refused(how):
+    """`bank.served` made before a slot changed holds arrays the bank rewrote in
+    place: passing it to the step raises `StaleIndicesError` with the fix, never
+    XLA's "Array has been deleted" and never another adapter's rows."""
+    bank = _bank(slots=2, names=["r8", "r2", "r1"])
+    step, _ = _served_step()
+    served = bank.served(bank.indices(["r8", "r2", None, "r8"]))
+    step(PARAMS, served, TOKENS)
+    if how == "evicted":
+        bank.indices(["r1", "r2"])
+    elif how == "removed":
+        bank.remove("r8")
+    else:
+        bank.update("r8", ADAPTERS["r1"])
+    with pytest.raises(lx.StaleIndicesError, match=r"right before each step"):
+        step(PARAMS, served, TOKENS)
+
+
+def test_copied_indices_into_served_and_traced_into_the_step():
+    """Old indices, however copied, are refused by `bank.served`; passed traced
+    into a step that decodes them (`lx.loraify(params, served, idx)` inside), the
+    stale rows are NaN and the others serve."""
+    bank = _bank(slots=2, names=["r8", "r2", "r1"])
+    old = bank.indices(["r8", None, "r2", "r8"])
+    bank.indices(["r1", "r2"])  # r8 leaves its slot for r1
+
+    @jax.jit
+    def step(params, served, idx, tokens):
+        return lx.quaxify(forward)(lx.loraify(params, served, idx), tokens)
+
+    for label, copy in _copies(old).items():
+        with pytest.raises(lx.StaleIndicesError, match="issued for 'r8'"):
+            bank.served(copy)
+        out = np.asarray(
+            step(
+                PARAMS, bank.served(), jnp.asarray(np.asarray(copy), jnp.int32), TOKENS
+            )
+        )
+        assert np.isnan(out[[0, 3]]).all(), label
+        np.testing.assert_allclose(
+            out[1], _reference_row(None, 1), rtol=2e-5, atol=2e-5
+        )
+        np.testing.assert_allclose(
+            out[2], _reference_row("r2", 2), rtol=2e-5, atol=2e-5
+        )
+
+
+def test_served_inside_a_trace_is_refused():
+    """Traced, the bank's arrays would be baked into the program as constants,
+    and later loads would not reach it: refused, naming the pattern."""
+    bank = _bank(slots=3)
+    idx = bank.indices(["r8", None, "r2", "r8"])
+    with pytest.raises(RuntimeError, match="pass its result in as an argument"):
+        jax.jit(lambda p, t: lx.quaxify(forward)(lx.loraify(p, bank, idx), t))(
+            PARAMS, TOKENS
+        )
+    with pytest.raises(RuntimeError, match="outside"):
+        jax.jit(lambda i: bank.served(i).scales)(idx)
+
+
+def test_served_compact_and_its_refusals():
+    bank = _bank(slots=4)
+    names = ["r8", None, "r8", "r2"]
+    served = bank.served(bank.indices(names), compact=True)
+    assert served.n_adapters == 2 and served.compact
+    step, _ = _served_step()
+    _check_rows(step(PARAMS, served, TOKENS), names)
+    with pytest.raises(ValueError, match="compacted for one batch"):
+        served.with_indices(jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="needs the batch's indices"):
+        bank.served(compact=True)
+    with pytest.raises(TypeError):
+        bank.served(np.asarray([0.0, 1.0, 0.0, 1.0]))
+
+
+def test_stack_served_matches_the_eager_tree():
+    """A stack serves through the same contract: `stack.served(idx)` into a
+    jitted step equals the eagerly loraified stack, row by row."""
+    stack = lx.stack_adapters([ADAPTERS[n] for n in ("r8", "r2", "no-embed")])
+    idx = jnp.asarray([2, -1, 0, 1], jnp.int32)
+    step, _ = _served_step()
+    out = np.asarray(step(PARAMS, stack.served(idx), TOKENS))
+    _check_rows(out, ["no-embed", None, "r8", "r2"])
+    eager = np.asarray(
+        jax.jit(lx.quaxify(forward))(lx.loraify(PARAMS, stack, idx), TOKENS)
+    )
+    np.testing.assert_array_equal(out, eager)
+    with pytest.raises(ValueError, match="stack holds exactly"):
+        stack.served(idx, compact=True)
+    with pytest.raises(lx.LoraIndexError):
+        stack.served(jnp.asarray([3, 0, 0, 0]))

@@ -172,6 +172,9 @@ def _np_merged(ad, path, w):
     if path not in ad.paths:
         return w
     a, b = (np.asarray(v, np.float64) for v in ad.weights[path])
+    if path in ad.vera:  # the LoRA (A·diag(d), B·diag(b)) it stands for
+        d, bvec = (np.asarray(v, np.float64) for v in ad.vera[path])
+        a, b = a * d[..., None, :], b * bvec[..., None, :]
     m = w + ad.scale(path) * (a @ b)
     if path in ad.magnitudes:  # m / ‖W + sAB‖ over the in-axis, per out column
         mag = np.asarray(ad.magnitudes[path], np.float64)
@@ -344,11 +347,49 @@ def test_refusals(mixed):
     # Nor a row lookup.
     with pytest.raises(lx.UnsupportedOperationError, match="DoRA or IA3"):
         lx.quaxify(lambda p, t: p["head"][t])(served, jnp.zeros((len(idx),), int))
-    # A bank holds LoRA factors only.
+    # A bank holds the kinds it was built for.
     bank = lx.AdapterBank(params, RULES["dora"], slots=2)
-    with pytest.raises(ValueError, match="DORA adapter"):
+    with pytest.raises(ValueError, match=r"DORA adapter .*kinds=\('lora', 'dora'\)"):
         bank.add("d", adapters[1])
+    with pytest.raises(ValueError, match=r"IA3 adapter .*kinds=\('lora', 'ia3'\)"):
+        bank.add("i", adapters[2])
     bank.add("l", lx.init_adapter(params, RULES["lora"], key=jax.random.key(0)))
+    with pytest.raises(ValueError, match="unknown kind"):
+        lx.AdapterBank(params, RULES["dora"], slots=2, kinds=("lora", "loha"))
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_a_bank_serves_every_kind(mixed, update):
+    """LoRA, DoRA, IA3 and DoRA+LoRA adapters (and VeRA, a LoRA) from one bank in
+    one batch, through fewer slots than adapters, and after `bank.update` swaps
+    two of them: every row equals its adapter merged in float64 NumPy."""
+    params, adapters, idx, x = mixed
+    rng = np.random.default_rng(7)
+    vera_rules = [lx.LoraRule(r"up|down", 2, variant="vera", stack_axes=0)]
+    vera = with_random_vera(
+        lx.init_adapter(params, vera_rules, key=jax.random.key(9)), rng
+    )
+    every = [*adapters, vera]
+    rules = [lx.LoraRule(r"up|down", 3, stack_axes=0), lx.LoraRule("head", 3)]
+    bank = lx.AdapterBank(params, rules, slots=4, kinds=("dora", "ia3"))
+    names = [f"k{i}" for i in range(len(every))]
+    for n, ad in zip(names, every):
+        bank.add(n, ad)
+    if update:  # k0 becomes the DoRA adapter, k1 the plain LoRA one
+        bank.update("k0", adapters[1])
+        bank.update("k1", adapters[0])
+        every = [adapters[1], adapters[0], *every[2:]]
+
+    @jax.jit
+    def step(params, served, x):
+        return lx.quaxify(forward)(lx.loraify(params, served), x)
+
+    batches = [[0, 1, 2, -1, 3, 1, 2, 0], [4, -1, 4, 1, 0, 3, 3, 0]]
+    for rows in batches:
+        names_ = [None if i < 0 else names[i] for i in rows]
+        got = np.asarray(step(params, bank.served(bank.indices(names_)), x))
+        want = _reference(params, every, jnp.asarray(rows), x)
+        np.testing.assert_allclose(got, want, **TOL)
 
 
 # --- VeRA, trained here --------------------------------------------------------
