@@ -266,7 +266,10 @@ class BatchedLoraArray(quax.ArrayValue):
         `lx.with_indices`, which check what they serve once for every leaf
         rather than once per leaf. Every field must be given."""
         obj = object.__new__(cls)
-        obj.__dict__.update({name: fields[name] for name in _FIELDS})
+        # (not `obj.__dict__`: equinox's attribute lookup is the slow part)
+        object.__getattribute__(obj, "__dict__").update(
+            {name: fields[name] for name in _FIELDS}
+        )
         return obj
 
     def __check_init__(self):

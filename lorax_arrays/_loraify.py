@@ -209,6 +209,10 @@ def loraify(
     return jtu.tree_unflatten(treedef, new)
 
 
+def _dict_of(x: Any) -> dict[str, Any]:
+    return object.__getattribute__(x, "__dict__")
+
+
 def _deleted(x: Any) -> bool:
     """Whether `x` is a concrete array whose buffer was donated or deleted."""
     return (
@@ -253,7 +257,8 @@ def with_indices(
         if not _is_lora(x):
             continue
         found = True
-        fields = dict(x.__dict__)  # (equinox's attribute lookup costs per leaf)
+        # (equinox's attribute lookup costs microseconds per leaf: read the dict)
+        fields = dict(_dict_of(x))
         if fields["compact"]:
             raise ValueError(
                 "with_indices: this tree was loraified with `compact=True`: it "
@@ -263,16 +268,20 @@ def with_indices(
                 "bank, bank.indices(names), compact=True)`."
             )
         a, generations = fields["a"], fields["generations"]
-        if _deleted(a) or _deleted(fields["b"]):
-            raise ValueError("with_indices: " + _REPLACED)
         n = a.shape[fields["layout"].n_stack]
         key = (id(generations), n)
         if key not in served:
+            # A bank donates all its buffers at each write: one leaf of its tree
+            # says whether they are gone.
+            if _deleted(a) or _deleted(fields["b"]):
+                raise ValueError("with_indices: " + _REPLACED)
             served[key] = served_indices(indices, n, generations)
         fields["indices"] = served[key]
         if batch_axis is not None:
             fields["batch_axis"] = batch_axis
-        leaves[i] = BatchedLoraArray.unchecked(**fields)
+        new = object.__new__(BatchedLoraArray)
+        _dict_of(new).update(fields)
+        leaves[i] = new
     if not found and any(type(x).__name__ == "_QuaxTracer" for x in leaves):
         raise ValueError(
             "with_indices was called inside `lx.quaxify`, where the weights are "

@@ -1426,8 +1426,14 @@ def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> Non
             ) from None
         leaf = np.asarray(leaves.by_path[p][0])
         leaf = leaf if at is None else leaf[at]
-        same = leaf.shape == value.shape and np.array_equal(
-            leaf.astype(np.float32), value.astype(np.float32)
+        # torch keeps a Linear's weight as (out, in) (an untied lm_head ships
+        # (vocab, hidden)), Flax a kernel as (in, out): the copy equals the leaf
+        # in the leaf's own layout or in torch's. Only compared, never used.
+        views = [value] + ([value.T] if value.ndim == 2 else [])
+        same = any(
+            leaf.shape == v.shape
+            and np.array_equal(leaf.astype(np.float32), v.astype(np.float32))
+            for v in views
         )
         if not same:
             raise PeftFormatError(

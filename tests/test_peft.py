@@ -486,6 +486,32 @@ def test_saved_embedding_layer_must_equal_the_tree(tmp_path):
         lx.load_peft_adapter(path, params)
 
 
+def test_untied_head_with_its_base_copy_in_torch_layout(tmp_path):
+    """PEFT saves an untied `lm_head`'s weight beside its LoRA, in torch's
+    `(vocab, hidden)`; the Flax kernel is `(hidden, vocab)`. The copy is checked in
+    either layout, the adapter loads, and the head serves `h @ (W + s·(B A)ᵀ)`
+    (float64 NumPy); a copy that differs in both layouts is still refused."""
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal((4, 9)).astype(np.float32)  # (hidden, vocab)
+    params = {"lm_head": {"kernel": jnp.asarray(kernel)}}
+    a, b = _factors(rng, 4, 9, 2)  # torch: A (r, hidden), B (vocab, r)
+    mods = {"lm_head": (a, b)}
+    extra = {"base_model.model.lm_head.base_layer.weight": kernel.T.copy()}
+    adapter = lx.load_peft_adapter(
+        _peft_dir(tmp_path / "ok", mods, extra=extra), params
+    )
+    h = rng.standard_normal((3, 4)).astype(np.float32)
+    served = lx.loraify(params, adapter, jnp.asarray([0, -1, 0]))
+    got = np.asarray(lx.quaxify(lambda p, h: h @ p["lm_head"]["kernel"])(served, h))
+    s = 8 / 2  # lora_alpha / r
+    merged = kernel.astype(np.float64) + s * (b.astype(np.float64) @ a).T
+    want = np.stack([h[0] @ merged, h[1] @ kernel, h[2] @ merged])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    bad = {"base_model.model.lm_head.base_layer.weight": kernel.T + 1}
+    with pytest.raises(lx.PeftFormatError, match="differs"):
+        lx.load_peft_adapter(_peft_dir(tmp_path / "bad", mods, extra=bad), params)
+
+
 def test_missing_and_corrupt_files(tmp_path):
     path, params = _simple(tmp_path / "a")
     half = tmp_path / "half"
