@@ -18,7 +18,7 @@ from ._array import dense
 from ._errors import LoraIndexError, NonFiniteAdapterError
 from ._indices import out_of_range_message
 from ._paths import flatten_with_paths
-from ._served import ServedAdapters, as_dora_mask, served_indices, stacked_rows
+from ._served import ServedAdapters, served_indices, stacked_rows
 from ._targeting import LeafLayout, LoraRule, lora_scale, match_rules
 
 BASE = "__base__"
@@ -490,7 +490,7 @@ class AdapterStack(eqx.Module):
         dora = {}
         for lay, flags in zip(self.layouts, self.variants):
             if any(f[0] for f in flags):
-                dora[lay.path] = as_dora_mask([f[0] for f in flags])
+                dora[lay.path] = np.asarray([f[0] for f in flags], bool)
         scales = (
             stacked_rows([self.scales[p] for p in self.paths])
             if self.layouts

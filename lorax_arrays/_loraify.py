@@ -17,7 +17,7 @@ from ._adapters import Adapter, AdapterStack, stack_adapters
 from ._array import BatchedLoraArray, base_weight, check_base_weight
 from ._indices import coerce_indices
 from ._paths import close_matches, flatten_with_path_names
-from ._served import ServedAdapters, dora_norms, served_indices
+from ._served import ServedAdapters, deleted, dora_norms, served_indices
 from ._strategies import check_strategy
 
 if TYPE_CHECKING:
@@ -68,21 +68,23 @@ def _has_variants(served: ServedAdapters) -> bool:
     return bool(served.in_scales or served.out_scales or served.dora)
 
 
-def _variant_scales(served: ServedAdapters, path: str, leaf: Any, a, b, scale):
+def _variant_scales(served: ServedAdapters, lay, leaf: Any, a, b, scale):
     """`(in_scale, out_scale)` of the leaf at `path`, shaped as rank-1 factors
     (`None` where no adapter has one): IA3's vectors, and for DoRA adapters their
     magnitude over the column norms of `w + s·A B` (no gradient through the
-    norms, as in PEFT), computed without building `w + s·A B`."""
+    norms, as in PEFT), computed without building `w + s·A B`. `lay` is the
+    leaf's `LeafLayout`."""
+    path = lay.path
     h = served.in_scales.get(path)
     g = served.out_scales.get(path)
     dora = served.dora.get(path)
     if h is None and g is None and dora is None:
         return None, None
-    lay = next(lay for lay in served.layouts if lay.path == path).layout
-    ns = lay.n_stack
+    layout = lay.layout
+    ns = layout.n_stack
     if dora is not None:
         m = served.magnitudes[path]
-        norm = jax.lax.stop_gradient(dora_norms(leaf, a, b, scale, lay))
+        norm = jax.lax.stop_gradient(dora_norms(leaf, a, b, scale, layout))
         mask = jnp.reshape(dora, (dora.shape[0],) + (1,) * (m.ndim - ns - 1))
         ratio = jnp.where(mask, m / norm.astype(m.dtype), 1)
         g = ratio if g is None else g * ratio
@@ -189,7 +191,7 @@ def loraify(
         a, b = factors[path]
         in_scale = out_scale = None
         if variants:
-            in_scale, out_scale = _variant_scales(served, path, w, a, b, scales[j])
+            in_scale, out_scale = _variant_scales(served, lay, w, a, b, scales[j])
         new[position[path]] = BatchedLoraArray.unchecked(
             w=w,
             a=a,
@@ -211,15 +213,6 @@ def loraify(
 
 def _dict_of(x: Any) -> dict[str, Any]:
     return object.__getattribute__(x, "__dict__")
-
-
-def _deleted(x: Any) -> bool:
-    """Whether `x` is a concrete array whose buffer was donated or deleted."""
-    return (
-        isinstance(x, jax.Array)
-        and not isinstance(x, jax.core.Tracer)
-        and x.is_deleted()
-    )
 
 
 def with_indices(
@@ -273,9 +266,9 @@ def with_indices(
         if key not in served:
             # A bank donates all its buffers at each write: one leaf of its tree
             # says whether they are gone.
-            if _deleted(a) or _deleted(fields["b"]):
+            if deleted(a) or deleted(fields["b"]):
                 raise ValueError("with_indices: " + _REPLACED)
-            served[key] = served_indices(indices, n, generations)
+            served[key] = served_indices(indices, n, generations, "with_indices")
         fields["indices"] = served[key]
         if batch_axis is not None:
             fields["batch_axis"] = batch_axis

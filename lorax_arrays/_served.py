@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ._array import dense
@@ -104,12 +103,7 @@ class ServedAdapters:
         raise AttributeError("ServedAdapters is immutable.")
 
     def tree_flatten_with_keys(self):
-        scales = self.scales
-        if (
-            isinstance(scales, jax.Array)
-            and not isinstance(scales, jax.core.Tracer)
-            and scales.is_deleted()
-        ):
+        if deleted(self.scales):
             raise StaleIndicesError(
                 "These ServedAdapters were made before the bank's slots changed "
                 "(a load, eviction, removal or update since `bank.served`), which "
@@ -167,7 +161,9 @@ class ServedAdapters:
                 "Serve each batch anew: `bank.served(bank.indices(names), "
                 "compact=True)`."
             )
-        indices = served_indices(indices, self.n_adapters, self.generations)
+        indices = served_indices(
+            indices, self.n_adapters, self.generations, "with_indices"
+        )
         fields = {name: getattr(self, name) for name in self.__slots__}
         return ServedAdapters.make(**{**fields, "indices": indices})
 
@@ -177,6 +173,16 @@ class ServedAdapters:
         return _rows(self.scales), (
             None if self.head_scales is None else _rows(self.head_scales)
         )
+
+
+def deleted(x: Any) -> bool:
+    """Whether `x` is a concrete array whose buffer was donated or deleted (a
+    bank donates all its buffers at each write)."""
+    return (
+        isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and x.is_deleted()
+    )
 
 
 @jax.jit
@@ -196,7 +202,10 @@ def _rows(m: Any) -> list[Any]:
     hit = _ROWS.get(id(m))
     if hit is not None and hit[0] is m:
         return hit[1]
-    rows = _unstack(m)
+    return _remember(m, _unstack(m))
+
+
+def _remember(m: Any, rows: list[Any]) -> list[Any]:
     _ROWS[id(m)] = (m, rows)
     while len(_ROWS) > _ROWS_KEPT:
         _ROWS.popitem(last=False)
@@ -204,10 +213,13 @@ def _rows(m: Any) -> list[Any]:
 
 
 def stacked_rows(rows: list[Any]) -> Any:
-    """`(P, n)` from `P` rows of `(n,)` (one jitted call when concrete)."""
+    """`(P, n)` from `P` rows of `(n,)` (one jitted call when concrete; the rows
+    are remembered, so `rows()` does not split it again)."""
     if any(isinstance(r, jax.core.Tracer) for r in rows):
         return jnp.stack(rows)
-    return _stack(tuple(rows))
+    m = _stack(tuple(rows))
+    _remember(m, list(rows))
+    return m
 
 
 @jax.jit
@@ -215,14 +227,16 @@ def _stack(rows: tuple[Array, ...]) -> Array:
     return jnp.stack(rows)
 
 
-def served_indices(indices: Any, n: int, generations: Any) -> Any:
+def served_indices(
+    indices: Any, n: int, generations: Any, what: str = "loraify"
+) -> Any:
     """`indices` checked for `n` adapters, a bank's (with `generations`)
-    decoded into slot numbers first."""
+    decoded into slot numbers first; `what` names the caller in messages."""
     indices = coerce_indices(indices)
     if indices is None:
         return None
     if generations is not None:
-        indices = decode(indices, generations, "loraify")
+        indices = decode(indices, generations, what)
     check_indices(indices, n)
     return indices
 
@@ -245,11 +259,6 @@ def decode(indices: Any, generations: Any, what: str) -> Any:
             "`bank.indices(names)`."
         )
     return jnp.asarray(decoded)
-
-
-def as_dora_mask(flags: Any) -> Any:
-    """Which adapters are DoRA at a path, as a `(n,)` bool array."""
-    return np.asarray(flags, bool) if isinstance(flags, (list, tuple)) else flags
 
 
 def dora_norms(w: Any, a, b, scale, layout) -> jax.Array:

@@ -494,6 +494,16 @@ def _copies(idx):
     }
 
 
+def _check_stale_r8_rows(out, label):
+    """The rows of `["r8", None, "r2", "r8"]` served with indices issued before r8
+    left its slot (or changed version)."""
+    # Rows 0 and 3 were r8's: r8 is gone, or another version now.
+    assert np.isnan(out[[0, 3]]).all(), label
+    # The base row and r2's row (its slot never changed) still serve.
+    np.testing.assert_allclose(out[1], _reference_row(None, 1), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(out[2], _reference_row("r2", 2), rtol=2e-5, atol=2e-5)
+
+
 @jax.jit
 def _serve_traced(p, tokens, i):
     return lx.quaxify(forward)(lx.with_indices(p, i), tokens)
@@ -528,15 +538,7 @@ def test_copies_of_old_indices_never_serve_the_slots_new_content(how):
         out = np.asarray(
             _serve_traced(fresh_tree, TOKENS, jnp.asarray(np.asarray(copy), jnp.int32))
         )
-        # Rows 0 and 3 were r8's: r8 is gone, or another version now.
-        assert np.isnan(out[[0, 3]]).all(), label
-        # The base row and r2's row (its slot never changed) still serve.
-        np.testing.assert_allclose(
-            out[1], _reference_row(None, 1), rtol=2e-5, atol=2e-5
-        )
-        np.testing.assert_allclose(
-            out[2], _reference_row("r2", 2), rtol=2e-5, atol=2e-5
-        )
+        _check_stale_r8_rows(out, label)
 
 
 def test_indices_of_one_bank_never_serve_another():
@@ -702,13 +704,7 @@ def test_copied_indices_into_served_and_traced_into_the_step():
                 PARAMS, bank.served(), jnp.asarray(np.asarray(copy), jnp.int32), TOKENS
             )
         )
-        assert np.isnan(out[[0, 3]]).all(), label
-        np.testing.assert_allclose(
-            out[1], _reference_row(None, 1), rtol=2e-5, atol=2e-5
-        )
-        np.testing.assert_allclose(
-            out[2], _reference_row("r2", 2), rtol=2e-5, atol=2e-5
-        )
+        _check_stale_r8_rows(out, label)
 
 
 def test_served_inside_a_trace_is_refused():
@@ -755,3 +751,29 @@ def test_stack_served_matches_the_eager_tree():
         stack.served(idx, compact=True)
     with pytest.raises(lx.LoraIndexError):
         stack.served(jnp.asarray([3, 0, 0, 0]))
+
+
+def test_served_takes_fresh_indices_in_any_form_and_no_other_banks():
+    """Fresh indices as a list, int64 or unsigned serve the same rows; another
+    bank's indices, given to `bank.served` or to a record's `with_indices`, are
+    refused; a NaN (float) index never becomes adapter 0."""
+    a, b = _bank(slots=3), _bank(slots=3)
+    names = ["r8", None, "r2", "r8"]
+    ia, ib = a.indices(names), b.indices(names)
+    step, _ = _served_step()
+    for form in (ia.tolist(), np.asarray(ia, np.int64)):
+        _check_rows(step(PARAMS, a.served(form), TOKENS), names)
+    # Unsigned indices have no -1: a batch without base rows serves, and -1 cast
+    # to uint32 (2**32 - 1) is refused, never wrapped to the base or a slot.
+    full = ["r8", "r2", "r2", "r8"]
+    _check_rows(
+        step(PARAMS, a.served(np.asarray(a.indices(full), np.uint32)), TOKENS), full
+    )
+    with pytest.raises(lx.LoraIndexError, match="4294967295"):
+        a.served(np.asarray(ia).astype(np.uint32))
+    with pytest.raises(lx.StaleIndicesError, match="not issued by this bank"):
+        a.served(ib)
+    with pytest.raises(lx.StaleIndicesError, match="with_indices: index"):
+        a.served().with_indices(ib)
+    with pytest.raises(TypeError):
+        a.served(np.asarray([np.nan, 0.0, 0.0, 0.0]))

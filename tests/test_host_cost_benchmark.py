@@ -21,11 +21,11 @@ def test_host_cost_benchmark_quick():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "224 adapted leaves" in out
+    assert "28 adapted leaves (unscanned, 4 layers)" in out  # 7 per layer
     for row in (
         "`bank.indices(names)`",
         "`bank.served(idx)`",
-        "dispatch, plain params (289 arrays)",
+        "dispatch, plain params (37 arrays)",  # 9 per layer + the embedding
         "dispatch, params + served",
         "eager `lx.with_indices(tree, idx)`",
     ):
