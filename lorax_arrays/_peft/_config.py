@@ -1,0 +1,196 @@
+"""PEFT's `adapter_config.json`: reading it, checking what we serve, and PEFT's
+own matching rules for `target_modules`, `rank_pattern` and `alpha_pattern`."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .._errors import PeftFormatError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+# Config entries that change what the adapter computes and that we do not serve
+# yet: loading such an adapter as plain LoRA would be silently wrong.
+_UNSUPPORTED = {
+    "lora_bias": "a LoRA bias (`lora_bias=True`)",
+    "modules_to_save": "fully trained modules (`modules_to_save`)",
+    "layer_replication": "layer replication (`layer_replication`)",
+    "trainable_token_indices": "trainable tokens (`trainable_token_indices`)",
+    "target_parameters": "LoRA on bare parameters (`target_parameters`)",
+    "use_qalora": "QALoRA (`use_qalora=True`)",
+    "alora_invocation_tokens": "activated LoRA (`alora_invocation_tokens`)",
+    "use_bdlora": "block-diagonal LoRA (`use_bdlora`)",
+    "arrow_config": "Arrow routing (`arrow_config`)",
+    "kasa_config": "KaSA (`kasa_config`)",
+    "monteclora_config": "MonteCLoRA (`monteclora_config`)",
+    "velora_config": "VeLoRA (`velora_config`)",
+}
+# Initialisations that rewrite the base weights: the adapter then only makes
+# sense on top of a base model we do not have.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
+
+
+# ----------------------------------------------------------------------------
+# PEFT's own matching rules (peft.tuners.tuners_utils.check_target_module_exists
+# and peft.utils.other.get_pattern_key), which decide the rank and alpha of a
+# module and whether it is targeted.
+
+
+def pattern_key(pattern_keys, key: str) -> str:
+    """The first `rank_pattern` / `alpha_pattern` key that matches module `key`, as
+    PEFT picks it (`re.match(rf"(.*\\.)?({k})$", key)`), else `key` itself."""
+    for k in pattern_keys:
+        if re.match(rf"(.*\.)?({k})$", key):
+            return k
+    return key
+
+
+def is_targeted(config: Mapping[str, Any], key: str) -> bool:
+    """Whether PEFT's `target_modules` / `exclude_modules` / `layers_to_transform`
+    select module `key` (a '.'-joined name relative to the base model)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return False
+        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+            return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    layers = config.get("layers_to_transform")
+    if found and layers is not None and (not isinstance(layers, list) or layers):
+        pattern = config.get("layers_pattern")
+        index = None
+        if not pattern:
+            index = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+        else:
+            for p in [pattern] if isinstance(pattern, str) else pattern:
+                index = re.match(rf".*?\.{p}\.(\d+)\.", key)
+                if index is not None:
+                    break
+        if index is None:
+            return False
+        i = int(index.group(1))
+        return i == layers if isinstance(layers, int) else i in layers
+    return found
+
+
+def _read_config(directory: Path) -> dict:
+    file = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"load_peft_adapter: {directory} is not a directory.")
+    if not file.exists():
+        raise FileNotFoundError(
+            f"load_peft_adapter: {directory} has no {CONFIG_NAME}; a PEFT adapter "
+            f"directory holds {CONFIG_NAME} and {WEIGHTS_NAME} (as written by "
+            "`PeftModel.save_pretrained`)."
+        )
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PeftFormatError(f"{file}: not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{file}: expected a JSON object.")
+    return config
+
+
+_PEFT_TYPES = ("LORA", "IA3", "VERA", "LOHA", "LOKR")
+
+
+def _peft_type(config: dict) -> str:
+    return str(config.get("peft_type", "LORA")).upper()
+
+
+def _check_config(config: dict, file: Path) -> None:
+    peft_type = _peft_type(config)
+    if peft_type not in _PEFT_TYPES:
+        raise PeftFormatError(
+            f"{file}: peft_type is {config.get('peft_type')!r}; load_peft_adapter "
+            "reads LoRA adapters only, with the variants DoRA, IA3, VeRA, LoHa and "
+            "LoKr (OFT, BOFT, AdaLoRA... are not supported yet)."
+        )
+    if config.get("modules_to_save"):
+        raise PeftFormatError(
+            f"{file}: the adapter uses fully trained modules (`modules_to_save`), "
+            "which lorax_arrays does not serve yet; loading the rest would give "
+            "wrong outputs."
+        )
+    if peft_type == "IA3":
+        for key in ("target_modules", "feedforward_modules"):
+            value = config.get(key)
+            if value is not None and not isinstance(value, (str, list)):
+                raise PeftFormatError(
+                    f"{file}: {key!r} is {value!r}; expected a regex or a list of "
+                    "module names."
+                )
+        return
+    if peft_type in ("LOHA", "LOKR"):
+        for key in ("r", "alpha"):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PeftFormatError(
+                    f"{file}: {key!r} is {value!r}; expected a number (a "
+                    f"{_WHAT[peft_type]} config has 'r' and 'alpha')."
+                )
+        for key in ("rank_pattern", "alpha_pattern"):
+            value = config.get(key) or {}
+            if not isinstance(value, dict):
+                raise PeftFormatError(f"{file}: {key!r} must be a dict, got {value!r}.")
+        return
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise PeftFormatError(
+            f"{file}: bias={bias!r}: the adapter trains the model's biases, which "
+            "lorax_arrays does not serve yet (only bias='none')."
+        )
+    if peft_type == "VERA":
+        if not config.get("save_projection", True):
+            raise PeftFormatError(
+                f"{file}: a VeRA adapter saved with save_projection=False: its "
+                "shared projections vera_A / vera_B are not in the file, and "
+                "regenerating them from projection_prng_key="
+                f"{config.get('projection_prng_key')!r} needs PyTorch's random "
+                "number generator. Re-save it in PEFT with "
+                "`VeraConfig(save_projection=True)`."
+            )
+        value = config.get("r")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PeftFormatError(f"{file}: 'r' is {value!r}; expected an integer.")
+        return
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise PeftFormatError(
+                f"{file}: the adapter uses {what}, which lorax_arrays does not serve "
+                "yet; loading the rest as plain LoRA would give wrong outputs."
+            )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise PeftFormatError(
+            f"{file}: init_lora_weights={init!r} changes the base weights, so the "
+            "adapter only works on that modified base. Convert it in PEFT first "
+            "(`save_pretrained(..., path_initial_model_for_weight_conversion=...)`)."
+        )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PeftFormatError(f"{file}: {key!r} is {value!r}; expected a number.")
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = config.get(key) or {}
+        if not isinstance(value, dict):
+            raise PeftFormatError(f"{file}: {key!r} must be a dict, got {value!r}.")
+
+
+_WHAT = {"LORA": "LoRA", "IA3": "IA3", "VERA": "VeRA", "LOHA": "LoHa", "LOKR": "LoKr"}
