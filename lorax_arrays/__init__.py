@@ -28,6 +28,7 @@ from ._bank import (
     BankEvent as BankEvent,
 )
 from ._checkpoint import load_adapter as load_adapter, save_adapter as save_adapter
+from ._combine import combine_adapters as combine_adapters
 from ._errors import (
     CheckpointError as CheckpointError,
     IndicesShapeError as IndicesShapeError,
