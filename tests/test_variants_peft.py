@@ -438,11 +438,16 @@ def test_bare_conv_kernel_error_names_the_conv_layouts():
     assert (lay.in_axes, lay.out_axes) == ((0, 1, 2), (3,))
 
 
-def test_save_peft_refuses_variants(llama, tmp_path):
-    for name, what in (("dora", "DoRA magnitudes"), ("ia3", "IA3 input scales")):
+def test_save_peft_writes_variants(llama, tmp_path):
+    # DoRA and IA3 are written as themselves (tests/test_peft_export.py checks
+    # them against PEFT); the vectors read back the same.
+    for name in ("dora", "ia3"):
         ad = lx.load_peft_adapter(VARIANTS / "adapters" / name, llama.params)
-        with pytest.raises(ValueError, match=what):
-            lx.save_peft_adapter(tmp_path / name, ad)
+        lx.save_peft_adapter(tmp_path / name, ad)
+        back = lx.load_peft_adapter(tmp_path / name, llama.params)
+        for field in ("magnitudes", "in_scales", "out_scales"):
+            for p, v in getattr(ad, field).items():
+                np.testing.assert_array_equal(v, getattr(back, field)[p])
     # VeRA is a plain LoRA: it writes, and reads back the same.
     ad = lx.load_peft_adapter(VARIANTS / "adapters" / "vera", llama.params)
     lx.save_peft_adapter(tmp_path / "vera", ad)
