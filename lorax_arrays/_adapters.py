@@ -70,6 +70,13 @@ class Adapter(eqx.Module):
         PEFT's embedding LoRA, which changes the embedding module and not a head
         tied to its table; [`lorax_arrays.load_peft_adapter`][] sets it for
         embeddings. Empty (the default) means False everywhere.
+    - `head_only`: per path, True where the update applies only when the leaf is
+        read along its out-axes (a tied output head `h @ E.T`), and lookups
+        `E[tokens]` see the base table: PEFT's LoRA on an `lm_head` tied to the
+        embedding table, which changes the head and not the embedding.
+        [`lorax_arrays.load_peft_adapter`][] sets it when `key_map` sends a head
+        module onto the table. A plain LoRA leaf only; never with `lookup_only`.
+        Empty (the default) means False everywhere.
     - `magnitudes`: DoRA's magnitude vector per path, `(*stack, *out)`; a path
         here is a DoRA leaf.
     - `in_scales`: IA3's vector on the input per path, `(*stack, *in)`.
@@ -88,17 +95,32 @@ class Adapter(eqx.Module):
     in_scales: dict[str, Array] = eqx.field(default_factory=dict)
     out_scales: dict[str, Array] = eqx.field(default_factory=dict)
     vera: dict[str, tuple[Array, Array]] = eqx.field(default_factory=dict)
+    head_only: tuple[bool, ...] = eqx.field(static=True, default=())
 
     def __post_init__(self):
         if not self.lookup_only:
             self.lookup_only = tuple(False for _ in self.layouts)
+        if not self.head_only:
+            self.head_only = tuple(False for _ in self.layouts)
 
     def __check_init__(self):
-        if len(self.lookup_only) != len(self.layouts):
-            raise ValueError(
-                f"Adapter: {len(self.lookup_only)} lookup_only flags for "
-                f"{len(self.layouts)} leaves."
-            )
+        for name in ("lookup_only", "head_only"):
+            if len(getattr(self, name)) != len(self.layouts):
+                raise ValueError(
+                    f"Adapter: {len(getattr(self, name))} {name} flags for "
+                    f"{len(self.layouts)} leaves."
+                )
+        for lay, lk, hd in zip(self.layouts, self.lookup_only, self.head_only):
+            if lk and hd:
+                raise ValueError(
+                    f"Adapter: {lay.path!r} is both lookup_only and head_only: the "
+                    "update would apply to no read of the leaf."
+                )
+            if hd and self.kind(lay.path) != "lora":
+                raise ValueError(
+                    f"Adapter: {lay.path!r} is head_only (a tied head's update) and "
+                    f"a {self.kind(lay.path)} leaf; head-only updates are plain LoRA."
+                )
         paths = [lay.path for lay in self.layouts]
         if set(paths) != set(self.weights) or len(paths) != len(self.weights):
             raise ValueError(
@@ -107,6 +129,13 @@ class Adapter(eqx.Module):
             )
         for lay, r in zip(self.layouts, self.ranks):
             a, b = self.weights[lay.path]
+            for name, x in (("a", a), ("b", b)):
+                if not jnp.issubdtype(x.dtype, jnp.inexact):
+                    raise TypeError(
+                        f"Adapter: `{name}` at {lay.path!r} has dtype {x.dtype}; "
+                        "adapter factors are floating point (an integer array here "
+                        "is a corrupt or mislabelled file, not weights)."
+                    )
             exp_a = (*lay.stack_shape, *lay.in_shape, r)
             exp_b = (*lay.stack_shape, r, *lay.out_shape)
             if tuple(a.shape) != exp_a or tuple(b.shape) != exp_b:
@@ -222,6 +251,8 @@ class Adapter(eqx.Module):
                 bool(self.lookup_only[j]),
                 self.kind(lay.path),
             )
+            if self.head_only[j]:  # only when set: older fingerprints stay valid
+                meta = (*meta, "head_only")
             h.update(repr(meta).encode() + b"\0")
             a, b = self.weights[lay.path]
             put("a", a)
@@ -420,8 +451,10 @@ class AdapterStack(eqx.Module):
         does not adapt that path.
     - `layouts`: the `LeafLayout` of each path.
     - `ranks`: per path, each adapter's own rank (0 where it has none).
-    - `alphas`, `use_rslora`, `lookup_only`: per path, per adapter (see
-        [`lorax_arrays.Adapter`][]; an empty `lookup_only` means False everywhere).
+    - `alphas`, `use_rslora`, `lookup_only`, `head_only`: per path, per adapter
+        (see [`lorax_arrays.Adapter`][]; empty flags mean False everywhere). A
+        `head_only` adapter has scale 0 in `scales` (lookups see the base) and
+        its own scale in `head_scales`.
     - `names`: optional adapter names, for
         [`AdapterStack.indices`][lorax_arrays.AdapterStack.indices].
     - `magnitudes`, `in_scales`, `out_scales`: the variants' vectors (see
@@ -445,20 +478,33 @@ class AdapterStack(eqx.Module):
     variants: tuple[tuple[tuple[bool, bool, bool], ...], ...] = eqx.field(
         static=True, default=()
     )
+    head_only: tuple[tuple[bool, ...], ...] = eqx.field(static=True, default=())
 
     def __post_init__(self):
         if not self.lookup_only:
             self.lookup_only = tuple(tuple(False for _ in r) for r in self.ranks)
+        if not self.head_only:
+            self.head_only = tuple(tuple(False for _ in r) for r in self.ranks)
         if not self.variants:
             none = (False, False, False)
             self.variants = tuple(tuple(none for _ in r) for r in self.ranks)
 
     def head_scales(self, path: str) -> Float[Array, " n_adapters"]:
         """The scales for reading `path` along its out-axes (a tied output head):
-        `scales[path]`, with 0 for adapters whose update is `lookup_only` there."""
+        `scales[path]`, with 0 for adapters whose update is `lookup_only` there,
+        and their own scale for `head_only` adapters (0 in `scales`)."""
         j = self.paths.index(path)
         keep = np.asarray([not f for f in self.lookup_only[j]], np.float32)
-        return self.scales[path] * keep
+        heads = self.scales[path] * keep
+        if any(self.head_only[j]):
+            own = [
+                lora_scale(al, r, rs) if h else 0.0
+                for al, r, rs, h in zip(
+                    self.alphas[j], self.ranks[j], self.use_rslora[j], self.head_only[j]
+                )
+            ]
+            heads = heads + np.asarray(own, np.float32)
+        return heads
 
     def served(
         self, indices: Int[ArrayLike, ...] | None = None, *, compact: bool = False
@@ -485,7 +531,7 @@ class AdapterStack(eqx.Module):
             )
         n = self.n_adapters
         heads = None
-        if any(any(flags) for flags in self.lookup_only):
+        if any(any(f) for f in (*self.lookup_only, *self.head_only)):
             heads = stacked_rows([self.head_scales(p) for p in self.paths])
         dora = {}
         for lay, flags in zip(self.layouts, self.variants):
@@ -525,7 +571,7 @@ class AdapterStack(eqx.Module):
     def __getitem__(self, i: int | str) -> Adapter:
         """Adapter `i` (an int, or a name), with its padding removed."""
         i = self._position(i)
-        weights, layouts, ranks, alphas, rs, lk = {}, [], [], [], [], []
+        weights, layouts, ranks, alphas, rs, lk, hd = {}, [], [], [], [], [], []
         vectors = _no_vectors()
         for j, lay in enumerate(self.layouts):
             r = self.ranks[j][i]
@@ -546,6 +592,7 @@ class AdapterStack(eqx.Module):
             alphas.append(self.alphas[j][i])
             rs.append(self.use_rslora[j][i])
             lk.append(self.lookup_only[j][i])
+            hd.append(self.head_only[j][i])
         return Adapter(
             weights,
             tuple(layouts),
@@ -553,6 +600,7 @@ class AdapterStack(eqx.Module):
             tuple(alphas),
             tuple(rs),
             tuple(lk),
+            head_only=tuple(hd),
             **vectors,
         )
 
@@ -661,7 +709,7 @@ def stack_adapters(
                     f"stack={prev.stack_axes}. Adapters served together must be "
                     "made for the same model."
                 )
-    weights, scales, ranks, alphas, rs, lookup = {}, {}, [], [], [], []
+    weights, scales, ranks, alphas, rs, lookup, head = {}, {}, [], [], [], [], []
     vectors = _no_vectors()
     variants = []
     for path, lay in layouts.items():
@@ -697,7 +745,14 @@ def stack_adapters(
         lookup.append(
             tuple(ad.lookup_only[p[1]] if p else False for ad, p in zip(adapters, per))
         )
-        sc = [lora_scale(a_, r, rs_) for r, a_, rs_ in zip(r_each, al, rsl)]
+        hd = tuple(ad.head_only[p[1]] if p else False for ad, p in zip(adapters, per))
+        head.append(hd)
+        # A head-only update leaves the other reads (lookups) alone: scale 0
+        # there, its own in `head_scales`.
+        sc = [
+            0.0 if h else lora_scale(a_, r, rs_)
+            for r, a_, rs_, h in zip(r_each, al, rsl, hd)
+        ]
         scales[path] = jnp.asarray(sc, jnp.float32)
         flags = []
         for field, group in VECTOR_FIELDS.items():
@@ -728,5 +783,6 @@ def stack_adapters(
         names=names,
         lookup_only=tuple(lookup),
         variants=tuple(variants),
+        head_only=tuple(head),
         **vectors,
     )

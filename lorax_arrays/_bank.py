@@ -475,6 +475,8 @@ class AdapterBank:
             self._vectors(entry, adapter, lay, a, b, scale, on_host)
             a, b = self._padded(a, b, leaf, on_host)
             head = np.float32(0.0 if adapter.lookup_only[j] else scale)
+            if adapter.head_only[j]:  # a tied head's update: lookups see the base
+                scale = np.float32(0.0)
             arrays[lay.path] = (a, b, scale, head)
             nbytes += a.nbytes + b.nbytes
         nbytes += sum(v.nbytes for v in entry.in_vectors.values())

@@ -192,6 +192,8 @@ def _flatten(adapter: Adapter | AdapterStack) -> tuple[dict[str, np.ndarray], li
             entry["alphas"] = [float(al) for al in adapter.alphas[i]]
             entry["use_rslora"] = [bool(rs) for rs in adapter.use_rslora[i]]
             entry["lookup_only"] = [bool(f) for f in adapter.lookup_only[i]]
+            if any(adapter.head_only[i]):
+                entry["head_only"] = [bool(f) for f in adapter.head_only[i]]
             if any(any(v) for v in adapter.variants[i]):
                 entry["variants"] = [[bool(f) for f in v] for v in adapter.variants[i]]
         else:
@@ -199,6 +201,8 @@ def _flatten(adapter: Adapter | AdapterStack) -> tuple[dict[str, np.ndarray], li
             entry["alpha"] = float(adapter.alphas[i])
             entry["use_rslora"] = bool(adapter.use_rslora[i])
             entry["lookup_only"] = bool(adapter.lookup_only[i])
+            if adapter.head_only[i]:
+                entry["head_only"] = True
         for role, field in _VECTORS.items():
             if lay.path in getattr(adapter, field):
                 parts[role] = getattr(adapter, field)[lay.path]
@@ -511,6 +515,7 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
             if len(names) != n:
                 raise ValueError(f"{len(names)} names for {n} adapters")
         layouts, ranks, alphas, rslora, lookup, entries = [], [], [], [], [], []
+        heads = []
         variants = []
         for leaf in manifest["leaves"]:
             lay = LeafLayout(
@@ -533,6 +538,9 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
                 al = tuple(float(x) for x in leaf["alphas"])
                 rs = tuple(bool(x) for x in leaf["use_rslora"])
                 lk = tuple(bool(x) for x in leaf.get("lookup_only", [False] * n))
+                hd = tuple(bool(x) for x in leaf.get("head_only", [False] * n))
+                if len(hd) != n:
+                    raise ValueError(f"{lay.path!r}: head_only is not {n} flags")
                 var = leaf.get("variants", [[False] * 3] * n)
                 var = tuple(tuple(bool(f) for f in v) for v in var)
                 if not len(r) == len(al) == len(rs) == len(lk) == len(var) == n:
@@ -547,6 +555,7 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
                 r, al = int(leaf["rank"]), float(leaf["alpha"])
                 rs = bool(leaf["use_rslora"])
                 lk = bool(leaf.get("lookup_only", False))
+                hd = bool(leaf.get("head_only", False))
                 var = None
                 mid, rank = (), r
                 expected = {"a", "b"} | (set(leaf["arrays"]) & {*_VECTORS, *_VERA})
@@ -580,6 +589,7 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
             alphas.append(al)
             rslora.append(rs)
             lookup.append(lk)
+            heads.append(hd)
             variants.append(var)
             entries.append(entry)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
@@ -595,6 +605,7 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
         alphas=tuple(alphas),
         use_rslora=tuple(rslora),
         lookup_only=tuple(lookup),
+        head_only=tuple(heads),
         variants=tuple(variants),
         arrays=entries,
     )
@@ -760,6 +771,7 @@ def _build(
                 alphas=spec["alphas"],
                 use_rslora=spec["use_rslora"],
                 lookup_only=spec["lookup_only"],
+                head_only=spec["head_only"],
                 vera=vera,
                 **vectors,
             )
@@ -775,6 +787,7 @@ def _build(
             use_rslora=spec["use_rslora"],
             names=spec["names"],
             lookup_only=spec["lookup_only"],
+            head_only=spec["head_only"],
             variants=spec["variants"],
             **vectors,
         )

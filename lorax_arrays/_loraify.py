@@ -323,6 +323,16 @@ def merge(tree: Any, adapter: Adapter) -> Any:
             f"merge: expected an Adapter, got {type(adapter).__name__}; pick one out "
             "of an AdapterStack with `stack[i]`."
         )
+    heads = [lay.path for lay, h in zip(adapter.layouts, adapter.head_only) if h]
+    if heads:
+        raise ValueError(
+            f"merge: the adapter's update at {heads} is head-only (a LoRA on an "
+            "output head tied to the embedding table, as PEFT's lm_head): folded "
+            "into the shared table it would change the lookups too. Serve it with "
+            "`lx.loraify` (the head reads the update, lookups the base table), or "
+            "untie the head: give the model its own head weight and load the "
+            "adapter onto that."
+        )
     base = jtu.tree_map(lambda x: x.w if _is_lora(x) else x, tree, is_leaf=_is_lora)
     layouts = {lay.path: lay for lay in adapter.layouts}
 

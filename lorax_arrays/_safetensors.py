@@ -80,6 +80,13 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise bad(
+            f"its __metadata__ is {metadata!r}; the format allows a mapping from "
+            "strings to strings"
+        )
     buffer = memoryview(data)[8 + n :]
     spans = []
     tensors = {}
@@ -95,7 +102,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
                     f"one of {sorted(_DTYPES)}"
                 ) from None
             raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
-        if any(s < 0 for s in shape) or not 0 <= start <= end <= len(buffer):
+        if any(s < 0 for s in shape):
+            raise bad(f"tensor {name!r} has a negative dimension in its shape {shape}")
+        if not 0 <= start <= end <= len(buffer):
             raise bad(
                 f"tensor {name!r} spans bytes {start}..{end} of a "
                 f"{len(buffer)}-byte buffer"

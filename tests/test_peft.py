@@ -446,13 +446,26 @@ def _simple(tmp_path, config=None, extra=None, modules=None):
         ({"rank_pattern": {"q_proj": 5}}, "rank 2 in the file but 5"),
         ({"target_modules": ["k_proj"]}, "does not select"),
         ({"target_modules": "k_.*"}, "does not select"),
-        ({"r": "eight"}, "expected a number"),
+        ({"r": "eight"}, "expected a rank >= 1"),
+        ({"r": 0}, "expected a rank >= 1"),
+        ({"lora_alpha": float("nan")}, "expected a finite number"),
+        # Malformed fields: each names the file and the field, never a raw error.
+        ({"target_modules": "q_(proj"}, "'target_modules' holds 'q_\\(proj'.*regular"),
+        ({"target_modules": 5}, "'target_modules' is 5; expected a regex"),
+        ({"target_modules": ["q_proj", 3]}, "holds 3; expected module names"),
+        ({"exclude_modules": {"q": 1}}, "'exclude_modules' is .*expected a regex"),
+        ({"rank_pattern": {"q_(": 2}}, "'rank_pattern' key holds 'q_\\('.*regular"),
+        ({"rank_pattern": {"q_proj": 2.5}}, "rank_pattern\\['q_proj'\\] is 2.5"),
+        ({"alpha_pattern": {"q_proj": "x"}}, "expected a finite number"),
+        ({"layers_to_transform": "1"}, "'layers_to_transform' is '1'"),
+        ({"layers_pattern": "la(yers"}, "'layers_pattern' holds"),
     ],
 )
 def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, config, match):
     path, params = _simple(tmp_path, config)
-    with pytest.raises(lx.PeftFormatError, match=match):
+    with pytest.raises(lx.PeftFormatError, match=match) as e:
         lx.load_peft_adapter(path, params)
+    assert str(tmp_path) in str(e.value) or "load_peft_adapter" in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -462,6 +475,10 @@ def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, config, match
         ({"base_model.model.q_proj.lora_B.bias": np.ones(6)}, "not a LoRA weight"),
         ({"base_model.model.q_proj.lora_A.default.weight": np.ones((2, 4))}, "key"),
         ({"base_model.model.q_proj.weight": np.ones((4, 6))}, "differs"),
+        # The same module under two spellings, with different values.
+        ({"q_proj.lora_A.weight": np.ones((2, 4), np.float32)}, "two spellings"),
+        # Integer factors (a float cast would serve them).
+        ({"base_model.model.k_proj.lora_A.weight": np.ones((2, 4), np.int32)}, "int32"),
     ],
 )
 def test_unknown_keys_are_refused(tmp_path, extra, match):
@@ -707,6 +724,9 @@ def test_reader_refuses_corrupt_headers(tmp_path):
         ({"a": {**header["a"], "shape": [2, 3]}}, "needs 24 bytes"),
         ({"a": {**header["a"], "dtype": "F7"}}, "dtype 'F7'"),
         ({"a": {**header["a"], "data_offsets": [0, 64]}}, "spans bytes"),
+        ({"a": {**header["a"], "shape": [-2, -2]}}, "negative dimension"),
+        ({**header, "__metadata__": ["format", "pt"]}, "__metadata__ is"),
+        ({**header, "__metadata__": {"format": 1}}, "__metadata__ is"),
     ]
     for h, match in cases:
         with pytest.raises(SafetensorsError, match=match):
@@ -765,7 +785,7 @@ def _scan_model(params, x, orient):
     def step(h, w):
         return jnp.tanh(h @ w if orient == "in_out" else h @ w.T), None
 
-    return jax.lax.scan(step, x, params["model"]["layers"]["proj"]["kernel"])[0]
+    return jax.lax.scan(step, x, params["model"]["layers"]["proj"]["w"])[0]
 
 
 @settings(max_examples=6)
@@ -777,7 +797,8 @@ def test_stacked_layers_load_and_save(tmp_path_factory, orient, seed):
     rng = np.random.default_rng(seed)
     n_layers, d = 3, 5
     stack_w = rng.standard_normal((n_layers, d, d)).astype(np.float32) * 0.5
-    params = {"model": {"layers": {"proj": {"kernel": jnp.asarray(stack_w)}}}}
+    # `w`: a name with no convention (a `kernel` is (in, out) by Flax's).
+    params = {"model": {"layers": {"proj": {"w": jnp.asarray(stack_w)}}}}
     mods = {
         "model.layers.0.proj": _factors(rng, d, d, 3),
         "model.layers.2.proj": _factors(rng, d, d, 2),
@@ -829,8 +850,8 @@ def test_stacked_layers_load_and_save(tmp_path_factory, orient, seed):
     np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6)
     # key_map to (path, layer) works too.
     km = {
-        "model.layers.0.proj": ("model/layers/proj/kernel", 0),
-        "model.layers.2.proj": ("model/layers/proj/kernel", 2),
+        "model.layers.0.proj": ("model/layers/proj/w", 0),
+        "model.layers.2.proj": ("model/layers/proj/w", 2),
     }
     by_map = lx.load_peft_adapter(path, params, key_map=km, orientation=orient)
     for x_, y_ in zip(by_map.weights[lay.path], ad.weights[lay.path]):
@@ -1086,3 +1107,154 @@ def test_fused_kernel_ambiguous_axes_and_refusals(tmp_path):
         lx.load_peft_adapter(path, fused, key_map=mixed, orientation=((2,), (1, 3)))
     with pytest.raises(TypeError, match=r"\(path, \(i, j\)\)"):
         lx.load_peft_adapter(path, fused, key_map=lambda m: ("x", "0"))
+
+
+@pytest.mark.parametrize("layout", ["flax", "equinox_names"])
+def test_head_lora_on_a_tied_table_changes_the_head_only(tmp_path, layout):
+    """PEFT's LoRA on an `lm_head` tied to the embedding table (GPT-2, GPT-Neo)
+    changes the head and not the lookup. With no leaf of its own, the loader
+    names the table; mapped there with `key_map`, it is served on the head
+    only, in one batch with PEFT's embedding LoRA on the same table, an adapter
+    made here (both reads) and base rows. Reference: NumPy float64 with the
+    table merged per read."""
+    rng = np.random.default_rng(11)
+    vocab, dim = 13, 5
+    table = rng.standard_normal((vocab, dim)).astype(np.float32)
+    kernel = rng.standard_normal((dim, dim)).astype(np.float32) / 2
+    if layout == "flax":
+        params = {"wte": {"embedding": jnp.asarray(table)}, "h": {"kernel": kernel}}
+        table_path = "wte/embedding"
+    else:
+        params = {"embed": {"weight": jnp.asarray(table)}, "h": {"kernel": kernel}}
+        table_path = "embed/weight"
+    table_module = table_path.split("/")[0]
+
+    def tied_lm(p, tokens):
+        e = p[table_module][table_path.split("/")[1]]
+        return jnp.tanh(e[tokens] @ p["h"]["kernel"]) @ e.T
+
+    ha, hb = _factors(rng, dim, vocab, 3)  # lm_head: A (r, dim), B (vocab, r)
+    head_dir = _peft_dir(tmp_path / "head", {"lm_head": (ha, hb)}, {"lora_alpha": 6})
+    with pytest.raises(
+        lx.PeftFormatError, match=rf"key_map=\{{'lm_head': '{table_path}'"
+    ):
+        lx.load_peft_adapter(head_dir, params)
+    head_ad = lx.load_peft_adapter(head_dir, params, key_map={"lm_head": table_path})
+    assert head_ad.head_only == (True,) and head_ad.lookup_only == (False,)
+    ea, eb = _factors(rng, vocab, dim, 2)
+    emb_dir = _peft_dir(
+        tmp_path / "emb", {table_module: ("embedding", ea, eb)}, {"lora_alpha": 2}
+    )
+    emb_ad = lx.load_peft_adapter(emb_dir, params)
+    native = export_for_peft.random_adapter(
+        params, [lx.LoraRule(re.escape(table_path), rank=2, alpha=4.0)], seed=3
+    )
+    # The flag survives orbax, and the fingerprint tells it apart.
+    lx.save_adapter(tmp_path / "ck", head_ad)
+    back = lx.load_adapter(tmp_path / "ck")
+    assert back.head_only == (True,)
+    assert back.fingerprint() == head_ad.fingerprint()
+    stack = lx.stack_adapters([head_ad, emb_ad, native])
+    tokens = jnp.array([[1, 4, 12], [2, 9, 0], [3, 3, 7], [5, 6, 8]])
+    idx = jnp.array([0, 1, 2, -1])
+    out = np.asarray(lx.quaxify(tied_lm)(lx.loraify(params, stack, idx), tokens))
+
+    t64, k64 = table.astype(np.float64), kernel.astype(np.float64)
+    na, nb = (np.asarray(x, np.float64) for x in native.weights[table_path])
+    head_table = t64 + 2.0 * (hb.astype(np.float64) @ ha)  # torch (vocab, dim)
+    emb_table = t64 + 1.0 * (eb.astype(np.float64) @ ea).T
+    native_table = t64 + 2.0 * (na @ nb)
+    looks = [t64, emb_table, native_table, t64]
+    heads = [head_table, t64, native_table, t64]
+    for i in range(4):
+        tok = np.asarray(tokens[i])
+        ref = np.tanh(looks[i][tok] @ k64) @ heads[i].T
+        np.testing.assert_allclose(out[i], ref, rtol=1e-4, atol=1e-4)
+    # Applying the head's update to the lookup too (the old behaviour) is
+    # measurably different.
+    wrong = np.tanh(head_table[np.asarray(tokens[0])] @ k64) @ head_table.T
+    assert np.abs(wrong - out[0]).max() > 1e-2
+    # The bank serves the same rows.
+    bank = lx.AdapterBank(params, lx.LoraRule(re.escape(table_path), rank=3), slots=3)
+    for name, ad in (("head", head_ad), ("emb", emb_ad), ("native", native)):
+        bank.add(name, ad)
+    served = bank.served(bank.indices(["head", "emb", "native", None]))
+    got = lx.quaxify(tied_lm)(lx.loraify(params, served), tokens)
+    np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-5)
+    # merge cannot fold a head-only update into a shared table.
+    with pytest.raises(ValueError, match="head-only"):
+        lx.merge(params, head_ad)
+
+
+@pytest.mark.parametrize("nnx_value", [False, True])
+def test_flax_kernels_are_in_out_by_convention(tmp_path, nnx_value):
+    """PEFT's default LoraConfig targets square q/v projections: a leaf named
+    `kernel` (Flax Dense, NNX Linear) is (in, out), so it loads in one line,
+    the same as with `orientation='in_out'`; a non-square kernel whose shape is
+    (out, in) for the module is refused (a model with transposed weights), not
+    read the other way; `fan_in_fan_out` (GPT-2's Conv1D) leaves square
+    kernels to the other evidence."""
+    rng = np.random.default_rng(2)
+    d, f = 6, 4
+
+    def leaf(x):
+        return {"value": jnp.asarray(x)} if nnx_value else jnp.asarray(x)
+
+    q = rng.standard_normal((d, d)).astype(np.float32)
+    params = {"attn": {"q_proj": {"kernel": leaf(q)}}}
+    mods = {"attn.q_proj": _factors(rng, d, d, 2)}
+    path = _peft_dir(tmp_path / "sq", mods)
+    ad = lx.load_peft_adapter(path, params)
+    forced = lx.load_peft_adapter(path, params, orientation="in_out")
+    assert ad.layouts == forced.layouts and ad.layouts[0].in_axes == (0,)
+    x = rng.standard_normal((2, d)).astype(np.float32)
+    kpath = ad.paths[0]
+
+    def fwd(p, x):
+        k = p["attn"]["q_proj"]["kernel"]
+        return x @ (k["value"] if nnx_value else k)
+
+    out = lx.quaxify(fwd)(lx.loraify(params, ad, jnp.array([0, -1])), x)
+    a, b = mods["attn.q_proj"]
+    ref = x.astype(np.float64) @ (q + 4.0 * (b.astype(np.float64) @ a).T)  # 8 / 2
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[1], x[1] @ q, rtol=1e-5, atol=1e-5)
+    # A kernel stored (out, in) for the module: refused, naming the fix.
+    wrong = {"attn": {"q_proj": {"kernel": leaf(np.zeros((f, d), np.float32))}}}
+    path2 = _peft_dir(tmp_path / "ns", {"attn.q_proj": _factors(rng, d, f, 2)})
+    with pytest.raises(lx.PeftFormatError, match="transposed shapes") as e:
+        lx.load_peft_adapter(path2, wrong)
+    assert re.escape(kpath) in str(e.value) or kpath in str(e.value)
+    back = lx.load_peft_adapter(path2, wrong, orientation="out_in")
+    assert back.layouts[0].in_axes == (1,)
+    # fan_in_fan_out: the square kernel alone decides nothing.
+    path3 = _peft_dir(tmp_path / "fifo", mods, {"fan_in_fan_out": True})
+    with pytest.raises(lx.PeftFormatError, match="orientation="):
+        lx.load_peft_adapter(path3, params)
+
+
+def test_a_second_spelling_with_equal_values_loads(tmp_path):
+    """A key written with and without PEFT's prefix, equal: one copy is used."""
+    rng = np.random.default_rng(0)
+    mods = {"q_proj": _factors(rng, 4, 6, 2)}
+    extra = {"q_proj.lora_A.weight": mods["q_proj"][0].copy()}
+    path, params = _simple(tmp_path / "a", extra=extra, modules=mods)
+    plain, _ = _simple(tmp_path / "b", modules=mods)
+    got = lx.load_peft_adapter(path, params)
+    want = lx.load_peft_adapter(plain, params)
+    assert got.fingerprint() == want.fingerprint()
+
+
+def test_integer_factors_are_refused_by_the_adapter_and_the_bank(tmp_path):
+    """An Adapter cannot hold integer factors, so no bank casts and serves them."""
+    params = {"q_proj": {"kernel": jnp.zeros((4, 6))}}
+    ad = export_for_peft.random_adapter(params, [lx.LoraRule("q_proj", rank=2)], 0)
+    a, b = ad.weights["q_proj/kernel"]
+    with pytest.raises(TypeError, match="`a` at 'q_proj/kernel' has dtype int32"):
+        lx.Adapter(
+            {"q_proj/kernel": (np.asarray(a).astype(np.int32), b)},
+            ad.layouts,
+            ad.ranks,
+            ad.alphas,
+            ad.use_rslora,
+        )

@@ -4,6 +4,7 @@ own matching rules for `target_modules`, `rank_pattern` and `alpha_pattern`."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -114,6 +115,79 @@ def _peft_type(config: dict) -> str:
     return str(config.get("peft_type", "LORA")).upper()
 
 
+def _check_regex(
+    pattern: Any, field: str, file: Path, wrap: tuple[str, str] = ("", "")
+) -> None:
+    """A regex of the config, as PEFT compiles it (between `wrap`'s two parts),
+    or an error naming the file, the field and the pattern."""
+    if not isinstance(pattern, str):
+        raise PeftFormatError(
+            f"{file}: {field} holds {pattern!r}; expected a string (a module name "
+            "or a regex)."
+        )
+    try:
+        re.compile(wrap[0] + pattern + wrap[1])
+    except re.error as e:
+        raise PeftFormatError(
+            f"{file}: {field} holds {pattern!r}, which is not a valid regular "
+            f"expression ({e}); PEFT could not have used it either: the file is "
+            "corrupt or hand-edited."
+        ) from None
+
+
+def _check_names_field(config: dict, key: str, file: Path) -> None:
+    """`target_modules`-like entries: absent, a regex, or a list of names."""
+    value = config.get(key)
+    if value is None:
+        return
+    if isinstance(value, str):
+        _check_regex(value, repr(key), file)
+        return
+    if not isinstance(value, (list, tuple)):
+        raise PeftFormatError(
+            f"{file}: {key!r} is {value!r}; expected a regex (a string) or a list "
+            "of module names."
+        )
+    for v in value:  # names (PEFT matches them as suffixes), not regexes
+        if not isinstance(v, str):
+            raise PeftFormatError(
+                f"{file}: {key!r} holds {v!r}; expected module names (strings)."
+            )
+
+
+def _check_fields(config: dict, file: Path) -> None:
+    """The types and regexes of the fields that decide which modules an adapter
+    has and their ranks: each wrong one is an error naming the file and field."""
+    for key in ("target_modules", "exclude_modules", "feedforward_modules"):
+        _check_names_field(config, key, file)
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = config.get(key) or {}
+        if not isinstance(value, dict):
+            raise PeftFormatError(f"{file}: {key!r} must be a dict, got {value!r}.")
+        for k, v in value.items():
+            _check_regex(k, f"{key!r} key", file, wrap=(r"(.*\.)?(", r")$"))
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if key == "rank_pattern":
+                ok = ok and float(v).is_integer() and v >= 1
+            if not ok or not math.isfinite(v):
+                want = "a rank >= 1" if key == "rank_pattern" else "a finite number"
+                raise PeftFormatError(
+                    f"{file}: {key}[{k!r}] is {v!r}; expected {want}."
+                )
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        items = [layers] if not isinstance(layers, list) else layers
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+            raise PeftFormatError(
+                f"{file}: 'layers_to_transform' is {layers!r}; expected a layer "
+                "number or a list of layer numbers."
+            )
+    pattern = config.get("layers_pattern")
+    if pattern is not None:
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            _check_regex(p, "'layers_pattern'", file)
+
+
 def _check_config(config: dict, file: Path) -> None:
     peft_type = _peft_type(config)
     if peft_type not in _PEFT_TYPES:
@@ -122,6 +196,7 @@ def _check_config(config: dict, file: Path) -> None:
             "reads LoRA adapters only, with the variants DoRA, IA3, VeRA, LoHa and "
             "LoKr (OFT, BOFT, AdaLoRA... are not supported yet)."
         )
+    _check_fields(config, file)
     if config.get("modules_to_save"):
         raise PeftFormatError(
             f"{file}: the adapter uses fully trained modules (`modules_to_save`), "
@@ -185,8 +260,14 @@ def _check_config(config: dict, file: Path) -> None:
         )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PeftFormatError(f"{file}: {key!r} is {value!r}; expected a number.")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or (key == "r" and (value < 1 or not float(value).is_integer()))
+        ):
+            want = "a rank >= 1" if key == "r" else "a finite number"
+            raise PeftFormatError(f"{file}: {key!r} is {value!r}; expected {want}.")
     for key in ("rank_pattern", "alpha_pattern"):
         value = config.get(key) or {}
         if not isinstance(value, dict):

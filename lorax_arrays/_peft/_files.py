@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from .._errors import PeftFormatError
@@ -41,7 +42,25 @@ def _parse_keys(tensors: dict[str, np.ndarray], file: Path, config: dict):
     kinds: dict[str, str] = {}
     base_copies: dict[str, np.ndarray] = {}
     shared: dict[str, np.ndarray] = {}
+    spelled: dict[str, str] = {}  # name without PEFT's prefix -> key
     for key, value in tensors.items():
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise PeftFormatError(
+                f"{file}: tensor {key!r} has dtype {value.dtype} {tuple(value.shape)}; "
+                "adapter weights are floating point (PEFT writes float32, bfloat16 "
+                "or float16): the file is corrupt or was not written by PEFT."
+            )
+        short = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        other = spelled.setdefault(short, key)
+        if other != key:
+            if not np.array_equal(tensors[other], value):
+                raise PeftFormatError(
+                    f"{file}: {other!r} and {key!r} are the same weight under two "
+                    "spellings (with and without PEFT's 'base_model.model.' "
+                    "prefix), with different values: which one PEFT would use "
+                    "depends on its version. Keep one of them."
+                )
+            continue  # the same values twice: one copy is enough
         if peft_type == "VERA" and key in ("base_model.vera_A", "base_model.vera_B"):
             shared[key[-1]] = value
             continue

@@ -34,7 +34,7 @@ from ._convert import (
     _vera_module,
 )
 from ._files import _parse_keys
-from ._names import _Leaves, _module_parts
+from ._names import _EMBEDDING_MODULES, _Leaves, _module_parts
 from ._orientation import _orient
 from ._records import Module
 
@@ -181,7 +181,13 @@ def load_peft_adapter(
                 f"layers_to_transform={config.get('layers_to_transform')!r}) does not "
                 "select: the directory's two files do not belong together."
             )
-        leaf_path, at = leaves.locate(module, key_map)
+        try:
+            leaf_path, at = leaves.locate(module, key_map)
+        except PeftFormatError as e:
+            hint = _tied_table_hint(module, factors[module], leaves)
+            if not hint:
+                raise
+            raise PeftFormatError(f"{e}{hint}") from None
         if (leaf_path, at) in placed:
             where = leaf_path if at is None else f"entry {at} of {leaf_path!r}"
             raise PeftFormatError(
@@ -246,13 +252,36 @@ def load_peft_adapter(
         else:
             a, b, r = _vera_module(module, parts, shared, shape, weights_file)
             alpha = float(r)  # VeRA has no scale: alpha / r = 1
+        kind = kinds[module]
+        if (
+            kind == "linear"
+            and at is None
+            and _is_table(leaf_path, shape)
+            and a.ndim == b.ndim == 2
+            and shape == (b.shape[0], a.shape[1])  # (vocab, dim): read as h @ E.T
+        ):
+            # A head tied to the embedding table (`key_map` sends `lm_head` to
+            # it): PEFT's update changes the head only. Its `A (r, dim)`, `B
+            # (vocab, r)` become the table's `(vocab, dim)` axes: `a = B`, `b = A`,
+            # served on reads of the table as a head, never on lookups.
+            if vec is not None or conv_groups is not None:
+                raise PeftFormatError(
+                    f"load_peft_adapter: PEFT module {module!r} goes to the "
+                    f"embedding table {leaf_path!r} (a tied head), with a "
+                    f"{'DoRA or IA3 vector' if vec is not None else 'conv kernel'}; "
+                    "only a plain LoRA (or VeRA, LoHa, LoKr) update can be served "
+                    "on a tied head without changing the lookups. Untie the head "
+                    "(give the model its own head weight) and map the module there."
+                )
+            kind = "head"
+            a, b = b.T, a.T
         found.append(
             Module(
                 module=module,
                 path=leaf_path,
                 at=at,
                 leaf_shape=tuple(leaf.shape),
-                kind=kinds[module],
+                kind=kind,
                 a=a,
                 b=b,
                 rank=r,
@@ -266,13 +295,13 @@ def load_peft_adapter(
         )
 
     _check_base_copies(base_copies, leaves, key_map, weights_file)
-    _orient(found, orientation)
+    _orient(found, orientation, bool(config.get("fan_in_fan_out", False)))
 
     groups: dict[str, list[Module]] = {}
     for f in found:
         groups.setdefault(f.path, []).append(f)
     order = [p for p, _, _ in leaves.entries if p in groups]
-    weights, layouts, ranks, alphas, lookup = {}, [], [], [], []
+    weights, layouts, ranks, alphas, lookup, head = {}, [], [], [], [], []
     vectors: dict[str, dict] = {"magnitudes": {}, "in_scales": {}, "out_scales": {}}
     for p in order:
         fs = groups[p]
@@ -314,8 +343,10 @@ def load_peft_adapter(
         ranks.append(rank)
         alphas.append(alpha)
         # PEFT's embedding LoRA changes the embedding module only; a head tied to
-        # the same table (GPT-2) keeps the base table.
+        # the same table (GPT-2) keeps the base table. And its LoRA on a head
+        # tied to the table changes the head only: lookups keep the base table.
         lookup.append(fs[0].kind == "embedding")
+        head.append(fs[0].kind == "head")
     adapter = Adapter(
         weights=weights,
         layouts=tuple(layouts),
@@ -323,6 +354,7 @@ def load_peft_adapter(
         alphas=tuple(alphas),
         use_rslora=tuple(rslora for _ in order),
         lookup_only=tuple(lookup),
+        head_only=tuple(head),
         **vectors,
     )
     adapter.check_finite(f"load_peft_adapter({str(path)!r})")
@@ -359,3 +391,41 @@ def _check_base_copies(base_copies, leaves: _Leaves, key_map, file: Path) -> Non
                 "which lorax_arrays cannot apply as a low-rank update. Load that "
                 "weight into the model first."
             )
+
+
+def _is_table(path: str, shape: tuple[int, ...]) -> bool:
+    """Whether the leaf at `path` is an embedding table: 2-D and named so (Flax
+    `Embed`'s `embedding`, or a transformers embedding module such as `wte`)."""
+    parts, weight_name = _module_parts(path)
+    return len(shape) == 2 and (
+        weight_name == "embedding"
+        or (bool(parts) and parts[-1] in (*_EMBEDDING_MODULES, *_TABLE_NAMES))
+    )
+
+
+# Embedding modules of hand-written JAX models (an `eqx.nn.Embedding` keeps its
+# table as `weight`, so only the module's name says it is a table).
+_TABLE_NAMES = ("embed", "embedding", "embeddings", "tok_embeddings", "token_embedding")
+
+
+def _tied_table_hint(module: str, parts: dict, leaves: _Leaves) -> str:
+    """For a module with no leaf of its own: the embedding tables its LoRA
+    (`A (r, dim)`, `B (vocab, r)`) fits as a tied head, as advice."""
+    a, b = parts.get("A"), parts.get("B")
+    if a is None or b is None or a.ndim != 2 or b.ndim != 2:
+        return ""
+    want = (b.shape[0], a.shape[1])
+    tables = [
+        p
+        for p, (leaf, _) in leaves.by_path.items()
+        if tuple(leaf.shape) == want and _is_table(p, tuple(leaf.shape))
+    ]
+    if not tables:
+        return ""
+    return (
+        f" The module fits the embedding table {tables[0]!r} {want} as a head tied "
+        f"to it (as GPT-2's and GPT-Neo's lm_head are): load it with "
+        f"`key_map={{{module!r}: {tables[0]!r}}}`; the update is then served on "
+        "the head only (the table read as `h @ E.T`), and lookups keep the base "
+        "table, as in PEFT."
+    )

@@ -120,10 +120,20 @@ def _forced_groups(forced, f: Module, fits: list):
     return groups
 
 
-def _orient(found: list[Module], orientation) -> None:
+def _orient(found: list[Module], orientation, fan_in_fan_out: bool = False) -> None:
     """Decides, per leaf, which axes of the module's weight are its input and
     which its output (`f.groups`); for 2-D weights that is `(in, out)` or
-    `(out, in)`."""
+    `(out, in)`.
+
+    The tree states its own convention, and that decides first: an
+    `eqx.nn.Linear` weight is `(out, in)`, an embedding table `(vocab, dim)` (a
+    tied head's update on it too, its factors already swapped to the table's
+    axes), and a leaf named `kernel` (Flax `Dense`, `DenseGeneral`, NNX
+    `Linear`) `(in, out)`, unless the config sets `fan_in_fan_out` (PEFT's mark
+    of GPT-2's `Conv1D`, whose Flax port keeps `(out, in)` kernels). A shape
+    that contradicts the convention is refused, never read the other way. Other
+    leaves go by their shapes, then by the adapter's leaves of the same name,
+    then `orientation=`."""
     undecided = []
     for f in found:
         shape, (r, n_in), (n_out, _) = f.shape, f.a.shape, f.b.shape
@@ -141,6 +151,16 @@ def _orient(found: list[Module], orientation) -> None:
         forced = _orientation_override(orientation, f.path)
         if f.conv_groups is not None:
             f.groups = f.conv_groups
+        elif f.kind == "head":
+            # A head's update on a tied (vocab, dim) table, in the table's axes.
+            f.groups = _GROUPS["in_out"]
+            if f.groups not in fits:
+                raise PeftFormatError(
+                    f"load_peft_adapter: PEFT module {f.module!r} is a head with "
+                    f"vocab={n_in}, dim={n_out}, and key_map sends it to the "
+                    f"embedding table {f.path!r} of shape {shape}, which is not "
+                    f"({n_in}, {n_out}): wrong model or key_map."
+                )
         elif forced is not None:
             f.groups = _forced_groups(forced, f, fits)
         elif f.is_linear and len(shape) == 2:
@@ -158,6 +178,18 @@ def _orient(found: list[Module], orientation) -> None:
                     f"load_peft_adapter: embedding {f.module!r} has vocab={n_in}, "
                     f"dim={n_out}, but {f.path!r} has shape {shape}; pass "
                     "orientation={...: 'out_in'} if that table is stored (dim, vocab)."
+                )
+        elif f.weight_name == "kernel" and len(shape) == 2 and not fan_in_fan_out:
+            f.groups = _GROUPS["in_out"]  # Flax Dense / NNX Linear: (in, out)
+            if f.groups not in fits:
+                raise PeftFormatError(
+                    f"load_peft_adapter: PEFT module {f.module!r} has in={n_in}, "
+                    f"out={n_out}, and its leaf {f.path!r} is a Flax kernel (Dense, "
+                    f"NNX Linear: (in, out)) of shape {shape}, which is (out, in) "
+                    "for this module: the adapter was made for a model with the "
+                    "transposed shapes, or key_map points at the wrong leaf. If "
+                    "this tree really keeps (out, in) kernels, say so with "
+                    f"`orientation={{{re.escape(f.path)!r}: 'out_in'}}`."
                 )
         elif len(fits) == 1:
             f.groups = fits[0]

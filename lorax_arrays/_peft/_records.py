@@ -27,7 +27,7 @@ class Module:
     path: str  # the tree leaf's '/'-joined path
     at: Entry | None  # the entry of the leaf's leading stack axes, if any
     leaf_shape: tuple[int, ...]
-    kind: str  # "linear" or "embedding" (PEFT's lora_embedding_A/B)
+    kind: str  # "linear", "embedding" (lora_embedding_A/B), "head" (on a tied table)
     a: np.ndarray
     b: np.ndarray
     rank: int
