@@ -14,6 +14,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from ._alora import check_invocation_tokens, concrete_input_ids, per_token
 from ._array import dense
 from ._errors import LoraIndexError, NonFiniteAdapterError
 from ._indices import out_of_range_message
@@ -77,6 +78,12 @@ class Adapter(eqx.Module):
         [`lorax_arrays.load_peft_adapter`][] sets it when `key_map` sends a head
         module onto the table. A plain LoRA leaf only; never with `lookup_only`.
         Empty (the default) means False everywhere.
+    - `invocation_tokens`: an activated LoRA's (aLoRA, PEFT's
+        `alora_invocation_tokens`) invocation sequence: the adapter applies to a
+        request only from the last occurrence of these tokens on, and the
+        tokens before it see the base model. `None` (the default): a plain
+        adapter. Stacks and banks place it per token from the request's
+        `input_ids` (`stack.indices(names, input_ids=...)`).
     - `magnitudes`: DoRA's magnitude vector per path, `(*stack, *out)`; a path
         here is a DoRA leaf.
     - `in_scales`: IA3's vector on the input per path, `(*stack, *in)`.
@@ -96,12 +103,16 @@ class Adapter(eqx.Module):
     out_scales: dict[str, Array] = eqx.field(default_factory=dict)
     vera: dict[str, tuple[Array, Array]] = eqx.field(default_factory=dict)
     head_only: tuple[bool, ...] = eqx.field(static=True, default=())
+    invocation_tokens: tuple[int, ...] | None = eqx.field(static=True, default=None)
 
     def __post_init__(self):
         if not self.lookup_only:
             self.lookup_only = tuple(False for _ in self.layouts)
         if not self.head_only:
             self.head_only = tuple(False for _ in self.layouts)
+        self.invocation_tokens = check_invocation_tokens(
+            self.invocation_tokens, "Adapter"
+        )
 
     def __check_init__(self):
         for name in ("lookup_only", "head_only"):
@@ -253,6 +264,8 @@ class Adapter(eqx.Module):
             )
             if self.head_only[j]:  # only when set: older fingerprints stay valid
                 meta = (*meta, "head_only")
+            if j == 0 and self.invocation_tokens is not None:
+                meta = (*meta, ("invocation_tokens", self.invocation_tokens))
             h.update(repr(meta).encode() + b"\0")
             a, b = self.weights[lay.path]
             put("a", a)
@@ -479,8 +492,16 @@ class AdapterStack(eqx.Module):
         static=True, default=()
     )
     head_only: tuple[tuple[bool, ...], ...] = eqx.field(static=True, default=())
+    invocation_tokens: tuple[tuple[int, ...] | None, ...] = eqx.field(
+        static=True, default=()
+    )
 
     def __post_init__(self):
+        if not self.invocation_tokens:
+            self.invocation_tokens = (None,) * self.n_adapters
+        self.invocation_tokens = tuple(
+            check_invocation_tokens(t, "AdapterStack") for t in self.invocation_tokens
+        )
         if not self.lookup_only:
             self.lookup_only = tuple(tuple(False for _ in r) for r in self.ranks)
         if not self.head_only:
@@ -601,6 +622,7 @@ class AdapterStack(eqx.Module):
             tuple(rs),
             tuple(lk),
             head_only=tuple(hd),
+            invocation_tokens=self.invocation_tokens[i],
             **vectors,
         )
 
@@ -617,7 +639,12 @@ class AdapterStack(eqx.Module):
             raise LoraIndexError(f"Adapter {i} out of range for {n} adapters.")
         return i % n
 
-    def indices(self, which: Sequence[int | str | None]) -> Int[Array, " batch"]:
+    def indices(
+        self,
+        which: Sequence[int | str | None],
+        *,
+        input_ids: Int[ArrayLike, "batch seq"] | None = None,
+    ) -> Int[Array, " batch"] | Int[Array, "batch seq"]:
         """An int32 index vector from adapter names (or numbers), one per request.
 
         `None`, `-1` and `"__base__"` (PEFT's name) mean the base model alone.
@@ -625,10 +652,17 @@ class AdapterStack(eqx.Module):
         **Arguments:**
 
         - `which`: one entry per request.
+        - `input_ids`: the requests' tokens `(batch, seq)`, needed when one of
+            them uses an activated LoRA (`invocation_tokens`): its row then
+            reads `-1` (the base model) before the last occurrence of the
+            invocation sequence and the adapter from its first token on (all
+            `-1` where it does not occur), as PEFT serves aLoRA. For decode
+            steps after that prompt, use the last column of those indices.
 
         **Returns:**
 
-        `(len(which),)` int32 indices for [`lorax_arrays.with_indices`][].
+        `(len(which),)` int32 indices for [`lorax_arrays.with_indices`][], or
+        `(batch, seq)` per-token indices when `input_ids` is given.
         """
         n = self.n_adapters
         out = []
@@ -654,7 +688,21 @@ class AdapterStack(eqx.Module):
         bad = [w for w in out if not -1 <= w < n]
         if bad:
             raise LoraIndexError(out_of_range_message(bad[0], n))
-        return jnp.asarray(np.asarray(out, dtype=np.int32))
+        tokens = [None if w < 0 else self.invocation_tokens[w] for w in out]
+        if input_ids is None:
+            activated = [w for w, t in zip(which, tokens) if t is not None]
+            if activated:
+                raise ValueError(
+                    f"AdapterStack.indices: {activated[0]!r} is an activated LoRA "
+                    "(invocation_tokens): it applies from its invocation sequence "
+                    "on, which only the tokens show. Pass "
+                    "`input_ids=` (the batch's tokens) for per-token indices; for "
+                    "decode steps after that prompt use their last column."
+                )
+            return jnp.asarray(np.asarray(out, dtype=np.int32))
+        ids = concrete_input_ids(input_ids, len(out), "AdapterStack.indices")
+        grid = per_token(out, ids, tokens.__getitem__, -1)
+        return jnp.asarray(np.asarray(grid, dtype=np.int32).reshape(ids.shape))
 
 
 def stack_adapters(
@@ -710,6 +758,7 @@ def stack_adapters(
                     "made for the same model."
                 )
     weights, scales, ranks, alphas, rs, lookup, head = {}, {}, [], [], [], [], []
+    invocations = tuple(ad.invocation_tokens for ad in adapters)
     vectors = _no_vectors()
     variants = []
     for path, lay in layouts.items():
@@ -784,5 +833,6 @@ def stack_adapters(
         lookup_only=tuple(lookup),
         variants=tuple(variants),
         head_only=tuple(head),
+        invocation_tokens=invocations,
         **vectors,
     )

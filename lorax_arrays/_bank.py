@@ -41,6 +41,7 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Int
 
 from ._adapters import BASE, Adapter, AdapterStack
+from ._alora import concrete_input_ids, per_token
 from ._compat import tracing
 from ._errors import LoraIndexError, StaleIndicesError
 from ._indices import (
@@ -146,6 +147,8 @@ class _Entry:
     # adapter has them.
     in_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
     out_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # An activated LoRA's invocation sequence (`Adapter.invocation_tokens`).
+    invocation_tokens: tuple[int, ...] | None = None
 
 
 # What a bank can hold, beyond LoRA (and VeRA, which is served as the LoRA it
@@ -481,7 +484,9 @@ class AdapterBank:
             nbytes += a.nbytes + b.nbytes
         nbytes += sum(v.nbytes for v in entry.in_vectors.values())
         nbytes += sum(v.nbytes for v in entry.out_vectors.values())
-        return dataclasses.replace(entry, nbytes=nbytes)
+        return dataclasses.replace(
+            entry, nbytes=nbytes, invocation_tokens=adapter.invocation_tokens
+        )
 
     def _vectors(self, entry, adapter, lay, a, b, scale, on_host) -> None:
         """The vectors the leaf `lay` is served with, into `entry`: IA3's as
@@ -520,7 +525,12 @@ class AdapterBank:
 
     # -- serving ----------------------------------------------------------------
 
-    def indices(self, names: Sequence[Any]) -> Int[Array, "*batch"]:
+    def indices(
+        self,
+        names: Sequence[Any],
+        *,
+        input_ids: Int[ArrayLike, "batch seq"] | None = None,
+    ) -> Int[Array, "*batch"]:
         """Slot indices for a batch of requests, loading adapters as needed.
 
         Each adapter the batch names that is not on the device is written into a
@@ -532,6 +542,13 @@ class AdapterBank:
 
         - `names`: one adapter name per request (`None` or `"__base__"` for the
             base model); a nested list `(batch, seq)` gives one per token.
+        - `input_ids`: the requests' tokens `(batch, seq)`, needed when one of
+            them names an activated LoRA (`Adapter.invocation_tokens`): its row
+            then serves the base model before the last occurrence of the
+            invocation sequence and the adapter from there on (the base model
+            throughout where it does not occur), as PEFT serves aLoRA; the
+            result is per token. For decode steps after that prompt, use the
+            last column of those indices.
 
         **Returns:**
 
@@ -544,6 +561,7 @@ class AdapterBank:
         slots.
         """
         grid = self._name_grid(names)
+        grid = self._activated(grid, input_ids)
         wanted = list(dict.fromkeys(n for n in grid.flat if n is not None))
         for n in wanted:
             self._known(n, "AdapterBank.indices")
@@ -721,6 +739,41 @@ class AdapterBank:
             xp.pad(a.astype(leaf.dtype), a_pad),
             xp.pad(b.astype(leaf.dtype), b_pad),
         )
+
+    def _activated(self, grid: np.ndarray, input_ids: Any) -> np.ndarray:
+        """`grid` (names per request) spread over the requests' tokens where
+        `input_ids` is given, activated LoRAs from their invocation on."""
+        what = "AdapterBank.indices"
+        for n in grid.flat:
+            if n is not None:
+                self._known(n, what)
+
+        def tokens(n):
+            return None if n is None else self._adapters[n].invocation_tokens
+
+        if input_ids is None:
+            activated = [n for n in grid.flat if tokens(n) is not None]
+            if activated:
+                raise ValueError(
+                    f"{what}: {activated[0]!r} is an activated LoRA "
+                    "(invocation_tokens): it applies from its invocation sequence "
+                    "on, which only the tokens show. Pass `input_ids=` (the "
+                    "batch's tokens) for per-token indices; for decode steps "
+                    "after that prompt use their last column."
+                )
+            return grid
+        if grid.ndim != 1:
+            raise ValueError(
+                f"{what}: with input_ids, give one name per request (a flat list); "
+                f"got names of shape {grid.shape}."
+            )
+        ids = concrete_input_ids(input_ids, grid.shape[0], what)
+        rows = per_token(list(grid), ids, lambda i: tokens(grid[i]), None)
+        out = np.empty(ids.shape, dtype=object)
+        for i, row in enumerate(rows):
+            for j, n in enumerate(row):
+                out[i, j] = n
+        return out
 
     def _name_grid(self, names: Sequence[Any]) -> np.ndarray:
         if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):

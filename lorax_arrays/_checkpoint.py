@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._adapters import Adapter, AdapterStack
+from ._alora import check_invocation_tokens
 from ._errors import CheckpointError
 from ._layout import check_partition
 from ._paths import close_matches
@@ -147,8 +148,15 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter | AdapterStack) -> No
                 manifest["fingerprints"] = [
                     adapter[i].fingerprint() for i in range(adapter.n_adapters)
                 ]
+                if any(t is not None for t in adapter.invocation_tokens):
+                    manifest["invocation_tokens"] = [
+                        None if t is None else list(t)
+                        for t in adapter.invocation_tokens
+                    ]
             else:
                 manifest["fingerprint"] = adapter.fingerprint()
+                if adapter.invocation_tokens is not None:
+                    manifest["invocation_tokens"] = list(adapter.invocation_tokens)
             manifest["checksum"] = _checksum(manifest)
             _write_manifest(root, manifest)
         except BaseException:
@@ -510,6 +518,16 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
         is_stack = kind == "stack"
         n = int(manifest["n_adapters"]) if is_stack else None
         names = manifest["names"] if is_stack else None
+        invocation = manifest.get("invocation_tokens")
+        if is_stack:
+            invocation = tuple(invocation or [None] * n)
+            if len(invocation) != n:
+                raise ValueError(f"{len(invocation)} invocation_tokens for {n}")
+            invocation = tuple(
+                check_invocation_tokens(t, "invocation_tokens") for t in invocation
+            )
+        else:
+            invocation = check_invocation_tokens(invocation, "invocation_tokens")
         if names is not None:
             names = tuple(str(x) for x in names)
             if len(names) != n:
@@ -606,6 +624,7 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
         use_rslora=tuple(rslora),
         lookup_only=tuple(lookup),
         head_only=tuple(heads),
+        invocation_tokens=invocation,
         variants=tuple(variants),
         arrays=entries,
     )
@@ -772,6 +791,7 @@ def _build(
                 use_rslora=spec["use_rslora"],
                 lookup_only=spec["lookup_only"],
                 head_only=spec["head_only"],
+                invocation_tokens=spec["invocation_tokens"],
                 vera=vera,
                 **vectors,
             )
@@ -788,6 +808,7 @@ def _build(
             names=spec["names"],
             lookup_only=spec["lookup_only"],
             head_only=spec["head_only"],
+            invocation_tokens=spec["invocation_tokens"],
             variants=spec["variants"],
             **vectors,
         )

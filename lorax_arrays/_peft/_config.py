@@ -26,7 +26,6 @@ _UNSUPPORTED = {
     "trainable_token_indices": "trainable tokens (`trainable_token_indices`)",
     "target_parameters": "LoRA on bare parameters (`target_parameters`)",
     "use_qalora": "QALoRA (`use_qalora=True`)",
-    "alora_invocation_tokens": "activated LoRA (`alora_invocation_tokens`)",
     "use_bdlora": "block-diagonal LoRA (`use_bdlora`)",
     "arrow_config": "Arrow routing (`arrow_config`)",
     "kasa_config": "KaSA (`kasa_config`)",
@@ -197,6 +196,25 @@ def _check_config(config: dict, file: Path) -> None:
             "LoKr (OFT, BOFT, AdaLoRA... are not supported yet)."
         )
     _check_fields(config, file)
+    tokens = config.get("alora_invocation_tokens")
+    if tokens is not None:
+        ok = (
+            isinstance(tokens, list)
+            and tokens
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
+            and min(tokens) >= 0
+        )
+        if not ok:
+            raise PeftFormatError(
+                f"{file}: 'alora_invocation_tokens' is {tokens!r}; expected a "
+                "non-empty list of token ids."
+            )
+        if peft_type != "LORA" or config.get("use_dora"):
+            raise PeftFormatError(
+                f"{file}: activated LoRA (alora_invocation_tokens) with "
+                f"{'DoRA' if config.get('use_dora') else peft_type}; PEFT defines "
+                "aLoRA for plain LoRA only."
+            )
     if config.get("modules_to_save"):
         raise PeftFormatError(
             f"{file}: the adapter uses fully trained modules (`modules_to_save`), "

@@ -79,6 +79,9 @@ def load_peft_adapter(
           `kron(w1, w2)` (each factor full or `_a @ _b`) rank `rank(w1)·rank(w2)`;
           both at most `min(out, in)`. Convolutions are refused.
 
+    - **Activated LoRA** (`alora_invocation_tokens`): a plain LoRA whose
+      `invocation_tokens` are kept on the adapter; a stack or bank places it per
+      token from the requests' `input_ids` (`stack.indices(names, input_ids=...)`).
     - **Names.** A PEFT key `base_model.model.<module>.lora_A.weight` names a
       torch module such as `model.layers.0.self_attn.q_proj`. By default it maps to
       the tree leaf whose path, without its weight's own name (`kernel`,
@@ -355,6 +358,7 @@ def load_peft_adapter(
         use_rslora=tuple(rslora for _ in order),
         lookup_only=tuple(lookup),
         head_only=tuple(head),
+        invocation_tokens=config.get("alora_invocation_tokens"),
         **vectors,
     )
     adapter.check_finite(f"load_peft_adapter({str(path)!r})")

@@ -411,6 +411,16 @@ def save_peft_adapter(
         out = _lora_config(modules, dora=method == "DoRA")
     out["fan_in_fan_out"] = fan_in_fan_out
     out["base_model_name_or_path"] = base_model_name_or_path
+    tokens = getattr(adapter, "invocation_tokens", None)
+    if tokens is not None:
+        if method != "LoRA":
+            raise ValueError(
+                f"save_peft_adapter: an activated LoRA (invocation_tokens) with "
+                f"{method} leaves: PEFT defines aLoRA for plain LoRA only."
+            )
+        # PEFT applies aLoRA to causal language models only (`task_type`).
+        out["alora_invocation_tokens"] = list(tokens)
+        out["task_type"] = "CAUSAL_LM"
     out.update(dict(config or {}))
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
