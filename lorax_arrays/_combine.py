@@ -186,13 +186,23 @@ def combine_adapters(
         out_layouts.append(lay)
         out_ranks.append(k)
         lookup.append(flag)
+    calls = {ad.invocation_tokens for ad in adapters}
+    if len(calls) > 1:
+        raise ValueError(
+            "combine_adapters: the adapters have different invocation_tokens "
+            f"({sorted(calls, key=str)}): an activated LoRA (aLoRA) applies from "
+            "its own invocation on, so the sum has no single start. Combine "
+            "aLoRAs with the same invocation, or plain LoRAs."
+        )
     return Adapter(
         weights=out_weights,
         layouts=tuple(out_layouts),
         ranks=tuple(out_ranks),
         alphas=tuple(float(k) for k in out_ranks),
         use_rslora=tuple(False for _ in out_ranks),
-        lookup_only=tuple(lookup),
+        lookup_only=tuple(f[0] for f in lookup),
+        head_only=tuple(f[1] for f in lookup),
+        invocation_tokens=calls.pop(),
     )
 
 
@@ -319,7 +329,8 @@ def _union_layouts(adapters: list[Adapter]) -> list[tuple[LeafLayout, bool]]:
     layout and `lookup_only` flag, which must agree between adapters."""
     seen: dict[str, tuple[int, LeafLayout, bool]] = {}
     for i, ad in enumerate(adapters):
-        for lay, flag in zip(ad.layouts, ad.lookup_only):
+        for lay, *flag in zip(ad.layouts, ad.lookup_only, ad.head_only):
+            flag = tuple(flag)  # (lookup_only, head_only)
             if lay.path not in seen:
                 seen[lay.path] = (i, lay, flag)
                 continue
@@ -338,10 +349,11 @@ def _union_layouts(adapters: list[Adapter]) -> list[tuple[LeafLayout, bool]]:
             if prev_flag != flag:
                 raise ValueError(
                     f"combine_adapters: at {lay.path!r} adapter {i} has "
-                    f"lookup_only={flag} but adapter {j} has lookup_only="
-                    f"{prev_flag}: one applies to every read of the leaf, the "
-                    "other only to lookups (PEFT's embedding LoRA). Load both the "
-                    "same way (an embedding adapter from PEFT is lookup-only)."
+                    f"(lookup_only, head_only)={flag} but adapter {j} has "
+                    f"{prev_flag}: they apply to different reads of the leaf (all "
+                    "of them, only lookups as PEFT's embedding LoRA, or only a "
+                    "tied head as PEFT's lm_head LoRA on the table). Load both the "
+                    "same way."
                 )
     return [(lay, flag) for _, lay, flag in seen.values()]
 

@@ -629,8 +629,41 @@ def test_layout_and_lookup_mismatches_are_refused():
     lookup = lx.Adapter(
         in_out.weights, in_out.layouts, in_out.ranks, in_out.alphas, (False,), (True,)
     )
-    with pytest.raises(ValueError, match="at 'w' adapter 1 has lookup_only=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"at 'w' adapter 1 has \(lookup_only, head_only\)=\(True, False\)",
+    ):
         lx.combine_adapters([in_out, lookup], [1.0, 1.0], method="svd")
     # Agreeing lookup flags carry over.
     both = lx.combine_adapters([lookup, lookup], [1.0, 1.0], method="svd")
     assert both.lookup_only == (True,)
+    # So do head-only flags and an aLoRA's invocation; different invocations
+    # are refused (the sum would have no single start).
+    head = lx.Adapter(
+        in_out.weights,
+        in_out.layouts,
+        in_out.ranks,
+        in_out.alphas,
+        (False,),
+        head_only=(True,),
+    )
+    assert lx.combine_adapters([head, head], [1.0, 1.0], method="cat").head_only == (
+        True,
+    )
+
+    def alora(tokens):
+        return lx.Adapter(
+            in_out.weights,
+            in_out.layouts,
+            in_out.ranks,
+            in_out.alphas,
+            (False,),
+            invocation_tokens=tokens,
+        )
+
+    same = lx.combine_adapters([alora([3, 4]), alora([3, 4])], [1.0, 1.0], method="cat")
+    assert same.invocation_tokens == (3, 4)
+    with pytest.raises(ValueError, match="different invocation_tokens"):
+        lx.combine_adapters([alora([3, 4]), alora([5])], [1.0, 1.0], method="cat")
+    with pytest.raises(ValueError, match="different invocation_tokens"):
+        lx.combine_adapters([alora([3, 4]), in_out], [1.0, 1.0], method="cat")
