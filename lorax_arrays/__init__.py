@@ -5,6 +5,7 @@ models, through quax's multiple dispatch."""
 # support for quax).
 from . import (
     _compat as _compat,
+    _row_bias as _row_bias,
     _rules_control as _rules_control,
     _rules_conv as _rules_conv,
     _rules_dot as _rules_dot,
@@ -51,6 +52,7 @@ from ._peft import (
 )
 from ._quaxify import quaxify as quaxify, register as register
 from ._qwix import QwixArray as QwixArray, from_qwix as from_qwix
+from ._row_bias import RowBias as RowBias
 from ._served import ServedAdapters as ServedAdapters
 from ._targeting import (
     LeafLayout as LeafLayout,

@@ -90,6 +90,13 @@ class Adapter(eqx.Module):
     - `out_scales`: IA3's vector on the output per path, `(*stack, *out)`.
     - `vera`: VeRA's vectors per path, `(d, b)` with `d: (*stack, rank)` and
         `b: (*stack, *out)`; a path here is a VeRA leaf.
+    - `bias_deltas`: dict from the path of a 1-D bias leaf of the tree to the
+        adapter's update to it, `(out,)`: served bias `b + bias_deltas[path]`.
+        The bias of a module the adapter trained in full (PEFT's
+        `modules_to_save`, a classification head), whose weight is an ordinary
+        full-rank LoRA leaf (scale 1); see
+        [`lorax_arrays.load_peft_adapter`][]. Empty (the default) for a plain
+        adapter.
     """
 
     weights: dict[str, tuple[Array, Array]]
@@ -104,6 +111,7 @@ class Adapter(eqx.Module):
     vera: dict[str, tuple[Array, Array]] = eqx.field(default_factory=dict)
     head_only: tuple[bool, ...] = eqx.field(static=True, default=())
     invocation_tokens: tuple[int, ...] | None = eqx.field(static=True, default=None)
+    bias_deltas: dict[str, Array] = eqx.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.lookup_only:
@@ -189,6 +197,21 @@ class Adapter(eqx.Module):
                 raise ValueError(
                     f"Adapter: {path!r} is a VeRA leaf and also has DoRA or IA3 "
                     "vectors; one kind per leaf."
+                )
+        for path, v in self.bias_deltas.items():
+            if not isinstance(path, str) or v.ndim != 1:
+                raise ValueError(
+                    f"Adapter: `bias_deltas[{path!r}]` has shape {tuple(v.shape)}; "
+                    "expected a '/'-joined path to a (out,) update of a bias leaf."
+                )
+            if not jnp.issubdtype(v.dtype, jnp.inexact):
+                raise TypeError(
+                    f"Adapter: `bias_deltas[{path!r}]` has dtype {v.dtype}; bias "
+                    "updates are floating point."
+                )
+            if path in by_path:
+                raise ValueError(
+                    f"Adapter: {path!r} is both a LoRA leaf and a bias leaf."
                 )
         for path in self.magnitudes:
             if self.ranks[self.paths.index(path)] == 0:
@@ -276,6 +299,9 @@ class Adapter(eqx.Module):
             if lay.path in self.vera:
                 put("vera_d", self.vera[lay.path][0])
                 put("vera_b", self.vera[lay.path][1])
+        for path in sorted(self.bias_deltas):  # only when set: older ones hold
+            h.update(repr(("bias_delta", path)).encode() + b"\0")
+            put("bias_delta", self.bias_deltas[path])
         return "sha256:" + h.hexdigest()
 
     def check_finite(self, what: str = "Adapter") -> None:
@@ -297,6 +323,7 @@ class Adapter(eqx.Module):
         fields = [("a", "weights", 0), ("b", "weights", 1)]
         fields += [(f, f, None) for f in ("magnitudes", "in_scales", "out_scales")]
         fields += [("VeRA d", "vera", 0), ("VeRA b", "vera", 1)]
+        fields += [("bias delta", "bias_deltas", None)]
         checks = []
         for role, field, part in fields:
             for path, value in getattr(self, field).items():
@@ -475,6 +502,9 @@ class AdapterStack(eqx.Module):
         as `(*stack, n_adapters, *out)` (`*in` for `in_scales`), 1 for adapters
         without them.
     - `variants`: per path, per adapter, `(dora, has in_scale, has out_scale)`.
+    - `bias_deltas`: per bias path where any adapter has one (see
+        [`lorax_arrays.Adapter`][]), `(n_adapters, out)`, 0 for adapters
+        without.
     """
 
     weights: dict[str, tuple[Array, Array]]
@@ -495,6 +525,7 @@ class AdapterStack(eqx.Module):
     invocation_tokens: tuple[tuple[int, ...] | None, ...] = eqx.field(
         static=True, default=()
     )
+    bias_deltas: dict[str, Array] = eqx.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.invocation_tokens:
@@ -574,6 +605,7 @@ class AdapterStack(eqx.Module):
             generations=None,
             indices=served_indices(indices, n, None),
             layouts=self.layouts,
+            bias_deltas=dict(self.bias_deltas),
         )
 
     @property
@@ -614,6 +646,11 @@ class AdapterStack(eqx.Module):
             rs.append(self.use_rslora[j][i])
             lk.append(self.lookup_only[j][i])
             hd.append(self.head_only[j][i])
+        bias_deltas = {}
+        for path, d in self.bias_deltas.items():
+            row = d[i]
+            if isinstance(row, jax.core.Tracer) or np.any(np.asarray(row) != 0):
+                bias_deltas[path] = row
         return Adapter(
             weights,
             tuple(layouts),
@@ -623,6 +660,7 @@ class AdapterStack(eqx.Module):
             tuple(lk),
             head_only=tuple(hd),
             invocation_tokens=self.invocation_tokens[i],
+            bias_deltas=bias_deltas,
             **vectors,
         )
 
@@ -825,6 +863,7 @@ def stack_adapters(
     return AdapterStack(
         weights=weights,
         scales=scales,
+        bias_deltas=_stack_bias_deltas(adapters),
         layouts=tuple(layouts.values()),
         ranks=tuple(ranks),
         alphas=tuple(alphas),
@@ -836,3 +875,24 @@ def stack_adapters(
         invocation_tokens=invocations,
         **vectors,
     )
+
+
+def _stack_bias_deltas(adapters: Sequence[Adapter]) -> dict[str, Array]:
+    """Each bias path's updates, `(n_adapters, out)`, 0 for adapters without."""
+    sizes: dict[str, int] = {}
+    for i, ad in enumerate(adapters):
+        for path, v in ad.bias_deltas.items():
+            if sizes.setdefault(path, v.shape[0]) != v.shape[0]:
+                raise ValueError(
+                    f"stack_adapters: adapter {i} updates the bias {path!r} with "
+                    f"{v.shape[0]} values, an earlier adapter with {sizes[path]}. "
+                    "Adapters served together must be made for the same model."
+                )
+    out = {}
+    for path, size in sizes.items():
+        have = [ad.bias_deltas.get(path) for ad in adapters]
+        dtype = jnp.result_type(*[v for v in have if v is not None])
+        out[path] = jnp.stack(
+            [jnp.zeros((size,), dtype) if v is None else v.astype(dtype) for v in have]
+        )
+    return out

@@ -453,6 +453,14 @@ class AdapterBank:
                 f"AdapterBank.{what}: expected an Adapter, got "
                 f"{type(adapter).__name__}."
             )
+        if adapter.bias_deltas:
+            raise ValueError(
+                f"AdapterBank.{what}({name!r}): the adapter updates the biases "
+                f"{sorted(adapter.bias_deltas)} (modules trained in full, PEFT's "
+                "`modules_to_save`: a classification head), which a bank's slots "
+                "do not hold yet. Serve it from a stack: `lx.loraify(tree, "
+                "lx.stack_adapters(adapters, names=names), stack.indices(...))`."
+            )
         for p in adapter.paths:
             kind = adapter.kind(p)
             needs = {"dora": "dora", "ia3": "ia3", "lora+ia3": "ia3"}.get(kind)

@@ -121,6 +121,15 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter | AdapterStack) -> No
             "save_adapter: expected an lx.Adapter or an lx.AdapterStack, got "
             f"{type(adapter).__name__}."
         )
+    if adapter.bias_deltas:
+        raise ValueError(
+            "save_adapter: the adapter updates the biases "
+            f"{sorted(adapter.bias_deltas)} (modules trained in full, PEFT's "
+            "`modules_to_save`), which orbax "
+            "checkpoints of lorax_arrays do not hold yet. Keep the PEFT directory "
+            "it was loaded from (or write one with `lx.save_peft_adapter(path, "
+            "adapter, tree=params)`)."
+        )
     root = Path(os.fspath(path))
     arrays, leaves = _flatten(adapter)
     _check_writable(root)

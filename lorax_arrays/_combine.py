@@ -124,6 +124,14 @@ def combine_adapters(
     _check_method(method, rank, density, seed, majority_sign_method)
     for i, ad in enumerate(adapters):
         ad.check_finite(f"combine_adapters: adapter {i}")
+        if ad.bias_deltas:
+            raise ValueError(
+                f"combine_adapters: adapter {i} updates the biases "
+                f"{sorted(ad.bias_deltas)} (modules trained in full, PEFT's "
+                "`modules_to_save`): PEFT's add_weighted_adapter does not "
+                "combine those either. Serve such adapters side by side in a "
+                "stack instead."
+            )
         for path in ad.paths:
             kind = ad.kind(path)
             if kind != "lora":

@@ -17,6 +17,7 @@ from ._adapters import Adapter, AdapterStack, stack_adapters
 from ._array import BatchedLoraArray, base_weight, check_base_weight
 from ._indices import coerce_indices
 from ._paths import close_matches, flatten_with_path_names
+from ._row_bias import RowBias
 from ._served import ServedAdapters, deleted, dora_norms, served_indices
 from ._strategies import check_strategy
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def _is_lora(x: Any) -> bool:
-    return isinstance(x, BatchedLoraArray)
+    return isinstance(x, (BatchedLoraArray, RowBias))
 
 
 def _as_stack(adapters: Any) -> AdapterStack:
@@ -181,7 +182,7 @@ def loraify(
         if path not in position:
             raise _missing_leaf(path, position, "loraify")
         leaf = new[position[path]]
-        if _is_lora(leaf):
+        if isinstance(leaf, BatchedLoraArray):
             raise ValueError(
                 f"loraify: {path!r} is already a BatchedLoraArray. Loraify the base "
                 "tree, or change the requests with `lx.with_indices`."
@@ -208,7 +209,36 @@ def loraify(
             batch_axis=batch_axis,
             compact=compact,
         )
+    for path, deltas in served.bias_deltas.items():
+        new[position_of(path, position, "loraify")] = _row_bias(
+            new[position[path]], deltas, indices, batch_axis, path
+        )
     return jtu.tree_unflatten(treedef, new)
+
+
+def position_of(path: str, position: dict[str, int], what: str) -> int:
+    if path not in position:
+        raise _missing_leaf(path, position, what)
+    return position[path]
+
+
+def _row_bias(leaf: Any, deltas: Any, indices: Any, batch_axis: int, path: str):
+    """The `RowBias` at the bias leaf `path`: the leaf, checked, with the
+    adapters' updates to it."""
+    if isinstance(leaf, RowBias):
+        raise ValueError(
+            f"loraify: {path!r} already holds adapters' biases (a RowBias). "
+            "Loraify the base tree, or change the requests with `lx.with_indices`."
+        )
+    shape = tuple(getattr(leaf, "shape", ()))
+    dtype = getattr(leaf, "dtype", None)
+    if shape != (deltas.shape[-1],) or not jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(
+            f"loraify: the adapters update a bias of shape ({deltas.shape[-1]},) at "
+            f"{path!r} (PEFT's modules_to_save), but the tree's leaf there has "
+            f"shape {shape} and dtype {dtype}."
+        )
+    return RowBias(leaf, deltas, indices, batch_axis=batch_axis)
 
 
 def _dict_of(x: Any) -> dict[str, Any]:
@@ -247,6 +277,18 @@ def with_indices(
     served: dict[tuple[int, int], Any] = {}
     found = False
     for i, x in enumerate(leaves):
+        if isinstance(x, RowBias):
+            found = True
+            key = (None, x.n_adapters)
+            if key not in served:
+                served[key] = served_indices(
+                    indices, x.n_adapters, None, "with_indices"
+                )
+            changes = {"indices": served[key]}
+            if batch_axis is not None:
+                changes["batch_axis"] = batch_axis
+            leaves[i] = x.replace(**changes)
+            continue
         if not _is_lora(x):
             continue
         found = True
@@ -333,8 +375,15 @@ def merge(tree: Any, adapter: Adapter) -> Any:
             "untie the head: give the model its own head weight and load the "
             "adapter onto that."
         )
-    base = jtu.tree_map(lambda x: x.w if _is_lora(x) else x, tree, is_leaf=_is_lora)
+    base = jtu.tree_map(_base_of, tree, is_leaf=_is_lora)
     layouts = {lay.path: lay for lay in adapter.layouts}
+    if adapter.bias_deltas:
+        base = _replace_at_paths(
+            base,
+            lambda path, leaf: _fold_bias(leaf, adapter.bias_deltas[path], path),
+            list(adapter.bias_deltas),
+            "merge",
+        )
 
     def fold(path, leaf):
         lay = layouts[path]
@@ -358,6 +407,21 @@ def merge(tree: Any, adapter: Adapter) -> Any:
     return _replace_at_paths(base, fold, adapter.paths, "merge")
 
 
+def _base_of(x: Any) -> Any:
+    if isinstance(x, RowBias):
+        return x.b
+    return x.w if _is_lora(x) else x
+
+
+def _fold_bias(leaf: Any, delta: Any, path: str) -> Any:
+    if tuple(leaf.shape) != tuple(delta.shape):
+        raise ValueError(
+            f"merge: the adapter updates a bias of shape {tuple(delta.shape)} at "
+            f"{path!r}, but the tree's leaf there has shape {tuple(leaf.shape)}."
+        )
+    return (leaf + delta).astype(leaf.dtype)
+
+
 def adapter_mask(tree: Any) -> Any:
     """A bool pytree, True exactly on the adapter factors `a` and `b`.
 
@@ -376,6 +440,8 @@ def adapter_mask(tree: Any) -> Any:
     """
 
     def mark(x):
+        if isinstance(x, RowBias):
+            return jax.tree.map(lambda _: False, x)
         if _is_lora(x):
             falses = jax.tree.map(lambda _: False, x)
             return eqx.tree_at(lambda n: (n.a, n.b), falses, (True, True))

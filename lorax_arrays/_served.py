@@ -45,6 +45,7 @@ _DYNAMIC = (
     "dora",
     "generations",
     "indices",
+    "bias_deltas",
 )
 
 
@@ -67,6 +68,7 @@ class ServedAdapters:
     | `magnitudes`, `dora` | per DoRA path: `(*stack, n, *out)` and `(n,)` bool |
     | `generations` | `(n,)` for a bank (see `BatchedLoraArray.generations`) |
     | `indices` | the batch's adapter numbers (slots, for a bank), or `None` |
+    | `bias_deltas` | per bias leaf an adapter updates, `(n, out)` (a `RowBias`) |
 
     and, static, `layouts` (each path's `LeafLayout`) and `compact`.
 
@@ -86,6 +88,7 @@ class ServedAdapters:
     dora: dict[str, Bool[Array, " n_adapters"]]
     generations: Int[Array, " n_adapters"] | None
     indices: Int[Array, ...] | None
+    bias_deltas: dict[str, Array]
     layouts: tuple[LeafLayout, ...]
     compact: bool
 
@@ -94,6 +97,7 @@ class ServedAdapters:
         """From every field, as given: the stack and the bank build it (`compact`
         defaults to False)."""
         fields.setdefault("compact", False)
+        fields.setdefault("bias_deltas", {})
         obj = object.__new__(cls)
         for name in cls.__slots__:
             object.__setattr__(obj, name, fields[name])

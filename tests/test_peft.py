@@ -438,7 +438,7 @@ def _simple(tmp_path, config=None, extra=None, modules=None):
         ({"peft_type": "OFT"}, "LoRA adapters only"),
         ({"bias": "all"}, "bias='all'"),
         ({"bias": "lora_only"}, "biases"),
-        ({"modules_to_save": ["classifier"]}, "modules_to_save"),
+        ({"modules_to_save": [3]}, "modules_to_save"),  # malformed
         ({"lora_bias": True}, "LoRA bias"),
         ({"init_lora_weights": "pissa"}, "changes the base weights"),
         ({"target_parameters": ["experts.w"]}, "target_parameters"),

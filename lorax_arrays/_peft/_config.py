@@ -21,7 +21,6 @@ _PREFIX = "base_model.model."
 # yet: loading such an adapter as plain LoRA would be silently wrong.
 _UNSUPPORTED = {
     "lora_bias": "a LoRA bias (`lora_bias=True`)",
-    "modules_to_save": "fully trained modules (`modules_to_save`)",
     "layer_replication": "layer replication (`layer_replication`)",
     "trainable_token_indices": "trainable tokens (`trainable_token_indices`)",
     "target_parameters": "LoRA on bare parameters (`target_parameters`)",
@@ -215,11 +214,11 @@ def _check_config(config: dict, file: Path) -> None:
                 f"{'DoRA' if config.get('use_dora') else peft_type}; PEFT defines "
                 "aLoRA for plain LoRA only."
             )
-    if config.get("modules_to_save"):
+    if config.get("modules_to_save") and peft_type != "LORA":
         raise PeftFormatError(
-            f"{file}: the adapter uses fully trained modules (`modules_to_save`), "
-            "which lorax_arrays does not serve yet; loading the rest would give "
-            "wrong outputs."
+            f"{file}: the adapter uses fully trained modules (`modules_to_save`) "
+            f"with peft_type {peft_type!r}; lorax_arrays serves them next to LoRA "
+            "(and DoRA) adapters only."
         )
     if peft_type == "IA3":
         for key in ("target_modules", "feedforward_modules"):

@@ -37,6 +37,7 @@ from ._files import _parse_keys
 from ._names import _EMBEDDING_MODULES, _Leaves, _module_parts
 from ._orientation import _orient
 from ._records import Module
+from ._saved import saved_leaves, saved_names, split_saved
 
 
 def load_peft_adapter(
@@ -160,8 +161,9 @@ def load_peft_adapter(
         raise FileNotFoundError(f"load_peft_adapter: {weights_file} missing.{hint}")
     tensors, _ = read_safetensors(weights_file)
     peft_type = _peft_type(config)
+    tensors, saved = split_saved(tensors, saved_names(config, config_file))
     factors, kinds, base_copies, shared = _parse_keys(tensors, weights_file, config)
-    if not factors:
+    if not factors and not saved:
         raise PeftFormatError(f"{weights_file}: the file holds no adapter weights.")
 
     leaves = _Leaves(tree)
@@ -297,16 +299,50 @@ def load_peft_adapter(
             )
         )
 
-    _check_base_copies(base_copies, leaves, key_map, weights_file)
-    _orient(found, orientation, bool(config.get("fan_in_fan_out", False)))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    full, bias_deltas, tables = saved_leaves(
+        saved,
+        leaves,
+        tree,
+        key_map,
+        orientation,
+        fan_in_fan_out,
+        weights_file,
+        _is_table,
+    )
+    _check_base_copies({**base_copies, **tables}, leaves, key_map, weights_file)
+    _orient(found, orientation, fan_in_fan_out)
 
     groups: dict[str, list[Module]] = {}
     for f in found:
         groups.setdefault(f.path, []).append(f)
-    order = [p for p, _, _ in leaves.entries if p in groups]
+    whole = {s.path: s for s in full}
+    for p, s in whole.items():
+        if p in groups:
+            raise PeftFormatError(
+                f"{weights_file}: module {s.module!r} is saved in full "
+                f"(`modules_to_save`) and also has a LoRA ({groups[p][0].module!r}) "
+                f"on the same leaf {p!r}; PEFT never writes both."
+            )
+    order = [p for p, _, _ in leaves.entries if p in groups or p in whole]
     weights, layouts, ranks, alphas, lookup, head = {}, [], [], [], [], []
+    rslora_each = []
     vectors: dict[str, dict] = {"magnitudes": {}, "in_scales": {}, "out_scales": {}}
     for p in order:
+        if p in whole:  # a saved module's weight: an exact LoRA, scale 1
+            s = whole[p]
+            a, b = (
+                (s.a, s.b) if dtype is None else (s.a.astype(dtype), s.b.astype(dtype))
+            )
+            weights[p] = (jnp.asarray(a), jnp.asarray(b))
+            layouts.append(LeafLayout(p, s.shape, s.in_axes, s.out_axes, ()))
+            ranks.append(a.shape[-1])
+            alphas.append(float(a.shape[-1]))
+            rslora_each.append(False)
+            lookup.append(False)
+            head.append(False)
+            continue
+        rslora_each.append(rslora)
         fs = groups[p]
         in_ax, out_ax = fs[0].groups
         if fs[0].at is None:
@@ -355,10 +391,14 @@ def load_peft_adapter(
         layouts=tuple(layouts),
         ranks=tuple(ranks),
         alphas=tuple(alphas),
-        use_rslora=tuple(rslora for _ in order),
+        use_rslora=tuple(rslora_each),
         lookup_only=tuple(lookup),
         head_only=tuple(head),
         invocation_tokens=config.get("alora_invocation_tokens"),
+        bias_deltas={
+            p: jnp.asarray(d if dtype is None else d.astype(dtype))
+            for p, d in bias_deltas.items()
+        },
         **vectors,
     )
     adapter.check_finite(f"load_peft_adapter({str(path)!r})")

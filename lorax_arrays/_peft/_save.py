@@ -13,10 +13,17 @@ from typing import Any
 import numpy as np
 
 from .._adapters import Adapter, AdapterStack
+from .._paths import flatten_with_paths
 from .._safetensors import write_atomically, write_safetensors
 from ._config import _PREFIX, CONFIG_NAME, WEIGHTS_NAME
 from ._convert import _most_common
-from ._names import _EMBEDDING_MODULES, _entry_namer, _module_parts, _namer
+from ._names import (
+    _EMBEDDING_MODULES,
+    _entry_namer,
+    _module_name,
+    _module_parts,
+    _namer,
+)
 
 # The PEFT method each kind of leaf is written as; one directory holds one.
 _METHOD = {"lora": "LoRA", "vera": "LoRA", "dora": "DoRA", "ia3": "IA3"}
@@ -194,6 +201,7 @@ def save_peft_adapter(
     base_model_name_or_path: str | None = None,
     config: Mapping[str, Any] | None = None,
     conv: str | Collection[str] | None = None,
+    tree: Any = None,
 ) -> None:
     """Writes `adapter` as a PEFT directory that `PeftModel.from_pretrained` loads
     onto the torch model, meaning there what it means here (the exact inverse of
@@ -274,6 +282,12 @@ def save_peft_adapter(
         searched in each tree path, or a collection of leaf (or module) paths;
         every leaf it names must have a conv layout, and no other leaf is
         written as one (`conv=()` for none).
+    - `tree`: the model's parameters, needed (and only read) when the adapter
+        updates biases (`bias_deltas`: modules trained in full, PEFT's
+        `modules_to_save`): each such module is written whole, as PEFT saves
+        it, `<module>.weight` = the tree's weight plus the adapter's update
+        there (torch's `(out, in)`) and `<module>.bias` = the tree's bias plus
+        its update, and listed in `modules_to_save`.
 
     **Returns:**
 
@@ -294,6 +308,7 @@ def save_peft_adapter(
     # name -> (rank, alpha, rsLoRA) for LoRA / DoRA, whether feedforward for IA3
     modules: dict[str, Any] = {}
     tensors = {}
+    whole, saved_names = saved_modules(adapter, tree, namer, tensors)
     # PEFT's mark of GPT-2's `Conv1D`, whose Flax port keeps `(out, in)` kernels:
     # set when a 2-D `kernel` leaf is laid out that way (PEFT's torch Linear
     # ignores it; load_peft_adapter reads `kernel` leaves as Flax's `(in, out)`
@@ -303,7 +318,7 @@ def save_peft_adapter(
         adapter.layouts, adapter.ranks, adapter.alphas, adapter.use_rslora
     ):
         kind = adapter.kind(lay.path)
-        if kind == "lora" and r == 0:
+        if (kind == "lora" and r == 0) or lay.path in whole:
             continue
         ns = len(lay.stack_axes)
         if lay.stack_axes != tuple(range(ns)):
@@ -400,7 +415,7 @@ def save_peft_adapter(
             if method == "DoRA":
                 tensors[f"{key}.lora_magnitude_vector"] = _flat_vector(side, vec[e])
             modules[name] = (r, float(alpha), bool(rs))
-    if not modules:
+    if not modules and not saved_names:
         raise ValueError(
             "save_peft_adapter: nothing to write: the adapter has no leaves, or "
             "only rank-0 leaves without vectors and stack entries it leaves alone."
@@ -410,6 +425,14 @@ def save_peft_adapter(
     else:
         out = _lora_config(modules, dora=method == "DoRA")
     out["fan_in_fan_out"] = fan_in_fan_out
+    if saved_names:
+        if method != "LoRA":
+            raise ValueError(
+                f"save_peft_adapter: modules trained in full (bias updates at "
+                f"{sorted(adapter.bias_deltas)}) next to {method} leaves; write "
+                "them with LoRA adapters only."
+            )
+        out["modules_to_save"] = saved_names
     out["base_model_name_or_path"] = base_model_name_or_path
     tokens = getattr(adapter, "invocation_tokens", None)
     if tokens is not None:
@@ -490,3 +513,83 @@ def _ia3_config(feedforward: dict[str, bool]) -> dict:
 
 def _as_json_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
+
+
+def saved_modules(
+    adapter: Adapter, tree: Any, namer, tensors: dict
+) -> tuple[set[str], list[str]]:
+    """The modules trained in full (`modules_to_save`) of `adapter`: one per bias
+    it updates, the Linear whose weight sits next to that bias. Writes their
+    `weight` (the tree's plus the adapter's update, torch's `(out, in)`) and
+    `bias` into `tensors`; returns the weight leaves so written (not to be
+    written again as LoRA) and the module names."""
+    if not adapter.bias_deltas:
+        return set(), []
+    if tree is None:
+        raise ValueError(
+            "save_peft_adapter: the adapter updates the biases "
+            f"{sorted(adapter.bias_deltas)}: modules trained in full (PEFT's "
+            "`modules_to_save`, a classification head), which PEFT stores as "
+            "whole weights, the model's plus the update. Pass the model's "
+            "parameters: `lx.save_peft_adapter(path, adapter, tree=params)`."
+        )
+    values = dict(flatten_with_paths(tree)[0])
+    by_module = {}
+    for p in values:
+        parts, name = _module_parts(p)
+        if name in ("kernel", "weight"):
+            by_module.setdefault(parts, []).append(p)
+    layouts = {lay.path: lay for lay in adapter.layouts}
+    whole, names = set(), []
+    for bias_path, delta in sorted(adapter.bias_deltas.items()):
+        if bias_path not in values:
+            raise ValueError(
+                f"save_peft_adapter: the adapter updates the bias {bias_path!r}, "
+                "which `tree` does not have: pass the model it was made for."
+            )
+        parts = _bias_parts(bias_path)
+        weights = [p for p in by_module.get(parts, []) if np.ndim(values[p]) == 2]
+        if len(weights) != 1:
+            raise ValueError(
+                f"save_peft_adapter: the bias {bias_path!r} has "
+                f"{'no' if not weights else 'more than one'} 2-D weight "
+                f"(`kernel` or `weight`) next to it in `tree` ({weights}); a "
+                "module saved in full is a Linear with its weight and bias."
+            )
+        (w_path,) = weights
+        w = np.asarray(values[w_path], np.float64)
+        lay = layouts.get(w_path)
+        name = _module_parts(w_path)[1]
+        in_out = name == "kernel" if lay is None else lay.in_axes == (0,)
+        if lay is not None:
+            if lay.stack_axes or len(lay.shape) != 2:
+                raise ValueError(
+                    f"save_peft_adapter: {w_path!r}, saved in full, has layout "
+                    f"{lay.shape} with stack axes {lay.stack_axes}; a saved "
+                    "module is one 2-D Linear."
+                )
+            a, b = (np.asarray(x, np.float64) for x in adapter.lora_factors(w_path))
+            update = adapter.scale(w_path) * (a @ b)  # (in, out)
+            w = w + (update if in_out else update.T)
+            whole.add(w_path)
+        module = _module_name(w_path, namer(w_path))
+        bias = np.asarray(values[bias_path])
+        dt = np.result_type(np.asarray(delta).dtype, bias.dtype)
+        key = _PREFIX + module
+        tensors[f"{key}.weight"] = np.ascontiguousarray(
+            (w.T if in_out else w).astype(dt)
+        )
+        tensors[f"{key}.bias"] = (
+            bias.astype(np.float64) + np.asarray(delta, np.float64)
+        ).astype(dt)
+        names.append(module)
+    return whole, sorted(names)
+
+
+def _bias_parts(path: str) -> tuple[str, ...]:
+    """The module components of a bias leaf's path (`.../out_proj/bias`, NNX's
+    `.../bias/value`)."""
+    parts = path.split("/")
+    while len(parts) > 1 and parts[-1] in ("value", "raw_value"):
+        parts = parts[:-1]
+    return tuple(parts[:-1])
