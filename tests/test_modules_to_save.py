@@ -1,9 +1,10 @@
 """PEFT's `modules_to_save` (a classification head trained in full) served per
 row: each saved Linear's weight as an exact full-rank LoRA, its bias as a
 `RowBias` update. Against PEFT 0.21.2's own logits (golden fixtures:
-`tests/fixtures/make_seq_cls_fixtures.py`, a tiny RoBERTa whose saved
-`classifier` is two Linears with biases), and the bias rule against NumPy in
-float64."""
+`tests/fixtures/make_seq_cls_fixtures.py`: a tiny BERT, whose saved `classifier`
+is one Linear, against PEFT's own mixed batch, and a tiny RoBERTa, whose saved
+`classifier` is two Linears, against PEFT's rows per adapter), and the bias rule
+against NumPy in float64."""
 
 from __future__ import annotations
 
@@ -22,9 +23,18 @@ import lorax_arrays as lx
 from lorax_arrays._safetensors import read_safetensors, write_safetensors
 from lorax_arrays._targeting import LeafLayout
 
-HERE = Path(__file__).parent / "fixtures" / "peft" / "seq_cls"
+ROOT = Path(__file__).parent / "fixtures" / "peft" / "seq_cls"
+HERE = ROOT / "roberta"
 RTOL = 2e-4
 NAMES = ("c1", "c2")
+# Each model's saved head: its kernels and biases in the Flax tree.
+HEADS = {
+    "bert": (["classifier/kernel"], ["classifier/bias"]),
+    "roberta": (
+        ["classifier/dense/kernel", "classifier/out_proj/kernel"],
+        ["classifier/dense/bias", "classifier/out_proj/bias"],
+    ),
+}
 
 
 def rel_err(actual, expected) -> float:
@@ -32,33 +42,47 @@ def rel_err(actual, expected) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-@pytest.fixture(scope="module")
-def setup():
-    from transformers import FlaxRobertaForSequenceClassification
+def _load(kind: str):
+    import transformers
 
-    model = FlaxRobertaForSequenceClassification.from_pretrained(HERE / "base")
+    cls = {
+        "bert": transformers.FlaxBertForSequenceClassification,
+        "roberta": transformers.FlaxRobertaForSequenceClassification,
+    }[kind]
+    here = ROOT / kind
+    model = cls.from_pretrained(here / "base")
     adapters = {
-        n: lx.load_peft_adapter(HERE / "adapters" / n, model.params) for n in NAMES
+        n: lx.load_peft_adapter(here / "adapters" / n, model.params) for n in NAMES
     }
     fwd = jax.jit(lx.quaxify(lambda p, ids: model(ids, params=p).logits))
-    return model, adapters, fwd, np.load(HERE / "logits.npz")
+    return model, adapters, fwd, np.load(here / "logits.npz")
 
 
-def test_loaded_as_lora_leaves_and_bias_updates(setup):
-    _, adapters, _, _ = setup
-    c1 = adapters["c1"]
-    j = c1.paths.index("classifier/out_proj/kernel")
-    assert c1.ranks[j] == 3 and c1.scale("classifier/out_proj/kernel") == 1.0
-    assert c1.ranks[c1.paths.index("classifier/dense/kernel")] == 16
-    assert sorted(c1.bias_deltas) == [
-        "classifier/dense/bias",
-        "classifier/out_proj/bias",
-    ]
-    assert all(np.abs(np.asarray(d)).max() > 0.1 for d in c1.bias_deltas.values())
+@pytest.fixture(scope="module", params=sorted(HEADS))
+def kind_setup(request):
+    return request.param, _load(request.param)
 
 
-def test_mixed_batch_equals_peft(setup):
-    model, adapters, fwd, ref = setup
+@pytest.fixture(scope="module")
+def setup():
+    return _load("roberta")
+
+
+def test_loaded_as_lora_leaves_and_bias_updates(kind_setup):
+    kind, (_, adapters, _, _) = kind_setup
+    kernels, biases = HEADS[kind]
+    for c in adapters.values():
+        assert set(kernels) <= set(c.paths)
+        for path in kernels:
+            assert c.scale(path) == 1.0
+        # the out_proj / classifier: (16, 3), rank 3; RoBERTa's dense: rank 16
+        assert c.ranks[c.paths.index(kernels[-1])] == 3
+        assert sorted(c.bias_deltas) == biases
+        assert all(np.abs(np.asarray(d)).max() > 0.1 for d in c.bias_deltas.values())
+
+
+def test_mixed_batch_equals_peft(kind_setup):
+    _, (model, adapters, fwd, ref) = kind_setup
     stack = lx.stack_adapters([adapters[n] for n in NAMES], names=NAMES)
     names = [str(n) for n in ref["names"]]
     ids = jnp.asarray(ref["input_ids"], jnp.int32)
@@ -67,8 +91,8 @@ def test_mixed_batch_equals_peft(setup):
     assert rel_err(logits, ref["mixed"]) < RTOL
     for i, n in enumerate(names):  # the test can fail: adapted rows differ
         gap = np.abs(ref["mixed"][i] - ref["base"][i]).max()
-        assert (gap == 0) == (n == "__base__"), (i, n)
-        assert gap == 0 or gap > 0.5
+        assert (gap < 1e-6) == (n == "__base__"), (i, n)
+        assert gap < 1e-6 or gap > 0.5
     # Another assignment, same program: every row adapter c2, then c1.
     for n in NAMES:
         again = fwd(lx.with_indices(served, stack.indices([n] * len(names))), ids)
@@ -90,15 +114,22 @@ def test_served_adapters_in_a_jitted_step(setup):
     assert rel_err(out, ref["mixed"]) < RTOL
 
 
-def test_merge_and_stack_round_trip(setup):
-    model, adapters, _, ref = setup
+def test_merge_and_stack_round_trip(kind_setup):
+    _, (model, adapters, _, ref) = kind_setup
     ids = jnp.asarray(ref["input_ids"], jnp.int32)
     for n in NAMES:
         merged = lx.merge(model.params, adapters[n])
         assert rel_err(model(ids, params=merged).logits, ref[n]) < RTOL
     stack = lx.stack_adapters([adapters[n] for n in NAMES], names=NAMES)
-    for n in NAMES:
-        assert stack[n].fingerprint() == adapters[n].fingerprint()
+    for n in NAMES:  # (a stack keeps the union's order of the leaves)
+        back, mine = stack[n], adapters[n]
+        assert sorted(back.paths) == sorted(mine.paths)
+        for p in mine.paths:
+            for x, y in zip(back.weights[p], mine.weights[p]):
+                np.testing.assert_array_equal(x, y)
+        assert sorted(back.bias_deltas) == sorted(mine.bias_deltas)
+        for p, d in mine.bias_deltas.items():
+            np.testing.assert_array_equal(back.bias_deltas[p], d)
 
 
 def test_fingerprint_sees_bias_updates(setup):
@@ -125,18 +156,19 @@ def test_bank_checkpoint_export_and_combine_refuse(setup, tmp_path):
         lx.combine_adapters([c1, adapters["c2"]], [0.5, 0.5], method="cat")
 
 
-def test_export_round_trip(setup, tmp_path):
+def test_export_round_trip(kind_setup, tmp_path):
     """Written back as PEFT saves it (the whole head, `modules_to_save`), read
     back to the same adapter and the same logits."""
-    model, adapters, _, ref = setup
+    kind, (model, adapters, _, ref) = kind_setup
     ids = jnp.asarray(ref["input_ids"], jnp.int32)
+    heads = [k.removesuffix("/kernel").replace("/", ".") for k in HEADS[kind][0]]
     for n in NAMES:
         lx.save_peft_adapter(tmp_path / n, adapters[n], tree=model.params)
         config = json.loads((tmp_path / n / "adapter_config.json").read_text())
-        assert config["modules_to_save"] == ["classifier.dense", "classifier.out_proj"]
+        assert config["modules_to_save"] == heads
         tensors, _ = read_safetensors(tmp_path / n / "adapter_model.safetensors")
         original, _ = read_safetensors(
-            HERE / "adapters" / n / "adapter_model.safetensors"
+            ROOT / kind / "adapters" / n / "adapter_model.safetensors"
         )
         for key in original:
             if ".lora_" not in key:  # the saved head, as PEFT wrote it
