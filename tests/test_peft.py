@@ -1258,3 +1258,29 @@ def test_integer_factors_are_refused_by_the_adapter_and_the_bank(tmp_path):
             ad.alphas,
             ad.use_rslora,
         )
+
+
+def test_skip_modules_leaves_out_what_the_jax_model_does_not_run(tmp_path):
+    """PEFT's all-linear on a torch model adapts modules a Flax port lacks (a
+    pooler a masked-LM forward never uses): the "no leaf" error says how to leave
+    them out; `skip_modules` does, by name or prefix, and refuses a typo."""
+    rng = np.random.default_rng(4)
+    mods = {
+        "q_proj": _factors(rng, 4, 6, 2),
+        "pooler.dense": _factors(rng, 6, 6, 2),
+    }
+    path, params = _simple(tmp_path, {"target_modules": "all-linear"}, modules=mods)
+    with pytest.raises(lx.PeftFormatError, match=r"skip_modules=\['pooler.dense'\]"):
+        lx.load_peft_adapter(path, params)
+    for skip in (["pooler"], ["pooler.dense"], ["base_model.model.pooler"]):
+        ad = lx.load_peft_adapter(path, params, skip_modules=skip)
+        assert ad.paths == ("q_proj/kernel",)
+    only = _simple(tmp_path / "q", modules={"q_proj": mods["q_proj"]})[0]
+    assert (
+        lx.load_peft_adapter(path, params, skip_modules=["pooler"]).fingerprint()
+        == lx.load_peft_adapter(only, params).fingerprint()
+    )
+    with pytest.raises(lx.PeftFormatError, match="skip_modules names \\['poolr'\\]"):
+        lx.load_peft_adapter(path, params, skip_modules=["poolr"])
+    with pytest.raises(TypeError, match="list of PEFT module names"):
+        lx.load_peft_adapter(path, params, skip_modules="pooler")

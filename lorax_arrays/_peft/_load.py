@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from .._errors import PeftFormatError
 from .._safetensors import read_safetensors
 from .._targeting import LeafLayout
 from ._config import (
+    _PREFIX,
     CONFIG_NAME,
     WEIGHTS_NAME,
     _check_config,
@@ -47,6 +48,7 @@ def load_peft_adapter(
     key_map: Mapping[str, str] | Callable[[str], str | None] | None = None,
     dtype: Any = None,
     orientation: str | Mapping[str, str] | None = None,
+    skip_modules: Sequence[str] = (),
 ) -> Adapter:
     """Reads a Hugging Face PEFT LoRA, DoRA, IA3, VeRA, LoHa or LoKr directory as
     an `Adapter` for `tree`.
@@ -139,6 +141,12 @@ def load_peft_adapter(
         `(in_axes, out_axes)` (as in its LoraRule) for a multi-axis one, or a
         dict from a regex over tree paths to one of those; checked against the
         shapes.
+    - `skip_modules`: PEFT module names (or their prefixes, `'bert.pooler'`) to
+        leave out: for modules the torch model has and the JAX model does not
+        run (a pooler that a masked-LM forward never uses, PEFT's `all-linear`
+        on it). The update of a skipped module applies nowhere, which equals
+        PEFT only when that module does not affect the outputs you serve. Each
+        entry must name a module of the file (a typo is an error).
 
     **Returns:**
 
@@ -178,6 +186,7 @@ def load_peft_adapter(
 
     placed: dict[str, tuple[str, str]] = {}  # leaf path -> module
     found: list[Module] = []
+    factors = _skip(factors, skip_modules, weights_file)
     for module in sorted(factors):
         if not is_targeted(config, module):
             raise PeftFormatError(
@@ -189,7 +198,14 @@ def load_peft_adapter(
         try:
             leaf_path, at = leaves.locate(module, key_map)
         except PeftFormatError as e:
-            hint = _tied_table_hint(module, factors[module], leaves)
+            hint = _tied_table_hint(module, factors[module], leaves) or (
+                f" If the model you serve never runs {module!r} (a module of the "
+                "torch model that the JAX model leaves out, such as a pooler a "
+                f"masked-LM head does not use), leave it out with "
+                f"`skip_modules=[{module!r}]`."
+                if "no leaf" in str(e)
+                else ""
+            )
             if not hint:
                 raise
             raise PeftFormatError(f"{e}{hint}") from None
@@ -473,3 +489,32 @@ def _tied_table_hint(module: str, parts: dict, leaves: _Leaves) -> str:
         "the head only (the table read as `h @ E.T`), and lookups keep the base "
         "table, as in PEFT."
     )
+
+
+def _skip(factors: dict, skip_modules: Sequence[str], file: Path) -> dict:
+    """`factors` without the modules `skip_modules` names (a name, or a prefix
+    ending at a '.'); each entry must name at least one module."""
+    if isinstance(skip_modules, str) or not all(
+        isinstance(s, str) for s in skip_modules
+    ):
+        raise TypeError(
+            f"load_peft_adapter: skip_modules must be a list of PEFT module names, "
+            f"got {skip_modules!r}."
+        )
+    if not skip_modules:
+        return factors
+    wanted = [s.removeprefix(_PREFIX).strip(".") for s in skip_modules]
+
+    def skipped(module: str) -> str | None:
+        return next(
+            (s for s in wanted if module == s or module.startswith(s + ".")), None
+        )
+
+    used = {skipped(m) for m in factors} - {None}
+    unused = [s for s in wanted if s not in used]
+    if unused:
+        raise PeftFormatError(
+            f"{file}: skip_modules names {unused}, which is no module of the file "
+            f"(its modules: {sorted(factors)[:8]}{' ...' if len(factors) > 8 else ''})."
+        )
+    return {m: v for m, v in factors.items() if skipped(m) is None}
