@@ -147,13 +147,15 @@ class _Entry:
     # adapter has them.
     in_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
     out_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Its updates of bias leaves (`Adapter.bias_deltas`: PEFT's modules_to_save).
+    bias_deltas: dict[str, Any] = dataclasses.field(default_factory=dict)
     # An activated LoRA's invocation sequence (`Adapter.invocation_tokens`).
     invocation_tokens: tuple[int, ...] | None = None
 
 
 # What a bank can hold, beyond LoRA (and VeRA, which is served as the LoRA it
 # stands for): each kind's per-slot vectors cost memory and a multiply per row.
-KINDS = ("lora", "dora", "ia3")
+KINDS = ("lora", "dora", "ia3", "bias")
 
 
 def _write_slot(state, slot, new, n_stack):
@@ -176,6 +178,12 @@ def _write_slot(state, slot, new, n_stack):
             )
             for path, full in state[key].items()
         }
+    out["bias"] = {
+        path: lax.dynamic_update_index_in_dim(
+            full, new["bias"][path].astype(full.dtype), slot, 0
+        )
+        for path, full in state["bias"].items()
+    }
     for key in ("scales", "heads"):
         col = jnp.asarray(new[key], state[key].dtype)[:, None]
         out[key] = lax.dynamic_update_index_in_dim(state[key], col, slot, 1)
@@ -223,6 +231,11 @@ class AdapterBank:
         s·A B‖`, computed once when the adapter is added or updated (the base
         weight is frozen). A bank with vectors cannot serve a tied head or a
         row lookup of an adapted leaf (as a stack of such adapters cannot).
+        `"bias"` holds, per slot, an update `(slots, out)` of each 1-D `bias`
+        leaf next to an adapted leaf (in the same module): the biases of
+        modules trained in full (`Adapter.bias_deltas`, PEFT's
+        `modules_to_save`, a classification head), served per row by an
+        `lx.RowBias`.
     """
 
     def __init__(
@@ -255,6 +268,10 @@ class AdapterBank:
         if "dora" in self._kinds:
             base = dict(flatten_with_paths(tree)[0])
             self._base = {p: base[p] for p in self._leaves}
+        # Bias leaves next to adapted leaves: path -> (out, dtype).
+        self._biases: dict[str, tuple[int, np.dtype]] = {}
+        if "bias" in self._kinds:
+            self._biases = _bias_leaves(tree, self._leaves, dtype)
         # Made by XLA on the device (not `device_put` from NumPy, whose buffers
         # may alias host memory and so could not be donated and updated in place).
         self._state = jax.jit(self._empty_state)()
@@ -277,6 +294,10 @@ class AdapterBank:
                         for p, arrays in state[key].items()
                     }
                     for key in ("factors", "in", "out")
+                },
+                "bias": {
+                    p: jnp.take(x, take, axis=0, mode="clip")
+                    for p, x in state["bias"].items()
                 },
                 "scales": jnp.take(state["scales"], take, axis=1, mode="clip"),
                 "heads": jnp.take(state["heads"], take, axis=1, mode="clip"),
@@ -453,14 +474,22 @@ class AdapterBank:
                 f"AdapterBank.{what}: expected an Adapter, got "
                 f"{type(adapter).__name__}."
             )
-        if adapter.bias_deltas:
-            raise ValueError(
-                f"AdapterBank.{what}({name!r}): the adapter updates the biases "
-                f"{sorted(adapter.bias_deltas)} (modules trained in full, PEFT's "
-                "`modules_to_save`: a classification head), which a bank's slots "
-                "do not hold yet. Serve it from a stack: `lx.loraify(tree, "
-                "lx.stack_adapters(adapters, names=names), stack.indices(...))`."
-            )
+        for p, d in adapter.bias_deltas.items():
+            if "bias" not in self._kinds:
+                raise ValueError(
+                    f"AdapterBank.{what}({name!r}): the adapter updates the bias "
+                    f"{p!r} (a module trained in full, PEFT's `modules_to_save`: "
+                    f"a classification head), and this bank's slots hold "
+                    f"{self._kinds} only. Build the bank with "
+                    f"`kinds={_with(self._kinds, 'bias')}` to serve it."
+                )
+            if p not in self._biases or tuple(d.shape) != (self._biases[p][0],):
+                held = {q: (n,) for q, (n, _) in self._biases.items()}
+                raise ValueError(
+                    f"AdapterBank.{what}({name!r}): the adapter updates the bias "
+                    f"{p!r} with shape {tuple(d.shape)}; the bank holds updates "
+                    f"of {held} (the bias leaves next to its adapted leaves)."
+                )
         for p in adapter.paths:
             kind = adapter.kind(p)
             needs = {"dora": "dora", "ia3": "ia3", "lora+ia3": "ia3"}.get(kind)
@@ -492,8 +521,17 @@ class AdapterBank:
             nbytes += a.nbytes + b.nbytes
         nbytes += sum(v.nbytes for v in entry.in_vectors.values())
         nbytes += sum(v.nbytes for v in entry.out_vectors.values())
+        xp = np if on_host else jnp
+        biases = {
+            p: xp.asarray(d).astype(self._biases[p][1])
+            for p, d in adapter.bias_deltas.items()
+        }
+        nbytes += sum(v.nbytes for v in biases.values())
         return dataclasses.replace(
-            entry, nbytes=nbytes, invocation_tokens=adapter.invocation_tokens
+            entry,
+            nbytes=nbytes,
+            invocation_tokens=adapter.invocation_tokens,
+            bias_deltas=biases,
         )
 
     def _vectors(self, entry, adapter, lay, a, b, scale, on_host) -> None:
@@ -675,6 +713,7 @@ class AdapterBank:
             indices=slots,
             layouts=self.layouts,
             compact=compact and generations is None,
+            bias_deltas=dict(state["bias"]),
         )
 
     # -- internals ----------------------------------------------------------------
@@ -693,7 +732,17 @@ class AdapterBank:
                 ins[path] = jnp.ones((*stack, *lay.in_shape), leaf.dtype)
             if "ia3" in self._kinds or "dora" in self._kinds:
                 outs[path] = jnp.ones((*stack, *lay.out_shape), leaf.dtype)
-        return {"factors": factors, "in": ins, "out": outs, "scales": nan, "heads": nan}
+        bias = {
+            p: jnp.zeros((self._slots, n), dt) for p, (n, dt) in self._biases.items()
+        }
+        return {
+            "factors": factors,
+            "in": ins,
+            "out": outs,
+            "bias": bias,
+            "scales": nan,
+            "heads": nan,
+        }
 
     @staticmethod
     def _empty_slot(leaf: _Leaf, n: int, xp: Any = np) -> tuple[Any, Any]:
@@ -861,6 +910,14 @@ class AdapterBank:
             "factors": factors,
             "in": self._slot_vectors("in", entry),
             "out": self._slot_vectors("out", entry),
+            "bias": {
+                p: (
+                    entry.bias_deltas[p]
+                    if entry is not None and p in entry.bias_deltas
+                    else np.zeros((n,), dt)
+                )
+                for p, (n, dt) in self._biases.items()
+            },
             "scales": np.asarray(scales, np.float32),
             "heads": np.asarray(heads, np.float32),
         }
@@ -938,3 +995,31 @@ class AdapterBank:
             "out of date. A bank's indices are valid only with that bank, for the "
             "adapter version they were issued for." + fix
         )
+
+
+def _bias_leaves(
+    tree: Any, leaves: dict[str, _Leaf], dtype: Any
+) -> dict[str, tuple[int, np.dtype]]:
+    """The 1-D floating `bias` leaves of `tree` in the module of one of the
+    bank's adapted `leaves` (`.../out_proj/bias` next to `.../out_proj/kernel`,
+    NNX's `.../bias/value`), with their size and the dtype of their updates."""
+
+    def module(path: str) -> tuple[str, ...]:
+        parts = path.split("/")
+        while len(parts) > 1 and parts[-1] in ("value", "raw_value"):
+            parts = parts[:-1]
+        return tuple(parts[:-1])
+
+    modules = {module(p) for p in leaves}
+    out = {}
+    for path, leaf in flatten_with_paths(tree)[0]:
+        parts = path.split("/")
+        while len(parts) > 1 and parts[-1] in ("value", "raw_value"):
+            parts = parts[:-1]
+        if parts[-1] != "bias" or module(path) not in modules:
+            continue
+        shape = tuple(getattr(leaf, "shape", ()))
+        dt = getattr(leaf, "dtype", None)
+        if len(shape) == 1 and dt is not None and jnp.issubdtype(dt, jnp.inexact):
+            out[path] = (shape[0], np.dtype(dt if dtype is None else dtype))
+    return out

@@ -275,19 +275,11 @@ def with_indices(
     leaves, treedef = jtu.tree_flatten(tree, is_leaf=_is_lora)
     # Checked (and a bank's decoded) once for all the leaves that share them.
     served: dict[tuple[int, int], Any] = {}
-    found = False
+    found, biases = False, []
     for i, x in enumerate(leaves):
         if isinstance(x, RowBias):
             found = True
-            key = (None, x.n_adapters)
-            if key not in served:
-                served[key] = served_indices(
-                    indices, x.n_adapters, None, "with_indices"
-                )
-            changes = {"indices": served[key]}
-            if batch_axis is not None:
-                changes["batch_axis"] = batch_axis
-            leaves[i] = x.replace(**changes)
+            biases.append(i)
             continue
         if not _is_lora(x):
             continue
@@ -317,6 +309,8 @@ def with_indices(
         new = object.__new__(BatchedLoraArray)
         _dict_of(new).update(fields)
         leaves[i] = new
+    for i in biases:
+        leaves[i] = _bias_with_indices(leaves[i], indices, served, batch_axis)
     if not found and any(type(x).__name__ == "_QuaxTracer" for x in leaves):
         raise ValueError(
             "with_indices was called inside `lx.quaxify`, where the weights are "
@@ -330,6 +324,23 @@ def with_indices(
             "first with `lx.loraify(tree, adapters)`."
         )
     return jtu.tree_unflatten(treedef, leaves)
+
+
+def _bias_with_indices(x: RowBias, indices: Any, served: dict, batch_axis) -> RowBias:
+    """`x` with `indices`: those its tree's LoRA leaves of as many adapters were
+    given (a bank's issued indices, decoded into slots there), else checked
+    here."""
+    n = x.n_adapters
+    decoded = [v for (g, m), v in served.items() if m == n]
+    if decoded:
+        value = decoded[0]
+    else:
+        value = served_indices(indices, n, None, "with_indices")
+        served[(None, n)] = value
+    changes = {"indices": value}
+    if batch_axis is not None:
+        changes["batch_axis"] = batch_axis
+    return x.replace(**changes)
 
 
 _REPLACED = (

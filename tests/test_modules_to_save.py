@@ -142,11 +142,45 @@ def test_fingerprint_sees_bias_updates(setup):
     assert other.fingerprint() != c1.fingerprint()
 
 
+def test_bank_serves_heads(kind_setup):
+    """An `AdapterBank` with `kinds=("lora", "bias")` serves the heads as the
+    stack does, through loads, evictions and a compacted batch."""
+    _, (model, adapters, fwd, ref) = kind_setup
+    bank = lx.AdapterBank(
+        model.params, lx.LoraRule("kernel$", rank=16), slots=1, kinds=("bias",)
+    )
+    for n in NAMES:
+        bank.add(n, adapters[n])
+    ids = jnp.asarray(ref["input_ids"], jnp.int32)
+    names = [str(n) for n in ref["names"]]
+    for n in (*NAMES, "c1"):  # one slot: each batch evicts the other adapter
+        requests = [n, None, n, n, None]
+        out = fwd(lx.loraify(model.params, bank, bank.indices(requests)), ids)
+        want = np.where(
+            np.asarray([r is None for r in requests])[:, None], ref["base"], ref[n]
+        )
+        assert rel_err(out, want) < RTOL
+    bank2 = lx.AdapterBank(
+        model.params, lx.LoraRule("kernel$", rank=16), slots=4, kinds=("bias",)
+    )
+    for n in NAMES:
+        bank2.add(n, adapters[n])
+    served = bank2.served(bank2.indices(names), compact=True)
+    assert rel_err(fwd(lx.loraify(model.params, served), ids), ref["mixed"]) < RTOL
+    served = bank2.served(bank2.indices(names))
+    assert rel_err(fwd(lx.loraify(model.params, served), ids), ref["mixed"]) < RTOL
+    # A bank's issued indices, decoded for the biases as for the factors.
+    tree = lx.loraify(model.params, bank2, bank2.indices(names))
+    assert rel_err(fwd(tree, ids), ref["mixed"]) < RTOL
+    tree = lx.with_indices(tree, bank2.indices(["c2"] * len(names)))
+    assert rel_err(fwd(tree, ids), ref["c2"]) < RTOL
+
+
 def test_bank_checkpoint_export_and_combine_refuse(setup, tmp_path):
     model, adapters, _, _ = setup
     c1 = adapters["c1"]
     bank = lx.AdapterBank(model.params, lx.LoraRule("kernel$", rank=16), slots=2)
-    with pytest.raises(ValueError, match="modules_to_save"):
+    with pytest.raises(ValueError, match="modules_to_save.*'bias'"):
         bank.add("c1", c1)
     with pytest.raises(ValueError, match="modules_to_save"):
         lx.save_adapter(tmp_path / "ckpt", c1)
