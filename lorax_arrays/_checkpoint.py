@@ -51,13 +51,15 @@ from ._adapters import Adapter, AdapterStack
 from ._alora import check_invocation_tokens
 from ._errors import CheckpointError
 from ._layout import check_partition
-from ._paths import close_matches
+from ._paths import close_matches, flatten_with_paths
 from ._targeting import LeafLayout, candidate_leaves
 
 FORMAT = "lorax_arrays.adapter"
 # Format 2 adds the vectors of LoRA variants (DoRA, IA3); a checkpoint without
-# them is still written as format 1, which older versions read.
-FORMAT_VERSION = 2
+# them is still written as format 1, which older versions read. Format 3 adds
+# `bias_deltas` (PEFT's modules_to_save), which older versions would drop: only
+# checkpoints that have them are format 3.
+FORMAT_VERSION = 3
 # The manifest's array roles of the variants' vectors, and their Adapter fields.
 _VECTORS = {
     "magnitude": "magnitudes",
@@ -121,17 +123,9 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter | AdapterStack) -> No
             "save_adapter: expected an lx.Adapter or an lx.AdapterStack, got "
             f"{type(adapter).__name__}."
         )
-    if adapter.bias_deltas:
-        raise ValueError(
-            "save_adapter: the adapter updates the biases "
-            f"{sorted(adapter.bias_deltas)} (modules trained in full, PEFT's "
-            "`modules_to_save`), which orbax "
-            "checkpoints of lorax_arrays do not hold yet. Keep the PEFT directory "
-            "it was loaded from (or write one with `lx.save_peft_adapter(path, "
-            "adapter, tree=params)`)."
-        )
     root = Path(os.fspath(path))
     arrays, leaves = _flatten(adapter)
+    biases = _flatten_biases(adapter, arrays)
     _check_writable(root)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root, exclusive=True):
@@ -143,13 +137,15 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter | AdapterStack) -> No
             _fsync_tree(arrays_dir)
             manifest: dict[str, Any] = {
                 "format": FORMAT,
-                "format_version": 2 if _has_vectors(adapter) else 1,
+                "format_version": (3 if biases else 2 if _has_vectors(adapter) else 1),
                 "library_version": _library_version(),
                 "kind": "stack" if isinstance(adapter, AdapterStack) else "adapter",
                 "arrays_dir": name,
                 "leaves": leaves,
                 "files": _file_digests(arrays_dir),
             }
+            if biases:
+                manifest["bias_deltas"] = biases
             if isinstance(adapter, AdapterStack):
                 manifest["n_adapters"] = adapter.n_adapters
                 names = adapter.names
@@ -238,6 +234,29 @@ def _flatten(adapter: Adapter | AdapterStack) -> tuple[dict[str, np.ndarray], li
             }
         leaves.append(entry)
     return arrays, leaves
+
+
+def _flatten_biases(adapter: Adapter | AdapterStack, arrays: dict) -> list:
+    """The manifest's entries of `bias_deltas` (`(out,)`, or `(n, out)` for a
+    stack), their arrays added to `arrays` as `bias_<k>`."""
+    entries = []
+    for k, (path, d) in enumerate(sorted(adapter.bias_deltas.items())):
+        x = _to_host(d, path, "bias delta")
+        arrays[f"bias_{k}"] = x
+        entries.append(
+            {
+                "path": path,
+                "arrays": {
+                    "delta": {
+                        "key": f"bias_{k}",
+                        "dtype": x.dtype.name,
+                        "shape": list(x.shape),
+                        "sha256": _array_digest(x),
+                    }
+                },
+            }
+        )
+    return entries
 
 
 def _to_host(x: Any, path: str, role: str) -> np.ndarray:
@@ -417,11 +436,12 @@ def load_adapter(path: str | os.PathLike, tree: Any = None) -> Adapter | Adapter
         spec = _parse(manifest, mpath)
         if tree is not None:
             _check_tree(spec["layouts"], tree, root)
+            _check_tree_biases(spec["biases"], tree, root)
         arrays_dir = root / manifest["arrays_dir"]
         _verify_files(arrays_dir, manifest["files"], mpath)
         stored = {
             info["key"]
-            for entry in spec["arrays"]
+            for entry in (*spec["arrays"], *(e for _, e in spec["biases"]))
             for info in entry.values()
             if _size(info["shape"])
         }
@@ -619,12 +639,14 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
             heads.append(hd)
             variants.append(var)
             entries.append(entry)
+        biases = _parse_biases(manifest, layouts, n)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(
             f"{mpath}: the checkpoint's manifest is malformed ({type(e).__name__}: "
             f"{e}). {_ADVICE}"
         ) from e
     return dict(
+        biases=biases,
         kind=kind,
         names=names,
         layouts=tuple(layouts),
@@ -637,6 +659,44 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
         variants=tuple(variants),
         arrays=entries,
     )
+
+
+def _parse_biases(manifest: dict, layouts: list, n: int | None) -> list:
+    """The manifest's `bias_deltas` entries as `(path, arrays)`, validated:
+    `(out,)` updates for an adapter, `(n, out)` for a stack."""
+    out, seen = [], {lay.path for lay in layouts}
+    for item in manifest.get("bias_deltas", []):
+        path = item["path"]
+        if not isinstance(path, str) or path in seen:
+            raise ValueError(f"bias path {path!r} is not a new path")
+        seen.add(path)
+        entry = dict(item["arrays"])
+        if set(entry) != {"delta"}:
+            raise ValueError(f"bias {path!r}: arrays {sorted(entry)}")
+        info = entry["delta"]
+        shape = tuple(int(s) for s in info["shape"])
+        if len(shape) != (1 if n is None else 2) or (n is not None and shape[0] != n):
+            raise ValueError(f"bias {path!r}: delta of shape {shape}")
+        np.dtype(info["dtype"])
+        for field in ("key", "sha256"):
+            if not isinstance(info[field], str):
+                raise TypeError(f"bias {path!r}: {field} not a string")
+        out.append((path, entry))
+    return out
+
+
+def _check_tree_biases(biases: list, tree: Any, root: Path) -> None:
+    leaves = dict(flatten_with_paths(tree)[0])
+    for path, entry in biases:
+        want = tuple(entry["delta"]["shape"])[-1:]
+        got = tuple(getattr(leaves.get(path), "shape", ()) or ())
+        if path not in leaves or got != want:
+            raise ValueError(
+                f"load_adapter: the adapter at {str(root)!r} updates a bias of shape "
+                f"{want} at {path!r} (PEFT's modules_to_save), but the given tree "
+                + ("has no leaf there." if path not in leaves else f"has {got}.")
+                + " Was it saved for another model?"
+            )
 
 
 def _check_tree(layouts: tuple[LeafLayout, ...], tree: Any, root: Path) -> None:
@@ -733,7 +793,8 @@ def _check_arrays(
             f"{sorted(stored)}. {_ADVICE}"
         )
     out = []
-    for lay, entry in zip(spec["layouts"], spec["arrays"]):
+    pairs = [(lay.path, entry) for lay, entry in zip(spec["layouts"], spec["arrays"])]
+    for path, entry in pairs + list(spec["biases"]):
         got = {}
         for role, info in entry.items():
             dtype, shape = np.dtype(info["dtype"]), tuple(info["shape"])
@@ -741,7 +802,7 @@ def _check_arrays(
                 x = np.asarray(restored[info["key"]])
             else:
                 x = np.zeros(shape, dtype)
-            what = f"{arrays_dir}: the {role!r} array of {lay.path!r}"
+            what = f"{arrays_dir}: the {role!r} array of {path!r}"
             if x.dtype != dtype or x.shape != shape:
                 raise CheckpointError(
                     f"{what} was restored as {x.dtype}{x.shape}, but was saved as "
@@ -773,6 +834,11 @@ def _build(
         return y
 
     layouts = spec["layouts"]
+    arrays, bias_arrays = arrays[: len(layouts)], arrays[len(layouts) :]
+    bias_deltas = {
+        path: to_jax(got["delta"], path)
+        for (path, _), got in zip(spec["biases"], bias_arrays)
+    }
     weights = {
         lay.path: (to_jax(got["a"], lay.path), to_jax(got["b"], lay.path))
         for lay, got in zip(layouts, arrays)
@@ -802,6 +868,7 @@ def _build(
                 head_only=spec["head_only"],
                 invocation_tokens=spec["invocation_tokens"],
                 vera=vera,
+                bias_deltas=bias_deltas,
                 **vectors,
             )
         return AdapterStack(
@@ -819,6 +886,7 @@ def _build(
             head_only=spec["head_only"],
             invocation_tokens=spec["invocation_tokens"],
             variants=spec["variants"],
+            bias_deltas=bias_deltas,
             **vectors,
         )
     except ValueError as e:

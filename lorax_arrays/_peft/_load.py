@@ -55,8 +55,8 @@ def load_peft_adapter(
 
     No PyTorch is needed. Every weight in the file must find its leaf, and every
     config entry must be one lorax_arrays serves faithfully: anything else (a
-    trained bias, `modules_to_save`, another `peft_type`, an unknown key) is an
-    error that names it, never a partial load.
+    trained bias, another `peft_type`, an unknown key) is an error that names
+    it, never a partial load.
 
     - **Variants.** Each maps onto the fields of [`lorax_arrays.Adapter`][]:
         - DoRA (`use_dora: true`): `lora_A`/`lora_B` as for LoRA, and each
@@ -82,6 +82,16 @@ def load_peft_adapter(
           `kron(w1, w2)` (each factor full or `_a @ _b`) rank `rank(w1)·rank(w2)`;
           both at most `min(out, in)`. Convolutions are refused.
 
+    - **Modules trained in full** (`modules_to_save`: a `task_type="SEQ_CLS"`
+      adapter's classification head, saved whole as `<module>.weight` and
+      `.bias`): each saved Linear's weight `W_i` becomes an exact full-rank
+      LoRA leaf `W_i - W` (scale 1, rank `min(in, out)`: small for a head), and
+      its bias the update `bias_deltas[path] = b_i - b` of the tree's bias leaf
+      next to it, served per row by an `lx.RowBias`. Weights and biases equal to
+      the model's add nothing. Refused: a saved module that is not a Linear
+      (another parameter, a weight that is not 2-D), a weight whose shape
+      contradicts the leaf (another number of labels), a bias with no bias
+      leaf, a saved embedding table that differs from the model's.
     - **Activated LoRA** (`alora_invocation_tokens`): a plain LoRA whose
       `invocation_tokens` are kept on the adapter; a stack or bank places it per
       token from the requests' `input_ids` (`stack.indices(names, input_ids=...)`).
