@@ -448,7 +448,6 @@ def _simple(tmp_path, config=None, extra=None, modules=None):
         ({"target_modules": "k_.*"}, "does not select"),
         ({"r": "eight"}, "expected a rank >= 1"),
         ({"r": 0}, "expected a rank >= 1"),
-        ({"lora_alpha": float("nan")}, "expected a finite number"),
         # Malformed fields: each names the file and the field, never a raw error.
         ({"target_modules": "q_(proj"}, "'target_modules' holds 'q_\\(proj'.*regular"),
         ({"target_modules": 5}, "'target_modules' is 5; expected a regex"),
@@ -1284,3 +1283,12 @@ def test_skip_modules_leaves_out_what_the_jax_model_does_not_run(tmp_path):
         lx.load_peft_adapter(path, params, skip_modules=["poolr"])
     with pytest.raises(TypeError, match="list of PEFT module names"):
         lx.load_peft_adapter(path, params, skip_modules="pooler")
+
+
+def test_non_finite_alphas_in_the_config_are_non_finite_adapters(tmp_path):
+    for i, cfg in enumerate(
+        [{"lora_alpha": float("nan")}, {"alpha_pattern": {"q_proj": float("inf")}}]
+    ):
+        path, params = _simple(tmp_path / str(i), cfg)
+        with pytest.raises(lx.NonFiniteAdapterError, match="adapter_config.json"):
+            lx.load_peft_adapter(path, params)

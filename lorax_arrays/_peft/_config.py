@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._errors import PeftFormatError
+from .._errors import NonFiniteAdapterError, PeftFormatError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -153,6 +153,13 @@ def _check_names_field(config: dict, key: str, file: Path) -> None:
             )
 
 
+def _non_finite(file: Path, field: str, value: float) -> NonFiniteAdapterError:
+    return NonFiniteAdapterError(
+        f"{file}: {field} is {value!r}: a non-finite alpha makes every output of "
+        "the adapter NaN or infinite (corrupt or diverged); fix the config."
+    )
+
+
 def _check_fields(config: dict, file: Path) -> None:
     """The types and regexes of the fields that decide which modules an adapter
     has and their ranks: each wrong one is an error naming the file and field."""
@@ -165,6 +172,8 @@ def _check_fields(config: dict, file: Path) -> None:
         for k, v in value.items():
             _check_regex(k, f"{key!r} key", file, wrap=(r"(.*\.)?(", r")$"))
             ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if ok and key == "alpha_pattern" and not math.isfinite(v):
+                raise _non_finite(file, f"{key}[{k!r}]", v)
             if key == "rank_pattern":
                 ok = ok and float(v).is_integer() and v >= 1
             if not ok or not math.isfinite(v):
@@ -277,6 +286,9 @@ def _check_config(config: dict, file: Path) -> None:
         )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key == "lora_alpha" and number and not math.isfinite(value):
+            raise _non_finite(file, repr(key), value)
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
