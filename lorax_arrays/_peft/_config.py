@@ -22,7 +22,6 @@ _PREFIX = "base_model.model."
 _UNSUPPORTED = {
     "lora_bias": "a LoRA bias (`lora_bias=True`)",
     "layer_replication": "layer replication (`layer_replication`)",
-    "trainable_token_indices": "trainable tokens (`trainable_token_indices`)",
     "target_parameters": "LoRA on bare parameters (`target_parameters`)",
     "use_qalora": "QALoRA (`use_qalora=True`)",
     "use_bdlora": "block-diagonal LoRA (`use_bdlora`)",

@@ -39,6 +39,7 @@ from ._names import _EMBEDDING_MODULES, _Leaves, _module_parts
 from ._orientation import _orient
 from ._records import Module
 from ._saved import saved_leaves, saved_names, split_saved
+from ._tokens import check_token_config, split_tokens, token_ids, token_module
 
 
 def load_peft_adapter(
@@ -167,6 +168,7 @@ def load_peft_adapter(
     config = _read_config(directory)
     config_file = directory / CONFIG_NAME
     _check_config(config, config_file)
+    check_token_config(config, config_file)
     weights_file = directory / WEIGHTS_NAME
     if not weights_file.exists():
         other = directory / "adapter_model.bin"
@@ -180,8 +182,9 @@ def load_peft_adapter(
     tensors, _ = read_safetensors(weights_file)
     peft_type = _peft_type(config)
     tensors, saved = split_saved(tensors, saved_names(config, config_file))
+    tensors, new_rows = split_tokens(tensors, _PREFIX, weights_file)
     factors, kinds, base_copies, shared = _parse_keys(tensors, weights_file, config)
-    if not factors and not saved:
+    if not factors and not saved and not new_rows:
         raise PeftFormatError(f"{weights_file}: the file holds no adapter weights.")
 
     leaves = _Leaves(tree)
@@ -322,6 +325,40 @@ def load_peft_adapter(
                 weight_name=_module_parts(leaf_path)[1],
                 vec=vec,
                 conv_groups=conv_groups,
+            )
+        )
+
+    spec = config.get("trainable_token_indices")
+    named = list(spec) if isinstance(spec, dict) else [None] if spec else []
+    for name in named:
+        if not any(
+            name is None or m == name or m.endswith("." + name) for m in new_rows
+        ):
+            raise PeftFormatError(
+                f"{weights_file}: the config's trainable_token_indices={spec!r} has "
+                f"no rows in the file (no '...token_adapter.trainable_tokens_delta' "
+                f"key{'' if name is None else f' for {name!r}'}): the directory's "
+                "two files do not belong together."
+            )
+    for module in sorted(new_rows):
+        leaf_path, at = leaves.locate(module, key_map)
+        if at is not None or any(f.path == leaf_path for f in found):
+            raise PeftFormatError(
+                f"load_peft_adapter: {weights_file} has trainable tokens for "
+                f"{module!r} and, on the same leaf {leaf_path!r}, a LoRA "
+                "or a layer-stack entry: lorax_arrays serves trainable tokens on "
+                "a whole embedding table without another update on it (not yet "
+                "both)."
+            )
+        found.append(
+            token_module(
+                module,
+                new_rows[module],
+                token_ids(config, module, weights_file),
+                leaf_path,
+                leaves.by_path[leaf_path][0],
+                rslora,
+                weights_file,
             )
         )
 

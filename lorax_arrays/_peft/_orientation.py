@@ -171,7 +171,7 @@ def _orient(found: list[Module], orientation, fan_in_fan_out: bool = False) -> N
                     f"out={n_out}, but the eqx.nn.Linear weight {f.path!r} has "
                     f"shape {shape} (an (out, in) weight): wrong model or key_map."
                 )
-        elif f.kind == "embedding" and len(shape) == 2:
+        elif f.kind in ("embedding", "tokens") and len(shape) == 2:
             f.groups = _GROUPS["in_out"]  # JAX embedding tables are (vocab, dim)
             if f.groups not in fits:
                 raise PeftFormatError(

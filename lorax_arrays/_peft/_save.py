@@ -202,6 +202,7 @@ def save_peft_adapter(
     config: Mapping[str, Any] | None = None,
     conv: str | Collection[str] | None = None,
     tree: Any = None,
+    untied_embeddings: bool = False,
 ) -> None:
     """Writes `adapter` as a PEFT directory that `PeftModel.from_pretrained` loads
     onto the torch model, meaning there what it means here (the exact inverse of
@@ -288,6 +289,12 @@ def save_peft_adapter(
         it, `<module>.weight` = the tree's weight plus the adapter's update
         there (torch's `(out, in)`) and `<module>.bias` = the tree's bias plus
         its update, and listed in `modules_to_save`.
+    - `untied_embeddings`: say that no output head reads the adapter's embedding
+        tables (an untied model: Llama, Mistral). PEFT's embedding LoRA changes
+        lookups only, so an update that applies to every read of a table (made
+        with `lx.init_adapter`, or PEFT's trainable tokens) is only written as
+        one when this is set; on a model whose head is tied to the table
+        (GPT-2, GPT-Neo) PEFT would serve the head without it.
 
     **Returns:**
 
@@ -388,6 +395,18 @@ def save_peft_adapter(
                     "embedding dimension, and its IA3 has no embedding layer), "
                     "and load_peft_adapter refuses it. Save an adapter without "
                     "that leaf."
+                )
+            j = adapter.paths.index(lay.path)
+            if embedding and not adapter.lookup_only[j] and not untied_embeddings:
+                raise ValueError(
+                    f"save_peft_adapter: {lay.path!r} (PEFT module {name!r}) is "
+                    "written as PEFT's embedding LoRA, which changes lookups only, "
+                    "but this adapter's update there applies to every read of the "
+                    "table (an adapter made with lx.init_adapter, or trainable "
+                    "tokens): on a model whose output head is tied to this table "
+                    "(GPT-2, GPT-Neo) PEFT would serve the head without it. If no "
+                    "head reads the table (an untied model: Llama, Mistral), pass "
+                    "`untied_embeddings=True`."
                 )
             if (
                 weight_name == "kernel"
