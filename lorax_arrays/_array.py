@@ -375,24 +375,18 @@ class BatchedLoraArray(quax.ArrayValue):
         if not all(v.allow_materialise for v in loras):
             lora = next(v for v in loras if not v.allow_materialise)
             raise UnsupportedOperationError(_unsupported_message(primitive, lora))
-        arrays = []
-        for v in values:
-            if isinstance(v, BatchedLoraArray):
-                if v.indices is not None and v.indices.ndim > 0:
-                    raise UnsupportedOperationError(
-                        scalar_needed_message(
-                            f"`{primitive.name}` has no low-rank rule, and "
-                            "materialising was allowed (or register a rule for "
-                            f"`{primitive.name}` with `lx.register`)",
-                            v.indices.shape,
-                        )
-                    )
-                arrays.append(v.materialise())
-            elif isinstance(v, quax.Value):
-                arrays.append(type(v).materialise(v))
-            else:
-                arrays.append(v)
-        return primitive.bind(*arrays, **params)
+        return bind_materialised(
+            primitive,
+            values,
+            params,
+            BatchedLoraArray,
+            lambda v: scalar_needed_message(
+                f"`{primitive.name}` has no low-rank rule, and materialising was "
+                f"allowed (or register a rule for `{primitive.name}` with "
+                "`lx.register`)",
+                v.indices.shape,
+            ),
+        )
 
     # -- used outside quaxify ---------------------------------------------------
     #
@@ -545,6 +539,25 @@ class BatchedLoraArray(quax.ArrayValue):
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(BatchedLoraArray))
+
+
+def bind_materialised(primitive, values, params, kind: type, per_row_error) -> Any:
+    """`primitive` bound on `values` with every quax value made a plain array:
+    those of type `kind` through their own `materialise` (refused with
+    `per_row_error(value)` where their indices are per row: one dense array
+    cannot hold every row's), other quax values through theirs. The `default`
+    of lorax_arrays' array types."""
+    arrays = []
+    for v in values:
+        if isinstance(v, kind):
+            if v.indices is not None and v.indices.ndim > 0:
+                raise UnsupportedOperationError(per_row_error(v))
+            arrays.append(v.materialise())
+        elif isinstance(v, quax.Value):
+            arrays.append(type(v).materialise(v))
+        else:
+            arrays.append(v)
+    return primitive.bind(*arrays, **params)
 
 
 def swap_in_out(lora: BatchedLoraArray) -> BatchedLoraArray:

@@ -32,6 +32,7 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from . import _lax
+from ._array import bind_materialised
 from ._errors import UnsupportedOperationError
 from ._indices import (
     UnsetIndicesError,
@@ -136,17 +137,13 @@ class RowBias(quax.ArrayValue):
 
     @staticmethod
     def default(primitive, values, params):
-        arrays = []
-        for v in values:
-            if isinstance(v, RowBias):
-                if v.indices is not None and v.indices.ndim > 0:
-                    raise UnsupportedOperationError(_per_row_message(v, primitive))
-                arrays.append(v.materialise())
-            elif isinstance(v, quax.Value):
-                arrays.append(type(v).materialise(v))
-            else:
-                arrays.append(v)
-        return primitive.bind(*arrays, **params)
+        return bind_materialised(
+            primitive,
+            values,
+            params,
+            RowBias,
+            lambda v: _per_row_message(v, primitive),
+        )
 
     def replace(self, **changes: Any) -> RowBias:
         """A copy with some fields changed, unchecked."""
