@@ -14,7 +14,12 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._alora import check_invocation_tokens, concrete_input_ids, per_token
+from ._alora import (
+    check_invocation_tokens,
+    concrete_input_ids,
+    per_token,
+    require_input_ids,
+)
 from ._array import dense
 from ._errors import LoraIndexError, NonFiniteAdapterError
 from ._indices import out_of_range_message
@@ -728,15 +733,7 @@ class AdapterStack(eqx.Module):
             raise LoraIndexError(out_of_range_message(bad[0], n))
         tokens = [None if w < 0 else self.invocation_tokens[w] for w in out]
         if input_ids is None:
-            activated = [w for w, t in zip(which, tokens) if t is not None]
-            if activated:
-                raise ValueError(
-                    f"AdapterStack.indices: {activated[0]!r} is an activated LoRA "
-                    "(invocation_tokens): it applies from its invocation sequence "
-                    "on, which only the tokens show. Pass "
-                    "`input_ids=` (the batch's tokens) for per-token indices; for "
-                    "decode steps after that prompt use their last column."
-                )
+            require_input_ids(which, tokens, "AdapterStack.indices")
             return jnp.asarray(np.asarray(out, dtype=np.int32))
         ids = concrete_input_ids(input_ids, len(out), "AdapterStack.indices")
         grid = per_token(out, ids, tokens.__getitem__, -1)

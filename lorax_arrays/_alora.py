@@ -46,6 +46,22 @@ def activation_start(row: np.ndarray, tokens: tuple[int, ...]) -> int:
     return n
 
 
+def require_input_ids(
+    entries: Sequence[Any], tokens: Sequence[tuple[int, ...] | None], what: str
+) -> None:
+    """Refuses per-request indices for a batch that names an activated LoRA
+    (`tokens[i]` the invocation of `entries[i]`'s adapter, or None): only the
+    tokens say where it starts."""
+    activated = [e for e, t in zip(entries, tokens) if t is not None]
+    if activated:
+        raise ValueError(
+            f"{what}: {activated[0]!r} is an activated LoRA (invocation_tokens): it "
+            "applies from its invocation sequence on, which only the tokens show. "
+            "Pass `input_ids=` (the batch's tokens) for per-token indices; for "
+            "decode steps after that prompt use their last column."
+        )
+
+
 def concrete_input_ids(input_ids: Any, n_rows: int, what: str) -> np.ndarray:
     """`input_ids` as a `(batch, seq)` integer NumPy array with `n_rows` rows."""
     if isinstance(input_ids, jax.core.Tracer):

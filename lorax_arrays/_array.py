@@ -23,7 +23,7 @@ from ._indices import (
     clamp_indices,
     coerce_indices,
     gathered_scale,
-    guard_rows,
+    guarded_take,
     require_indices,
     scalar_needed_message,
     scale_rows,
@@ -635,17 +635,11 @@ def materialise_per_example(
 def per_example(lora: BatchedLoraArray, vec: Array, indices: Array) -> Array:
     """A per-adapter vector `(*stack, n_adapters, *rest)` at each example's
     adapter: `(*stack, *indices.shape, *rest)`, all ones for base rows (`-1`)."""
-    # One gather from `[ones, *vec, NaN]` along the adapter axis, at each index's
-    # guarded row (`guard_rows`): a base row reads the ones, never an adapter's
-    # vector (a non-finite one stays in its own rows), and an index outside
-    # `[-1, n)` reads NaN, as `gathered_scale` gives the low-rank term, so a leaf
-    # with no low-rank term (IA3 alone, rank 0) is guarded too.
-    ns = lora.layout.n_stack
-    edge = vec.shape[:ns] + (1,) + vec.shape[ns + 1 :]
-    table = jnp.concatenate(
-        [jnp.ones(edge, vec.dtype), vec, jnp.full(edge, jnp.nan, vec.dtype)], ns
-    )
-    return take(table, guard_rows(indices, lora.n_adapters), ns)
+    # A base row reads ones, never an adapter's vector (a non-finite one stays in
+    # its own rows), and an index outside `[-1, n)` reads NaN, as
+    # `gathered_scale` gives the low-rank term, so a leaf with no low-rank term
+    # (IA3 alone, rank 0) is guarded too.
+    return guarded_take(vec, 1.0, indices, lora.layout.n_stack)
 
 
 def dense(w: Any) -> Any:

@@ -41,7 +41,7 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Int
 
 from ._adapters import BASE, Adapter, AdapterStack
-from ._alora import concrete_input_ids, per_token
+from ._alora import concrete_input_ids, per_token, require_input_ids
 from ._compat import tracing
 from ._errors import LoraIndexError, StaleIndicesError
 from ._indices import (
@@ -51,7 +51,7 @@ from ._indices import (
     issued_value,
     unrepresentable_message,
 )
-from ._paths import close_matches, flatten_with_paths
+from ._paths import bias_leaves, close_matches, flatten_with_paths, unwrapped_parts
 from ._served import ServedAdapters, dora_norms
 from ._targeting import LeafLayout, LoraRule, match_rules
 
@@ -607,10 +607,8 @@ class AdapterBank:
         slots.
         """
         grid = self._name_grid(names)
-        grid = self._activated(grid, input_ids)
+        grid = self._activated(grid, input_ids)  # checks every name is known
         wanted = list(dict.fromkeys(n for n in grid.flat if n is not None))
-        for n in wanted:
-            self._known(n, "AdapterBank.indices")
         if len(wanted) > self._slots:
             raise ValueError(
                 f"AdapterBank.indices: this batch uses {len(wanted)} distinct "
@@ -809,15 +807,8 @@ class AdapterBank:
             return None if n is None else self._adapters[n].invocation_tokens
 
         if input_ids is None:
-            activated = [n for n in grid.flat if tokens(n) is not None]
-            if activated:
-                raise ValueError(
-                    f"{what}: {activated[0]!r} is an activated LoRA "
-                    "(invocation_tokens): it applies from its invocation sequence "
-                    "on, which only the tokens show. Pass `input_ids=` (the "
-                    "batch's tokens) for per-token indices; for decode steps "
-                    "after that prompt use their last column."
-                )
+            names = list(grid.flat)
+            require_input_ids(names, [tokens(n) for n in names], what)
             return grid
         if grid.ndim != 1:
             raise ValueError(
@@ -825,11 +816,8 @@ class AdapterBank:
                 f"got names of shape {grid.shape}."
             )
         ids = concrete_input_ids(input_ids, grid.shape[0], what)
-        rows = per_token(list(grid), ids, lambda i: tokens(grid[i]), None)
         out = np.empty(ids.shape, dtype=object)
-        for i, row in enumerate(rows):
-            for j, n in enumerate(row):
-                out[i, j] = n
+        out[...] = per_token(list(grid), ids, lambda i: tokens(grid[i]), None)
         return out
 
     def _name_grid(self, names: Sequence[Any]) -> np.ndarray:
@@ -1003,23 +991,13 @@ def _bias_leaves(
     """The 1-D floating `bias` leaves of `tree` in the module of one of the
     bank's adapted `leaves` (`.../out_proj/bias` next to `.../out_proj/kernel`,
     NNX's `.../bias/value`), with their size and the dtype of their updates."""
-
-    def module(path: str) -> tuple[str, ...]:
-        parts = path.split("/")
-        while len(parts) > 1 and parts[-1] in ("value", "raw_value"):
-            parts = parts[:-1]
-        return tuple(parts[:-1])
-
-    modules = {module(p) for p in leaves}
+    modules = {unwrapped_parts(p)[:-1] for p in leaves}
     out = {}
-    for path, leaf in flatten_with_paths(tree)[0]:
-        parts = path.split("/")
-        while len(parts) > 1 and parts[-1] in ("value", "raw_value"):
-            parts = parts[:-1]
-        if parts[-1] != "bias" or module(path) not in modules:
-            continue
+    for module, (path, leaf) in bias_leaves(tree).items():
         shape = tuple(getattr(leaf, "shape", ()))
         dt = getattr(leaf, "dtype", None)
-        if len(shape) == 1 and dt is not None and jnp.issubdtype(dt, jnp.inexact):
+        if module not in modules or len(shape) != 1 or dt is None:
+            continue
+        if jnp.issubdtype(dt, jnp.inexact):
             out[path] = (shape[0], np.dtype(dt if dtype is None else dtype))
     return out

@@ -223,15 +223,7 @@ def _flatten(adapter: Adapter | AdapterStack) -> tuple[dict[str, np.ndarray], li
             parts.update(zip(_VERA, adapter.vera[lay.path]))
         entry["arrays"] = {}
         for role, x in parts.items():
-            key = f"{role}_{i}"
-            x = _to_host(x, lay.path, role)
-            arrays[key] = x
-            entry["arrays"][role] = {
-                "key": key,
-                "dtype": x.dtype.name,
-                "shape": list(x.shape),
-                "sha256": _array_digest(x),
-            }
+            entry["arrays"][role] = _put(arrays, f"{role}_{i}", x, lay.path, role)
         leaves.append(entry)
     return arrays, leaves
 
@@ -239,24 +231,24 @@ def _flatten(adapter: Adapter | AdapterStack) -> tuple[dict[str, np.ndarray], li
 def _flatten_biases(adapter: Adapter | AdapterStack, arrays: dict) -> list:
     """The manifest's entries of `bias_deltas` (`(out,)`, or `(n, out)` for a
     stack), their arrays added to `arrays` as `bias_<k>`."""
-    entries = []
-    for k, (path, d) in enumerate(sorted(adapter.bias_deltas.items())):
-        x = _to_host(d, path, "bias delta")
-        arrays[f"bias_{k}"] = x
-        entries.append(
-            {
-                "path": path,
-                "arrays": {
-                    "delta": {
-                        "key": f"bias_{k}",
-                        "dtype": x.dtype.name,
-                        "shape": list(x.shape),
-                        "sha256": _array_digest(x),
-                    }
-                },
-            }
-        )
-    return entries
+    return [
+        {
+            "path": path,
+            "arrays": {"delta": _put(arrays, f"bias_{k}", d, path, "bias delta")},
+        }
+        for k, (path, d) in enumerate(sorted(adapter.bias_deltas.items()))
+    ]
+
+
+def _put(arrays: dict, key: str, x: Any, path: str, role: str) -> dict:
+    """`x` on the host as `arrays[key]`, and its manifest entry."""
+    x = arrays[key] = _to_host(x, path, role)
+    return {
+        "key": key,
+        "dtype": x.dtype.name,
+        "shape": list(x.shape),
+        "sha256": _array_digest(x),
+    }
 
 
 def _to_host(x: Any, path: str, role: str) -> np.ndarray:
@@ -627,10 +619,7 @@ def _parse(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
                         f"{lay.path!r}: {role} has shape {tuple(info['shape'])}, "
                         f"its layout needs {shapes[role]}"
                     )
-                np.dtype(info["dtype"])  # a dtype this NumPy / ml_dtypes knows
-                for field in ("key", "sha256"):
-                    if not isinstance(info[field], str):
-                        raise TypeError(f"{lay.path!r}: {role} {field} not a string")
+                _check_info(info, f"{lay.path!r}: {role}")
             layouts.append(lay)
             ranks.append(r)
             alphas.append(al)
@@ -677,12 +666,18 @@ def _parse_biases(manifest: dict, layouts: list, n: int | None) -> list:
         shape = tuple(int(s) for s in info["shape"])
         if len(shape) != (1 if n is None else 2) or (n is not None and shape[0] != n):
             raise ValueError(f"bias {path!r}: delta of shape {shape}")
-        np.dtype(info["dtype"])
-        for field in ("key", "sha256"):
-            if not isinstance(info[field], str):
-                raise TypeError(f"bias {path!r}: {field} not a string")
+        _check_info(info, f"bias {path!r}")
         out.append((path, entry))
     return out
+
+
+def _check_info(info: dict, what: str) -> None:
+    """An array's manifest entry names a known dtype, and its key and digest
+    are strings."""
+    np.dtype(info["dtype"])  # a dtype this NumPy / ml_dtypes knows
+    for field in ("key", "sha256"):
+        if not isinstance(info[field], str):
+            raise TypeError(f"{what} {field} not a string")
 
 
 def _check_tree_biases(biases: list, tree: Any, root: Path) -> None:

@@ -425,11 +425,21 @@ def gathered_scale(scale: Array, indices: Array) -> Array:
     end: as many jaxpr equations (six) as the unguarded
     `select(i >= 0, scale[i], 0)` it replaced.
     """
-    n = scale.shape[0]
+    return guarded_take(scale, 0.0, indices)
+
+
+def guarded_take(rows: Array, base: float, indices: Array, axis: int = 0) -> Array:
+    """`rows[indices]` along `axis` (the adapter axis, `n` long): `base` for a
+    `-1` (base) index and NaN for one outside `[-1, n)`, whatever `rows` hold, so
+    a base row never reads an adapter's (possibly non-finite) values and a bad
+    traced index is reported. One gather from the table `[base, *rows, NaN]` at
+    `guard_rows(indices)`; the result has `indices`' axes in place of `axis`."""
+    edge = rows.shape[:axis] + (1,) + rows.shape[axis + 1 :]
     table = lax.concatenate(
-        [np.zeros((1,), scale.dtype), scale, np.full((1,), np.nan, scale.dtype)], 0
+        [np.full(edge, base, rows.dtype), rows, np.full(edge, np.nan, rows.dtype)],
+        axis,
     )
-    return _lax.take(table, guard_rows(indices, n), 0)
+    return _lax.take(table, guard_rows(indices, rows.shape[axis]), axis)
 
 
 def guard_rows(indices: Array, n: int) -> Array:

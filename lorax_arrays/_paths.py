@@ -109,3 +109,28 @@ def flatten_with_path_names(
 def close_matches(path: str, known: Iterable[str]) -> str:
     near = difflib.get_close_matches(path, list(known), n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(p) for p in near)}?" if near else ""
+
+
+# Trailing components that wrap a value rather than name it (NNX's
+# `.../kernel/value`).
+VALUE_NAMES = ("value", "raw_value")
+
+
+def unwrapped_parts(path: str) -> tuple[str, ...]:
+    """A '/'-joined path's components without trailing value wrappers:
+    `'dense/bias/value'` -> `('dense', 'bias')`."""
+    parts = path.split("/")
+    while len(parts) > 1 and parts[-1] in VALUE_NAMES:
+        parts = parts[:-1]
+    return tuple(parts)
+
+
+def bias_leaves(tree: Any) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """The tree's leaves named `bias` (`.../k_proj/bias`, NNX's
+    `.../bias/value`), by the components of their module: `(path, leaf)`."""
+    out = {}
+    for path, leaf in flatten_with_paths(tree)[0]:
+        parts = unwrapped_parts(path)
+        if parts[-1] == "bias":
+            out[parts[:-1]] = (path, leaf)
+    return out

@@ -39,7 +39,7 @@ from ._indices import (
     align_indices,
     check_indices,
     coerce_indices,
-    guard_rows,
+    guarded_take,
 )
 
 
@@ -182,13 +182,8 @@ def _per_row_message(rb: RowBias, primitive) -> str:
 def _row_values(rb: RowBias, idx: Array) -> Array:
     """`b + deltas[idx]`: `(*idx.shape, out)`, `b` for `-1`, NaN for an index
     outside `[-1, n)` (as a LoRA's rows)."""
-    d = rb.deltas
-    out = d.shape[1]
-    table = lax.concatenate(
-        [jnp.zeros((1, out), d.dtype), d, jnp.full((1, out), jnp.nan, d.dtype)], 0
-    )
-    rows = _lax.take(table, guard_rows(idx, rb.n_adapters), 0)
-    dt = jnp.promote_types(rb.b.dtype, d.dtype)
+    rows = guarded_take(rb.deltas, 0.0, idx)
+    dt = jnp.promote_types(rb.b.dtype, rb.deltas.dtype)
     return (rb.b.astype(dt) + rows.astype(dt)).astype(rb.b.dtype)
 
 

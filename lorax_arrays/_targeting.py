@@ -121,6 +121,11 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
+def lora_alpha(scale: float, rank: int, use_rslora: bool) -> float:
+    """The alpha that gives `scale` at `rank` (`lora_scale` inverted)."""
+    return float(scale * (math.sqrt(rank) if use_rslora else rank))
+
+
 VARIANTS = ("lora", "dora", "ia3", "ia3_feedforward", "vera")
 
 

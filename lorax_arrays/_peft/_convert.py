@@ -14,10 +14,9 @@ import numpy as np
 
 from .._array import dense
 from .._errors import PeftFormatError
-from .._paths import flatten_with_paths
-from .._targeting import lora_scale
+from .._targeting import lora_alpha, lora_scale
 from ._config import _WHAT
-from ._names import _VALUE_NAMES, _module_parts
+from ._names import _module_parts
 from ._records import Module
 
 
@@ -58,19 +57,6 @@ def _conv_module(module: str, a, b, shape, path: str):
     perm, groups = next(iter(fits.values()))
     a = np.transpose(a, perm).reshape(-1, r).T
     return a, b.reshape(n_out, r), groups
-
-
-def _bias_modules(tree: Any) -> dict[tuple[str, ...], str]:
-    """The tree's bias leaves (`.../k_proj/bias`, NNX's `.../bias/value`) by the
-    path components of their module."""
-    out = {}
-    for path, _ in flatten_with_paths(tree)[0]:
-        parts = path.split("/")
-        while len(parts) > 1 and parts[-1] in _VALUE_NAMES:
-            parts = parts[:-1]
-        if len(parts) > 1 and parts[-1] == "bias":
-            out[tuple(parts[:-1])] = path
-    return out
 
 
 def _is_feedforward(config: Mapping[str, Any], key: str) -> bool | None:
@@ -279,8 +265,7 @@ def _stack_entries(fs: list[Module], rslora: bool):
             b_e = (b_e.astype(np.float64) * (s / s_leaf)).astype(dtype)
         a[(*at, Ellipsis, slice(0, r))] = a_e
         b[(*at, slice(0, r))] = b_e
-    # The alpha that gives the leaf's scale at rank r_max (`lora_scale` inverted).
-    return a, b, r_max, s_leaf * (math.sqrt(r_max) if rslora else r_max)
+    return a, b, r_max, lora_alpha(s_leaf, r_max, rslora)
 
 
 def _most_common(values):

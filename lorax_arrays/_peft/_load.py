@@ -12,6 +12,7 @@ import numpy as np
 
 from .._adapters import Adapter
 from .._errors import PeftFormatError
+from .._paths import bias_leaves
 from .._safetensors import read_safetensors
 from .._targeting import LeafLayout
 from ._config import (
@@ -25,7 +26,6 @@ from ._config import (
     pattern_key,
 )
 from ._convert import (
-    _bias_modules,
     _conv_module,
     _ia3_module,
     _leaf_factors,
@@ -195,7 +195,7 @@ def load_peft_adapter(
         rank_pattern = config.get("rank_pattern") or {}
         alpha_pattern = config.get("alpha_pattern") or {}
         rslora = bool(config.get("use_rslora", False))
-    biases = _bias_modules(tree) if peft_type == "IA3" else {}
+    biases = bias_leaves(tree) if peft_type == "IA3" else {}
 
     placed: dict[str, tuple[str, str]] = {}  # leaf path -> module
     found: list[Module] = []
@@ -244,7 +244,7 @@ def load_peft_adapter(
             shape = shape[k:]
         parts = factors[module]
         vec = None  # (Adapter field, flat vector)
-        conv_groups = None  # a convolution's (in_axes, out_axes)
+        known_groups = None  # a convolution's (in_axes, out_axes)
         if peft_type == "LORA":
             a, b = parts["A"], parts["B"]
             r = a.shape[0]
@@ -259,14 +259,14 @@ def load_peft_adapter(
             alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), default_alpha)
             if "m" in parts:
                 vec = ("magnitudes", parts["m"])
-            conv_groups = None
+            known_groups = None
             if a.ndim > 2:
-                a, b, conv_groups = _conv_module(module, a, b, shape, leaf_path)
+                a, b, known_groups = _conv_module(module, a, b, shape, leaf_path)
         elif peft_type == "IA3":
             a, b, r, alpha, vec = _ia3_module(
                 module, parts["l"], shape, config, weights_file
             )
-            bias = biases.get(_module_parts(leaf_path)[0])
+            bias = biases.get(_module_parts(leaf_path)[0], (None,))[0]
             if vec[0] == "out_scales" and bias is not None:
                 raise PeftFormatError(
                     f"load_peft_adapter: IA3 scales the output of {module!r} "
@@ -298,7 +298,7 @@ def load_peft_adapter(
             # it): PEFT's update changes the head only. Its `A (r, dim)`, `B
             # (vocab, r)` become the table's `(vocab, dim)` axes: `a = B`, `b = A`,
             # served on reads of the table as a head, never on lookups.
-            if vec is not None or conv_groups is not None:
+            if vec is not None or known_groups is not None:
                 raise PeftFormatError(
                     f"load_peft_adapter: PEFT module {module!r} goes to the "
                     f"embedding table {leaf_path!r} (a tied head), with a "
@@ -324,7 +324,7 @@ def load_peft_adapter(
                 is_linear=is_linear,
                 weight_name=_module_parts(leaf_path)[1],
                 vec=vec,
-                conv_groups=conv_groups,
+                known_groups=known_groups,
             )
         )
 
@@ -372,40 +372,27 @@ def load_peft_adapter(
         fan_in_fan_out,
         weights_file,
         _is_table,
+        rslora,
     )
+    lora_paths = {f.path: f.module for f in found}
+    for s in full:
+        if s.path in lora_paths:
+            raise PeftFormatError(
+                f"{weights_file}: module {s.module!r} is saved in full "
+                f"(`modules_to_save`) and also has a LoRA ({lora_paths[s.path]!r}) "
+                f"on the same leaf {s.path!r}; PEFT never writes both."
+            )
+    found += full  # a saved module's weight: an exact LoRA, scale 1
     _check_base_copies({**base_copies, **tables}, leaves, key_map, weights_file)
     _orient(found, orientation, fan_in_fan_out)
 
     groups: dict[str, list[Module]] = {}
     for f in found:
         groups.setdefault(f.path, []).append(f)
-    whole = {s.path: s for s in full}
-    for p, s in whole.items():
-        if p in groups:
-            raise PeftFormatError(
-                f"{weights_file}: module {s.module!r} is saved in full "
-                f"(`modules_to_save`) and also has a LoRA ({groups[p][0].module!r}) "
-                f"on the same leaf {p!r}; PEFT never writes both."
-            )
-    order = [p for p, _, _ in leaves.entries if p in groups or p in whole]
+    order = [p for p, _, _ in leaves.entries if p in groups]
     weights, layouts, ranks, alphas, lookup, head = {}, [], [], [], [], []
-    rslora_each = []
     vectors: dict[str, dict] = {"magnitudes": {}, "in_scales": {}, "out_scales": {}}
     for p in order:
-        if p in whole:  # a saved module's weight: an exact LoRA, scale 1
-            s = whole[p]
-            a, b = (
-                (s.a, s.b) if dtype is None else (s.a.astype(dtype), s.b.astype(dtype))
-            )
-            weights[p] = (jnp.asarray(a), jnp.asarray(b))
-            layouts.append(LeafLayout(p, s.shape, s.in_axes, s.out_axes, ()))
-            ranks.append(a.shape[-1])
-            alphas.append(float(a.shape[-1]))
-            rslora_each.append(False)
-            lookup.append(False)
-            head.append(False)
-            continue
-        rslora_each.append(rslora)
         fs = groups[p]
         in_ax, out_ax = fs[0].groups
         if fs[0].at is None:
@@ -454,7 +441,7 @@ def load_peft_adapter(
         layouts=tuple(layouts),
         ranks=tuple(ranks),
         alphas=tuple(alphas),
-        use_rslora=tuple(rslora_each),
+        use_rslora=tuple(rslora for _ in order),
         lookup_only=tuple(lookup),
         head_only=tuple(head),
         invocation_tokens=config.get("alora_invocation_tokens"),

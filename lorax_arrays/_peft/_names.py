@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 
 from .._errors import PeftFormatError
+from .._paths import unwrapped_parts
 from .._targeting import candidate_leaves
 from ._config import _PREFIX
 from ._records import Entry
 
-# Trailing path components that name a module's weight rather than the module:
-# NNX wraps values (`.../kernel/value`), Flax calls them `kernel` / `embedding`,
-# Equinox and raw trees `weight`, Gemma-style code `w`.
-_VALUE_NAMES = ("value", "raw_value")
+# Trailing path components that name a module's weight rather than the module
+# (past NNX's value wrappers, `.../kernel/value`): Flax calls them `kernel` /
+# `embedding`, Equinox and raw trees `weight`, Gemma-style code `w`.
 _LEAF_NAMES = ("kernel", "weight", "embedding", "w")
 # torch `nn.Embedding` modules in transformers: what PEFT saves as
 # `lora_embedding_A/B` rather than `lora_A/B.weight`.
@@ -44,9 +44,7 @@ def _module_parts(path: str) -> tuple[tuple[str, ...], str]:
     `'transformer/h/0/attn/c_attn/kernel'` -> `(('transformer', 'h', '0', 'attn',
     'c_attn'), 'kernel')`; an NNX `'.../q_proj/kernel/value'` the same.
     """
-    parts = path.split("/")
-    while len(parts) > 1 and parts[-1] in _VALUE_NAMES:
-        parts = parts[:-1]
+    parts = list(unwrapped_parts(path))
     leaf = ""
     if len(parts) > 1 and parts[-1] in _LEAF_NAMES:
         leaf = parts[-1]

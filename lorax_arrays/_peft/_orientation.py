@@ -149,8 +149,8 @@ def _orient(found: list[Module], orientation, fan_in_fan_out: bool = False) -> N
                 "the wrong leaf."
             )
         forced = _orientation_override(orientation, f.path)
-        if f.conv_groups is not None:
-            f.groups = f.conv_groups
+        if f.known_groups is not None:
+            f.groups = f.known_groups
         elif f.kind == "head":
             # A head's update on a tied (vocab, dim) table, in the table's axes.
             f.groups = _GROUPS["in_out"]

@@ -36,6 +36,8 @@ class Module:
     is_linear: bool  # the leaf is an eqx.nn.Linear weight, (out, in)
     weight_name: str  # the leaf's own name: kernel, weight, embedding, w
     vec: tuple[str, np.ndarray] | None = None  # (Adapter field, flat vector)
-    conv_groups: Groups | None = None  # a convolution's groups, by its layout
+    # Groups already decided by the module itself: a convolution's (its kernel's
+    # layout), a saved module's (its weight against the leaf).
+    known_groups: Groups | None = None
     fits: list[Groups] = dataclasses.field(default_factory=list)
     groups: Groups | None = None

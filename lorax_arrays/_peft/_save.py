@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .._adapters import Adapter, AdapterStack
-from .._paths import flatten_with_paths
+from .._paths import flatten_with_paths, unwrapped_parts
 from .._safetensors import write_atomically, write_safetensors
 from ._config import _PREFIX, CONFIG_NAME, WEIGHTS_NAME
 from ._convert import _most_common
@@ -566,7 +566,7 @@ def saved_modules(
                 f"save_peft_adapter: the adapter updates the bias {bias_path!r}, "
                 "which `tree` does not have: pass the model it was made for."
             )
-        parts = _bias_parts(bias_path)
+        parts = unwrapped_parts(bias_path)[:-1]
         weights = [p for p in by_module.get(parts, []) if np.ndim(values[p]) == 2]
         if len(weights) != 1:
             raise ValueError(
@@ -603,12 +603,3 @@ def saved_modules(
         ).astype(dt)
         names.append(module)
     return whole, sorted(names)
-
-
-def _bias_parts(path: str) -> tuple[str, ...]:
-    """The module components of a bias leaf's path (`.../out_proj/bias`, NNX's
-    `.../bias/value`)."""
-    parts = path.split("/")
-    while len(parts) > 1 and parts[-1] in ("value", "raw_value"):
-        parts = parts[:-1]
-    return tuple(parts[:-1])

@@ -12,36 +12,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .._errors import PeftFormatError
-from .._paths import flatten_with_paths
+from .._paths import bias_leaves, flatten_with_paths
+from .._targeting import lora_alpha
 from ._config import _PREFIX
-from ._convert import _bias_modules, _full_factors
+from ._convert import _full_factors
 from ._files import _KEY
 from ._names import _Leaves, _module_parts
+from ._orientation import _orient
+from ._records import Module
 
 # PEFT writes a saved module's tensors without its wrapper's
 # `modules_to_save.<adapter name>.` (older versions kept it).
 _WRAPPER = re.compile(r"\.modules_to_save\.[^.]+\.")
-
-
-@dataclass
-class SavedLeaf:
-    """A saved Linear's weight as a LoRA leaf: `a (in, k)`, `b (k, out)` laid on
-    the tree's leaf `path` (`in_axes`, `out_axes`)."""
-
-    module: str
-    path: str
-    shape: tuple[int, ...]
-    in_axes: tuple[int, ...]
-    out_axes: tuple[int, ...]
-    a: np.ndarray
-    b: np.ndarray
 
 
 def saved_names(config: Mapping[str, Any], file: Path) -> list[str]:
@@ -84,31 +72,27 @@ def split_saved(
     return rest, saved
 
 
-def _orientation_of(path: str, shape, weight, orientation, fan_in_fan_out) -> str:
+def _orientation_of(module, path, leaf, is_linear, w, orientation, fan_in_fan_out):
     """`'in_out'` or `'out_in'`: how the tree's 2-D leaf at `path` holds the saved
-    torch weight `(out, in)`: `orientation` if it says, else the leaf's
-    convention (a Flax `kernel` is `(in, out)`, an `eqx.nn.Linear` `weight`
-    `(out, in)`), else a non-square leaf's shape."""
-    if isinstance(orientation, str):
-        return orientation
-    if isinstance(orientation, Mapping):
-        for pattern, value in orientation.items():
-            if re.search(pattern, path) and isinstance(value, str):
-                return value
-    name = _module_parts(path)[1]
-    out, inp = weight.shape
-    if name == "kernel" and not fan_in_fan_out:
-        return "in_out"
-    if name == "weight":
-        return "out_in"
-    if out != inp:
-        return "in_out" if tuple(shape) == (inp, out) else "out_in"
-    raise PeftFormatError(
-        f"load_peft_adapter: the saved module's weight at {path!r} is square "
-        f"{tuple(shape)} and nothing says which way round the tree holds it: pass "
-        "`orientation='in_out'` or `'out_in'` (or a dict from a regex over tree "
-        "paths to either)."
+    torch weight `w (out, in)`, decided as for a LoRA module (`_orient`: an
+    `orientation` override, the tree's convention, the leaf's shape)."""
+    n_out, n_in = w.shape
+    record = Module(
+        module=module,
+        path=path,
+        at=None,
+        leaf_shape=tuple(leaf.shape),
+        kind="linear",
+        a=np.zeros((0, n_in), w.dtype),
+        b=np.zeros((n_out, 0), w.dtype),
+        rank=0,
+        alpha=0.0,
+        shape=tuple(leaf.shape),
+        is_linear=is_linear,
+        weight_name=_module_parts(path)[1],
     )
+    _orient([record], orientation, fan_in_fan_out)
+    return "in_out" if record.groups == ((0,), (1,)) else "out_in"
 
 
 def saved_leaves(
@@ -120,15 +104,17 @@ def saved_leaves(
     fan_in_fan_out: bool,
     file: Path,
     is_table,
-) -> tuple[list[SavedLeaf], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Each saved module as LoRA leaves (where its weight differs from the
-    tree's), bias updates (by bias leaf path, where its bias differs), and the
-    saved embedding tables (to be checked equal to the tree's, as PEFT's
-    `save_embedding_layers` copies are)."""
-    out: list[SavedLeaf] = []
+    rslora: bool,
+) -> tuple[list[Module], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each saved module's weight as an exact LoRA module of scale 1 (where it
+    differs from the tree's; its groups already decided), bias updates (by bias
+    leaf path, where its bias differs), and the saved embedding tables (to be
+    checked equal to the tree's, as PEFT's `save_embedding_layers` copies
+    are)."""
+    out: list[Module] = []
     deltas: dict[str, np.ndarray] = {}
     tables: dict[str, np.ndarray] = {}
-    biases = _bias_modules(tree)
+    biases = bias_leaves(tree)
     values = dict(flatten_with_paths(tree)[0])
     for module in sorted(saved):
         params = saved[module]
@@ -163,30 +149,38 @@ def saved_leaves(
                 raise PeftFormatError(f"{what}: an embedding table with a bias?")
             tables[module] = w
             continue
-        way = _orientation_of(path, leaf.shape, w, orientation, fan_in_fan_out)
-        mine = w.T if way == "in_out" else w
-        if tuple(mine.shape) != tuple(leaf.shape):
+        if tuple(leaf.shape) not in (tuple(w.shape), tuple(w.shape[::-1])):
             raise PeftFormatError(
                 f"{what}, a weight of torch shape (out, in) = {tuple(w.shape)}; the "
-                f"tree's {path!r} has shape {tuple(leaf.shape)}, which is not "
-                f"{tuple(mine.shape)} as its layout ({way}) says. It was saved for "
-                "another model (another number of labels?)."
+                f"tree's {path!r} has shape {tuple(leaf.shape)}, which is neither "
+                "way round. It was saved for another model (another number of "
+                "labels?)."
             )
+        is_linear = leaves.by_path[path][1]
+        way = _orientation_of(
+            module, path, leaf, is_linear, w, orientation, fan_in_fan_out
+        )
+        mine = w.T if way == "in_out" else w
         delta = mine.astype(np.float64) - leaf.astype(np.float64)
         if np.any(delta != 0):
             d_io = delta if way == "in_out" else delta.T
-            u, v = _full_factors(d_io)
-            dt = w.dtype
-            io = way == "in_out"
+            u, v = _full_factors(d_io)  # (in, k), (k, out)
+            k = u.shape[1]
             out.append(
-                SavedLeaf(
+                Module(
                     module=module,
                     path=path,
+                    at=None,
+                    leaf_shape=tuple(leaf.shape),
+                    kind="linear",
+                    a=u.T.astype(w.dtype),  # PEFT's A (k, in), B (out, k)
+                    b=v.T.astype(w.dtype),
+                    rank=k,
+                    alpha=lora_alpha(1.0, k, rslora),  # scale 1
                     shape=tuple(leaf.shape),
-                    in_axes=(0,) if io else (1,),
-                    out_axes=(1,) if io else (0,),
-                    a=u.astype(dt),
-                    b=v.astype(dt),
+                    is_linear=is_linear,
+                    weight_name=_module_parts(path)[1],
+                    known_groups=((0,), (1,)) if way == "in_out" else ((1,), (0,)),
                 )
             )
         if "bias" not in params:
@@ -197,7 +191,7 @@ def saved_leaves(
                 f"{what}, with a bias of shape {tuple(bias.shape)} for a weight "
                 f"{tuple(w.shape)}; expected ({w.shape[0]},)."
             )
-        bias_path = biases.get(_module_parts(path)[0])
+        bias_path = biases.get(_module_parts(path)[0], (None,))[0]
         if bias_path is None:
             if np.any(bias != 0):
                 raise PeftFormatError(

@@ -7,7 +7,6 @@ with the same rows)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from .._array import dense
 from .._errors import PeftFormatError
+from .._targeting import lora_alpha
 from ._records import Module
 
 _SUFFIX = ".token_adapter.trainable_tokens_delta"
@@ -117,8 +117,7 @@ def token_module(
         a=a,
         b=b,
         rank=n,
-        # scale 1: alpha / n, or alpha / sqrt(n) under the adapter's rsLoRA flag
-        alpha=float(math.sqrt(n) if rslora else n),
+        alpha=lora_alpha(1.0, n, rslora),  # scale 1
         shape=shape,
         is_linear=False,
         weight_name="",
