@@ -1293,3 +1293,31 @@ def test_non_finite_alphas_in_the_config_are_non_finite_adapters(tmp_path):
         path, params = _simple(tmp_path / str(i), cfg)
         with pytest.raises(lx.NonFiniteAdapterError, match="adapter_config.json"):
             lx.load_peft_adapter(path, params)
+
+
+def test_a_square_saved_module_on_a_bare_weight_is_not_guessed(tmp_path):
+    """A module saved in full (`modules_to_save`) is oriented as a LoRA module
+    is: on a square leaf named `weight` that is not an `eqx.nn.Linear`, nothing
+    says which way round it is, so the loader asks instead of guessing; with
+    `orientation=` each way gives that way's update."""
+    rng = np.random.default_rng(9)
+    base = rng.standard_normal((3, 3)).astype(np.float32)
+    saved = rng.standard_normal((3, 3)).astype(np.float32)  # torch (out, in)
+    params = {
+        "q_proj": {"kernel": jnp.zeros((4, 6))},
+        "classifier": {"weight": jnp.asarray(base)},
+    }
+    path = _peft_dir(
+        tmp_path,
+        {"q_proj": _factors(rng, 4, 6, 2)},
+        {"modules_to_save": ["classifier"]},
+        extra={"base_model.model.classifier.weight": saved},
+    )
+    with pytest.raises(lx.PeftFormatError, match="orientation="):
+        lx.load_peft_adapter(path, params)
+    for way, want in (("out_in", saved), ("in_out", saved.T)):
+        ad = lx.load_peft_adapter(
+            path, params, orientation={"classifier": way, "q_proj": "in_out"}
+        )
+        merged = lx.merge(params, ad)["classifier"]["weight"]
+        np.testing.assert_allclose(np.asarray(merged), want, rtol=1e-5, atol=1e-5)
