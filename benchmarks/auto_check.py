@@ -21,7 +21,7 @@ import jax.random as jr
 import numpy as np
 
 import lorax_arrays as lx
-from lorax_arrays._strategies import choose
+from lorax_arrays._rules.strategies import choose
 
 # (label, rows G, tokens per row R, adapters n): indices have shape (G,)
 GRID = [

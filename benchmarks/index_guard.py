@@ -37,7 +37,8 @@ import numpy as np
 from jax import lax
 
 import lorax_arrays as lx
-from lorax_arrays import _array, _indices, _lax, _rules_dot, _rules_lookup
+from lorax_arrays._core import array as _array, indices as _indices, lax as _lax
+from lorax_arrays._rules import dot as _rules_dot, lookup as _rules_lookup
 
 sys.path.insert(0, str(Path(__file__).parent))
 from suite import make_adapters, mlp, mlp_params  # noqa: E402

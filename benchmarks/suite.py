@@ -246,7 +246,7 @@ def run_workload(
     v = variants(params, stack, idx, x)
     check_agree(v)
     med, comp, mem = measure(v, repeats)
-    from lorax_arrays._strategies import choose
+    from lorax_arrays._rules.strategies import choose
 
     r = max(ranks)
     g, r_tok = (batch * seq, 1) if per_token else (batch, seq)

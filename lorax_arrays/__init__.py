@@ -1,65 +1,64 @@
 """lorax_arrays: serve and train many LoRA adapters in one batch, in unmodified JAX
-models, through quax's multiple dispatch."""
+models, through quax's multiple dispatch.
 
-# Importing these modules registers the dispatch rules (and _compat's custom_vjp
-# support for quax).
-from . import (
-    _compat as _compat,
-    _row_bias as _row_bias,
-    _rules_control as _rules_control,
-    _rules_conv as _rules_conv,
-    _rules_dot as _rules_dot,
-    _rules_elementwise as _rules_elementwise,
-    _rules_layout as _rules_layout,
-    _rules_lookup as _rules_lookup,
-    _rules_placement as _rules_placement,
-)
-from ._adapters import (
-    Adapter as Adapter,
-    AdapterStack as AdapterStack,
-    init_adapter as init_adapter,
-    stack_adapters as stack_adapters,
-)
-from ._array import (
-    BatchedLoraArray as BatchedLoraArray,
-    QuaxifyMissingError as QuaxifyMissingError,
-)
-from ._bank import (
-    AdapterBank as AdapterBank,
-    BankEvent as BankEvent,
-)
-from ._checkpoint import load_adapter as load_adapter, save_adapter as save_adapter
-from ._combine import combine_adapters as combine_adapters
-from ._errors import (
-    CheckpointError as CheckpointError,
-    IndicesShapeError as IndicesShapeError,
-    LoraIndexError as LoraIndexError,
-    NonFiniteAdapterError as NonFiniteAdapterError,
-    PeftFormatError as PeftFormatError,
-    StaleIndicesError as StaleIndicesError,
-    UnsupportedOperationError as UnsupportedOperationError,
-)
-from ._explain import explain_strategies as explain_strategies
-from ._loraify import (
+The package is layered (each subpackage's README says what it owns and may import;
+`tests/test_architecture.py` enforces it):
+
+- `_core`: the array type, layout, indices, options, errors. Imports nothing above.
+- `_rules`: the dispatch rules (one module per primitive family), the strategies,
+  `quaxify`, and the only code that touches quax's private API.
+- `_integrations`: foreign weight types (qwix), through the core's hooks.
+- `_adapters`: adapter kinds, targeting, stacks, the served contract, `loraify`.
+- `_serving`: the `AdapterBank`.
+- `_io`: safetensors, orbax checkpoints, PEFT directories.
+"""
+
+# Importing `_rules` registers every dispatch rule (and quax's custom_vjp support).
+from . import _rules as _rules
+from ._adapters.adapter import Adapter as Adapter
+from ._adapters.combine import combine_adapters as combine_adapters
+from ._adapters.init import init_adapter as init_adapter
+from ._adapters.loraify import (
     adapter_mask as adapter_mask,
     loraify as loraify,
     merge as merge,
     with_indices as with_indices,
 )
-from ._peft import (
-    load_peft_adapter as load_peft_adapter,
-    save_peft_adapter as save_peft_adapter,
+from ._adapters.served import ServedAdapters as ServedAdapters
+from ._adapters.stack import (
+    AdapterStack as AdapterStack,
+    stack_adapters as stack_adapters,
 )
-from ._quaxify import quaxify as quaxify, register as register
-from ._qwix import QwixArray as QwixArray, from_qwix as from_qwix
-from ._row_bias import RowBias as RowBias
-from ._served import ServedAdapters as ServedAdapters
-from ._targeting import (
+from ._adapters.targeting import (
     LeafLayout as LeafLayout,
     LoraRule as LoraRule,
     RuleMatch as RuleMatch,
     RuleMatches as RuleMatches,
     match_rules as match_rules,
 )
-
-__version__ = "0.1.0"
+from ._core.array import BatchedLoraArray as BatchedLoraArray
+from ._core.errors import (
+    CheckpointError as CheckpointError,
+    IndicesShapeError as IndicesShapeError,
+    LayoutError as LayoutError,
+    LoraIndexError as LoraIndexError,
+    NonFiniteAdapterError as NonFiniteAdapterError,
+    PeftFormatError as PeftFormatError,
+    QuaxifyMissingError as QuaxifyMissingError,
+    SafetensorsError as SafetensorsError,
+    StaleIndicesError as StaleIndicesError,
+    UnknownAdapterError as UnknownAdapterError,
+    UnsetIndicesError as UnsetIndicesError,
+    UnsupportedOperationError as UnsupportedOperationError,
+)
+from ._core.version import __version__ as __version__
+from ._integrations.qwix import QwixArray as QwixArray, from_qwix as from_qwix
+from ._io.checkpoint import load_adapter as load_adapter, save_adapter as save_adapter
+from ._io.peft import (
+    load_peft_adapter as load_peft_adapter,
+    save_peft_adapter as save_peft_adapter,
+)
+from ._rules.explain import explain_strategies as explain_strategies
+from ._rules.quaxify import quaxify as quaxify, register as register
+from ._rules.row_bias import RowBias as RowBias
+from ._serving.bank import AdapterBank as AdapterBank, BankEvent as BankEvent

@@ -64,7 +64,7 @@ def einsum_merge(base: Any, adapter: lx.Adapter, xp=jnp) -> Any:
     """`base` with `w + scale · a ⊗ b` at every adapted path, written with one
     einsum per leaf: the reference merge. `xp=np` merges in float64 NumPy; `jnp`
     keeps it differentiable (for gradient references)."""
-    from lorax_arrays._paths import path_str
+    from lorax_arrays._core.paths import path_str
 
     layouts = {lay.path: lay for lay in adapter.layouts}
     found = set()

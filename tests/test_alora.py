@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
-from lorax_arrays._alora import activation_start
+from lorax_arrays._adapters.alora import activation_start
 
 HERE = Path(__file__).parent / "fixtures" / "peft" / "alora"
 RTOL = 2e-4

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import lorax_arrays as lx
-from lorax_arrays._strategies import segment_kernel
+from lorax_arrays._rules.strategies import segment_kernel
 from tests.helpers import (
     RTOL_F32,
     assert_close_to_reference,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from lorax_arrays import _bank as lx_bank
+from lorax_arrays._serving import bank as lx_bank
 from tests.fast_init import random_adapters
 from tests.model_helpers import einsum_merge
 

@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-import lorax_arrays._checkpoint as ck
-from lorax_arrays._checkpoint import CheckpointError, load_adapter, save_adapter
+import lorax_arrays._io.checkpoint as ck
+from lorax_arrays._io.checkpoint import CheckpointError, load_adapter, save_adapter
 from tests.fast_init import numpy_init
 from tests.helpers import assert_base_rows, nonzero
 
@@ -502,7 +502,7 @@ _KILLED_SAVES = textwrap.dedent(
     import orbax.checkpoint
     from orbax.checkpoint._src.path import atomicity
 
-    import lorax_arrays._checkpoint as ck
+    import lorax_arrays._io.checkpoint as ck
 
     adapter_file, base, *points = sys.argv[1:]
     adapter = pickle.loads(Path(adapter_file).read_bytes())

@@ -1,4 +1,4 @@
-"""Sentinels and checks for what `lorax_arrays/_compat.py` patches into quax.
+"""Sentinels and checks for what `_rules/quax_compat.py` patches into quax.
 
 When one of these fails after a quax (or JAX) upgrade, quax has changed under us:
 check whether each patch is still needed, then update its version range
@@ -21,7 +21,7 @@ import quax
 from quax._trace import _QuaxTrace
 from quax.examples.lora import LoraArray
 
-from lorax_arrays import _compat
+from lorax_arrays._rules import quax_compat as _compat
 
 
 def _doubling_grad():
@@ -46,7 +46,7 @@ def unpatched(monkeypatch):
 def test_quax_does_not_handle_custom_vjp_itself():
     assert _compat.QUAX_HANDLES_CUSTOM_VJP is False, (
         "quax now handles custom_vjp itself: check whether "
-        "lorax_arrays/_compat.py's patch is still needed"
+        "_rules/quax_compat.py's patch is still needed"
     )
 
 
@@ -54,7 +54,7 @@ def test_quax_version_is_one_the_patch_is_known_to_work_with():
     lo, hi = _compat.CUSTOM_VJP_PATCH_VERSIONS
     assert lo <= _compat.QUAX_VERSION < hi, (
         f"quax {_compat.QUAX_VERSION} is outside {lo} <= version < {hi}, the "
-        "versions lorax_arrays/_compat.py's custom_vjp patch is known to work with, "
+        "versions _rules/quax_compat.py's custom_vjp patch is known to work with, "
         "so it is not applied: check the patch against this quax and widen "
         "CUSTOM_VJP_PATCH_VERSIONS (or drop the patch if quax handles custom_vjp)"
     )
@@ -143,7 +143,7 @@ def test_quax_versions_the_call_and_value_patches_were_checked_with():
     assert lo <= _compat.QUAX_VERSION < hi, (
         f"quax {_compat.QUAX_VERSION} is outside {lo} <= version < {hi}, the "
         "versions whose `_Quaxify.__call__` and tracer `value` slot "
-        "lorax_arrays/_compat.py copies and wraps: check both against this quax "
+        "_rules/quax_compat.py copies and wraps: check both against this quax "
         "and widen QUAX_CALL_VERSIONS (or drop a patch quax no longer needs)"
     )
     assert _compat.PATCHED_TRACER_VALUE

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from lorax_arrays._array import UnsetIndicesError
+from lorax_arrays._core.array import UnsetIndicesError
 
 D, W, OUT = 8, 12, 5
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from lorax_arrays._array import QuaxifyMissingError
+from lorax_arrays._core.array import QuaxifyMissingError
 from tests.fast_init import random_adapters
 
 D_IN, D_OUT, B = 4, 3, 2

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
-from lorax_arrays._indices import regroup
+from lorax_arrays._core.indices import regroup
 from tests.fast_init import random_adapters
 from tests.helpers import random_lora
 

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import lorax_arrays as lx
-from lorax_arrays._strategies import segment_kernel
+from lorax_arrays._rules.strategies import segment_kernel
 from tests.fast_init import random_adapters
 from tests.helpers import (
     check_dot,

@@ -20,7 +20,7 @@ from hypothesis import assume, given, strategies as st
 from jax import lax
 
 import lorax_arrays as lx
-from lorax_arrays._strategies import segment_kernel
+from lorax_arrays._rules.strategies import segment_kernel
 from tests.helpers import make_lora
 from tests.test_bad_indices import VARIANTS, _reference_with_nan_rows
 from tests.test_dot_general import _dot_fn, dot_cases

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from lorax_arrays._safetensors import write_safetensors
+from lorax_arrays._io.safetensors import write_safetensors
 from tests import test_variants_peft as variants_peft
 from tests.test_peft import export_for_peft, rel_err
 from tests.test_variants_peft import _leaf, _modules, check_batch_equals_peft

@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from jax import lax
 
 import lorax_arrays as lx
-from lorax_arrays._rules_lookup import _entries_gather
+from lorax_arrays._rules.lookup import _entries_gather
 from tests.dense_reference import Adapted, check_against_reference, vmap_outside
 from tests.helpers import (
     check_dot,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from lorax_arrays._safetensors import read_safetensors, write_safetensors
+from lorax_arrays._io.safetensors import read_safetensors, write_safetensors
 from tests.fast_init import random_adapters
 
 TREE = {

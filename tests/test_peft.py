@@ -23,8 +23,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
-from lorax_arrays._peft import is_targeted, pattern_key
-from lorax_arrays._safetensors import (
+from lorax_arrays._io.peft import is_targeted, pattern_key
+from lorax_arrays._io.safetensors import (
     SafetensorsError,
     read_safetensors,
     write_safetensors,

@@ -25,8 +25,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
-from lorax_arrays._peft._convert import _is_feedforward
-from lorax_arrays._safetensors import read_safetensors
+from lorax_arrays._io.peft._convert import _is_feedforward
+from lorax_arrays._io.safetensors import read_safetensors
 from tests.test_peft import PEFT, RTOL, _same_peft_dir, export_for_peft, rel_err
 
 P = "base_model.model."

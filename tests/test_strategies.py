@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
-from lorax_arrays import _strategies
-from lorax_arrays._strategies import choose, segment_kernel
+from lorax_arrays._rules import strategies as _strategies
+from lorax_arrays._rules.strategies import choose, segment_kernel
 from tests.helpers import check_dot, random_lora, walk_eqns
 from tests.test_dot_general import DotCase, _dot_fn, dot_cases
 

@@ -82,7 +82,7 @@ def test_trainable_tokens_round_trip_and_refusals(tmp_path):
     assert lx.load_adapter(tmp_path / "ck").fingerprint() == ad.fingerprint()
 
     def copy(name, cfg_edit=None, drop_rows=False, rows_edit=None):
-        from lorax_arrays._safetensors import read_safetensors, write_safetensors
+        from lorax_arrays._io.safetensors import read_safetensors, write_safetensors
 
         dst = tmp_path / name
         dst.mkdir()

@@ -4,7 +4,7 @@ NNX-era layers read a weight with `if hasattr(kernel, "value"): kernel =
 kernel.value` (MaxText's `linears.py`). quax's tracer keeps its Value in a slot
 named `value`, so that line used to take the bare `BatchedLoraArray` out of its
 tracer and the next operation raised `QuaxifyMissingError` inside `lx.quaxify`.
-`lorax_arrays/_compat.py` makes the slot read as the tracer itself to such code.
+`_rules/quax_compat.py` makes the slot read as the tracer itself to such code.
 Every result is checked against the per-example merged weight in float64 NumPy,
 with random non-zero factors and a base row.
 """
@@ -20,7 +20,7 @@ from jax import lax
 from quax._trace import _QuaxTracer
 
 import lorax_arrays as lx
-from lorax_arrays import _compat
+from lorax_arrays._rules import quax_compat as _compat
 from tests.fast_init import random_adapters
 from tests.helpers import assert_close_to_reference, dense_weight_per_example, make_lora
 

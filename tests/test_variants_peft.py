@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from lorax_arrays._paths import flatten_with_paths
-from lorax_arrays._safetensors import read_safetensors, write_safetensors
+from lorax_arrays._core.paths import flatten_with_paths
+from lorax_arrays._io.safetensors import read_safetensors, write_safetensors
 from tests.test_peft import RTOL, _peft_dir, export_for_peft, rel_err
 
 VARIANTS = Path(__file__).parent / "fixtures" / "peft" / "llama" / "variants"

@@ -1,0 +1,1 @@
+"""Adapters in and out: safetensors files, orbax checkpoints, PEFT directories."""

@@ -1,0 +1,229 @@
+"""Everything that reaches into quax's or JAX's private modules, in one place.
+
+Also the one patch we apply to quax: `custom_vjp` support on its trace (below).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import sys
+from typing import Any
+
+import jax._src.core as core
+from jax._src.ad_checkpoint import remat_p
+from quax._compat import unpack_scan_args
+from quax._dispatch import _default_process as quax_default_process
+from quax._primitives import scan_quax
+from quax._trace import _QuaxTrace, _QuaxTracer
+from quax._values import _dense, _DenseArrayValue
+
+from .._core.errors import UnsupportedOperationError
+
+__all__ = [
+    "PATCHED_CUSTOM_VJP",
+    "QUAX_HANDLES_CUSTOM_VJP",
+    "QUAX_VERSION",
+    "remat_p",
+    "unpack_scan_args",
+    "quax_default_process",
+    "scan_quax",
+]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """`"0.4.6"` -> `(0, 4, 6)`; a pre-release or local suffix is ignored."""
+    match = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(p) for p in match.group(0).split(".")) if match else ()
+
+
+def _quax_version() -> tuple[int, ...]:
+    try:
+        return _version_tuple(importlib.metadata.version("quax"))
+    except importlib.metadata.PackageNotFoundError:  # a source checkout
+        import quax
+
+        return _version_tuple(getattr(quax, "__version__", ""))
+
+
+QUAX_VERSION = _quax_version()
+
+# quax 0.4.6 raises NotImplementedError for every `custom_vjp` under `quaxify`, even
+# one that only sees plain activations (a gradient clip, a fused attention kernel).
+# Until quax handles it, we do: a custom_vjp call whose inputs are all plain arrays
+# is bound on the parent trace, custom rule intact. The patch relies on quax's
+# trace internals (`to_value`, `parent_trace`, `_QuaxTracer`, `_dense`), so it is
+# applied only to the quax versions it is known to work with, and only when quax
+# lacks the method. Outside that range quax behaves natively (custom_vjp under
+# quaxify raises), and tests/test_compat.py fails, saying to check the patch.
+CUSTOM_VJP_PATCH_VERSIONS = ((0, 4, 6), (0, 5))  # [from, to): quax 0.4.x
+QUAX_HANDLES_CUSTOM_VJP = "process_custom_vjp_call" in _QuaxTrace.__dict__
+
+
+def should_patch(version: tuple[int, ...], quax_handles_it: bool) -> bool:
+    """Whether to add `process_custom_vjp_call` to quax's trace."""
+    lo, hi = CUSTOM_VJP_PATCH_VERSIONS
+    return not quax_handles_it and lo <= version < hi
+
+
+# What quax does without the patch (JAX's `Trace` default: it raises), for the
+# values the patch leaves alone.
+_native_process_custom_vjp_call = _QuaxTrace.process_custom_vjp_call
+
+
+def _process_custom_vjp_call(
+    self, primitive, fun, fwd, bwd, tracers, /, *, out_trees, symbolic_zeros
+):
+    from .._core.array import BatchedLoraArray  # _array does not import this module
+
+    values = [self.to_value(t) for t in tracers]
+    if any(isinstance(v, BatchedLoraArray) for v in values):
+        raise UnsupportedOperationError(
+            f"A `jax.custom_vjp` function ({getattr(fun, '__name__', fun)}) was "
+            "called with a BatchedLoraArray argument under quaxify. Its custom "
+            "gradient is defined for plain arrays, so it cannot see adapted "
+            "weights: pass it activations only (compute `x @ W` outside the "
+            "custom_vjp function), or give it the base weight."
+        )
+    if not all(type(v) is _DenseArrayValue for v in values):
+        # Other quax values (quax's own LoraArray, a user's type): quax's own
+        # behaviour, untouched by this patch.
+        return _native_process_custom_vjp_call(
+            self,
+            primitive,
+            fun,
+            fwd,
+            bwd,
+            tracers,
+            out_trees=out_trees,
+            symbolic_zeros=symbolic_zeros,
+        )
+    arrays = [v.array for v in values]
+    with core.set_current_trace(self.parent_trace):
+        out = primitive.bind(
+            *arrays,
+            subfuns=(fun, fwd, bwd),
+            out_trees=out_trees,
+            symbolic_zeros=symbolic_zeros,
+        )
+    return [_QuaxTracer(self, _dense(x)) for x in out]
+
+
+PATCHED_CUSTOM_VJP = should_patch(QUAX_VERSION, QUAX_HANDLES_CUSTOM_VJP)
+if PATCHED_CUSTOM_VJP:
+    _QuaxTrace.process_custom_vjp_call = _process_custom_vjp_call
+
+
+# -- quax's wrapping of arguments on JAX >= 0.11 ---------------------------------
+#
+# `quax.quaxify` wraps (and afterwards unwraps) its arguments with `tree_map` inside
+# `core.take_current_trace()`. JAX up to 0.10 left `eval_trace` current there; JAX
+# 0.11 on leaves *no* trace current. Rebuilding a pytree whose unflattening reads
+# the current trace then fails: every Flax NNX `Variable` does (its `TraceState()`
+# asks `get_opaque_trace_state`, which asserts a trace is current), so any NNX
+# module under `quaxify` raised a bare `AssertionError`. The fix wraps and unwraps
+# under the parent trace, where the arguments live (on JAX <= 0.10 that is what
+# `eval_trace` was, at the top level). Upstream, quax would do the same in
+# `_Quaxify.__call__` (`with core.set_current_trace(parent_trace):` around
+# `_partition_and_wrap` and the `_unwrap_tracer` map); until then we replace the
+# method, for the quax versions whose `__call__` we copied (QUAX_CALL_VERSIONS) and
+# only on a JAX that leaves no trace current.
+from quax._quaxify import (  # noqa: E402
+    _partition_and_wrap,
+    _Quaxify,
+    _unwrap_tracer,
+)
+from quax._values import _is_value  # noqa: E402
+
+QUAX_CALL_VERSIONS = ((0, 4, 6), (0, 5))  # [from, to)
+
+
+def _take_leaves_no_trace() -> bool:
+    """Whether `core.take_current_trace()` leaves no trace current (JAX >= 0.11)."""
+    with core.take_current_trace():
+        return core.trace_ctx.trace is None
+
+
+JAX_TAKE_LEAVES_NO_TRACE = _take_leaves_no_trace()
+
+
+def _quaxify_call(self, *args, **kwargs):
+    """quax 0.4.6's `_Quaxify.__call__`, with the arguments wrapped and the
+    results unwrapped under the parent trace (see above)."""
+    import functools as ft
+
+    import jax.tree_util as jtu
+
+    if self.filter_spec is True and not any(
+        map(_is_value, jtu.tree_leaves((self.fn, args, kwargs), is_leaf=_is_value))
+    ):
+        return self.fn(*args, **kwargs)
+    tag = core.TraceTag()
+    with core.take_current_trace() as parent_trace:
+        trace = _QuaxTrace(parent_trace, tag)
+        with core.set_current_trace(parent_trace):
+            fn, args, kwargs = _partition_and_wrap(
+                (self.fn, args, kwargs), self.filter_spec, trace
+            )
+        with core.set_current_trace(trace):
+            out = fn(*args, **kwargs)
+        with core.set_current_trace(parent_trace):
+            return jtu.tree_map(ft.partial(_unwrap_tracer, trace), out)
+
+
+PATCHED_QUAXIFY_CALL = JAX_TAKE_LEAVES_NO_TRACE and (
+    QUAX_CALL_VERSIONS[0] <= QUAX_VERSION < QUAX_CALL_VERSIONS[1]
+)
+# quax's own method, for tests/test_compat.py to show what the patch fixes.
+native_quaxify_call = _Quaxify.__call__
+if PATCHED_QUAXIFY_CALL:
+    _Quaxify.__call__ = _quaxify_call
+
+
+# -- `tracer.value` seen by model code ------------------------------------------
+#
+# quax's tracer keeps its Value in a slot named `value`. Model code written for
+# Flax NNX duck-types on that name (MaxText's layers: `if hasattr(kernel, "value"):
+# kernel = kernel.value`, to read a Variable or take an array as it is), so inside
+# `quaxify` it took the bare Value out of its tracer, and the next operation on it
+# raised `QuaxifyMissingError` although the call *was* quaxified. The slot is now
+# read through a descriptor: quax and lorax_arrays (the modules that own the
+# tracer) get the Value as before; any other code gets the tracer itself, which is
+# what `.value` means to it (the array), so such code runs unchanged. Upstream,
+# quax would name the slot privately (`_quax_value`, say). Applied to the quax
+# versions whose tracer we checked (QUAX_CALL_VERSIONS).
+_VALUE_OWNERS = ("quax.", "lorax_arrays.")
+
+
+class _TracerValueSlot:
+    """The `value` slot of quax's tracer, as its owners and as model code see it."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: Any) -> None:
+        self.slot = slot
+
+    def __get__(self, tracer: Any, owner: Any = None) -> Any:
+        if tracer is None:
+            return self
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith(_VALUE_OWNERS):
+            return self.slot.__get__(tracer, owner)
+        return tracer
+
+    def __set__(self, tracer: Any, value: Any) -> None:
+        self.slot.__set__(tracer, value)
+
+
+PATCHED_TRACER_VALUE = (
+    QUAX_CALL_VERSIONS[0] <= QUAX_VERSION < QUAX_CALL_VERSIONS[1]
+    and type(_QuaxTracer.__dict__.get("value")).__name__ == "member_descriptor"
+)
+if PATCHED_TRACER_VALUE:
+    _QuaxTracer.value = _TracerValueSlot(_QuaxTracer.__dict__["value"])
+
+
+def tracing() -> bool:
+    """Whether a JAX transformation (`jit`, `vmap`, `grad`, `quaxify`) is tracing
+    the code that asks."""
+    return not core.trace_state_clean()

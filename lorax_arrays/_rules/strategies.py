@@ -1,0 +1,344 @@
+"""How the low-rank term `s · (x · A[i]) · B[i]` is computed.
+
+Every rewrite is first brought to one canonical problem:
+
+    x:   (S, G, R, d_in)   S = stack (dot_general batch) groups, G = indexed rows
+                           (examples, or tokens with per-token indices), R = tokens
+                           that share a row's adapter
+    a:   (S, n, d_in, r)   every adapter's A, in-axes flattened
+    b:   (S, n, r, d_out)  every adapter's B, out-axes flattened
+    ids: (G,)              adapter per row, clipped to [0, n)
+    s:   (G,)              that adapter's scale, 0 for base-only rows (-1)
+
+and every strategy returns `(S, G, R, d_out)`. They agree to float tolerance; they
+differ in cost:
+
+- `gather`: gathers `A[i]`, `B[i]` once per row. For one adapter per sequence.
+- `dense`: `x · A` for every adapter, masked by a one-hot. For few adapters,
+  per-token indices and decode.
+- `segment`: sorts tokens by adapter, grouped matmul, unsorts (Punica's SGMV).
+  For per-token indices and many adapters.
+
+`auto` picks one from the shapes and the backend (`choose`).
+With a single adapter (`n == 1`) they are all the plain LoRA product: two matmuls
+and a per-row scale, no gather, no mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .._core.indices import clamp_indices, scale_rows
+from .._core.lax import convert, take
+from .._core.options import STRATEGIES as STRATEGIES, check_strategy as check_strategy
+
+_call_strategy: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "lorax_arrays_strategy", default=None
+)
+# Which grouped-matmul kernel `segment` uses: "tiled" (sort, pad each adapter's
+# tokens to whole tiles, one small matmul per tile) or "ragged"
+# (`jax.lax.ragged_dot`). None = by backend: ragged_dot is slow on CPU.
+_segment_kernel: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "lorax_arrays_segment_kernel", default=None
+)
+
+
+@contextlib.contextmanager
+def call_strategy(strategy: str | None):
+    """Forces `strategy` for every BatchedLoraArray traced inside the block."""
+    token = _call_strategy.set(strategy)
+    try:
+        yield
+    finally:
+        _call_strategy.reset(token)
+
+
+@contextlib.contextmanager
+def segment_kernel(kernel: str | None):
+    if kernel not in (None, "tiled", "ragged"):
+        raise ValueError(f"segment kernel must be 'tiled' or 'ragged', got {kernel!r}")
+    token = _segment_kernel.set(kernel)
+    try:
+        yield
+    finally:
+        _segment_kernel.reset(token)
+
+
+class StrategyChoice(NamedTuple):
+    """One decision of `resolve`, as `lx.explain_strategies` reports it."""
+
+    primitive: str
+    shapes: dict[str, Any]
+    strategy: str
+    reason: str
+
+
+# Where `resolve` records its decisions while `record_strategies` is active.
+_recorded: contextvars.ContextVar[list[StrategyChoice] | None] = contextvars.ContextVar(
+    "lorax_arrays_recorded_strategies", default=None
+)
+
+
+@contextlib.contextmanager
+def record_strategies():
+    """Collects every `resolve` decision traced inside the block into the list it
+    yields."""
+    records: list[StrategyChoice] = []
+    token = _recorded.set(records)
+    try:
+        yield records
+    finally:
+        _recorded.reset(token)
+
+
+def resolve(
+    array_strategy: str,
+    shapes: tuple[int, ...],
+    *,
+    primitive: str = "dot_general",
+    operands: dict[str, Any] | None = None,
+) -> str:
+    """The strategy to use: a per-call override, else the array's, else `auto`.
+
+    `shapes` are the canonical sizes `(S, G, R, d_in, d_out, n, rank)`;
+    `operands` (the operands' shapes, by name) and `primitive` only label the
+    decision when it is being recorded (`record_strategies`).
+    """
+    forced = _call_strategy.get()
+    strategy = forced or array_strategy
+    chosen = choose(*shapes) if strategy == "auto" else strategy
+    records = _recorded.get()
+    if records is not None:
+        records.append(
+            _explained(primitive, shapes, operands, forced, chosen, strategy)
+        )
+    return chosen
+
+
+def _explained(primitive, shapes, operands, forced, chosen, strategy):
+    names = ("S", "G", "R", "d_in", "d_out", "n_adapters", "rank")
+    sizes = dict(zip(names, shapes))
+    if forced:
+        reason = f"forced for this call: `lx.quaxify(f, strategy={forced!r})`"
+    elif strategy != "auto":
+        reason = f"the array's own `strategy={strategy!r}`"
+    elif sizes["G"] <= 1:
+        reason = "auto: a single indexed row (G = 1), whose adapter is gathered once"
+    else:
+        reason = (
+            "auto: the cheapest by the cost model (flops plus bytes moved, for the "
+            f"{jax.default_backend()} backend) for G = {sizes['G']} indexed rows of "
+            f"R = {sizes['R']} tokens over {sizes['n_adapters']} adapters"
+        )
+    if sizes["n_adapters"] == 1:
+        reason += "; with one adapter every strategy is the plain LoRA product"
+    return StrategyChoice(primitive, {**(operands or {}), **sizes}, chosen, reason)
+
+
+def choose(s: int, g: int, r_tok: int, d_in: int, d_out: int, n: int, rank: int):
+    """`auto`: the cheapest strategy by a rough cost model (flops, plus bytes moved
+    weighted by the backend's flops-per-byte). The sizes of the canonical problem;
+    `s` (the stack groups) multiplies every cost alike, so it never changes the
+    choice."""
+    del s
+    if g <= 1:
+        return "gather"
+    per_byte = 4.0 if jax.default_backend() == "cpu" else 64.0
+    m = g * r_tok
+    width = rank * (d_in + d_out)
+    tile = _tile_size(m, n)
+    cost = {
+        "gather": 2 * m * width + per_byte * 4 * 2 * g * width,
+        "dense": 2 * m * n * width + per_byte * 4 * n * width,
+        "segment": 2 * (m + n * tile) * width
+        + per_byte * 4 * (n * width + 3 * m * (d_in + d_out)),
+    }
+    return min(cost, key=cost.get)
+
+
+def low_rank(strategy, x, a, b, ids, s, *, precision=None, pref=None):
+    """`s[g] · (x[:, g] · a[:, ids[g]]) · b[:, ids[g]]` for the canonical problem."""
+    if a.shape[1] == 1:  # one adapter: every strategy is the plain LoRA product
+        return _single(x, a, b, s, precision, pref)
+    fn = {"gather": _gather, "dense": _dense, "segment": _segment}[strategy]
+    return fn(x, a, b, ids, s, precision, pref)
+
+
+# Isolation: every strategy returns exactly 0 on base rows (scale 0) and leaves
+# each row untouched by every adapter but its own, even a non-finite one. Each
+# applies the row's scale last, with `scale_rows` (a base row reads adapter 0's
+# factors; its zero scale is a select, not `0 * u`). `_dense`, which multiplies
+# every row by every adapter, also selects by its one-hot instead of multiplying,
+# and reads non-finite B entries as 0, flagging the rows of their adapter NaN.
+
+
+def _bmm(x, y, precision, pref):
+    """`(S, G, t, i) · (S, G, i, o) -> (S, G, t, o)`: one batched `dot_general`."""
+    dn = (((3,), (2,)), ((0, 1), (0, 1)))
+    return lax.dot_general(x, y, dn, precision=precision, preferred_element_type=pref)
+
+
+def _on_rows(s, u):
+    """`s` (G,) shaped to broadcast over the G axis of `u` `(S, G, R, ...)`."""
+    return lax.reshape(s, (1, s.shape[0]) + (1,) * (u.ndim - 2))
+
+
+def _scaled(u, s):
+    """`u * s` over the G axis of `(S, G, R, ...)`; exactly 0 on base rows
+    (`scale_rows`)."""
+    return scale_rows(u, _on_rows(s, u))
+
+
+def _single(x, a, b, s, precision, pref):
+    """`n == 1`: `((x · A) · B) * s` with plain matmuls, no gather and no mask. The
+    per-row scale (0 for base-only rows) is applied last, as in `_gather`: to the
+    rank-wide `x · A` it could overflow a float16 intermediate (`alpha / r` of
+    1e5) although the row's result is small."""
+    s_, _, d_in, rank = a.shape
+    dn = (((3,), (1,)), ((0,), (0,)))
+    a1 = lax.reshape(a, (s_, d_in, rank))
+    t = lax.dot_general(x, a1, dn, precision=precision, preferred_element_type=pref)
+    t = convert(t, x.dtype)  # (S, G, R, r)
+    b1 = lax.reshape(b, (s_, rank, b.shape[-1]))
+    u = lax.dot_general(t, b1, dn, precision=precision, preferred_element_type=pref)
+    return _scaled(u, s)
+
+
+def _gather(x, a, b, ids, s, precision, pref):
+    a_g = take(a, ids, 1)  # (S, G, d_in, r)
+    b_g = take(b, ids, 1)  # (S, G, r, d_out)
+    t = convert(_bmm(x, a_g, precision, pref), x.dtype)
+    return _scaled(_bmm(t, b_g, precision, pref), s)
+
+
+def _dense(x, a, b, ids, s, precision, pref):
+    s_, g, r_tok, d_in = x.shape
+    n = a.shape[1]
+    # mask[g, j] = s[g] if ids[g] == j else 0: a scaled one-hot.
+    hit = lax.eq(
+        lax.broadcast_in_dim(ids, (g, n), (0,)),
+        lax.broadcasted_iota(ids.dtype, (g, n), 1),
+    )
+    dn = (((3,), (2,)), ((0,), (0,)))  # x · A for every adapter: (S, G, R, n, r)
+    t = lax.dot_general(x, a, dn, precision=precision, preferred_element_type=pref)
+    # Selected by the one-hot, not multiplied by it: another adapter's non-finite
+    # A gives 0 here, not 0 · NaN. The scale comes last (as in `_single`).
+    keep = lax.broadcast_in_dim(hit, t.shape, (1, 3))
+    t = convert(lax.select(keep, t, lax.full(t.shape, 0, t.dtype)), x.dtype)
+    # Every row meets every adapter's B below: non-finite entries are read as 0
+    # and the rows of their adapter flagged NaN instead.
+    finite = jnp.isfinite(b)
+    b_ok = jnp.all(finite, axis=(2, 3))  # (S, n)
+    b = jnp.where(finite, b, jnp.zeros((), b.dtype))
+    dn = (((3, 4), (1, 2)), ((0,), (0,)))  # summed over adapters and rank
+    u = _scaled(
+        lax.dot_general(t, b, dn, precision=precision, preferred_element_type=pref),
+        s,
+    )
+    row_ok = take(b_ok, ids, 1) | (s == 0)[None, :]  # (S, G); base rows are fine
+    nan = jnp.full((), jnp.nan, u.dtype)
+    return jnp.where(lax.reshape(row_ok, row_ok.shape + (1, 1)), u, nan)
+
+
+def _tile_size(m: int, n: int) -> int:
+    """Tokens per tile: large enough to be a real matmul, small enough that padding
+    each adapter's group to whole tiles (at most n tiles of padding) stays cheap."""
+    target = max(1, m // (4 * n))
+    return int(min(128, max(8, 2 ** math.floor(math.log2(target)))))
+
+
+# Largest tokens x adapters for which `_group_ranks` counts with a one-hot.
+_ONEHOT_MAX = 2**22
+
+
+def _group_ranks(tok_ids, n):
+    """Each token's rank among the tokens of its adapter (in token order), and the
+    token count per adapter: where a stable sort by adapter would put it, without
+    the sort. A cumulative one-hot count when `(tokens, n)` is small, else one
+    argsort and a scatter (no second sort for the inverse)."""
+    m = tok_ids.shape[0]
+    if m * n <= _ONEHOT_MAX:
+        onehot = (tok_ids[:, None] == jnp.arange(n, dtype=tok_ids.dtype)).astype(
+            jnp.int32
+        )
+        seen = jnp.cumsum(onehot, axis=0)  # (m, n): tokens of each adapter so far
+        return jnp.sum(seen * onehot, axis=1) - 1, seen[-1]
+    order = jnp.argsort(tok_ids, stable=True)
+    counts = jnp.bincount(tok_ids, length=n)
+    where = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))
+    start = jnp.cumsum(counts) - counts
+    return where - start[tok_ids], counts
+
+
+def _segment(x, a, b, ids, s, precision, pref):
+    s_, g, r_tok, d_in = x.shape
+    n = a.shape[1]
+    m = g * r_tok
+    tok_ids = jnp.repeat(ids, r_tok, total_repeat_length=m) if r_tok > 1 else ids
+    xt = x.reshape(s_, m, d_in)
+    rank, counts = _group_ranks(tok_ids, n)
+    kernel = _segment_kernel.get()
+    if kernel is None:
+        kernel = "tiled" if jax.default_backend() == "cpu" else "ragged"
+    if kernel == "ragged":
+        start = jnp.cumsum(counts) - counts
+        dest = start[tok_ids] + rank  # each token's row in adapter-sorted order
+        x_sorted = _scatter_rows(xt, dest, m)
+        # ragged_dot has no batching rule over its group axis: loop over the
+        # (static, usually single) stack groups instead.
+        u = jnp.stack(
+            [
+                _ragged(x_sorted[j], a[j], b[j], counts, precision, pref)
+                for j in range(s_)
+            ]
+        )
+    else:
+        u, dest = _tiled(xt, a, b, tok_ids, rank, counts, precision, pref)
+    u = take(u, dest, 1)  # back to token order
+    return _scaled(u.reshape(s_, g, r_tok, -1), s)
+
+
+def _scatter_rows(xt, dest, rows):
+    """`out[:, dest[t]] = xt[:, t]` into `rows` zero rows (`dest` has no repeats)."""
+    out = jnp.zeros((xt.shape[0], rows, xt.shape[2]), xt.dtype)
+    return out.at[:, dest].set(xt, unique_indices=True, mode="promise_in_bounds")
+
+
+def _ragged(x_sorted, a, b, counts, precision, pref):
+    t = jax.lax.ragged_dot(
+        x_sorted, a, counts, precision=precision, preferred_element_type=pref
+    ).astype(x_sorted.dtype)
+    return jax.lax.ragged_dot(
+        t, b, counts, precision=precision, preferred_element_type=pref
+    )
+
+
+def _tiled(xt, a, b, tok_ids, rank, counts, precision, pref):
+    """Grouped matmul without ragged_dot: each adapter's tokens are laid out
+    contiguously and padded to whole tiles; each tile gathers its adapter's factors
+    once. Returns the padded result and each token's row in it."""
+    s_, m, d_in = xt.shape
+    n = a.shape[1]
+    tile = _tile_size(m, n)
+    shift = jnp.asarray(tile.bit_length() - 1, counts.dtype)  # tile is a power of 2
+    n_tiles = -(-m // tile) + n  # every group adds at most one partial tile
+    padded = lax.shift_left(lax.shift_right_logical(counts + (tile - 1), shift), shift)
+    padded_end = jnp.cumsum(padded)
+    dest = (padded_end - padded)[tok_ids] + rank
+    tile_start = jnp.arange(n_tiles, dtype=padded_end.dtype) * tile
+    # The adapter of each tile: how many groups end at or before its start.
+    tile_ids = jnp.sum(padded_end[None, :] <= tile_start[:, None], axis=1)
+    tile_ids = clamp_indices(tile_ids.astype(jnp.int32), n)
+    x_pad = _scatter_rows(xt, dest, n_tiles * tile).reshape(s_, n_tiles, tile, d_in)
+    a_t = take(a, tile_ids, 1)  # (S, tiles, d_in, r)
+    b_t = take(b, tile_ids, 1)  # (S, tiles, r, d_out)
+    t = convert(_bmm(x_pad, a_t, precision, pref), xt.dtype)
+    u = _bmm(t, b_t, precision, pref)
+    return u.reshape(s_, n_tiles * tile, -1), dest

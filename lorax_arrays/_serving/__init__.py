@@ -1,0 +1,1 @@
+"""Serving: the `AdapterBank` (device slots, on-demand loads, issued indices)."""
