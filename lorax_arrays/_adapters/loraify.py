@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -19,11 +19,8 @@ from .._core.paths import close_matches, flatten_with_path_names
 from .._rules.row_bias import RowBias
 from .._rules.strategies import check_strategy
 from .adapter import Adapter
-from .served import ServedAdapters, deleted, dora_norms, served_indices
+from .served import Servable, ServedAdapters, deleted, dora_norms, served_indices
 from .stack import AdapterStack, stack_adapters
-
-if TYPE_CHECKING:
-    from .._serving.bank import AdapterBank
 
 
 def _is_lora(x: Any) -> bool:
@@ -123,7 +120,7 @@ def _replace_at_paths(tree: Any, fn, paths: Sequence[str], what: str) -> Any:
 
 def loraify(
     tree: Any,
-    adapters: ServedAdapters | AdapterStack | AdapterBank | Adapter | Sequence[Adapter],
+    adapters: ServedAdapters | Servable | Adapter | Sequence[Adapter],
     indices: Int[ArrayLike, ...] | None = None,
     *,
     allow_materialise: bool = False,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,15 @@ _DYNAMIC = (
     "indices",
     "bias_deltas",
 )
+
+
+class Servable(Protocol):
+    """Anything `lx.loraify` can serve from: an `AdapterStack` or an `AdapterBank`
+    (the contract each implements; `loraify` never imports either's module)."""
+
+    def served(self, indices: Any = None, *, compact: bool = False) -> ServedAdapters:
+        """The `ServedAdapters` for `indices`."""
+        ...
 
 
 @jtu.register_pytree_with_keys_class

@@ -1,7 +1,7 @@
 """Dispatch rules for higher-order primitives that must keep the low-rank form.
 
 Registers: `scan` (above quax's own rule), `checkpoint` (`remat`). `custom_vjp` is
-not a rule but a method of quax's trace: `_rules/quax_compat.py`. `jit`, `cond`, `while`,
+not a rule but a method of quax's trace: `quax_compat.py`. `jit`, `cond`, `while`,
 `custom_jvp` are quax's own rules.
 
 - `scan` over a layer stack: quax's own rule slices *every* leaf of a value on the
