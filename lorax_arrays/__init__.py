@@ -40,7 +40,6 @@ from ._core.array import BatchedLoraArray as BatchedLoraArray
 from ._core.errors import (
     CheckpointError as CheckpointError,
     IndicesShapeError as IndicesShapeError,
-    LayoutError as LayoutError,
     LoraIndexError as LoraIndexError,
     NonFiniteAdapterError as NonFiniteAdapterError,
     PeftFormatError as PeftFormatError,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-from lorax_arrays._serving import bank as lx_bank
+from lorax_arrays._serving import slots as lx_slots
 from tests.fast_init import random_adapters
 from tests.model_helpers import einsum_merge
 
@@ -383,12 +383,12 @@ def test_events_are_bounded_and_long_name_lists_cut():
 def test_the_bank_remembers_a_bounded_history(monkeypatch):
     """What each recent generation was (for messages) is kept for a bounded
     number of changes, however long the server runs."""
-    monkeypatch.setattr(lx_bank, "_HISTORY_KEPT", 3)
+    monkeypatch.setattr(lx_slots, "_HISTORY_KEPT", 3)
     bank = lx.AdapterBank(PARAMS, BANK_RULES, slots=1)
     for j in range(6):
         bank.add(f"n{j}", ADAPTERS["r1"])
         bank.indices([f"n{j}"])
-    assert len(bank._history) == 3
+    assert len(bank._device.history) == 3
 
 
 # -- errors -----------------------------------------------------------------------

@@ -27,61 +27,32 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import itertools
-import secrets
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jaxtyping import Array, ArrayLike, Int
 
 from .._adapters.adapter import BASE, Adapter
 from .._adapters.alora import concrete_input_ids, per_token, require_input_ids
-from .._adapters.served import ServedAdapters, dora_norms
+from .._adapters.served import ServedAdapters
 from .._adapters.stack import AdapterStack
 from .._adapters.targeting import LeafLayout, LoraRule, match_rules
-from .._core.errors import LoraIndexError, StaleIndicesError, UnknownAdapterError
-from .._core.indices import (
-    coerce_indices,
-    decode_issued_on_host,
-    first_stale,
-    issued_value,
-    unrepresentable_message,
-)
+from .._core.errors import UnknownAdapterError
 from .._core.paths import (
-    bias_leaves,
     close_matches,
     flatten_with_paths,
-    unwrapped_parts,
 )
 from .._rules.quax_compat import tracing
-
-# Slot generations are drawn from one process-wide counter, so no two slots of any
-# banks in this process ever hold the same token (an index issued by one bank
-# never matches another's slots), starting at a random point so that indices from
-# another process almost never do either. Tokens must keep `token * slots + slot`
-# within int32.
-_TOKENS = itertools.count(secrets.randbelow(2**20) + 1)
-_TOKENS_LOCK = threading.Lock()
-# How many past generations a bank remembers, for its messages.
-_HISTORY_KEPT = 4096
-
-
-def _next_token(slots: int) -> int:
-    with _TOKENS_LOCK:
-        token = next(_TOKENS)
-    if issued_value(token, slots - 1, slots) > 2**31 - 1:
-        raise RuntimeError(
-            "AdapterBank: this process has changed bank slots so often that their "
-            f"generations no longer fit int32 indices with {slots} slots. Restart "
-            "the server process (or use fewer slots)."
-        )
-    return token
+from .slots import (
+    DeviceSlots,
+    Entry,
+    Leaf,
+    bias_leaves_near,
+    dora_norm,
+    padded,
+)
 
 
 def _check_kinds(kinds: Any) -> tuple[str, ...]:
@@ -101,11 +72,6 @@ def _with(kinds: tuple[str, ...], kind: str) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in {*kinds, kind})
 
 
-@functools.partial(jax.jit, static_argnums=4)
-def _dora_norm(w, a, b, scale, layout):
-    return dora_norms(w, a, b, jnp.reshape(scale, (1,)), layout)
-
-
 @dataclasses.dataclass(frozen=True)
 class BankEvent:
     """One change to the bank's device slots.
@@ -120,72 +86,9 @@ class BankEvent:
     slot: int
 
 
-@dataclasses.dataclass(frozen=True)
-class _Leaf:
-    """What the bank knows about one adapted leaf."""
-
-    layout: LeafLayout
-    capacity: int
-    dtype: np.dtype
-
-    @property
-    def n_stack(self) -> int:
-        return len(self.layout.stack_axes)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    """A registered adapter, on the host: per leaf its factors padded to the
-    capacity rank, and its scales (already zero where it lacks a leaf)."""
-
-    arrays: dict[str, tuple[Any, Any, np.float32, np.float32]]
-    nbytes: int
-    # Per leaf the vectors it is served with (IA3's in and out vectors; DoRA's
-    # `magnitude / ‖W + s·A B‖`, exact for as long as W is frozen), where the
-    # adapter has them.
-    in_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
-    out_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Its updates of bias leaves (`Adapter.bias_deltas`: PEFT's modules_to_save).
-    bias_deltas: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # An activated LoRA's invocation sequence (`Adapter.invocation_tokens`).
-    invocation_tokens: tuple[int, ...] | None = None
-
-
 # What a bank can hold, beyond LoRA (and VeRA, which is served as the LoRA it
 # stands for): each kind's per-slot vectors cost memory and a multiply per row.
 KINDS = ("lora", "dora", "ia3", "bias")
-
-
-def _write_slot(state, slot, new, n_stack):
-    """`state` with slot `slot` replaced by `new`'s: each path's factors (the slot
-    axis follows the stack axes) and column `slot` of the scale matrices."""
-    factors = {
-        path: tuple(
-            lax.dynamic_update_index_in_dim(
-                full, part.astype(full.dtype), slot, n_stack[path]
-            )
-            for full, part in zip(arrays, new["factors"][path])
-        )
-        for path, arrays in state["factors"].items()
-    }
-    out = {"factors": factors}
-    for key in ("in", "out"):
-        out[key] = {
-            path: lax.dynamic_update_index_in_dim(
-                full, new[key][path].astype(full.dtype), slot, n_stack[path]
-            )
-            for path, full in state[key].items()
-        }
-    out["bias"] = {
-        path: lax.dynamic_update_index_in_dim(
-            full, new["bias"][path].astype(full.dtype), slot, 0
-        )
-        for path, full in state["bias"].items()
-    }
-    for key in ("scales", "heads"):
-        col = jnp.asarray(new[key], state[key].dtype)[:, None]
-        out[key] = lax.dynamic_update_index_in_dim(state[key], col, slot, 1)
-    return out
 
 
 class AdapterBank:
@@ -252,8 +155,8 @@ class AdapterBank:
             raise ValueError(f"AdapterBank: `slots` must be >= 1, got {slots}.")
         self._slots = int(slots)
         matches = match_rules(tree, rules)
-        self._leaves: dict[str, _Leaf] = {
-            m.path: _Leaf(
+        self._leaves: dict[str, Leaf] = {
+            m.path: Leaf(
                 m.layout, m.rank, np.dtype(m.dtype if dtype is None else dtype)
             )
             for m in matches
@@ -269,49 +172,9 @@ class AdapterBank:
         # Bias leaves next to adapted leaves: path -> (out, dtype).
         self._biases: dict[str, tuple[int, np.dtype]] = {}
         if "bias" in self._kinds:
-            self._biases = _bias_leaves(tree, self._leaves, dtype)
-        # Made by XLA on the device (not `device_put` from NumPy, whose buffers
-        # may alias host memory and so could not be donated and updated in place).
-        self._state = jax.jit(self._empty_state)()
-        self._write = jax.jit(
-            lambda state, slot, new: _write_slot(
-                state, slot, new, {p: lf.n_stack for p, lf in self._items}
-            ),
-            donate_argnums=0,
-        )
-        self._compact = jax.jit(
-            lambda state, take: {
-                **{
-                    key: {
-                        p: jax.tree.map(
-                            lambda x, p=p: jnp.take(
-                                x, take, axis=self._leaves[p].n_stack, mode="clip"
-                            ),
-                            arrays,
-                        )
-                        for p, arrays in state[key].items()
-                    }
-                    for key in ("factors", "in", "out")
-                },
-                "bias": {
-                    p: jnp.take(x, take, axis=0, mode="clip")
-                    for p, x in state["bias"].items()
-                },
-                "scales": jnp.take(state["scales"], take, axis=1, mode="clip"),
-                "heads": jnp.take(state["heads"], take, axis=1, mode="clip"),
-            }
-        )
-        self._adapters: dict[str, _Entry] = {}
-        self._slot_names: list[str | None] = [None] * self._slots
-        # Each slot's generation: a process-wide token drawn at every change of
-        # its content; the indices the bank hands out encode it (see
-        # `_indices.issued_value`). `_history` says what each recent token was,
-        # for messages about indices that no longer match.
-        self._generation = [_next_token(self._slots) for _ in range(self._slots)]
-        self._generations = jnp.asarray(self._generation, jnp.int32)
-        self._history: collections.OrderedDict[int, tuple[int, str | None]] = (
-            collections.OrderedDict()
-        )
+            self._biases = bias_leaves_near(tree, self._leaves, dtype)
+        self._device = DeviceSlots(self._leaves, self._slots, self._kinds, self._biases)
+        self._adapters: dict[str, Entry] = {}
         self._versions: dict[str, int] = {}
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.events: collections.deque[BankEvent] = collections.deque(
@@ -326,7 +189,7 @@ class AdapterBank:
     # -- what the bank holds ----------------------------------------------------
 
     @property
-    def _items(self) -> Iterable[tuple[str, _Leaf]]:
+    def _items(self) -> Iterable[tuple[str, Leaf]]:
         return self._leaves.items()
 
     @property
@@ -357,12 +220,12 @@ class AdapterBank:
     @property
     def loaded(self) -> dict[str, int]:
         """The adapters on the device now: name to slot, in slot order."""
-        return {n: s for s, n in enumerate(self._slot_names) if n is not None}
+        return {n: s for s, n in enumerate(self._device.names) if n is not None}
 
     @property
     def nbytes(self) -> int:
         """Bytes the bank holds on the device (factors and scales)."""
-        return sum(x.nbytes for x in jax.tree.leaves(self._state))
+        return self._device.nbytes
 
     @property
     def host_nbytes(self) -> int:
@@ -435,9 +298,9 @@ class AdapterBank:
         self._known(name, "AdapterBank.update")
         self._adapters[name] = self._entry(name, adapter, "update", on_host=False)
         self._versions[name] += 1
-        if name in self._slot_names:
-            slot = self._slot_names.index(name)
-            self._put(slot, name)
+        if name in self._device.names:
+            slot = self._device.names.index(name)
+            self._device.write(slot, name, self._adapters[name])
             self._log([BankEvent("update", name, slot)])
 
     def version(self, name: str) -> int:
@@ -505,13 +368,13 @@ class AdapterBank:
             )
         adapter.check_finite(f"AdapterBank.{what}({name!r})")
         arrays, nbytes = {}, 0
-        entry = _Entry(arrays, 0)
+        entry = Entry(arrays, 0)
         for j, lay in enumerate(adapter.layouts):
             leaf = self._check_leaf(name, lay, adapter.ranks[j], what)
             a, b = adapter.lora_factors(lay.path)  # VeRA: as the LoRA it serves
             scale = np.float32(adapter.scale(lay.path))
             self._vectors(entry, adapter, lay, a, b, scale, on_host)
-            a, b = self._padded(a, b, leaf, on_host)
+            a, b = padded(a, b, leaf, on_host)
             head = np.float32(0.0 if adapter.lookup_only[j] else scale)
             if adapter.head_only[j]:  # a tied head's update: lookups see the base
                 scale = np.float32(0.0)
@@ -543,7 +406,7 @@ class AdapterBank:
         if path in adapter.magnitudes:
             ns = len(lay.stack_axes)
             a1, b1 = jnp.expand_dims(a, ns), jnp.expand_dims(b, ns)
-            norm = _dora_norm(self._base[path], a1, b1, scale, lay.layout)
+            norm = dora_norm(self._base[path], a1, b1, scale, lay.layout)
             ratio = jnp.asarray(adapter.magnitudes[path]) / jnp.squeeze(norm, ns)
             g = ratio if g is None else g * ratio
         if g is not None:
@@ -561,9 +424,9 @@ class AdapterBank:
         del self._adapters[name]
         self._recent.pop(name, None)
         events = []
-        if name in self._slot_names:
-            slot = self._slot_names.index(name)
-            self._put(slot, None)
+        if name in self._device.names:
+            slot = self._device.names.index(name)
+            self._device.write(slot, None, None)
             events.append(BankEvent("remove", name, slot))
         self._log(events)
 
@@ -616,15 +479,15 @@ class AdapterBank:
             )
         needed, events = set(wanted), []
         for n in wanted:
-            if n not in self._slot_names:
+            if n not in self._device.names:
                 events += self._load(n, needed)
         self._log(events)
         for n in wanted:  # most recently used last
             self._recent.pop(n, None)
             self._recent[n] = None
         issued = {
-            n: issued_value(self._generation[s], s, self._slots)
-            for s, n in enumerate(self._slot_names)
+            n: self._device.issued(s)
+            for s, n in enumerate(self._device.names)
             if n is not None
         }
         out = np.full(grid.shape, -1, np.int32)
@@ -677,9 +540,9 @@ class AdapterBank:
                 "`step(params, bank.served(bank.indices(names)), x)` with "
                 "`lx.loraify(params, served)` inside `step`."
             )
-        slots = self._decoded(indices)
-        state = self._state
-        generations = self._generations
+        slots = self._device.decoded(indices)
+        state = self._device.state
+        generations = self._device.generations
         if compact:
             if indices is None:
                 raise ValueError(
@@ -694,7 +557,7 @@ class AdapterBank:
                 take[: used.size] = used
                 position = np.full((self._slots + 1,), -1, np.int32)
                 position[used] = np.arange(used.size, dtype=np.int32)
-                state, generations = self._compact(state, take), None
+                state, generations = self._device.compacted(take), None
                 slots = position[slots]
             slots = jnp.asarray(slots)
         return ServedAdapters.make(
@@ -714,43 +577,9 @@ class AdapterBank:
 
     # -- internals ----------------------------------------------------------------
 
-    def _empty_state(self) -> dict[str, Any]:
-        """Every slot empty (built by XLA on the device, see `__init__`): zero
-        factors, NaN scales."""
-        factors = {
-            path: self._empty_slot(leaf, self._slots, jnp) for path, leaf in self._items
-        }
-        nan = jnp.full((len(self._leaves), self._slots), np.nan, np.float32)
-        ins, outs = {}, {}
-        for path, leaf in self._items:
-            lay, stack = leaf.layout, (*leaf.layout.stack_shape, self._slots)
-            if "ia3" in self._kinds:
-                ins[path] = jnp.ones((*stack, *lay.in_shape), leaf.dtype)
-            if "ia3" in self._kinds or "dora" in self._kinds:
-                outs[path] = jnp.ones((*stack, *lay.out_shape), leaf.dtype)
-        bias = {
-            p: jnp.zeros((self._slots, n), dt) for p, (n, dt) in self._biases.items()
-        }
-        return {
-            "factors": factors,
-            "in": ins,
-            "out": outs,
-            "bias": bias,
-            "scales": nan,
-            "heads": nan,
-        }
-
-    @staticmethod
-    def _empty_slot(leaf: _Leaf, n: int, xp: Any = np) -> tuple[Any, Any]:
-        """`n` empty slots' zero factors (NumPy, or `xp=jnp`)."""
-        lay, r = leaf.layout, leaf.capacity
-        a = xp.zeros((*lay.stack_shape, n, *lay.in_shape, r), leaf.dtype)
-        b = xp.zeros((*lay.stack_shape, n, r, *lay.out_shape), leaf.dtype)
-        return a, b
-
     def _check_leaf(
         self, name: str, lay: LeafLayout, rank: int, what: str = "add"
-    ) -> _Leaf:
+    ) -> Leaf:
         leaf = self._leaves.get(lay.path)
         if leaf is None:
             near = close_matches(lay.path, self._leaves)
@@ -777,21 +606,6 @@ class AdapterBank:
                 f"bank with `LoraRule(..., rank={rank})` (or larger) for this leaf."
             )
         return leaf
-
-    @staticmethod
-    def _padded(a, b, leaf: _Leaf, on_host: bool) -> tuple[Any, Any]:
-        """The factors in the bank's dtype, padded to the capacity: NumPy when
-        `on_host`, else JAX arrays on their device."""
-        xp = np if on_host else jnp
-        a, b = xp.asarray(a), xp.asarray(b)
-        ns, pad = leaf.n_stack, leaf.capacity - a.shape[-1]
-        a_pad = [(0, 0)] * (a.ndim - 1) + [(0, pad)]
-        b_pad = [(0, 0)] * b.ndim
-        b_pad[ns] = (0, pad)
-        return (
-            xp.pad(a.astype(leaf.dtype), a_pad),
-            xp.pad(b.astype(leaf.dtype), b_pad),
-        )
 
     def _activated(self, grid: np.ndarray, input_ids: Any) -> np.ndarray:
         """`grid` (names per request) spread over the requests' tokens where
@@ -865,137 +679,16 @@ class AdapterBank:
 
     def _load(self, name: str, needed: set[str]) -> list[BankEvent]:
         events = []
-        if None in self._slot_names:
-            slot = self._slot_names.index(None)
+        if None in self._device.names:
+            slot = self._device.names.index(None)
         else:
             victim = next(n for n in self._recent if n not in needed)
-            slot = self._slot_names.index(victim)
+            slot = self._device.names.index(victim)
             self._recent.pop(victim)
             events.append(BankEvent("evict", victim, slot))
-        self._put(slot, name)
+        self._device.write(slot, name, self._adapters[name])
         return [*events, BankEvent("load", name, slot)]
 
     def _log(self, events: list[BankEvent]) -> None:
         self.events.extend(events)
         self.last_events = tuple(events)
-
-    def _put(self, slot: int, name: str | None) -> None:
-        """Writes adapter `name` (or an empty slot, for None) into `slot`."""
-        entry = self._adapters[name] if name is not None else None
-        factors, scales, heads = {}, [], []
-        for path, leaf in self._items:
-            if entry is not None and path in entry.arrays:
-                a, b, scale, head = entry.arrays[path]
-            else:  # zero factors; scale 0 (the adapter lacks the path) or NaN
-                a, b = (x.squeeze(leaf.n_stack) for x in self._empty_slot(leaf, 1))
-                scale = head = np.float32(np.nan if entry is None else 0.0)
-            factors[path] = (a, b)
-            scales.append(scale)
-            heads.append(head)
-        new = {
-            "factors": factors,
-            "in": self._slot_vectors("in", entry),
-            "out": self._slot_vectors("out", entry),
-            "bias": {
-                p: (
-                    entry.bias_deltas[p]
-                    if entry is not None and p in entry.bias_deltas
-                    else np.zeros((n,), dt)
-                )
-                for p, (n, dt) in self._biases.items()
-            },
-            "scales": np.asarray(scales, np.float32),
-            "heads": np.asarray(heads, np.float32),
-        }
-        self._state = self._write(self._state, np.int32(slot), new)
-        self._slot_names[slot] = name
-        self._new_generation(slot)
-
-    def _slot_vectors(self, key: str, entry: _Entry | None) -> dict[str, Any]:
-        """One slot's `key` ("in" or "out") vectors: the entry's, else ones."""
-        mine = {} if entry is None else getattr(entry, f"{key}_vectors")
-        out = {}
-        for path in self._state[key]:
-            leaf = self._leaves[path]
-            group = leaf.layout.in_shape if key == "in" else leaf.layout.out_shape
-            ones = np.ones((*leaf.layout.stack_shape, *group), leaf.dtype)
-            out[path] = mine.get(path, ones)
-        return out
-
-    def _new_generation(self, slot: int) -> None:
-        """A fresh token for `slot` (its content changed): every index issued for
-        its previous content stops matching, on the host and on the device."""
-        token = _next_token(self._slots)
-        self._generation[slot] = token
-        self._history[token] = (slot, self._slot_names[slot])
-        while len(self._history) > _HISTORY_KEPT:
-            self._history.popitem(last=False)
-        self._generations = jnp.asarray(self._generation, jnp.int32)
-
-    def _decoded(self, indices: Any) -> Any:
-        """Issued (concrete) `indices` as slot numbers, decoded on the host
-        against the bank's own generations, refusing any value that is not `-1`
-        or a current issue."""
-        indices = coerce_indices(indices)  # refuses floats, bools, wrapped values
-        if indices is None:
-            return None
-        values = np.asarray(indices)
-        if values.size == 0:
-            return indices
-        if int(values.min()) < -1:
-            raise LoraIndexError(unrepresentable_message(int(values.min())))
-        decoded = decode_issued_on_host(values, self._generation)
-        bad = first_stale(values, decoded, self._slots)
-        if bad is not None:
-            raise StaleIndicesError(self._stale_message(bad))
-        return jnp.asarray(decoded)
-
-    def _stale_message(self, value: int) -> str:
-        """Why the index `value` selects nothing in this bank now."""
-        fix = (
-            " Call `bank.indices(names)` for each batch right before "
-            "`bank.served(idx)` (or `lx.loraify(tree, bank, idx)`), and never "
-            "keep indices across loads, removals or updates."
-        )
-        if value < -1:
-            return unrepresentable_message(value) + fix
-        slot, token = value % self._slots, value // self._slots
-        if token in self._history and self._history[token][0] == slot:
-            was = self._history[token][1]
-            now = self._slot_names[slot]
-            change = (
-                "cleared"
-                if now is None
-                else f"given to {now!r}"
-                if now != was
-                else f"updated to a new version of {now!r}"
-            )
-            return (
-                f"Index {value} was issued for {was!r} in slot {slot}, which has "
-                f"since been {change}: serving it would give that row another "
-                "adapter's (or version's) output." + fix
-            )
-        return (
-            f"Index {value} was not issued by this bank (for its slot {slot} now, or "
-            "recently): it comes from another bank, was made by hand, or is far "
-            "out of date. A bank's indices are valid only with that bank, for the "
-            "adapter version they were issued for." + fix
-        )
-
-
-def _bias_leaves(
-    tree: Any, leaves: dict[str, _Leaf], dtype: Any
-) -> dict[str, tuple[int, np.dtype]]:
-    """The 1-D floating `bias` leaves of `tree` in the module of one of the
-    bank's adapted `leaves` (`.../out_proj/bias` next to `.../out_proj/kernel`,
-    NNX's `.../bias/value`), with their size and the dtype of their updates."""
-    modules = {unwrapped_parts(p)[:-1] for p in leaves}
-    out = {}
-    for module, (path, leaf) in bias_leaves(tree).items():
-        shape = tuple(getattr(leaf, "shape", ()))
-        dt = getattr(leaf, "dtype", None)
-        if module not in modules or len(shape) != 1 or dt is None:
-            continue
-        if jnp.issubdtype(dt, jnp.inexact):
-            out[path] = (shape[0], np.dtype(dt if dtype is None else dtype))
-    return out

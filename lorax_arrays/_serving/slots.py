@@ -1,0 +1,364 @@
+"""The device side of an `AdapterBank`: its slots.
+
+Per adapted leaf the factor slots `a: (*stack, slots, *in, capacity)` and
+`b: (*stack, slots, capacity, *out)` (and, for the kinds that have them, per-slot
+vectors and bias rows), for all leaves one `(paths, slots)` matrix of scales and
+one of head scales; what each slot holds and its *generation*, the token its
+issued indices carry. Writes are one jitted update with the state donated, so in
+place; every write draws the slot a new generation.
+
+The host side (registered adapters, versions, recency, events) is `bank.py`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import secrets
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._adapters.served import dora_norms
+from .._adapters.targeting import LeafLayout
+from .._core.errors import LoraIndexError, StaleIndicesError
+from .._core.indices import (
+    coerce_indices,
+    decode_issued_on_host,
+    first_stale,
+    issued_value,
+    unrepresentable_message,
+)
+from .._core.paths import bias_leaves, unwrapped_parts
+
+# Slot generations are drawn from one process-wide counter, so no two slots of any
+# banks in this process ever hold the same token (an index issued by one bank
+# never matches another's slots), starting at a random point so that indices from
+# another process almost never do either. Tokens must keep `token * slots + slot`
+# within int32.
+_TOKENS = itertools.count(secrets.randbelow(2**20) + 1)
+_TOKENS_LOCK = threading.Lock()
+# How many past generations a bank remembers, for its messages.
+_HISTORY_KEPT = 4096
+
+
+def next_token(slots: int) -> int:
+    with _TOKENS_LOCK:
+        token = next(_TOKENS)
+    if issued_value(token, slots - 1, slots) > 2**31 - 1:
+        raise RuntimeError(
+            "AdapterBank: this process has changed bank slots so often that their "
+            f"generations no longer fit int32 indices with {slots} slots. Restart "
+            "the server process (or use fewer slots)."
+        )
+    return token
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def dora_norm(w, a, b, scale, layout):
+    return dora_norms(w, a, b, jnp.reshape(scale, (1,)), layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """What the bank knows about one adapted leaf."""
+
+    layout: LeafLayout
+    capacity: int
+    dtype: np.dtype
+
+    @property
+    def n_stack(self) -> int:
+        return len(self.layout.stack_axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A registered adapter, on the host: per leaf its factors padded to the
+    capacity rank, and its scales (already zero where it lacks a leaf)."""
+
+    arrays: dict[str, tuple[Any, Any, np.float32, np.float32]]
+    nbytes: int
+    # Per leaf the vectors it is served with (IA3's in and out vectors; DoRA's
+    # `magnitude / ‖W + s·A B‖`, exact for as long as W is frozen), where the
+    # adapter has them.
+    in_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    out_vectors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Its updates of bias leaves (`Adapter.bias_deltas`: PEFT's modules_to_save).
+    bias_deltas: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # An activated LoRA's invocation sequence (`Adapter.invocation_tokens`).
+    invocation_tokens: tuple[int, ...] | None = None
+
+
+def empty_slot(leaf: Leaf, n: int, xp: Any = np) -> tuple[Any, Any]:
+    """`n` empty slots' zero factors (NumPy, or `xp=jnp`)."""
+    lay, r = leaf.layout, leaf.capacity
+    a = xp.zeros((*lay.stack_shape, n, *lay.in_shape, r), leaf.dtype)
+    b = xp.zeros((*lay.stack_shape, n, r, *lay.out_shape), leaf.dtype)
+    return a, b
+
+
+def padded(a, b, leaf: Leaf, on_host: bool) -> tuple[Any, Any]:
+    """The factors in the bank's dtype, padded to the capacity: NumPy when
+    `on_host`, else JAX arrays on their device."""
+    xp = np if on_host else jnp
+    a, b = xp.asarray(a), xp.asarray(b)
+    ns, pad = leaf.n_stack, leaf.capacity - a.shape[-1]
+    a_pad = [(0, 0)] * (a.ndim - 1) + [(0, pad)]
+    b_pad = [(0, 0)] * b.ndim
+    b_pad[ns] = (0, pad)
+    return (
+        xp.pad(a.astype(leaf.dtype), a_pad),
+        xp.pad(b.astype(leaf.dtype), b_pad),
+    )
+
+
+def bias_leaves_near(
+    tree: Any, leaves: dict[str, Leaf], dtype: Any
+) -> dict[str, tuple[int, np.dtype]]:
+    """The 1-D floating `bias` leaves of `tree` in the module of one of the
+    bank's adapted `leaves` (`.../out_proj/bias` next to `.../out_proj/kernel`,
+    NNX's `.../bias/value`), with their size and the dtype of their updates."""
+    modules = {unwrapped_parts(p)[:-1] for p in leaves}
+    out = {}
+    for module, (path, leaf) in bias_leaves(tree).items():
+        shape = tuple(getattr(leaf, "shape", ()))
+        dt = getattr(leaf, "dtype", None)
+        if module not in modules or len(shape) != 1 or dt is None:
+            continue
+        if jnp.issubdtype(dt, jnp.inexact):
+            out[path] = (shape[0], np.dtype(dt if dtype is None else dtype))
+    return out
+
+
+def _write_slot(state, slot, new, n_stack):
+    """`state` with slot `slot` replaced by `new`'s: each path's factors (the slot
+    axis follows the stack axes) and column `slot` of the scale matrices."""
+    factors = {
+        path: tuple(
+            lax.dynamic_update_index_in_dim(
+                full, part.astype(full.dtype), slot, n_stack[path]
+            )
+            for full, part in zip(arrays, new["factors"][path])
+        )
+        for path, arrays in state["factors"].items()
+    }
+    out = {"factors": factors}
+    for key in ("in", "out"):
+        out[key] = {
+            path: lax.dynamic_update_index_in_dim(
+                full, new[key][path].astype(full.dtype), slot, n_stack[path]
+            )
+            for path, full in state[key].items()
+        }
+    out["bias"] = {
+        path: lax.dynamic_update_index_in_dim(
+            full, new["bias"][path].astype(full.dtype), slot, 0
+        )
+        for path, full in state["bias"].items()
+    }
+    for key in ("scales", "heads"):
+        col = jnp.asarray(new[key], state[key].dtype)[:, None]
+        out[key] = lax.dynamic_update_index_in_dim(state[key], col, slot, 1)
+    return out
+
+
+class DeviceSlots:
+    """`n` device slots for the `leaves` (path to `Leaf`), with per-slot vectors
+    for the `kinds` that have them and rows for the bias leaves `biases` (path to
+    `(size, dtype)`). Every slot starts empty: zero factors, NaN scales."""
+
+    def __init__(
+        self,
+        leaves: dict[str, Leaf],
+        n: int,
+        kinds: tuple[str, ...],
+        biases: dict[str, tuple[int, np.dtype]],
+    ):
+        self.leaves, self.n, self.kinds, self.biases = leaves, n, kinds, biases
+        # Made by XLA on the device (not `device_put` from NumPy, whose buffers
+        # may alias host memory and so could not be donated and updated in place).
+        self.state = jax.jit(self._empty)()
+        self._write = jax.jit(
+            lambda state, slot, new: _write_slot(
+                state, slot, new, {p: lf.n_stack for p, lf in leaves.items()}
+            ),
+            donate_argnums=0,
+        )
+        self._compact = jax.jit(
+            lambda state, take: {
+                **{
+                    key: {
+                        p: jax.tree.map(
+                            lambda x, p=p: jnp.take(
+                                x, take, axis=leaves[p].n_stack, mode="clip"
+                            ),
+                            arrays,
+                        )
+                        for p, arrays in state[key].items()
+                    }
+                    for key in ("factors", "in", "out")
+                },
+                "bias": {
+                    p: jnp.take(x, take, axis=0, mode="clip")
+                    for p, x in state["bias"].items()
+                },
+                "scales": jnp.take(state["scales"], take, axis=1, mode="clip"),
+                "heads": jnp.take(state["heads"], take, axis=1, mode="clip"),
+            }
+        )
+        self.names: list[str | None] = [None] * n
+        # Each slot's generation: a process-wide token drawn at every change of
+        # its content; the indices the bank hands out encode it (see
+        # `_core.indices.issued_value`). `_history` says what each recent token was,
+        # for messages about indices that no longer match.
+        self.generation = [next_token(n) for _ in range(n)]
+        self.generations = jnp.asarray(self.generation, jnp.int32)
+        self.history: collections.OrderedDict[int, tuple[int, str | None]] = (
+            collections.OrderedDict()
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self.state))
+
+    def issued(self, slot: int) -> int:
+        """The index value that selects `slot`'s current content."""
+        return issued_value(self.generation[slot], slot, self.n)
+
+    def compacted(self, take: np.ndarray) -> dict[str, Any]:
+        """The state with only the slots `take`, in that order."""
+        return self._compact(self.state, take)
+
+    def _empty(self) -> dict[str, Any]:
+        """Every slot empty (built by XLA on the device, see `__init__`): zero
+        factors, NaN scales."""
+        factors = {
+            path: empty_slot(leaf, self.n, jnp) for path, leaf in self.leaves.items()
+        }
+        nan = jnp.full((len(self.leaves), self.n), np.nan, np.float32)
+        ins, outs = {}, {}
+        for path, leaf in self.leaves.items():
+            lay, stack = leaf.layout, (*leaf.layout.stack_shape, self.n)
+            if "ia3" in self.kinds:
+                ins[path] = jnp.ones((*stack, *lay.in_shape), leaf.dtype)
+            if "ia3" in self.kinds or "dora" in self.kinds:
+                outs[path] = jnp.ones((*stack, *lay.out_shape), leaf.dtype)
+        bias = {p: jnp.zeros((self.n, n), dt) for p, (n, dt) in self.biases.items()}
+        return {
+            "factors": factors,
+            "in": ins,
+            "out": outs,
+            "bias": bias,
+            "scales": nan,
+            "heads": nan,
+        }
+
+    def write(self, slot: int, name: str | None, entry: Entry | None) -> None:
+        """Writes adapter `name` (its host `entry`), or an empty slot for None,
+        into `slot`, and draws the slot a new generation."""
+        factors, scales, heads = {}, [], []
+        for path, leaf in self.leaves.items():
+            if entry is not None and path in entry.arrays:
+                a, b, scale, head = entry.arrays[path]
+            else:  # zero factors; scale 0 (the adapter lacks the path) or NaN
+                a, b = (x.squeeze(leaf.n_stack) for x in empty_slot(leaf, 1))
+                scale = head = np.float32(np.nan if entry is None else 0.0)
+            factors[path] = (a, b)
+            scales.append(scale)
+            heads.append(head)
+        new = {
+            "factors": factors,
+            "in": self._vectors("in", entry),
+            "out": self._vectors("out", entry),
+            "bias": {
+                p: (
+                    entry.bias_deltas[p]
+                    if entry is not None and p in entry.bias_deltas
+                    else np.zeros((n,), dt)
+                )
+                for p, (n, dt) in self.biases.items()
+            },
+            "scales": np.asarray(scales, np.float32),
+            "heads": np.asarray(heads, np.float32),
+        }
+        self.state = self._write(self.state, np.int32(slot), new)
+        self.names[slot] = name
+        self._new_generation(slot)
+
+    def _vectors(self, key: str, entry: Entry | None) -> dict[str, Any]:
+        """One slot's `key` ("in" or "out") vectors: the entry's, else ones."""
+        mine = {} if entry is None else getattr(entry, f"{key}_vectors")
+        out = {}
+        for path in self.state[key]:
+            leaf = self.leaves[path]
+            group = leaf.layout.in_shape if key == "in" else leaf.layout.out_shape
+            ones = np.ones((*leaf.layout.stack_shape, *group), leaf.dtype)
+            out[path] = mine.get(path, ones)
+        return out
+
+    def _new_generation(self, slot: int) -> None:
+        """A fresh token for `slot` (its content changed): every index issued for
+        its previous content stops matching, on the host and on the device."""
+        token = next_token(self.n)
+        self.generation[slot] = token
+        self.history[token] = (slot, self.names[slot])
+        while len(self.history) > _HISTORY_KEPT:
+            self.history.popitem(last=False)
+        self.generations = jnp.asarray(self.generation, jnp.int32)
+
+    def decoded(self, indices: Any) -> Any:
+        """Issued (concrete) `indices` as slot numbers, decoded on the host
+        against the slots' generations, refusing any value that is not `-1`
+        or a current issue."""
+        indices = coerce_indices(indices)  # refuses floats, bools, wrapped values
+        if indices is None:
+            return None
+        values = np.asarray(indices)
+        if values.size == 0:
+            return indices
+        if int(values.min()) < -1:
+            raise LoraIndexError(unrepresentable_message(int(values.min())))
+        decoded = decode_issued_on_host(values, self.generation)
+        bad = first_stale(values, decoded, self.n)
+        if bad is not None:
+            raise StaleIndicesError(self.stale_message(bad))
+        return jnp.asarray(decoded)
+
+    def stale_message(self, value: int) -> str:
+        """Why the index `value` selects nothing in this bank now."""
+        fix = (
+            " Call `bank.indices(names)` for each batch right before "
+            "`bank.served(idx)` (or `lx.loraify(tree, bank, idx)`), and never "
+            "keep indices across loads, removals or updates."
+        )
+        if value < -1:
+            return unrepresentable_message(value) + fix
+        slot, token = value % self.n, value // self.n
+        if token in self.history and self.history[token][0] == slot:
+            was = self.history[token][1]
+            now = self.names[slot]
+            change = (
+                "cleared"
+                if now is None
+                else f"given to {now!r}"
+                if now != was
+                else f"updated to a new version of {now!r}"
+            )
+            return (
+                f"Index {value} was issued for {was!r} in slot {slot}, which has "
+                f"since been {change}: serving it would give that row another "
+                "adapter's (or version's) output." + fix
+            )
+        return (
+            f"Index {value} was not issued by this bank (for its slot {slot} now, or "
+            "recently): it comes from another bank, was made by hand, or is far "
+            "out of date. A bank's indices are valid only with that bank, for the "
+            "adapter version they were issued for." + fix
+        )
