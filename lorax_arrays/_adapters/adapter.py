@@ -16,13 +16,10 @@ from .._core.errors import NonFiniteAdapterError
 from .alora import (
     check_invocation_tokens,
 )
+from .kinds import VECTOR_FIELDS
 from .targeting import LeafLayout, lora_scale
 
 BASE = "__base__"
-
-# The variants' per-leaf vectors (fields of Adapter and AdapterStack, in the order
-# of AdapterStack.variants' flags), each over the leaf's out- or in-features.
-VECTOR_FIELDS = {"magnitudes": "out", "in_scales": "in", "out_scales": "out"}
 
 
 def _no_vectors() -> dict[str, dict[str, Array]]:

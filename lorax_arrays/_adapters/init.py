@@ -15,6 +15,7 @@ from jaxtyping import Array, PRNGKeyArray
 from .._core.array import dense
 from .._core.paths import flatten_with_paths
 from .adapter import Adapter, _no_vectors
+from .kinds import KINDS
 from .targeting import LoraRule, match_rules
 
 
@@ -70,10 +71,11 @@ def init_adapter(
         layouts=tuple(m.layout for m in matches),
         ranks=tuple(m.rank for m in matches),
         alphas=tuple(
-            float(m.rank) if m.rule.variant == "vera" else m.alpha for m in matches
+            m.alpha if KINDS[m.rule.variant].uses_alpha else float(m.rank)
+            for m in matches
         ),
         use_rslora=tuple(
-            False if m.rule.variant == "vera" else m.use_rslora for m in matches
+            m.use_rslora and KINDS[m.rule.variant].uses_alpha for m in matches
         ),
         vera=vera,
         **vectors,
@@ -127,22 +129,9 @@ def _init_variants(tree: Any, matches, dtype, xp) -> dict[str, dict[str, Array]]
         return vectors
     leaves = dict(flatten_with_paths(tree)[0])
     for m in matches:
-        lay, variant = m.layout, m.rule.variant
-        dt = np.dtype(m.dtype if dtype is None else dtype)
-        if variant == "dora":
-            w = dense(leaves[lay.path])
-            norm = jnp.sqrt(
-                jnp.sum(jnp.square(w.astype(jnp.float32)), axis=lay.in_axes)
-            )
-            # The remaining axes are the stack axes then the out-axes, in w's
-            # order; the vector is laid out as (*stack, *out) in the layout's.
-            kept = [ax for ax in range(len(lay.shape)) if ax not in lay.in_axes]
-            order = [kept.index(ax) for ax in (*lay.stack_axes, *lay.out_axes)]
-            vectors["magnitudes"][lay.path] = jnp.transpose(norm, order).astype(dt)
-        elif variant == "ia3":
-            ones = xp.ones((*lay.stack_shape, *lay.out_shape), dt)
-            vectors["out_scales"][lay.path] = jnp.asarray(ones)
-        elif variant == "ia3_feedforward":
-            ones = xp.ones((*lay.stack_shape, *lay.in_shape), dt)
-            vectors["in_scales"][lay.path] = jnp.asarray(ones)
+        kind, lay = KINDS[m.rule.variant], m.layout
+        if kind.vector is not None:
+            dt = np.dtype(m.dtype if dtype is None else dtype)
+            w = dense(leaves[lay.path]) if kind.name == "dora" else None
+            vectors[kind.vector][lay.path] = kind.initial(w, lay, dt)
     return vectors

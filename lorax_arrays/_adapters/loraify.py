@@ -19,6 +19,7 @@ from .._core.paths import close_matches, flatten_with_path_names
 from .._rules.row_bias import RowBias
 from .._rules.strategies import check_strategy
 from .adapter import Adapter
+from .kinds import KIND_OF_VECTOR, VECTOR_FIELDS
 from .served import Servable, ServedAdapters, deleted, dora_norms, served_indices
 from .stack import AdapterStack, stack_adapters
 
@@ -404,13 +405,10 @@ def merge(tree: Any, adapter: Adapter) -> Any:
         a, b = adapter.lora_factors(path)
         layout = lay.layout
         merged = leaf + adapter.scale(path) * layout.dense_delta(a, b)
-        if path in adapter.magnitudes:  # DoRA: m / ‖w + s·A B‖ per out-feature
-            norm = jnp.sqrt(jnp.sum(merged * merged, axis=lay.in_axes, keepdims=True))
-            merged = merged * layout.on_weight(adapter.magnitudes[path], "out") / norm
-        if path in adapter.in_scales:
-            merged = merged * layout.on_weight(adapter.in_scales[path], "in")
-        if path in adapter.out_scales:
-            merged = merged * layout.on_weight(adapter.out_scales[path], "out")
+        for field in VECTOR_FIELDS:  # DoRA's m / ‖w + s·A B‖ first, then IA3's
+            vectors = getattr(adapter, field)
+            if path in vectors:
+                merged = KIND_OF_VECTOR[field].fold(merged, vectors[path], lay)
         return merged.astype(leaf.dtype)
 
     return _replace_at_paths(base, fold, adapter.paths, "merge")

@@ -22,6 +22,7 @@ from .._core.array import BatchedLoraArray
 from .._core.layout import Layout, normalise_axes
 from .._core.paths import flatten_with_paths
 from .._integrations.qwix import QwixArray
+from .kinds import KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,21 +105,15 @@ class LoraRule:
     @property
     def scale(self) -> float:
         """`alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA."""
-        if self.rank == 0:
-            return 0.0
-        if self.variant == "vera":  # no alpha: its vectors carry the scale
-            return 1.0
         alpha = self.rank if self.alpha is None else self.alpha
-        return lora_scale(alpha, self.rank, self.use_rslora)
+        return KINDS[self.variant].scale(alpha, self.rank, self.use_rslora)
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     """The multiplier of a LoRA update: `alpha / rank`, or `alpha / sqrt(rank)`
-    with rsLoRA; 0 for rank 0 (an IA3 leaf has no low-rank term). The one place
-    this formula is written."""
-    if rank == 0:
-        return 0.0
-    return alpha / (math.sqrt(rank) if use_rslora else rank)
+    with rsLoRA; 0 for rank 0 (an IA3 leaf has no low-rank term). The formula's
+    one home is `kinds.Kind.scale`."""
+    return KINDS["lora"].scale(alpha, rank, use_rslora)
 
 
 def lora_alpha(scale: float, rank: int, use_rslora: bool) -> float:
@@ -126,7 +121,7 @@ def lora_alpha(scale: float, rank: int, use_rslora: bool) -> float:
     return float(scale * (math.sqrt(rank) if use_rslora else rank))
 
 
-VARIANTS = ("lora", "dora", "ia3", "ia3_feedforward", "vera")
+VARIANTS = tuple(KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,13 +219,7 @@ class RuleMatches(tuple):
 def _trainable(m: RuleMatch) -> int:
     """How many trainable parameters `init_adapter` makes for a match."""
     d_in, d_out = math.prod(m.layout.in_shape), math.prod(m.layout.out_shape)
-    per_entry = {
-        "lora": m.rank * (d_in + d_out),
-        "dora": m.rank * (d_in + d_out) + d_out,
-        "ia3": d_out,
-        "ia3_feedforward": d_in,
-        "vera": m.rank + d_out,  # its projections are frozen
-    }[m.rule.variant]
+    per_entry = KINDS[m.rule.variant].trainable(m.rank, d_in, d_out)
     return per_entry * max(1, math.prod(m.layout.stack_shape))
 
 

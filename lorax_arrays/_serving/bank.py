@@ -36,6 +36,7 @@ from jaxtyping import Array, ArrayLike, Int
 
 from .._adapters.adapter import BASE, Adapter
 from .._adapters.alora import concrete_input_ids, per_token, require_input_ids
+from .._adapters.kinds import KIND_OF_VECTOR, VECTOR_FIELDS
 from .._adapters.served import ServedAdapters
 from .._adapters.stack import AdapterStack
 from .._adapters.targeting import LeafLayout, LoraRule, match_rules
@@ -353,8 +354,13 @@ class AdapterBank:
                 )
         for p in adapter.paths:
             kind = adapter.kind(p)
-            needs = {"dora": "dora", "ia3": "ia3", "lora+ia3": "ia3"}.get(kind)
-            if needs is not None and needs not in self._kinds:
+            served_by = {
+                KIND_OF_VECTOR[f].bank_kind
+                for f in VECTOR_FIELDS
+                if p in getattr(adapter, f)
+            }
+            needs = next((k for k in sorted(served_by) if k not in self._kinds), None)
+            if needs is not None:
                 raise ValueError(
                     f"AdapterBank.{what}({name!r}): this is a {kind.upper()} adapter "
                     f"(at {p!r}), and this bank's slots hold {self._kinds} only. "

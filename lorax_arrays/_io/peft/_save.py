@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..._adapters.adapter import Adapter
+from ..._adapters.kinds import KINDS
 from ..._adapters.stack import AdapterStack
 from ..._core.paths import flatten_with_paths, unwrapped_parts
 from ..safetensors import write_atomically, write_safetensors
@@ -27,7 +28,8 @@ from ._names import (
 )
 
 # The PEFT method each kind of leaf is written as; one directory holds one.
-_METHOD = {"lora": "LoRA", "vera": "LoRA", "dora": "DoRA", "ia3": "IA3"}
+# PEFT's name for what `Adapter.kind` reports at a leaf.
+_METHOD = {k: KINDS[k].peft_type for k in ("lora", "vera", "dora", "ia3")}
 
 
 def _flat_factors(lay, a, b) -> tuple[np.ndarray, np.ndarray]:
