@@ -47,9 +47,11 @@ from .._core.paths import (
 )
 from .._rules.quax_compat import tracing
 from .slots import (
+    BiasLeaf,
     DeviceSlots,
     Entry,
     Leaf,
+    LeafEntry,
     bias_leaves_near,
     dora_norm,
     padded,
@@ -171,7 +173,7 @@ class AdapterBank:
             base = dict(flatten_with_paths(tree)[0])
             self._base = {p: base[p] for p in self._leaves}
         # Bias leaves next to adapted leaves: path -> (out, dtype).
-        self._biases: dict[str, tuple[int, np.dtype]] = {}
+        self._biases: dict[str, BiasLeaf] = {}
         if "bias" in self._kinds:
             self._biases = bias_leaves_near(tree, self._leaves, dtype)
         self._device = DeviceSlots(self._leaves, self._slots, self._kinds, self._biases)
@@ -345,8 +347,8 @@ class AdapterBank:
                     f"{self._kinds} only. Build the bank with "
                     f"`kinds={_with(self._kinds, 'bias')}` to serve it."
                 )
-            if p not in self._biases or tuple(d.shape) != (self._biases[p][0],):
-                held = {q: (n,) for q, (n, _) in self._biases.items()}
+            if p not in self._biases or tuple(d.shape) != (self._biases[p].size,):
+                held = {q: (b.size,) for q, b in self._biases.items()}
                 raise ValueError(
                     f"AdapterBank.{what}({name!r}): the adapter updates the bias "
                     f"{p!r} with shape {tuple(d.shape)}; the bank holds updates "
@@ -384,13 +386,13 @@ class AdapterBank:
             head = np.float32(0.0 if adapter.lookup_only[j] else scale)
             if adapter.head_only[j]:  # a tied head's update: lookups see the base
                 scale = np.float32(0.0)
-            arrays[lay.path] = (a, b, scale, head)
+            arrays[lay.path] = LeafEntry(a, b, scale, head)
             nbytes += a.nbytes + b.nbytes
         nbytes += sum(v.nbytes for v in entry.in_vectors.values())
         nbytes += sum(v.nbytes for v in entry.out_vectors.values())
         xp = np if on_host else jnp
         biases = {
-            p: xp.asarray(d).astype(self._biases[p][1])
+            p: xp.asarray(d).astype(self._biases[p].dtype)
             for p, d in adapter.bias_deltas.items()
         }
         nbytes += sum(v.nbytes for v in biases.values())
@@ -567,18 +569,18 @@ class AdapterBank:
                 slots = position[slots]
             slots = jnp.asarray(slots)
         return ServedAdapters.make(
-            factors=dict(state["factors"]),
-            scales=state["scales"],
-            head_scales=state["heads"],
-            in_scales=dict(state["in"]),
-            out_scales=dict(state["out"]),
+            factors=dict(state.factors),
+            scales=state.scales,
+            head_scales=state.heads,
+            in_scales=dict(state.ins),
+            out_scales=dict(state.outs),
             magnitudes={},
             dora={},
             generations=generations,
             indices=slots,
             layouts=self.layouts,
             compact=compact and generations is None,
-            bias_deltas=dict(state["bias"]),
+            bias_deltas=dict(state.bias),
         )
 
     # -- internals ----------------------------------------------------------------

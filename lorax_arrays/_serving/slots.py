@@ -18,7 +18,7 @@ import functools
 import itertools
 import secrets
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,39 @@ def dora_norm(w, a, b, scale, layout):
     return dora_norms(w, a, b, jnp.reshape(scale, (1,)), layout)
 
 
+class SlotState(NamedTuple):
+    """Everything a bank holds on the device (a pytree): per adapted path the
+    factors `(a, b)` with the slot axis after the stack axes, the IA3/DoRA
+    vectors `ins` `(*stack, slots, *in)` and `outs` `(*stack, slots, *out)` where
+    the bank's kinds have them, per bias leaf its rows `(slots, out)`, and the
+    `(paths, slots)` matrices of scales and head scales. Also one slot's contents
+    (no slot axes), as written."""
+
+    factors: dict[str, tuple[Any, Any]]
+    ins: dict[str, Any]
+    outs: dict[str, Any]
+    bias: dict[str, Any]
+    scales: Any
+    heads: Any
+
+
+class BiasLeaf(NamedTuple):
+    """A bias leaf next to an adapted leaf: its size and its updates' dtype."""
+
+    size: int
+    dtype: np.dtype
+
+
+class LeafEntry(NamedTuple):
+    """One leaf of a registered adapter, as its slot will hold it: the factors
+    padded to the capacity, its scale and its head scale."""
+
+    a: Any
+    b: Any
+    scale: np.float32
+    head: np.float32
+
+
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """What the bank knows about one adapted leaf."""
@@ -83,7 +116,7 @@ class Entry:
     """A registered adapter, on the host: per leaf its factors padded to the
     capacity rank, and its scales (already zero where it lacks a leaf)."""
 
-    arrays: dict[str, tuple[Any, Any, np.float32, np.float32]]
+    arrays: dict[str, LeafEntry]
     nbytes: int
     # Per leaf the vectors it is served with (IA3's in and out vectors; DoRA's
     # `magnitude / ‖W + s·A B‖`, exact for as long as W is frozen), where the
@@ -121,7 +154,7 @@ def padded(a, b, leaf: Leaf, on_host: bool) -> tuple[Any, Any]:
 
 def bias_leaves_near(
     tree: Any, leaves: dict[str, Leaf], dtype: Any
-) -> dict[str, tuple[int, np.dtype]]:
+) -> dict[str, BiasLeaf]:
     """The 1-D floating `bias` leaves of `tree` in the module of one of the
     bank's adapted `leaves` (`.../out_proj/bias` next to `.../out_proj/kernel`,
     NNX's `.../bias/value`), with their size and the dtype of their updates."""
@@ -133,53 +166,49 @@ def bias_leaves_near(
         if module not in modules or len(shape) != 1 or dt is None:
             continue
         if jnp.issubdtype(dt, jnp.inexact):
-            out[path] = (shape[0], np.dtype(dt if dtype is None else dtype))
+            out[path] = BiasLeaf(shape[0], np.dtype(dt if dtype is None else dtype))
     return out
 
 
-def _write_slot(state, slot, new, n_stack):
-    """`state` with slot `slot` replaced by `new`'s: each path's factors (the slot
-    axis follows the stack axes) and column `slot` of the scale matrices."""
-    factors = {
-        path: tuple(
-            lax.dynamic_update_index_in_dim(
-                full, part.astype(full.dtype), slot, n_stack[path]
-            )
-            for full, part in zip(arrays, new["factors"][path])
+def _write_slot(
+    state: SlotState, slot: Any, new: SlotState, n_stack: dict[str, int]
+) -> SlotState:
+    """`state` with slot `slot` replaced by `new`'s (one slot's contents): each
+    path's factors and vectors (the slot axis follows the stack axes), its bias
+    row, and column `slot` of the scale matrices."""
+
+    def put(full, part, axis):
+        return lax.dynamic_update_index_in_dim(
+            full, part.astype(full.dtype), slot, axis
         )
-        for path, arrays in state["factors"].items()
-    }
-    out = {"factors": factors}
-    for key in ("in", "out"):
-        out[key] = {
-            path: lax.dynamic_update_index_in_dim(
-                full, new[key][path].astype(full.dtype), slot, n_stack[path]
-            )
-            for path, full in state[key].items()
-        }
-    out["bias"] = {
-        path: lax.dynamic_update_index_in_dim(
-            full, new["bias"][path].astype(full.dtype), slot, 0
-        )
-        for path, full in state["bias"].items()
-    }
-    for key in ("scales", "heads"):
-        col = jnp.asarray(new[key], state[key].dtype)[:, None]
-        out[key] = lax.dynamic_update_index_in_dim(state[key], col, slot, 1)
-    return out
+
+    def column(full, part):
+        return put(full, jnp.asarray(part)[:, None], 1)
+
+    return SlotState(
+        factors={
+            p: tuple(put(f, x, n_stack[p]) for f, x in zip(fs, new.factors[p]))
+            for p, fs in state.factors.items()
+        },
+        ins={p: put(f, new.ins[p], n_stack[p]) for p, f in state.ins.items()},
+        outs={p: put(f, new.outs[p], n_stack[p]) for p, f in state.outs.items()},
+        bias={p: put(f, new.bias[p], 0) for p, f in state.bias.items()},
+        scales=column(state.scales, new.scales),
+        heads=column(state.heads, new.heads),
+    )
 
 
 class DeviceSlots:
     """`n` device slots for the `leaves` (path to `Leaf`), with per-slot vectors
     for the `kinds` that have them and rows for the bias leaves `biases` (path to
-    `(size, dtype)`). Every slot starts empty: zero factors, NaN scales."""
+    `BiasLeaf`). Every slot starts empty: zero factors, NaN scales."""
 
     def __init__(
         self,
         leaves: dict[str, Leaf],
         n: int,
         kinds: tuple[str, ...],
-        biases: dict[str, tuple[int, np.dtype]],
+        biases: dict[str, BiasLeaf],
     ):
         self.leaves, self.n, self.kinds, self.biases = leaves, n, kinds, biases
         # Made by XLA on the device (not `device_put` from NumPy, whose buffers
@@ -191,28 +220,27 @@ class DeviceSlots:
             ),
             donate_argnums=0,
         )
-        self._compact = jax.jit(
-            lambda state, take: {
-                **{
-                    key: {
-                        p: jax.tree.map(
-                            lambda x, p=p: jnp.take(
-                                x, take, axis=leaves[p].n_stack, mode="clip"
-                            ),
-                            arrays,
-                        )
-                        for p, arrays in state[key].items()
-                    }
-                    for key in ("factors", "in", "out")
+
+        def compact(state: SlotState, take: Any) -> SlotState:
+            def along_slots(p):
+                axis = leaves[p].n_stack
+                return lambda x: jnp.take(x, take, axis=axis, mode="clip")
+
+            return SlotState(
+                factors={
+                    p: jax.tree.map(along_slots(p), f) for p, f in state.factors.items()
                 },
-                "bias": {
+                ins={p: along_slots(p)(x) for p, x in state.ins.items()},
+                outs={p: along_slots(p)(x) for p, x in state.outs.items()},
+                bias={
                     p: jnp.take(x, take, axis=0, mode="clip")
-                    for p, x in state["bias"].items()
+                    for p, x in state.bias.items()
                 },
-                "scales": jnp.take(state["scales"], take, axis=1, mode="clip"),
-                "heads": jnp.take(state["heads"], take, axis=1, mode="clip"),
-            }
-        )
+                scales=jnp.take(state.scales, take, axis=1, mode="clip"),
+                heads=jnp.take(state.heads, take, axis=1, mode="clip"),
+            )
+
+        self._compact = jax.jit(compact)
         self.names: list[str | None] = [None] * n
         # Each slot's generation: a process-wide token drawn at every change of
         # its content; the indices the bank hands out encode it (see
@@ -232,11 +260,11 @@ class DeviceSlots:
         """The index value that selects `slot`'s current content."""
         return issued_value(self.generation[slot], slot, self.n)
 
-    def compacted(self, take: np.ndarray) -> dict[str, Any]:
+    def compacted(self, take: np.ndarray) -> SlotState:
         """The state with only the slots `take`, in that order."""
         return self._compact(self.state, take)
 
-    def _empty(self) -> dict[str, Any]:
+    def _empty(self) -> SlotState:
         """Every slot empty (built by XLA on the device, see `__init__`): zero
         factors, NaN scales."""
         factors = {
@@ -250,15 +278,8 @@ class DeviceSlots:
                 ins[path] = jnp.ones((*stack, *lay.in_shape), leaf.dtype)
             if "ia3" in self.kinds or "dora" in self.kinds:
                 outs[path] = jnp.ones((*stack, *lay.out_shape), leaf.dtype)
-        bias = {p: jnp.zeros((self.n, n), dt) for p, (n, dt) in self.biases.items()}
-        return {
-            "factors": factors,
-            "in": ins,
-            "out": outs,
-            "bias": bias,
-            "scales": nan,
-            "heads": nan,
-        }
+        bias = {p: jnp.zeros((self.n, b.size), b.dtype) for p, b in self.biases.items()}
+        return SlotState(factors, ins, outs, bias, nan, nan)
 
     def write(self, slot: int, name: str | None, entry: Entry | None) -> None:
         """Writes adapter `name` (its host `entry`), or an empty slot for None,
@@ -266,28 +287,28 @@ class DeviceSlots:
         factors, scales, heads = {}, [], []
         for path, leaf in self.leaves.items():
             if entry is not None and path in entry.arrays:
-                a, b, scale, head = entry.arrays[path]
+                a, b, scale, head = entry.arrays[path]  # a LeafEntry
             else:  # zero factors; scale 0 (the adapter lacks the path) or NaN
                 a, b = (x.squeeze(leaf.n_stack) for x in empty_slot(leaf, 1))
                 scale = head = np.float32(np.nan if entry is None else 0.0)
             factors[path] = (a, b)
             scales.append(scale)
             heads.append(head)
-        new = {
-            "factors": factors,
-            "in": self._vectors("in", entry),
-            "out": self._vectors("out", entry),
-            "bias": {
+        new = SlotState(
+            factors=factors,
+            ins=self._vectors("in", entry),
+            outs=self._vectors("out", entry),
+            bias={
                 p: (
                     entry.bias_deltas[p]
                     if entry is not None and p in entry.bias_deltas
-                    else np.zeros((n,), dt)
+                    else np.zeros((b.size,), b.dtype)
                 )
-                for p, (n, dt) in self.biases.items()
+                for p, b in self.biases.items()
             },
-            "scales": np.asarray(scales, np.float32),
-            "heads": np.asarray(heads, np.float32),
-        }
+            scales=np.asarray(scales, np.float32),
+            heads=np.asarray(heads, np.float32),
+        )
         self.state = self._write(self.state, np.int32(slot), new)
         self.names[slot] = name
         self._new_generation(slot)
@@ -296,7 +317,7 @@ class DeviceSlots:
         """One slot's `key` ("in" or "out") vectors: the entry's, else ones."""
         mine = {} if entry is None else getattr(entry, f"{key}_vectors")
         out = {}
-        for path in self.state[key]:
+        for path in self.state.ins if key == "in" else self.state.outs:
             leaf = self.leaves[path]
             group = leaf.layout.in_shape if key == "in" else leaf.layout.out_shape
             ones = np.ones((*leaf.layout.stack_shape, *group), leaf.dtype)
