@@ -156,6 +156,13 @@ class LeafLayout:
     def out_shape(self) -> tuple[int, ...]:
         return self.layout.out_shape(self.shape)
 
+    def factor_shapes(
+        self, rank: int, n_adapters: int | None = None
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of one adapter's `a`, `b` at this leaf (with an
+        `n_adapters` axis after the stack axes unless it is None)."""
+        return self.layout.factor_shapes(self.shape, rank, n_adapters)
+
     def compatible(self, other: LeafLayout) -> bool:
         return (self.shape, self.layout) == (other.shape, other.layout)
 

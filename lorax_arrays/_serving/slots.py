@@ -132,8 +132,8 @@ class Entry:
 def empty_slot(leaf: Leaf, n: int, xp: Any = np) -> tuple[Any, Any]:
     """`n` empty slots' zero factors (NumPy, or `xp=jnp`)."""
     lay, r = leaf.layout, leaf.capacity
-    a = xp.zeros((*lay.stack_shape, n, *lay.in_shape, r), leaf.dtype)
-    b = xp.zeros((*lay.stack_shape, n, r, *lay.out_shape), leaf.dtype)
+    shape_a, shape_b = lay.factor_shapes(r, n)
+    a, b = xp.zeros(shape_a, leaf.dtype), xp.zeros(shape_b, leaf.dtype)
     return a, b
 
 
