@@ -6,7 +6,7 @@ import collections
 import difflib
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.tree_util as jtu
 import quax
@@ -125,12 +125,19 @@ def unwrapped_parts(path: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def bias_leaves(tree: Any) -> dict[tuple[str, ...], tuple[str, Any]]:
+class PathLeaf(NamedTuple):
+    """A leaf of a tree and its '/'-joined path."""
+
+    path: str
+    leaf: Any
+
+
+def bias_leaves(tree: Any) -> dict[tuple[str, ...], PathLeaf]:
     """The tree's leaves named `bias` (`.../k_proj/bias`, NNX's
-    `.../bias/value`), by the components of their module: `(path, leaf)`."""
+    `.../bias/value`), by the components of their module."""
     out = {}
     for path, leaf in flatten_with_paths(tree)[0]:
         parts = unwrapped_parts(path)
         if parts[-1] == "bias":
-            out[parts[:-1]] = (path, leaf)
+            out[parts[:-1]] = PathLeaf(path, leaf)
     return out
