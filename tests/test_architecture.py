@@ -228,3 +228,9 @@ def test_the_table_check_sees_a_missing_row():
     table = _design_table()
     assert row in table
     assert _registry() - (table - {row}) == {row}
+
+
+def test_the_package_is_typed():
+    # PEP 561: type checkers read our annotations (hatch ships every file under
+    # the package, this marker included).
+    assert (PACKAGE / "py.typed").is_file()
