@@ -123,3 +123,54 @@ def test_device_put_of_several_values_at_once():
     got = np.asarray(lx.quaxify(f)(lora, x.astype(jnp.float32)))
     want = np.einsum("bd,bdf->bf", np.asarray(x, np.float64), _dense(lora))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_checkpoint_name_on_weights_in_a_scanned_remat_block():
+    """Levanter names weights inside its scanned blocks
+    (`jax.ad_checkpoint.checkpoint_name`) and remats with a policy by name: the
+    adapted weight is named as a whole (weight, factors, scales), its value and
+    gradient are the dense per-example ones, and its product stays low rank."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    lora = _lora(stacked=True)  # (L=2, D=6, F=5), four examples
+    x = np.random.default_rng(2).normal(size=(4, 6)).astype(np.float32)
+    proj = np.random.default_rng(3).normal(size=(5, 6)).astype(np.float32)
+    policy = jax.checkpoint_policies.save_only_these_names("w")
+
+    def f(w, x):
+        @jax.checkpoint
+        def block(h, w_layer):
+            w_layer = checkpoint_name(w_layer, "w")
+            return jnp.tanh(h @ w_layer) @ proj, None
+
+        block = jax.checkpoint(block, policy=policy)
+        return jax.lax.scan(block, x, w)[0]
+
+    got = np.asarray(jax.jit(lx.quaxify(f))(lora, x))
+    w_e = _dense(lora)  # (4, L, D, F)
+    h = x.astype(np.float64)
+    for layer in range(2):
+        h = np.tanh(np.einsum("bd,bdf->bf", h, w_e[:, layer])) @ proj
+    np.testing.assert_allclose(got, h, rtol=2e-5, atol=1e-5)
+
+    jaxpr = jax.make_jaxpr(lx.quaxify(f))(lora, x)
+    names = _eqns(jaxpr, "name")
+    assert len(names) >= 3  # w, a, b (and scales) each carry the name
+    assert all(e.params["name"] == "w" for e in names)
+    # Low rank: no per-example weight, (4, 6, 5) or (4, 2, 6, 5), is built.
+    shapes = {tuple(v.aval.shape) for e in walk_eqns(jaxpr) for v in e.outvars}
+    assert not shapes & {(4, 6, 5), (4, 2, 6, 5)}
+
+    def grads(fn):
+        def loss(a, b):
+            return jnp.sum(lx.quaxify(fn)(lora.replace(a=a, b=b), x) ** 2)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(lora.a, lora.b)
+
+    def unnamed(w, x):
+        step = lambda h, w_layer: (jnp.tanh(h @ w_layer) @ proj, None)  # noqa: E731
+        return jax.lax.scan(step, x, w)[0]
+
+    for got_g, want_g in zip(grads(f), grads(unnamed)):
+        assert np.abs(np.asarray(want_g)).sum() > 0
+        np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-6)

@@ -1,11 +1,16 @@
-"""Dispatch rules that place an adapted weight: `device_put`, `sharding_constraint`.
+"""Dispatch rules that place or name an adapted weight: `device_put`,
+`sharding_constraint`, `name` (`checkpoint_name`).
 
 Registers: `device_put` (`jax.device_put` inside a traced function: MaxText's
 host-offloaded parameters moved to the device at each use) and `sharding_constraint`
 (`jax.lax.with_sharding_constraint`: the Flax NNX sharding guide constrains a
 model's whole state to its partition specs inside the jitted call).
 
-Neither changes a value, so both keep the low-rank form: each acts on the base
+`name` is `jax.ad_checkpoint.checkpoint_name`, which Levanter applies to weights
+inside its scanned blocks: the weight, its factors and scales all get the name, so a
+remat policy that saves (or offloads) that name keeps the whole adapted weight.
+
+None changes a value, so all keep the low-rank form: each acts on the base
 weight `w` as asked, and on the factors as follows.
 
 - A device or memory space (`jax.memory.Space.Device`, a `jax.Device`): the same
@@ -28,6 +33,7 @@ from typing import Any
 
 import jax
 import quax
+from jax._src.ad_checkpoint import name_p
 from jax._src.dispatch import device_put_p
 from jax._src.pjit import sharding_constraint_p
 from jax.sharding import NamedSharding, PartitionSpec
@@ -116,3 +122,8 @@ def _(x: BatchedLoraArray, *, sharding, **params):
             w=bind(sharding_constraint_p, x.w, sharding=sharding, **params)
         )
     return _moved(x, put)
+
+
+@quax.register(name_p)
+def _(x: BatchedLoraArray, *, name):
+    return _moved(x, lambda v, role: bind(name_p, v, name=name))
