@@ -151,8 +151,7 @@ class Adapter(eqx.Module):
                         "adapter factors are floating point (an integer array here "
                         "is a corrupt or mislabelled file, not weights)."
                     )
-            exp_a = (*lay.stack_shape, *lay.in_shape, r)
-            exp_b = (*lay.stack_shape, r, *lay.out_shape)
+            exp_a, exp_b = lay.factor_shapes(r)
             if tuple(a.shape) != exp_a or tuple(b.shape) != exp_b:
                 raise ValueError(
                     f"Adapter: at {lay.path!r} expected a{exp_a} and b{exp_b}, got "

@@ -45,7 +45,7 @@ def init_adapter(
     An [`lorax_arrays.Adapter`][].
     """
     matches = match_rules(tree, rules)
-    a_shapes = [(*m.layout.stack_shape, *m.layout.in_shape, m.rank) for m in matches]
+    a_shapes = [m.layout.factor_shapes(m.rank)[0] for m in matches]
     # One draw for the whole adapter, split afterwards: eager JAX would compile a
     # random kernel per distinct shape, which dominates setting up many adapters.
     # Split on the host when the key is concrete, with traced slices under a
@@ -61,7 +61,7 @@ def init_adapter(
         dt = np.dtype(m.dtype if dtype is None else dtype)
         bound = 1.0 / math.sqrt(math.prod(lay.in_shape))
         a = jnp.asarray((draw[lo:hi] * bound).reshape(shape).astype(dt))
-        b = jnp.asarray(xp.zeros((*lay.stack_shape, m.rank, *lay.out_shape), dt))
+        b = jnp.asarray(xp.zeros(lay.factor_shapes(m.rank)[1], dt))
         weights[lay.path] = (a, b)
     vectors = _init_variants(tree, matches, dtype, xp)
     vera = _init_vera(matches, weights, dtype, key)

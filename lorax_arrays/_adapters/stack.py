@@ -351,12 +351,9 @@ def stack_adapters(
         a_list, b_list = [], []
         for p, r in zip(per, r_each):
             if p is None:
-                a_list.append(
-                    jnp.zeros((*lay.stack_shape, *lay.in_shape, r_max), dtype)
-                )
-                b_list.append(
-                    jnp.zeros((*lay.stack_shape, r_max, *lay.out_shape), dtype)
-                )
+                a_shape, b_shape = lay.factor_shapes(r_max)
+                a_list.append(jnp.zeros(a_shape, dtype))
+                b_list.append(jnp.zeros(b_shape, dtype))
                 continue
             a, b = p[0]
             a_pad = [(0, 0)] * (a.ndim - 1) + [(0, r_max - r)]

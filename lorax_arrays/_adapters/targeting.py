@@ -161,6 +161,14 @@ class LeafLayout:
     def out_shape(self) -> tuple[int, ...]:
         return self.layout.out_shape(self.shape)
 
+    def factor_shapes(
+        self, rank: int, n_adapters: int | None = None
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of `a` and `b` at rank `rank`: `(*stack, *in, rank)` and
+        `(*stack, rank, *out)`, with an `n_adapters` axis after `*stack` unless it
+        is None (`Layout.factor_shapes`)."""
+        return self.layout.factor_shapes(self.shape, rank, n_adapters)
+
     def compatible(self, other: LeafLayout) -> bool:
         return (self.shape, self.layout) == (other.shape, other.layout)
 

@@ -744,9 +744,8 @@ class AdapterBank:
     def _empty_slot(leaf: _Leaf, n: int, xp: Any = np) -> tuple[Any, Any]:
         """`n` empty slots' zero factors (NumPy, or `xp=jnp`)."""
         lay, r = leaf.layout, leaf.capacity
-        a = xp.zeros((*lay.stack_shape, n, *lay.in_shape, r), leaf.dtype)
-        b = xp.zeros((*lay.stack_shape, n, r, *lay.out_shape), leaf.dtype)
-        return a, b
+        a_shape, b_shape = lay.factor_shapes(r, n)
+        return xp.zeros(a_shape, leaf.dtype), xp.zeros(b_shape, leaf.dtype)
 
     def _check_leaf(
         self, name: str, lay: LeafLayout, rank: int, what: str = "add"
