@@ -836,6 +836,21 @@ def test_stack_scales_must_agree_with_alphas(tmp_path, mlp_stack):
         load_adapter(tmp_path / "ck")
 
 
+def test_a_stack_with_a_head_only_adapter_round_trips(tmp_path):
+    """A head-only adapter has scale 0 in its stack's scales (lookups see the
+    base) and its own in `head_scales`: a load's cross-check expects that."""
+    ad = random_adapter(LAYOUT_TREE, LAYOUT_RULES[:1], seed=7)
+    head = lx.Adapter(
+        ad.weights, ad.layouts, ad.ranks, ad.alphas, ad.use_rslora, head_only=(True,)
+    )
+    stack = lx.stack_adapters([head, ad], names=["head", "plain"])
+    save_adapter(tmp_path / "ck", stack)
+    back = load_adapter(tmp_path / "ck", LAYOUT_TREE)
+    assert_same(stack, back)
+    assert back.head_only == stack.head_only == ((True, False),)
+    assert back["head"].fingerprint() == head.fingerprint()
+
+
 def test_a_lock_file_that_is_a_fifo_is_an_error_not_a_hang(tmp_path, mlp_stack):
     save_adapter(tmp_path / "ck", mlp_stack)
     lock = tmp_path / "ck" / ".lorax_adapter.lock"

@@ -444,12 +444,17 @@ def check_loaded(out: Adapter | AdapterStack, spec: Spec, root: Path) -> None:
 
 def _check_stack_scales(stack: AdapterStack, members: list[Adapter], what: str):
     """A stack stores each leaf's per-adapter scales and, redundantly, each
-    adapter's rank, alpha and rsLoRA flag: they must agree."""
+    adapter's rank, alpha and rsLoRA flag: they must agree (0 where the adapter
+    has no update there, or a head-only one, as `stack_adapters` sets them)."""
+
+    def scale(m: Adapter, path: str) -> float:
+        if path not in m.paths or m.head_only[m.paths.index(path)]:
+            return 0.0
+        return m.scale(path)
+
     for lay in stack.layouts:
         stored = np.asarray(stack.scales[lay.path], np.float64)
-        want = np.asarray(
-            [m.scale(lay.path) if lay.path in m.paths else 0.0 for m in members]
-        )
+        want = np.asarray([scale(m, lay.path) for m in members])
         if not np.allclose(stored, want, rtol=1e-6, atol=0.0):
             raise CheckpointError(
                 f"{what}: at {lay.path!r} the stored scales {stored.tolist()} are "
