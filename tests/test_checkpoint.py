@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 
 import lorax_arrays as lx
-import lorax_arrays._io.checkpoint as ck
-from lorax_arrays._io.checkpoint import CheckpointError, load_adapter, save_adapter
+from lorax_arrays import CheckpointError, load_adapter, save_adapter
+from lorax_arrays._io.checkpoint import store
 from tests.fast_init import numpy_init
 from tests.helpers import assert_base_rows, nonzero
 
@@ -84,6 +84,21 @@ def digests(root: Path) -> dict[str, str]:
                 p.read_bytes()
             ).hexdigest()
     return out
+
+
+def checksum(m: dict) -> str:
+    """The manifest's checksum, as the format defines it: the SHA-256 of the
+    canonical JSON (sorted keys, no spaces) of everything but `checksum`."""
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode("ascii")).hexdigest()
+
+
+def reseal(mpath: Path, m: dict) -> None:
+    """Writes `m` to `mpath` as a save would: with its checksum, in the bytes a
+    save writes."""
+    m["checksum"] = checksum(m)
+    mpath.write_text(json.dumps(m, sort_keys=True, indent=1) + "\n")
 
 
 def checkpoint_files(root: Path) -> list[Path]:
@@ -248,10 +263,31 @@ def test_manifest_contents(tmp_path, mlp_stack):
     assert leaf["arrays"]["a"]["dtype"] == "float32"
     assert leaf["arrays"]["a"]["shape"] == list(a.shape)
     assert leaf["arrays"]["a"]["sha256"] == hashlib.sha256(a.tobytes()).hexdigest()
+    # The checksum and the bytes are those the format defines.
+    assert m["checksum"] == checksum(m)
+    text = (tmp_path / "ck" / "lorax_adapter.json").read_text()
+    assert text == json.dumps(m, sort_keys=True, indent=1) + "\n"
     arrays_dir = tmp_path / "ck" / m["arrays_dir"]
     assert set(m["files"]) == {
         p.relative_to(arrays_dir).as_posix() for p in checkpoint_files(arrays_dir)
     }
+
+
+def test_the_schema_covers_every_field():
+    """The manifest is derived from the types' fields: each array field has its
+    roles, each static field is per-leaf metadata with a JSON type or one of the
+    whole-adapter fields. A field added to either type fails here until the schema
+    knows how to write it (instead of being silently dropped by saves)."""
+    import dataclasses
+
+    from lorax_arrays._io.checkpoint import manifest
+
+    for cls in (lx.Adapter, lx.AdapterStack):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("static"):
+                assert f.name in (*manifest._WHOLE, *manifest._PER_LEAF), f.name
+            else:
+                assert f.name in manifest._ARRAY_FIELDS, f.name
 
 
 def test_resave_replaces_and_cleans_up(tmp_path, mlp, mlp_stack):
@@ -387,7 +423,7 @@ def test_truncated_deleted_and_extra_files_are_caught(saved, tmp_path):
 
 def test_restored_arrays_are_checked(saved, monkeypatch):
     """Past orbax, each array is checked against its own checksum."""
-    read = ck._read_arrays
+    read = store.read_arrays
 
     def tampered(*args):
         out = dict(read(*args))
@@ -397,7 +433,7 @@ def test_restored_arrays_are_checked(saved, monkeypatch):
         out[key] = x
         return out
 
-    monkeypatch.setattr(ck, "_read_arrays", tampered)
+    monkeypatch.setattr(store, "read_arrays", tampered)
     with pytest.raises(CheckpointError, match="does not match its checksum"):
         load_adapter(saved)
 
@@ -437,8 +473,7 @@ def test_malformed_manifest_is_caught(saved, tmp_path, edit):
     mpath = root / "lorax_adapter.json"
     m = json.loads(mpath.read_text())
     edit(m)
-    m["checksum"] = ck._checksum(m)
-    mpath.write_text(ck._dump(m))
+    reseal(mpath, m)
     with pytest.raises(CheckpointError, match="malformed") as e:
         load_adapter(root)
     assert str(mpath) in str(e.value)
@@ -455,7 +490,7 @@ def test_newer_format_is_refused(saved, tmp_path):
     with pytest.raises(CheckpointError, match="checksum does not match"):
         load_adapter(root)
     # A manifest a newer lorax_arrays wrote (its checksum matches).
-    m["checksum"] = ck._checksum(m)
+    m["checksum"] = checksum(m)
     mpath.write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="format 99.*Upgrade lorax_arrays"):
         load_adapter(root)
@@ -502,7 +537,8 @@ _KILLED_SAVES = textwrap.dedent(
     import orbax.checkpoint
     from orbax.checkpoint._src.path import atomicity
 
-    import lorax_arrays._io.checkpoint as ck
+    import lorax_arrays as lx
+    from lorax_arrays._io.checkpoint import store
 
     adapter_file, base, *points = sys.argv[1:]
     adapter = pickle.loads(Path(adapter_file).read_bytes())
@@ -525,8 +561,8 @@ _KILLED_SAVES = textwrap.dedent(
 
             atomicity.AtomicRenameTemporaryPath.finalize = finalize
         else:
-            setattr(ck, point, stall)
-        ck.save_adapter(here / "ck", adapter)
+            setattr(store, point, stall)
+        lx.save_adapter(here / "ck", adapter)
         signal("finished")
 
     children = []
@@ -740,8 +776,7 @@ def test_variant_vectors_are_checked(tmp_path, variant_adapter):
     def rewrite(edit):
         m = json.loads(json.dumps(good))
         edit(m)
-        m["checksum"] = ck._checksum(m)
-        mpath.write_text(ck._dump(m))
+        reseal(mpath, m)
 
     # Flags that disagree with the arrays saved.
     rewrite(lambda m: leaf(m, "k").update(variants=[[True, False, False]]))
@@ -786,8 +821,7 @@ def test_a_manifest_whose_fingerprint_disagrees_is_refused(tmp_path, mlp_stack):
     mpath = tmp_path / "ck" / "lorax_adapter.json"
     m = json.loads(mpath.read_text())
     m["fingerprints"][1] = "sha256:" + "0" * 64
-    m["checksum"] = ck._checksum(m)
-    mpath.write_text(ck._dump(m))
+    reseal(mpath, m)
     with pytest.raises(CheckpointError, match="adapter 1.*fingerprint"):
         load_adapter(tmp_path / "ck")
 
@@ -802,9 +836,24 @@ def test_stack_scales_must_agree_with_alphas(tmp_path, mlp_stack):
         load_adapter(tmp_path / "ck")
 
 
+def test_a_stack_with_a_head_only_adapter_round_trips(tmp_path):
+    """A head-only adapter has scale 0 in its stack's scales (lookups see the
+    base) and its own in `head_scales`: a load's cross-check expects that."""
+    ad = random_adapter(LAYOUT_TREE, LAYOUT_RULES[:1], seed=7)
+    head = lx.Adapter(
+        ad.weights, ad.layouts, ad.ranks, ad.alphas, ad.use_rslora, head_only=(True,)
+    )
+    stack = lx.stack_adapters([head, ad], names=["head", "plain"])
+    save_adapter(tmp_path / "ck", stack)
+    back = load_adapter(tmp_path / "ck", LAYOUT_TREE)
+    assert_same(stack, back)
+    assert back.head_only == stack.head_only == ((True, False),)
+    assert back["head"].fingerprint() == head.fingerprint()
+
+
 def test_a_lock_file_that_is_a_fifo_is_an_error_not_a_hang(tmp_path, mlp_stack):
     save_adapter(tmp_path / "ck", mlp_stack)
-    lock = tmp_path / "ck" / ck._LOCK
+    lock = tmp_path / "ck" / ".lorax_adapter.lock"
     lock.unlink(missing_ok=True)
     os.mkfifo(lock)
     with pytest.raises(CheckpointError, match="not a regular file"):

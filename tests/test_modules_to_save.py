@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
-from lorax_arrays._io.safetensors import read_safetensors, write_safetensors
 from lorax_arrays._adapters.targeting import LeafLayout
+from lorax_arrays._io.safetensors import read_safetensors, write_safetensors
 
 ROOT = Path(__file__).parent / "fixtures" / "peft" / "seq_cls"
 HERE = ROOT / "roberta"

@@ -87,6 +87,82 @@ class AdapterStack(eqx.Module):
             none = (False, False, False)
             self.variants = tuple(tuple(none for _ in r) for r in self.ranks)
 
+    def __check_init__(self):
+        n, paths = self.n_adapters, self.paths
+        for name in ("ranks", "alphas", "use_rslora", "lookup_only", "head_only"):
+            per = getattr(self, name)
+            if len(per) != len(paths) or any(len(x) != n for x in per):
+                raise ValueError(
+                    f"AdapterStack: `{name}` is not {n} values for each of the "
+                    f"{len(paths)} leaves."
+                )
+        if len(self.variants) != len(paths) or any(
+            len(v) != n or any(len(f) != len(VECTOR_FIELDS) for f in v)
+            for v in self.variants
+        ):
+            raise ValueError(
+                f"AdapterStack: `variants` is not {n} flag triples (dora, has "
+                f"in_scale, has out_scale) for each of the {len(paths)} leaves."
+            )
+        if self.names is not None and len(self.names) != n:
+            raise ValueError(f"AdapterStack: {len(self.names)} names for {n} adapters.")
+        if len(self.invocation_tokens) != n:
+            raise ValueError(
+                f"AdapterStack: {len(self.invocation_tokens)} invocation_tokens for "
+                f"{n} adapters."
+            )
+        for field in ("weights", "scales"):
+            have = getattr(self, field)
+            if set(have) != set(paths) or len(have) != len(paths):
+                raise ValueError(
+                    f"AdapterStack: {field} have paths {sorted(have)} but layouts "
+                    f"have {sorted(paths)}."
+                )
+        for lay, r in zip(self.layouts, self.ranks):
+            a, b = self.weights[lay.path]
+            exp_a, exp_b = lay.factor_shapes(max(r, default=0), n)
+            if tuple(a.shape) != exp_a or tuple(b.shape) != exp_b:
+                raise ValueError(
+                    f"AdapterStack: at {lay.path!r} expected a{exp_a} and b{exp_b} "
+                    f"(*stack, n_adapters, ...), got a{tuple(a.shape)} and "
+                    f"b{tuple(b.shape)}."
+                )
+            if tuple(self.scales[lay.path].shape) != (n,):
+                raise ValueError(
+                    f"AdapterStack: the scales at {lay.path!r} have shape "
+                    f"{tuple(self.scales[lay.path].shape)}, not ({n},)."
+                )
+        for k, (field, group) in enumerate(VECTOR_FIELDS.items()):
+            flagged = {
+                lay.path
+                for lay, flags in zip(self.layouts, self.variants)
+                if any(f[k] for f in flags)
+            }
+            have = getattr(self, field)
+            if set(have) != flagged:
+                raise ValueError(
+                    f"AdapterStack: `variants` flag {field} at {sorted(flagged)}, but "
+                    f"the stack has arrays of them at {sorted(have)}."
+                )
+            for lay in self.layouts:
+                if lay.path not in have:
+                    continue
+                part = lay.in_shape if group == "in" else lay.out_shape
+                want, got = (*lay.stack_shape, n, *part), tuple(have[lay.path].shape)
+                if got != want:
+                    raise ValueError(
+                        f"AdapterStack: at {lay.path!r} the {field[:-1]} has shape "
+                        f"{got}; its layout needs (*stack, n_adapters, *{group}) = "
+                        f"{want}."
+                    )
+        for path, d in self.bias_deltas.items():
+            if path in paths or d.ndim != 2 or d.shape[0] != n:
+                raise ValueError(
+                    f"AdapterStack: `bias_deltas[{path!r}]` has shape "
+                    f"{tuple(d.shape)}; expected ({n}, out) at a bias leaf that is "
+                    "not a LoRA leaf."
+                )
+
     def head_scales(self, path: str) -> Float[Array, " n_adapters"]:
         """The scales for reading `path` along its out-axes (a tied output head):
         `scales[path]`, with 0 for adapters whose update is `lookup_only` there,

@@ -159,8 +159,9 @@ class LeafLayout:
     def factor_shapes(
         self, rank: int, n_adapters: int | None = None
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The shapes of one adapter's `a`, `b` at this leaf (with an
-        `n_adapters` axis after the stack axes unless it is None)."""
+        """The shapes of `a` and `b` at rank `rank`: `(*stack, *in, rank)` and
+        `(*stack, rank, *out)`, with an `n_adapters` axis after `*stack` unless it
+        is None (`Layout.factor_shapes`)."""
         return self.layout.factor_shapes(self.shape, rank, n_adapters)
 
     def compatible(self, other: LeafLayout) -> bool:
