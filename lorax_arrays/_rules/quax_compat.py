@@ -22,6 +22,7 @@ from .._core.errors import UnsupportedOperationError
 
 __all__ = [
     "PATCHED_CUSTOM_VJP",
+    "PATCHED_SHARD_MAP",
     "QUAX_HANDLES_CUSTOM_VJP",
     "QUAX_VERSION",
     "remat_p",
@@ -112,6 +113,43 @@ def _process_custom_vjp_call(
 PATCHED_CUSTOM_VJP = should_patch(QUAX_VERSION, QUAX_HANDLES_CUSTOM_VJP)
 if PATCHED_CUSTOM_VJP:
     _QuaxTrace.process_custom_vjp_call = _process_custom_vjp_call
+
+
+# -- shard_map --------------------------------------------------------------------
+#
+# quax's trace has no `process_shard_map`, so any `jax.shard_map` inside a
+# quaxified function raised `AttributeError: '_QuaxTrace' object has no attribute
+# 'process_shard_map'` before a rule ran (EasyDeL's fused MoE, Levanter's Mixtral
+# with a mesh), even when no adapted weight goes into it. A shard_map whose inputs
+# are plain arrays is bound as it is on the parent trace (its body sees no quax
+# value); a quax value passed into one is refused by name.
+QUAX_HANDLES_SHARD_MAP = "process_shard_map" in _QuaxTrace.__dict__
+
+
+def _process_shard_map(self, primitive, fun, tracers, **params):
+    values = [self.to_value(t) for t in tracers]
+    held = [type(v).__name__ for v in values if type(v) is not _DenseArrayValue]
+    if held:
+        raise UnsupportedOperationError(
+            f"`jax.shard_map` was given {', '.join(sorted(set(held)))} argument(s) "
+            "under quaxify: lorax_arrays serves adapted weights outside shard_map "
+            "bodies only. Keep this weight out of the adapter rules (a `LoraRule` "
+            "pattern that does not match it), or compute its product outside the "
+            "shard_map body; plain arrays pass through shard_map as usual."
+        )
+    with core.set_current_trace(self.parent_trace):
+        out = primitive.bind(*[v.array for v in values], subfuns=(fun,), **params)
+
+    def wrap(x):
+        return _QuaxTracer(self, _dense(x))
+
+    # JAX >= 0.10 returns a FlatTree of outputs; older JAX a list.
+    return out.map(wrap) if hasattr(out, "map") else [wrap(x) for x in out]
+
+
+PATCHED_SHARD_MAP = not QUAX_HANDLES_SHARD_MAP
+if PATCHED_SHARD_MAP:
+    _QuaxTrace.process_shard_map = _process_shard_map
 
 
 # -- quax's wrapping of arguments on JAX >= 0.11 ---------------------------------
