@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A MoE block: an adapted projection, experts in a shard_map over the expert axis
 # (tokens replicated, each shard its experts' share, summed), an adapted head.
 MODEL = r"""
+import equinox as eqx
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
 import lorax_arrays as lx
@@ -51,7 +52,7 @@ def adapter(seed):
         p: tuple(r.normal(size=np.shape(f)).astype(np.float32) for f in ab)
         for p, ab in fresh.weights.items()
     }
-    return fresh.__class__(**{**{f: getattr(fresh, f) for f in fresh.__dataclass_fields__}, "weights": weights})
+    return eqx.tree_at(lambda ad: ad.weights, fresh, weights)
 
 
 adapters = [adapter(1), adapter(2)]
@@ -78,7 +79,8 @@ def reference():
         if idx[b] >= 0:
             ad = adapters[idx[b]]
             for path, (a, bb) in ad.weights.items():
-                p[path] = p[path] + ad.scale(path) * (np.asarray(a, np.float64) @ np.asarray(bb, np.float64))
+                a, bb = np.asarray(a, np.float64), np.asarray(bb, np.float64)
+                p[path] = p[path] + ad.scale(path) * (a @ bb)
         h = np.tanh(x[b].astype(np.float64) @ p["wq"])
         z = h @ p["gate"]
         probs = np.exp(z - z.max()); probs /= probs.sum()
