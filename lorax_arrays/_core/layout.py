@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 from jaxtyping import Array
@@ -346,6 +347,23 @@ class Layout:
         return a, b
 
     # -- dense ----------------------------------------------------------------------
+
+    def factor_specs(
+        self, spec: Sequence[Any], n_adapters: bool = True
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """The partition specs of `a` and `b` from a weight's own spec (one entry
+        per weight axis, shorter specs padded with None): `a` takes the stack and
+        in-axes' entries, `b` the stack and out-axes'; the adapter (slot) and rank
+        axes are replicated. A column-sharded kernel `(None, "model")` gives `b`
+        `(None, None, "model")`, so the low-rank term is sharded as the base
+        product is."""
+        ndim = len(self.in_axes) + len(self.out_axes) + len(self.stack_axes)
+        parts = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+        stack = tuple(parts[s] for s in self.stack_axes)
+        n = (None,) if n_adapters else ()
+        a = (*stack, *n, *(parts[i] for i in self.in_axes), None)
+        b = (*stack, *n, None, *(parts[o] for o in self.out_axes))
+        return a, b
 
     def dense_delta(self, a: Array, b: Array) -> Array:
         """`a ⊗ b` for one adapter (no `n_adapters` axis), laid out on the weight's

@@ -44,12 +44,8 @@ from .._core.array import BatchedLoraArray, bind
 
 def _factor_specs(lora: BatchedLoraArray, spec: PartitionSpec):
     """The partition specs of `a` and `b` from the weight's own `spec`."""
-    parts = tuple(spec) + (None,) * (lora.ndim - len(spec))
-    lay = lora.layout
-    stack = [parts[s] for s in lay.stack_axes]
-    a = PartitionSpec(*stack, None, *(parts[i] for i in lay.in_axes), None)
-    b = PartitionSpec(*stack, None, None, *(parts[o] for o in lay.out_axes))
-    return a, b
+    a, b = lora.layout.factor_specs(tuple(spec))
+    return PartitionSpec(*a), PartitionSpec(*b)
 
 
 def _placements(lora: BatchedLoraArray, where: Any) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from .slots import (
     bias_leaves_near,
     dora_norm,
     padded,
+    slot_shardings,
 )
 
 
@@ -176,7 +177,16 @@ class AdapterBank:
         self._biases: dict[str, BiasLeaf] = {}
         if "bias" in self._kinds:
             self._biases = bias_leaves_near(tree, self._leaves, dtype)
-        self._device = DeviceSlots(self._leaves, self._slots, self._kinds, self._biases)
+        weights = dict(flatten_with_paths(tree)[0])
+        shardings = slot_shardings(
+            self._leaves,
+            self._kinds,
+            self._biases,
+            {p: weights[p] for p in self._leaves},
+        )
+        self._device = DeviceSlots(
+            self._leaves, self._slots, self._kinds, self._biases, shardings
+        )
         self._adapters: dict[str, Entry] = {}
         self._versions: dict[str, int] = {}
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .._adapters.served import dora_norms
 from .._adapters.targeting import LeafLayout
@@ -198,6 +199,50 @@ def _write_slot(
     )
 
 
+def slot_shardings(
+    leaves: dict[str, Leaf],
+    kinds: tuple[str, ...],
+    biases: dict[str, BiasLeaf],
+    weights: dict[str, Any],
+) -> SlotState | None:
+    """Where each slot array lives, from the shardings of the base `weights` it
+    adapts: for a weight with a `NamedSharding`, `a` takes the specs of its stack
+    and in-axes, `b` those of its stack and out-axes, the vectors those of their
+    group (`Layout.factor_specs`); the slot and rank axes, the scale matrices and
+    the bias rows are replicated on the same mesh. None when no weight carries a
+    `NamedSharding` (one device, as before)."""
+    named = {
+        p: w.sharding
+        for p, w in weights.items()
+        if isinstance(getattr(w, "sharding", None), NamedSharding)
+    }
+    if not named:
+        return None
+    mesh = next(iter(named.values())).mesh
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def on(path: str, parts: tuple) -> NamedSharding:
+        sharding = named.get(path)
+        if sharding is None:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(sharding.mesh, PartitionSpec(*parts))
+
+    factors, ins, outs = {}, {}, {}
+    for path, leaf in leaves.items():
+        lay = leaf.layout.layout
+        spec = tuple(named[path].spec) if path in named else ()
+        a, b = lay.factor_specs(spec)
+        factors[path] = (on(path, a), on(path, b))
+        # The vectors (*stack, slots, *in) and (*stack, slots, *out): a's and b's
+        # specs without the rank axis.
+        if "ia3" in kinds:
+            ins[path] = on(path, a[:-1])
+        if "ia3" in kinds or "dora" in kinds:
+            ns = len(lay.stack_axes)
+            outs[path] = on(path, (*b[: ns + 1], *b[ns + 2 :]))
+    return SlotState(factors, ins, outs, dict.fromkeys(biases, rep), rep, rep)
+
+
 class DeviceSlots:
     """`n` device slots for the `leaves` (path to `Leaf`), with per-slot vectors
     for the `kinds` that have them and rows for the bias leaves `biases` (path to
@@ -209,16 +254,22 @@ class DeviceSlots:
         n: int,
         kinds: tuple[str, ...],
         biases: dict[str, BiasLeaf],
+        shardings: SlotState | None = None,
     ):
         self.leaves, self.n, self.kinds, self.biases = leaves, n, kinds, biases
+        self.shardings = shardings
         # Made by XLA on the device (not `device_put` from NumPy, whose buffers
-        # may alias host memory and so could not be donated and updated in place).
-        self.state = jax.jit(self._empty)()
+        # may alias host memory and so could not be donated and updated in place),
+        # each array placed as `shardings` says (sharded like the weights it
+        # adapts); every write keeps that placement, in place per shard.
+        placed = {} if shardings is None else {"out_shardings": shardings}
+        self.state = jax.jit(self._empty, **placed)()
         self._write = jax.jit(
             lambda state, slot, new: _write_slot(
                 state, slot, new, {p: lf.n_stack for p, lf in leaves.items()}
             ),
             donate_argnums=0,
+            **placed,
         )
 
         def compact(state: SlotState, take: Any) -> SlotState:
@@ -240,7 +291,7 @@ class DeviceSlots:
                 heads=jnp.take(state.heads, take, axis=1, mode="clip"),
             )
 
-        self._compact = jax.jit(compact)
+        self._compact = jax.jit(compact, **placed)
         self.names: list[str | None] = [None] * n
         # Each slot's generation: a process-wide token drawn at every change of
         # its content; the indices the bank hands out encode it (see

@@ -1,0 +1,133 @@
+"""An `AdapterBank` built on a tensor-parallel tree places its slots as the
+weights are placed: `a` sharded as W's in-axes, `b` as W's out-axes, slot and rank
+axes replicated. Loads and updates write in place per shard, served rows equal the
+model with each row's adapter merged (float64 NumPy), the compiled serving step
+gathers no base weight and no bank array (with a negative control that does), and
+each device holds its share of the bank. Runs in a subprocess with 8 simulated
+CPU devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import json, re
+import equinox as eqx
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import lorax_arrays as lx
+
+D, F, B = 16, 24, 8
+mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+rng = np.random.default_rng(0)
+host = {
+    "up": rng.normal(size=(D, F)).astype(np.float32) / D**0.5,     # column-parallel
+    "down": rng.normal(size=(F, D)).astype(np.float32) / F**0.5,   # row-parallel
+}
+specs = {"up": P(None, "model"), "down": P("model", None)}
+params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
+rules = [lx.LoraRule("up|down", 4)]
+
+def adapter(seed, rank):
+    fresh = lx.init_adapter(host, lx.LoraRule("up|down", rank), key=jax.random.key(seed))
+    r = np.random.default_rng(seed)
+    w = {p: tuple(r.normal(size=np.shape(f)).astype(np.float32) for f in ab)
+         for p, ab in fresh.weights.items()}
+    return eqx.tree_at(lambda ad: ad.weights, fresh, w)
+
+bank = lx.AdapterBank(params, rules, slots=4)
+ads = {"a": adapter(1, 2), "b": adapter(2, 4), "c": adapter(3, 3)}
+for n, ad in ads.items():
+    bank.add(n, ad)
+
+def forward(p, x):
+    return jax.nn.gelu(x @ p["up"]) @ p["down"]
+
+@jax.jit
+def step(params, served, x):
+    return lx.quaxify(forward)(lx.loraify(params, served), x)
+
+names = ["a", "b", None, "c", "a", "b", "c", None]
+x = jax.device_put(rng.normal(size=(B, D)).astype(np.float32), NamedSharding(mesh, P("data")))
+idx = bank.indices(names)
+out = np.asarray(step(params, bank.served(idx), x))
+
+def reference(names, ads):
+    rows = []
+    for i, n in enumerate(names):
+        p = {k: v.astype(np.float64) for k, v in host.items()}
+        if n is not None:
+            for path, (a, b) in ads[n].weights.items():
+                p[path] = p[path] + ads[n].scale(path) * (np.float64(a) @ np.float64(b))
+        h = np.asarray(x, np.float64)[i] @ p["up"]
+        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+        rows.append(h @ p["down"])
+    return np.stack(rows)
+
+err = float(np.max(np.abs(out - reference(names, ads))))
+state = bank._device.state
+a_up, b_up = state.factors["up"]
+a_dn, b_dn = state.factors["down"]
+spec = lambda arr: [None if s is None else str(s) for s in arr.sharding.spec]
+specs_seen = {k: spec(v) for k, v in
+              {"a_up": a_up, "b_up": b_up, "a_down": a_dn, "b_down": b_dn}.items()}
+whole = {f"{D},{F}]", f"{F},{D}]"} | {",".join(map(str, a.shape)) + "]" for a in (a_up, b_up, a_dn, b_dn)}
+shard_bytes = max(s.data.nbytes for s in b_up.addressable_shards)
+b_up_bytes = b_up.nbytes
+# In place per shard: an update writes the loaded slot without moving the arrays.
+before = [s.data.unsafe_buffer_pointer() for s in b_up.addressable_shards]
+ads["b"] = adapter(7, 4)
+bank.update("b", ads["b"])
+after_arr = bank._device.state.factors["up"][1]
+after = [s.data.unsafe_buffer_pointer() for s in after_arr.addressable_shards]
+idx = bank.indices(names)
+out2 = np.asarray(step(params, bank.served(idx), x))
+err2 = float(np.max(np.abs(out2 - reference(names, ads))))
+# No all-gather of a whole base weight or a whole bank array.
+hlo = step.lower(params, bank.served(idx), x).compile().as_text()
+gathers = [l for l in re.findall(r"[^\n]*all-gather[^\n]*", hlo) if any(w in l.split("all-gather")[0] for w in whole)]
+control_fn = jax.jit(lambda t: t * 2, out_shardings=NamedSharding(mesh, P()))
+control_hlo = control_fn.lower(after_arr).compile().as_text()
+control = [l for l in re.findall(r"[^\n]*all-gather[^\n]*", control_hlo) if any(w in l.split("all-gather")[0] for w in whole)]
+print(json.dumps({
+    "devices": len(jax.devices()), "err": err, "err2": err2,
+    **{"spec_" + k: v for k, v in specs_seen.items()},
+    "in_place": before == after, "gathers": len(gathers), "control": len(control),
+    "b_up_bytes": b_up_bytes, "b_up_shard_bytes": shard_bytes,
+    "spec_after_update": spec(after_arr),
+}))
+"""
+
+
+def test_a_bank_on_a_sharded_tree_is_sharded_like_it():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["devices"] == 8
+    assert r["err"] < 1e-4 and r["err2"] < 1e-4, r
+    # up (D, F) column-parallel: a (slots, D, R) replicated, b (slots, R, F) on F.
+    assert r["spec_a_up"] == [None, None, None]
+    assert r["spec_b_up"] == [None, None, "model"]
+    # down (F, D) row-parallel: a (slots, F, R) on F, b replicated.
+    assert r["spec_a_down"] == [None, "model", None]
+    assert r["spec_b_down"] == [None, None, None]
+    assert r["in_place"] and r["spec_after_update"] == r["spec_b_up"], r
+    assert r["gathers"] == 0 and r["control"] > 0, r
+    # Each device holds a quarter of the sharded factor (4-way model axis).
+    assert r["b_up_shard_bytes"] * 4 == r["b_up_bytes"], r
