@@ -299,3 +299,74 @@ def test_add_refuses_what_the_slots_cannot_hold():
         plain.add("x", key=jax.random.key(0), learning_rate=1e-2)
     with pytest.raises(ValueError, match="already training"):
         trainer.add("small", key=jax.random.key(0))
+
+
+# -- publishing to a bank, checkpoints ------------------------------------------
+
+
+def _merged_f64(params, adapter):
+    """The model's weights with `adapter` folded in, in NumPy float64."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    for path in adapter.paths:
+        a, b = (np.asarray(x, np.float64) for x in adapter.weights[path])
+        w = p[path] + adapter.scale(path) * (a @ b)
+        if path in adapter.magnitudes:
+            m = np.asarray(adapter.magnitudes[path], np.float64)
+            w = w * m / np.sqrt(np.sum(w * w, axis=0))
+        if path in adapter.out_scales:
+            w = w * np.asarray(adapter.out_scales[path], np.float64)
+        p[path] = w
+    return p
+
+
+def test_published_adapters_serve_the_trained_weights():
+    params = _params()
+    adapters = {n: a for n, a in _adapters(params).items() if n != "small"}
+    trainer = _trainer(params, adapters, slots=3, kinds=("dora", "ia3"))
+    bank = lx.AdapterBank(params, RULES, slots=3, kinds=("dora", "ia3"))
+    for name, adapter in adapters.items():
+        bank.add(name, adapter)  # the policy before training
+    names = [n if n in adapters else None for n in ROW_NAMES]
+    serve = jax.jit(lambda p, s, x: lx.quaxify(forward)(lx.loraify(p, s), x))
+    x, _ = _batch(9)
+    for k in range(2):
+        trainer.step(loss_fn, _batch(k), names)
+        for name in adapters:  # publish: the next batch samples the new weights
+            bank.update(name, trainer.adapter(name))
+        out = np.asarray(serve(params, bank.served(bank.indices(names)), x))
+        for name in adapters:
+            assert bank.version(name) == 2 + k
+            p = _merged_f64(params, trainer.adapter(name))
+            rows = [i for i, n in enumerate(names) if n == name]
+            xs = np.asarray(x, np.float64)[rows]
+            ref = np.tanh(xs @ p["w1"]) @ p["w2"]
+            np.testing.assert_allclose(out[rows], ref, rtol=1e-5, atol=1e-5)
+            assert _rel(ref, np.tanh(xs @ _params()["w1"]) @ _params()["w2"]) > 1e-2
+
+
+def test_a_tenant_resumes_exactly_from_a_checkpoint(tmp_path):
+    import orbax.checkpoint as ocp
+
+    params, adapters, trainer = _lora_setup()
+    names = [n if n in ("small", "big") else None for n in ROW_NAMES]
+    for k in range(2):
+        trainer.step(loss_fn, _batch(k), names)
+    lx.save_adapter(tmp_path / "big" / "adapter", trainer.adapter("big"))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "big" / "optimizer", trainer.optimizer_state("big"))
+    trainer.step(loss_fn, _batch(2), names)  # the uninterrupted run
+
+    resumed = lx.AdapterTrainer(params, RULES, slots=2, optimizer=_optimizer())
+    adapter = lx.load_adapter(tmp_path / "big" / "adapter", params)
+    abstract = jax.eval_shape(lambda: trainer.optimizer_state("big"))
+    with ocp.StandardCheckpointer() as ckpt:
+        state = ckpt.restore(tmp_path / "big" / "optimizer", abstract)
+    resumed.add("big", adapter, optimizer_state=state, max_grad_norm=0.05)
+    assert resumed.learning_rate("big") == pytest.approx(5e-3)
+    assert int(resumed.optimizer_state("big").count) == 2
+    resumed.step(loss_fn, _batch(2), [n if n == "big" else None for n in names])
+    for u, v in zip(
+        jax.tree.leaves((resumed.adapter("big"), resumed.optimizer_state("big"))),
+        jax.tree.leaves((trainer.adapter("big"), trainer.optimizer_state("big"))),
+    ):
+        np.testing.assert_array_equal(u, v)
