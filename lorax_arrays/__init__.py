@@ -10,6 +10,7 @@ The package is layered (each subpackage's README says what it owns and may impor
 - `_integrations`: foreign weight types (qwix), through the core's hooks.
 - `_adapters`: adapter kinds, targeting, stacks, the served contract, `loraify`.
 - `_serving`: the `AdapterBank`.
+- `_training`: the `AdapterTrainer` (many adapters trained in one step).
 - `_io`: safetensors, orbax checkpoints, PEFT directories.
 """
 
@@ -61,3 +62,4 @@ from ._rules.explain import explain_strategies as explain_strategies
 from ._rules.quaxify import quaxify as quaxify, register as register
 from ._rules.row_bias import RowBias as RowBias
 from ._serving.bank import AdapterBank as AdapterBank, BankEvent as BankEvent
+from ._training.trainer import AdapterTrainer as AdapterTrainer

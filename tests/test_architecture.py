@@ -20,7 +20,15 @@ PACKAGE = Path(lx.__file__).parent
 DESIGN = PACKAGE.parent / "docs" / "design.md"
 
 # Lowest first; a subpackage may import its own layer and the ones before it.
-LAYERS = ("_core", "_rules", "_integrations", "_adapters", "_serving", "_io")
+LAYERS = (
+    "_core",
+    "_rules",
+    "_integrations",
+    "_adapters",
+    "_serving",
+    "_training",
+    "_io",
+)
 MAX_LINES = 720
 
 

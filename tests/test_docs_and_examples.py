@@ -19,6 +19,7 @@ DOCS = [
     "docs/nnx.md",
     "docs/serving.md",
     "docs/variants.md",
+    "docs/training.md",
 ]
 
 
@@ -188,3 +189,11 @@ def test_mixed_variants_example_trains_and_serves_every_kind():
     for name, err, moved in rows:
         assert float(err) < 1e-4
         assert (float(moved) > 1e-2) if name != "base" else (float(moved) == 0.0)
+
+
+def test_rl_tenants_example_learns_and_publishes():
+    out = _run(["examples/rl_tenants.py", "--steps", "40"])
+    found = re.findall(r"reward: first 10 steps ([\d.]+), last 10 steps ([\d.]+)", out)
+    assert len(found) == 3, out
+    assert all(float(last) > float(first) for first, last in found), out
+    assert "bank versions: [41, 41, 41]" in out, out

@@ -1,0 +1,239 @@
+"""The device side of an `AdapterTrainer`: its slots.
+
+Every trainable array has the slot axis first (so the optimizer runs per slot
+under one `jax.vmap`, and a slot is written with one `dynamic_update_index`):
+
+- `factors[path] = (a, b)`: `a (slots, *stack, *in, R)`, `b (slots, *stack, R,
+  *out)`, `R` the capacity; a tenant of rank `r` holds its factors in the first
+  `r` columns and zeros after them;
+- `magnitudes[path] (slots, *stack, *out)` (DoRA), `in_scales[path] (slots,
+  *stack, *in)` and `out_scales[path] (slots, *stack, *out)` (IA3), when the
+  trainer's kinds have them (ones where a tenant has none).
+
+What is not trained is the `SlotConfig`: per path and slot the scale, head scale,
+rank and which vectors are the tenant's, per slot the clip norm. Masks built from
+it inside the step keep every array that is not a tenant's (padded rank columns,
+leaves it does not adapt, other kinds' vectors) at its value: zero gradient, zero
+update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._adapters.adapter import Adapter
+from .._adapters.targeting import LeafLayout
+
+
+class SlotParams(NamedTuple):
+    """The trainable arrays of every slot (a pytree; slot axis first)."""
+
+    factors: dict[str, tuple[Any, Any]]
+    magnitudes: dict[str, Any]
+    in_scales: dict[str, Any]
+    out_scales: dict[str, Any]
+
+
+class SlotConfig(NamedTuple):
+    """What each slot holds, not trained: `(paths, slots)` scales, head scales,
+    ranks (0 where the tenant does not adapt the path) and flags saying which
+    vectors are the tenant's (`dora`, `has_in`, `has_out`); `(slots,)` clip
+    norms (`inf`: none)."""
+
+    scales: Any
+    heads: Any
+    ranks: Any
+    dora: Any
+    has_in: Any
+    has_out: Any
+    clip: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One adapted leaf of the trainer: its layout, capacity rank and dtype."""
+
+    layout: LeafLayout
+    capacity: int
+    dtype: np.dtype
+
+    @property
+    def n_stack(self) -> int:
+        return len(self.layout.stack_axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tenant:
+    """A tenant's metadata (its arrays live in its slot)."""
+
+    slot: int
+    layouts: tuple[LeafLayout, ...]
+    ranks: tuple[int, ...]
+    alphas: tuple[float, ...]
+    use_rslora: tuple[bool, ...]
+    lookup_only: tuple[bool, ...]
+    head_only: tuple[bool, ...]
+    dora: frozenset[str]
+    ins: frozenset[str]
+    outs: frozenset[str]
+    max_grad_norm: float | None
+
+
+def empty_params(leaves: dict[str, Leaf], n: int, kinds: tuple[str, ...]):
+    """`n` empty slots: zero factors, vectors of ones (NumPy shapes, JAX zeros)."""
+    factors, mags, ins, outs = {}, {}, {}, {}
+    for path, leaf in leaves.items():
+        lay, r, dt = leaf.layout, leaf.capacity, leaf.dtype
+        st = (n, *lay.stack_shape)
+        factors[path] = (
+            jnp.zeros((*st, *lay.in_shape, r), dt),
+            jnp.zeros((*st, r, *lay.out_shape), dt),
+        )
+        if "dora" in kinds:
+            mags[path] = jnp.ones((*st, *lay.out_shape), dt)
+        if "ia3" in kinds:
+            ins[path] = jnp.ones((*st, *lay.in_shape), dt)
+            outs[path] = jnp.ones((*st, *lay.out_shape), dt)
+    return SlotParams(factors, mags, ins, outs)
+
+
+def empty_config(n_paths: int, n: int) -> SlotConfig:
+    zeros = np.zeros((n_paths, n), np.float32)
+    no = np.zeros((n_paths, n), bool)
+    return SlotConfig(
+        scales=zeros,
+        heads=zeros.copy(),
+        ranks=np.zeros((n_paths, n), np.int32),
+        dora=no,
+        has_in=no.copy(),
+        has_out=no.copy(),
+        clip=np.full((n,), np.inf, np.float32),
+    )
+
+
+def slot_params(
+    adapter: Adapter, leaves: dict[str, Leaf], kinds: tuple[str, ...]
+) -> SlotParams:
+    """One slot's arrays for `adapter` (no slot axis), in NumPy: its factors
+    zero-padded to the capacity, its vectors, and zeros / ones where it has
+    none (on the host, as the bank pads: no compile per adapter shape)."""
+    factors, mags, ins, outs = {}, {}, {}, {}
+    for path, leaf in leaves.items():
+        lay, r, dt = leaf.layout, leaf.capacity, leaf.dtype
+        factors[path] = (
+            np.zeros((*lay.stack_shape, *lay.in_shape, r), dt),
+            np.zeros((*lay.stack_shape, r, *lay.out_shape), dt),
+        )
+        if "dora" in kinds:
+            mags[path] = np.ones((*lay.stack_shape, *lay.out_shape), dt)
+        if "ia3" in kinds:
+            ins[path] = np.ones((*lay.stack_shape, *lay.in_shape), dt)
+            outs[path] = np.ones((*lay.stack_shape, *lay.out_shape), dt)
+    for path in adapter.paths:
+        leaf = leaves[path]
+        a, b = (np.asarray(x, leaf.dtype) for x in adapter.weights[path])
+        za, zb = factors[path]
+        za[..., : a.shape[-1]] = a
+        zb[(slice(None),) * leaf.n_stack + (slice(0, b.shape[leaf.n_stack]),)] = b
+        for field, store in (
+            ("magnitudes", mags),
+            ("in_scales", ins),
+            ("out_scales", outs),
+        ):
+            if path in getattr(adapter, field):
+                store[path] = np.asarray(getattr(adapter, field)[path], leaf.dtype)
+    return SlotParams(factors, mags, ins, outs)
+
+
+def adapter_of(params: SlotParams, tenant: Tenant) -> Adapter:
+    """The tenant's `Adapter` from its slot's arrays (`params` without the slot
+    axis): factors cut back to its ranks, its leaves and vectors only."""
+    weights, mags, ins, outs = {}, {}, {}, {}
+    for lay, r in zip(tenant.layouts, tenant.ranks):
+        a, b = params.factors[lay.path]
+        ns = len(lay.stack_axes)
+        weights[lay.path] = (a[..., :r], lax.slice_in_dim(b, 0, r, axis=ns))
+        if lay.path in tenant.dora:
+            mags[lay.path] = params.magnitudes[lay.path]
+        if lay.path in tenant.ins:
+            ins[lay.path] = params.in_scales[lay.path]
+        if lay.path in tenant.outs:
+            outs[lay.path] = params.out_scales[lay.path]
+    return Adapter(
+        weights=weights,
+        layouts=tenant.layouts,
+        ranks=tenant.ranks,
+        alphas=tenant.alphas,
+        use_rslora=tenant.use_rslora,
+        lookup_only=tenant.lookup_only,
+        head_only=tenant.head_only,
+        magnitudes=mags,
+        in_scales=ins,
+        out_scales=outs,
+    )
+
+
+def write_slot(state: Any, slot: Any, new: Any) -> Any:
+    """`state` (slot axis first on every leaf) with slot `slot` replaced by
+    `new` (the same pytree without the slot axis)."""
+    return jax.tree.map(
+        lambda full, part: lax.dynamic_update_index_in_dim(
+            full, jnp.asarray(part).astype(full.dtype), slot, 0
+        ),
+        state,
+        new,
+    )
+
+
+def take_slot(state: Any, slot: int) -> Any:
+    """Slot `slot` of `state` (slot axis first on every leaf), as copies."""
+    return jax.tree.map(lambda x: x[slot], state)
+
+
+def set_hyperparameter(state: Any, name: str, value: Any, what: str) -> Any:
+    """`state` (an optimizer state) with the injected hyperparameter `name` set to
+    `value`: the `hyperparams` dict of `optax.inject_hyperparams`' state, found
+    at the top or inside the tuples of a chain. Raises `ValueError` saying how to
+    build the optimizer when there is none."""
+    found = []
+
+    def visit(s):
+        hyper = getattr(s, "hyperparams", None)
+        if isinstance(hyper, dict) and name in hyper and hasattr(s, "_replace"):
+            found.append(1)
+            old = hyper[name]
+            new = jnp.asarray(value, getattr(old, "dtype", jnp.float32))
+            return s._replace(hyperparams={**hyper, name: new})
+        if isinstance(s, tuple) and not hasattr(s, "_fields"):
+            return tuple(visit(x) for x in s)
+        return s
+
+    out = visit(state)
+    if not found:
+        raise ValueError(
+            f"{what}: a per-tenant `{name}` needs the optimizer's {name} in its "
+            "state, and this optimizer has none. Build it with optax's "
+            f"`optax.inject_hyperparams(optax.adam)({name}=1e-3)` (any optimizer "
+            f"factory taking `{name}`), or leave `{name}` out to use the "
+            "optimizer's own."
+        )
+    return out
+
+
+def get_hyperparameter(state: Any, name: str) -> Any:
+    """The injected hyperparameter `name` of an optimizer state, or `None`."""
+    hyper = getattr(state, "hyperparams", None)
+    if isinstance(hyper, dict) and name in hyper:
+        return hyper[name]
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        for s in state:
+            v = get_hyperparameter(s, name)
+            if v is not None:
+                return v
+    return None
