@@ -26,18 +26,22 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import lorax_arrays as lx
 
 D, F, B = 16, 24, 8
-mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+auto = (jax.sharding.AxisType.Auto,) * 2
+mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=auto)
 rng = np.random.default_rng(0)
 host = {
     "up": rng.normal(size=(D, F)).astype(np.float32) / D**0.5,     # column-parallel
     "down": rng.normal(size=(F, D)).astype(np.float32) / F**0.5,   # row-parallel
 }
 specs = {"up": P(None, "model"), "down": P("model", None)}
-params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
+params = {
+    k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()
+}
 rules = [lx.LoraRule("up|down", 4)]
 
 def adapter(seed, rank):
-    fresh = lx.init_adapter(host, lx.LoraRule("up|down", rank), key=jax.random.key(seed))
+    rule = lx.LoraRule("up|down", rank)
+    fresh = lx.init_adapter(host, rule, key=jax.random.key(seed))
     r = np.random.default_rng(seed)
     w = {p: tuple(r.normal(size=np.shape(f)).astype(np.float32) for f in ab)
          for p, ab in fresh.weights.items()}
@@ -56,7 +60,8 @@ def step(params, served, x):
     return lx.quaxify(forward)(lx.loraify(params, served), x)
 
 names = ["a", "b", None, "c", "a", "b", "c", None]
-x = jax.device_put(rng.normal(size=(B, D)).astype(np.float32), NamedSharding(mesh, P("data")))
+x = rng.normal(size=(B, D)).astype(np.float32)
+x = jax.device_put(x, NamedSharding(mesh, P("data")))
 idx = bank.indices(names)
 out = np.asarray(step(params, bank.served(idx), x))
 
@@ -66,7 +71,8 @@ def reference(names, ads):
         p = {k: v.astype(np.float64) for k, v in host.items()}
         if n is not None:
             for path, (a, b) in ads[n].weights.items():
-                p[path] = p[path] + ads[n].scale(path) * (np.float64(a) @ np.float64(b))
+                delta = np.float64(a) @ np.float64(b)
+                p[path] = p[path] + ads[n].scale(path) * delta
         h = np.asarray(x, np.float64)[i] @ p["up"]
         h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
         rows.append(h @ p["down"])
@@ -79,7 +85,9 @@ a_dn, b_dn = state.factors["down"]
 spec = lambda arr: [None if s is None else str(s) for s in arr.sharding.spec]
 specs_seen = {k: spec(v) for k, v in
               {"a_up": a_up, "b_up": b_up, "a_down": a_dn, "b_down": b_dn}.items()}
-whole = {f"{D},{F}]", f"{F},{D}]"} | {",".join(map(str, a.shape)) + "]" for a in (a_up, b_up, a_dn, b_dn)}
+whole = {f"{D},{F}]", f"{F},{D}]"} | {
+    ",".join(map(str, a.shape)) + "]" for a in (a_up, b_up, a_dn, b_dn)
+}
 shard_bytes = max(s.data.nbytes for s in b_up.addressable_shards)
 b_up_bytes = b_up.nbytes
 # In place per shard: an update writes the loaded slot without moving the arrays.
@@ -93,10 +101,14 @@ out2 = np.asarray(step(params, bank.served(idx), x))
 err2 = float(np.max(np.abs(out2 - reference(names, ads))))
 # No all-gather of a whole base weight or a whole bank array.
 hlo = step.lower(params, bank.served(idx), x).compile().as_text()
-gathers = [l for l in re.findall(r"[^\n]*all-gather[^\n]*", hlo) if any(w in l.split("all-gather")[0] for w in whole)]
+def whole_gathers(hlo):
+    lines = re.findall(r"[^\n]*all-gather[^\n]*", hlo)
+    return [ln for ln in lines if any(w in ln.split("all-gather")[0] for w in whole)]
+
+gathers = whole_gathers(hlo)
 control_fn = jax.jit(lambda t: t * 2, out_shardings=NamedSharding(mesh, P()))
 control_hlo = control_fn.lower(after_arr).compile().as_text()
-control = [l for l in re.findall(r"[^\n]*all-gather[^\n]*", control_hlo) if any(w in l.split("all-gather")[0] for w in whole)]
+control = whole_gathers(control_hlo)
 print(json.dumps({
     "devices": len(jax.devices()), "err": err, "err2": err2,
     **{"spec_" + k: v for k, v in specs_seen.items()},
