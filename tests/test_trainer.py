@@ -56,11 +56,12 @@ TENANTS = {
     "big": ([lx.LoraRule("w1|w2", 4, alpha=8.0, use_rslora=True)], 5e-3, 0.05),
     "dora": ([lx.LoraRule("w2", 2, alpha=4.0, variant="dora")], None, 1.0),
     "ia3": ([lx.LoraRule("w2", 0, variant="ia3")], 3e-2, None),
+    "vera": ([lx.LoraRule("w1", 3, variant="vera")], 2e-2, 0.5),
 }
 # Each row's tenant: interleaved, different counts, base and padding rows.
 ROW_NAMES = [
-    "big", "small", None, "dora", "big", "ia3", "big", "__base__", "small", "dora",
-    "big", "ia3", None, "big", "dora", "ia3", "big", "small", "ia3", "big",
+    "big", "small", None, "dora", "big", "ia3", "vera", "__base__", "small", "dora",
+    "big", "ia3", None, "vera", "dora", "ia3", "vera", "small", "ia3", "big",
 ]  # fmt: skip
 
 
@@ -100,6 +101,10 @@ def _solo_params(adapter):
     out = {}
     for path in adapter.paths:
         a, b = adapter.weights[path]
+        if path in adapter.vera:  # VeRA trains d and b; its projections are frozen
+            d, b_vec = adapter.vera[path]
+            out[path] = {"d": d, "bv": b_vec}
+            continue
         leaf = {"a": a, "b": b} if a.shape[-1] else {}
         if path in adapter.magnitudes:
             leaf["m"] = adapter.magnitudes[path]
@@ -109,10 +114,13 @@ def _solo_params(adapter):
     return out
 
 
-def _solo_forward(base, p, scales, x):
+def _solo_forward(base, p, scales, x, frozen=None):
     def layer(path, h):
         y = h @ base[path]
         q = p.get(path, {})
+        if "d" in q:  # VeRA: (A diag(d)) (B diag(b)), A and B frozen projections
+            a, b = frozen[path]
+            y = y + scales[path] * ((h @ (a * q["d"])) @ (b * q["bv"]))
         if "a" in q:
             y = y + scales[path] * (h @ q["a"]) @ q["b"]
         if "m" in q:
@@ -133,13 +141,14 @@ def train_alone(base, adapter, name, steps):
     opt = adam if clip is None else optax.chain(optax.clip_by_global_norm(clip), adam)
     p = _solo_params(adapter)
     scales = {path: adapter.scale(path) for path in adapter.paths}
+    frozen = {path: adapter.weights[path] for path in adapter.vera}
     state = opt.init(p)
     rows = np.array([n == name for n in ROW_NAMES])
 
     @jax.jit
     def step(p, state, x, y):
         def loss(p):
-            out = _solo_forward(base, p, scales, x)
+            out = _solo_forward(base, p, scales, x, frozen)
             return jnp.mean(jnp.mean((out - y) ** 2, axis=-1))
 
         value, g = jax.value_and_grad(loss)(p)
@@ -162,7 +171,7 @@ def _rel(actual, expected) -> float:
 def test_each_tenant_trains_as_if_alone():
     params = _params()
     adapters = _adapters(params)
-    trainer = _trainer(params, adapters, kinds=("dora", "ia3"))
+    trainer = _trainer(params, adapters, slots=5, kinds=("dora", "ia3", "vera"))
     together = []
     for k in range(STEPS):
         together.append(trainer.step(loss_fn, _batch(k), ROW_NAMES))
@@ -309,6 +318,9 @@ def _merged_f64(params, adapter):
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     for path in adapter.paths:
         a, b = (np.asarray(x, np.float64) for x in adapter.weights[path])
+        if path in adapter.vera:  # the projections scaled by d and b
+            d, b_vec = (np.asarray(x, np.float64) for x in adapter.vera[path])
+            a, b = a * d, b * b_vec
         w = p[path] + adapter.scale(path) * (a @ b)
         if path in adapter.magnitudes:
             m = np.asarray(adapter.magnitudes[path], np.float64)
@@ -322,8 +334,8 @@ def _merged_f64(params, adapter):
 def test_published_adapters_serve_the_trained_weights():
     params = _params()
     adapters = {n: a for n, a in _adapters(params).items() if n != "small"}
-    trainer = _trainer(params, adapters, slots=3, kinds=("dora", "ia3"))
-    bank = lx.AdapterBank(params, RULES, slots=3, kinds=("dora", "ia3"))
+    trainer = _trainer(params, adapters, slots=4, kinds=("dora", "ia3", "vera"))
+    bank = lx.AdapterBank(params, RULES, slots=4, kinds=("dora", "ia3"))
     for name, adapter in adapters.items():
         bank.add(name, adapter)  # the policy before training
     names = [n if n in adapters else None for n in ROW_NAMES]

@@ -7,8 +7,10 @@ under one `jax.vmap`, and a slot is written with one `dynamic_update_index`):
   *out)`, `R` the capacity; a tenant of rank `r` holds its factors in the first
   `r` columns and zeros after them;
 - `magnitudes[path] (slots, *stack, *out)` (DoRA), `in_scales[path] (slots,
-  *stack, *in)` and `out_scales[path] (slots, *stack, *out)` (IA3), when the
-  trainer's kinds have them (ones where a tenant has none).
+  *stack, *in)` and `out_scales[path] (slots, *stack, *out)` (IA3), `vera_d[path]
+  (slots, *stack, R)` and `vera_b[path] (slots, *stack, *out)` (VeRA, whose
+  factors are then its frozen projections), when the trainer's kinds have them
+  (ones where a tenant has none).
 
 What is not trained is the `SlotConfig`: per path and slot the scale, head scale,
 rank and which vectors are the tenant's, per slot the clip norm. Masks built from
@@ -38,13 +40,15 @@ class SlotParams(NamedTuple):
     magnitudes: dict[str, Any]
     in_scales: dict[str, Any]
     out_scales: dict[str, Any]
+    vera_d: dict[str, Any]
+    vera_b: dict[str, Any]
 
 
 class SlotConfig(NamedTuple):
     """What each slot holds, not trained: `(paths, slots)` scales, head scales,
     ranks (0 where the tenant does not adapt the path) and flags saying which
-    vectors are the tenant's (`dora`, `has_in`, `has_out`); `(slots,)` clip
-    norms (`inf`: none)."""
+    vectors are the tenant's (`dora`, `has_in`, `has_out`) and where its factors
+    are VeRA's frozen projections (`vera`); `(slots,)` clip norms (`inf`: none)."""
 
     scales: Any
     heads: Any
@@ -52,6 +56,7 @@ class SlotConfig(NamedTuple):
     dora: Any
     has_in: Any
     has_out: Any
+    vera: Any
     clip: Any
 
 
@@ -83,11 +88,12 @@ class Tenant:
     ins: frozenset[str]
     outs: frozenset[str]
     max_grad_norm: float | None
+    vera: frozenset[str] = frozenset()
 
 
 def empty_params(leaves: dict[str, Leaf], n: int, kinds: tuple[str, ...]):
     """`n` empty slots: zero factors, vectors of ones (NumPy shapes, JAX zeros)."""
-    factors, mags, ins, outs = {}, {}, {}, {}
+    factors, mags, ins, outs, vd, vb = {}, {}, {}, {}, {}, {}
     for path, leaf in leaves.items():
         lay, r, dt = leaf.layout, leaf.capacity, leaf.dtype
         st = (n, *lay.stack_shape)
@@ -100,7 +106,10 @@ def empty_params(leaves: dict[str, Leaf], n: int, kinds: tuple[str, ...]):
         if "ia3" in kinds:
             ins[path] = jnp.ones((*st, *lay.in_shape), dt)
             outs[path] = jnp.ones((*st, *lay.out_shape), dt)
-    return SlotParams(factors, mags, ins, outs)
+        if "vera" in kinds:
+            vd[path] = jnp.ones((*st, r), dt)
+            vb[path] = jnp.ones((*st, *lay.out_shape), dt)
+    return SlotParams(factors, mags, ins, outs, vd, vb)
 
 
 def empty_config(n_paths: int, n: int) -> SlotConfig:
@@ -113,6 +122,7 @@ def empty_config(n_paths: int, n: int) -> SlotConfig:
         dora=no,
         has_in=no.copy(),
         has_out=no.copy(),
+        vera=no.copy(),
         clip=np.full((n,), np.inf, np.float32),
     )
 
@@ -122,8 +132,9 @@ def slot_params(
 ) -> SlotParams:
     """One slot's arrays for `adapter` (no slot axis), in NumPy: its factors
     zero-padded to the capacity, its vectors, and zeros / ones where it has
-    none (on the host, as the bank pads: no compile per adapter shape)."""
-    factors, mags, ins, outs = {}, {}, {}, {}
+    none (on the host, as the bank pads: no compile per adapter shape). A VeRA
+    leaf's factors are its frozen projections, its `d` and `b` its vectors."""
+    factors, mags, ins, outs, vd, vb = {}, {}, {}, {}, {}, {}
     for path, leaf in leaves.items():
         lay, r, dt = leaf.layout, leaf.capacity, leaf.dtype
         factors[path] = (
@@ -135,6 +146,9 @@ def slot_params(
         if "ia3" in kinds:
             ins[path] = np.ones((*lay.stack_shape, *lay.in_shape), dt)
             outs[path] = np.ones((*lay.stack_shape, *lay.out_shape), dt)
+        if "vera" in kinds:
+            vd[path] = np.ones((*lay.stack_shape, r), dt)
+            vb[path] = np.ones((*lay.stack_shape, *lay.out_shape), dt)
     for path in adapter.paths:
         leaf = leaves[path]
         a, b = (np.asarray(x, leaf.dtype) for x in adapter.weights[path])
@@ -148,13 +162,17 @@ def slot_params(
         ):
             if path in getattr(adapter, field):
                 store[path] = np.asarray(getattr(adapter, field)[path], leaf.dtype)
-    return SlotParams(factors, mags, ins, outs)
+        if path in adapter.vera:
+            d, b_vec = (np.asarray(x, leaf.dtype) for x in adapter.vera[path])
+            vd[path][..., : d.shape[-1]] = d
+            vb[path] = b_vec
+    return SlotParams(factors, mags, ins, outs, vd, vb)
 
 
 def adapter_of(params: SlotParams, tenant: Tenant) -> Adapter:
     """The tenant's `Adapter` from its slot's arrays (`params` without the slot
     axis): factors cut back to its ranks, its leaves and vectors only."""
-    weights, mags, ins, outs = {}, {}, {}, {}
+    weights, mags, ins, outs, vera = {}, {}, {}, {}, {}
     for lay, r in zip(tenant.layouts, tenant.ranks):
         a, b = params.factors[lay.path]
         ns = len(lay.stack_axes)
@@ -165,6 +183,9 @@ def adapter_of(params: SlotParams, tenant: Tenant) -> Adapter:
             ins[lay.path] = params.in_scales[lay.path]
         if lay.path in tenant.outs:
             outs[lay.path] = params.out_scales[lay.path]
+        if lay.path in tenant.vera:
+            d = params.vera_d[lay.path][..., :r]
+            vera[lay.path] = (d, params.vera_b[lay.path])
     return Adapter(
         weights=weights,
         layouts=tenant.layouts,
@@ -176,6 +197,7 @@ def adapter_of(params: SlotParams, tenant: Tenant) -> Adapter:
         magnitudes=mags,
         in_scales=ins,
         out_scales=outs,
+        vera=vera,
     )
 
 

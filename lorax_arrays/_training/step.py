@@ -40,11 +40,17 @@ def served_from_slots(
     def served_axis(path, x):
         return jnp.moveaxis(x, 0, leaves[path].n_stack)
 
-    factors = {
-        p: (served_axis(p, a), served_axis(p, b))
-        for p, (a, b) in params.factors.items()
-    }
     paths = list(leaves)
+    factors = {}
+    for p, (a, b) in params.factors.items():
+        if p in params.vera_d:  # VeRA slots: (A·diag(d), B·diag(b)), A, B frozen
+            lay, ns = leaves[p].layout, leaves[p].n_stack
+            flag = config.vera[paths.index(p)]
+            d = _where_slot(flag, params.vera_d[p], 1)
+            g = _where_slot(flag, params.vera_b[p], 1)
+            a = a * jnp.expand_dims(d, tuple(range(1 + ns, 1 + ns + len(lay.in_axes))))
+            b = b * jnp.expand_dims(g, 1 + ns)
+        factors[p] = (served_axis(p, a), served_axis(p, b))
     return ServedAdapters.make(
         factors=factors,
         scales=config.scales,
@@ -63,16 +69,27 @@ def served_from_slots(
     )
 
 
+def _where_slot(flag: Any, x: Any, other: Any) -> Any:
+    """`x` where the slot's `flag (slots,)` is set, else `other`."""
+    return jnp.where(_per_slot(flag, x), x, jnp.asarray(other, x.dtype))
+
+
 def masks(config: SlotConfig, leaves: dict[str, Leaf], params: SlotParams):
     """Per array of `params`, where it is a tenant's own (broadcastable, slot
     axis first): the first `rank` columns of its factors on the leaves it adapts,
-    its DoRA magnitudes, its IA3 vectors."""
-    out_f, out_m, out_i, out_o = {}, {}, {}, {}
+    its DoRA magnitudes, its IA3 vectors, a VeRA tenant's `d` and `b` (and not
+    its projections, which stay frozen)."""
+    out_f, out_m, out_i, out_o, out_d, out_b = {}, {}, {}, {}, {}, {}
     for j, (path, leaf) in enumerate(leaves.items()):
         lay, r = leaf.layout, leaf.capacity
         ns, ni, no = leaf.n_stack, len(lay.in_axes), len(lay.out_axes)
         cols = jnp.arange(r)[None, :] < config.ranks[j][:, None]  # (slots, R)
         n = cols.shape[0]
+        if path in params.vera_d:  # a VeRA slot trains d and b, not A and B
+            vera = config.vera[j]
+            out_d[path] = (cols & vera[:, None]).reshape(n, *(1,) * ns, r)
+            out_b[path] = vera.reshape(n, *(1,) * (ns + no))
+            cols = cols & ~vera[:, None]
         out_f[path] = (
             cols.reshape(n, *(1,) * (ns + ni), r),
             cols.reshape(n, *(1,) * ns, r, *(1,) * no),
@@ -83,7 +100,7 @@ def masks(config: SlotConfig, leaves: dict[str, Leaf], params: SlotParams):
             out_i[path] = config.has_in[j].reshape(n, *(1,) * (ns + ni))
         if path in params.out_scales:
             out_o[path] = config.has_out[j].reshape(n, *(1,) * (ns + no))
-    return SlotParams(out_f, out_m, out_i, out_o)
+    return SlotParams(out_f, out_m, out_i, out_o, out_d, out_b)
 
 
 def _masked(tree: Any, mask: Any) -> Any:

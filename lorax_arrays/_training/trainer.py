@@ -40,8 +40,13 @@ from .step import make_step
 
 # The kinds a trainer's slots can hold, beyond LoRA, and the rule variants that
 # ask for them.
-KINDS = ("lora", "dora", "ia3")
-_KIND_OF_VARIANT = {"dora": "dora", "ia3": "ia3", "ia3_feedforward": "ia3"}
+KINDS = ("lora", "dora", "ia3", "vera")
+_KIND_OF_VARIANT = {
+    "dora": "dora",
+    "ia3": "ia3",
+    "ia3_feedforward": "ia3",
+    "vera": "vera",
+}
 
 
 def _is_array(x: Any) -> bool:
@@ -101,8 +106,9 @@ class AdapterTrainer:
         `optax.inject_hyperparams(optax.adam)(learning_rate=...)`: the rate is
         then part of each slot's state.
     - `kinds`: the adapter kinds the slots hold besides LoRA: `"dora"` (a
-        magnitude per out-feature) and `"ia3"` (IA3's vectors), each adding
-        per-slot vectors to every leaf. Defaults to the kinds the rules'
+        magnitude per out-feature), `"ia3"` (IA3's vectors) and `"vera"` (VeRA's
+        trained `d` and `b`, its projections held frozen in the factors), each
+        adding per-slot vectors to every leaf. Defaults to the kinds the rules'
         variants name.
     - `dtype`: the slots' dtype; defaults to each weight's own.
     - `strategy`: how the low-rank terms are computed: `"gather"` (each row's
@@ -248,7 +254,7 @@ class AdapterTrainer:
         - `adapter`: its starting weights (from `lx.init_adapter`,
             `lx.load_adapter`, `lx.load_peft_adapter`, or an earlier
             `trainer.adapter(name)`): any subset of the trainer's leaves, any
-            rank up to the capacity, its own alpha and rsLoRA; LoRA, DoRA or IA3
+            rank up to the capacity, its own alpha and rsLoRA; LoRA, DoRA, IA3 or VeRA
             (when the trainer's `kinds` hold them).
         - `key`: instead of `adapter`, a PRNG key: a new adapter at PEFT's
             initial values (`lx.init_adapter(tree, rules, key=key)`, the
@@ -320,6 +326,7 @@ class AdapterTrainer:
             ins=frozenset(adapter.in_scales),
             outs=frozenset(adapter.out_scales),
             max_grad_norm=clip,
+            vera=frozenset(adapter.vera),
         )
         self._set_config(tenant, adapter)
         self._tenants[name] = tenant
@@ -513,14 +520,13 @@ class AdapterTrainer:
             raise ValueError(f"{what}: the adapter adapts no leaf.")
         refused = {
             "bias_deltas": adapter.bias_deltas,  # (PEFT's modules_to_save)
-            "VeRA vectors": adapter.vera,
             "invocation tokens (aLoRA)": adapter.invocation_tokens,
         }
         for field, value in refused.items():
             if value:
                 raise ValueError(
                     f"{what}: the adapter has {field}, which AdapterTrainer does "
-                    "not train yet (LoRA, DoRA and IA3 leaves only)."
+                    "not train yet (LoRA, DoRA, IA3 and VeRA leaves only)."
                 )
         for j, lay in enumerate(adapter.layouts):
             leaf = self._leaves.get(lay.path)
@@ -545,6 +551,8 @@ class AdapterTrainer:
                     f"`LoraRule(..., rank={adapter.ranks[j]})` (or larger)."
                 )
             needs = "dora" if lay.path in adapter.magnitudes else None
+            if lay.path in adapter.vera:
+                needs = "vera"
             if lay.path in adapter.in_scales or lay.path in adapter.out_scales:
                 needs = "ia3"
             if needs is not None and needs not in self._kinds:
@@ -574,7 +582,7 @@ class AdapterTrainer:
 
     def _set_config(self, tenant: Tenant, adapter: Adapter | None) -> None:
         c, s = self._host_config, tenant.slot
-        for field in ("scales", "heads", "ranks", "dora", "has_in", "has_out"):
+        for field in ("scales", "heads", "ranks", "dora", "has_in", "has_out", "vera"):
             getattr(c, field)[:, s] = 0
         c.clip[s] = np.inf
         if adapter is not None:
@@ -587,6 +595,7 @@ class AdapterTrainer:
                 c.dora[i, s] = lay.path in adapter.magnitudes
                 c.has_in[i, s] = lay.path in adapter.in_scales
                 c.has_out[i, s] = lay.path in adapter.out_scales
+                c.vera[i, s] = lay.path in adapter.vera
             if tenant.max_grad_norm is not None:
                 c.clip[s] = tenant.max_grad_norm
         self._config = self._device_config()
