@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .._adapters.adapter import Adapter
 from .._adapters.targeting import LeafLayout
@@ -259,3 +260,67 @@ def get_hyperparameter(state: Any, name: str) -> Any:
             if v is not None:
                 return v
     return None
+
+
+def slot_shardings(
+    leaves: dict[str, Leaf], kinds: tuple[str, ...], weights: dict[str, Any]
+) -> SlotParams | None:
+    """Where each slot array lives, from the shardings of the base `weights`
+    (`NamedSharding`s): the slot axis replicated, then the specs of the axes each
+    array stands for (`Layout.factor_specs`: `a` the weight's stack and in-axes,
+    `b` its stack and out-axes, the rank axis replicated; the vectors those of
+    their group). None when no weight carries a `NamedSharding`."""
+    named = {
+        p: w.sharding
+        for p, w in weights.items()
+        if isinstance(getattr(w, "sharding", None), NamedSharding)
+    }
+    if not named:
+        return None
+    mesh = next(iter(named.values())).mesh
+    f, m, i, o, vd, vb = {}, {}, {}, {}, {}, {}
+    for path, leaf in leaves.items():
+        lay = leaf.layout.layout
+        spec = tuple(named[path].spec) if path in named else ()
+        a, b = lay.factor_specs(spec, n_adapters=False)
+        ns = len(lay.stack_axes)
+        stack, ins, outs = a[:ns], a[ns:-1], b[ns + 1 :]
+        on = named[path].mesh if path in named else mesh
+
+        def put(*parts, on=on):
+            return NamedSharding(on, PartitionSpec(None, *parts))
+
+        f[path] = (put(*a), put(*b))
+        if "dora" in kinds:
+            m[path] = put(*stack, *outs)
+        if "ia3" in kinds:
+            i[path] = put(*stack, *ins)
+            o[path] = put(*stack, *outs)
+        if "vera" in kinds:
+            vd[path] = put(*stack, None)
+            vb[path] = put(*stack, *outs)
+    return SlotParams(f, m, i, o, vd, vb)
+
+
+def state_shardings(state: Any, params: Any, shardings: SlotParams) -> Any:
+    """Shardings for an optimizer state made from `params` (`vmap(init)`): a
+    leaf at a key path ending in a parameter's path, with its shape (Adam's `mu`
+    and `nu`, a momentum trace), is placed as that parameter; any other (step
+    counts, injected hyperparameters) is replicated on the same mesh."""
+    by_path = {}
+    for (path, x), sh in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(shardings)
+    ):
+        by_path[tuple(path)] = (tuple(x.shape), sh)
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def place(path, x):
+        path = tuple(path)
+        for n in range(len(path)):
+            hit = by_path.get(path[n:])
+            if hit is not None and hit[0] == tuple(x.shape):
+                return hit[1]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(place, state)

@@ -125,10 +125,12 @@ def make_step(
     optimizer: Any,
     n_slots: int,
     strategy: str,
+    shardings: tuple[Any, Any] | None = None,
 ) -> Callable:
     """The jitted step (params and optimizer state donated):
     `step(tree_arrays, batch, ids, weights, config, params, opt_state)` returns
-    `(params, opt_state, losses (slots,), finite (slots,))`."""
+    `(params, opt_state, losses (slots,), finite (slots,))`, the first two
+    placed as `shardings` says when given."""
     run = quaxify(loss_fn)
 
     def tree_of(arrays):
@@ -222,4 +224,10 @@ def make_step(
             finite,
         )
 
-    return jax.jit(step, donate_argnums=(5, 6))
+    placed = {}
+    if shardings is not None:  # the slots keep their placement, in place
+        rep = jax.sharding.NamedSharding(
+            jax.tree.leaves(shardings[0])[0].mesh, jax.sharding.PartitionSpec()
+        )
+        placed = {"out_shardings": (*shardings, rep, rep)}
+    return jax.jit(step, donate_argnums=(5, 6), **placed)

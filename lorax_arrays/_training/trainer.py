@@ -23,7 +23,7 @@ from .._adapters.init import init_adapter
 from .._adapters.stack import AdapterStack
 from .._adapters.targeting import LoraRule, match_rules
 from .._core.errors import UnknownAdapterError
-from .._core.paths import close_matches
+from .._core.paths import close_matches, flatten_with_paths
 from .slots import (
     Leaf,
     SlotConfig,
@@ -34,6 +34,8 @@ from .slots import (
     get_hyperparameter,
     set_hyperparameter,
     slot_params,
+    slot_shardings,
+    state_shardings,
     write_slot,
 )
 from .step import make_step
@@ -172,8 +174,24 @@ class AdapterTrainer:
             params = empty_params(self._leaves, self._n, self._kinds)
             return params, jax.vmap(optimizer.init)(params)
 
+        # Placed like the weights they adapt when those carry NamedShardings
+        # (and every write keeps that placement, in place per shard).
+        weights = dict(flatten_with_paths(tree)[0])
+        shardings = slot_shardings(
+            self._leaves, self._kinds, {p: weights[p] for p in self._leaves}
+        )
+        placed: dict[str, Any] = {}
+        if shardings is not None:
+            shapes = jax.eval_shape(empty)
+            placed = {
+                "out_shardings": (
+                    shardings,
+                    state_shardings(shapes[1], shapes[0], shardings),
+                )
+            }
+        self._placed = placed
         # Made by XLA (not from NumPy buffers), so they can be donated.
-        self._params, self._opt_state = jax.jit(empty)()
+        self._params, self._opt_state = jax.jit(empty, **placed)()
         self._init = jax.jit(optimizer.init)
         self._read = jax.jit(
             lambda params, slot, tenant: adapter_of(_take(params, slot), tenant),
@@ -185,6 +203,7 @@ class AdapterTrainer:
                 write_slot(s, slot, new_s),
             ),
             donate_argnums=(0, 1),
+            **placed,
         )
         self._host_config = empty_config(len(self._paths), self._n)
         self._config = self._device_config()
@@ -455,6 +474,7 @@ class AdapterTrainer:
                 optimizer=self._optimizer,
                 n_slots=self._n,
                 strategy=self._strategy,
+                shardings=self._placed.get("out_shardings"),
             )
             self._steps[(loss_fn, micro_batches)] = fn
         self._params, self._opt_state, means, finite = fn(
