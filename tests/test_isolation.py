@@ -116,6 +116,21 @@ def test_lookups_tied_heads_and_rows_of_a_poisoned_table(strategy, field):
         _assert_isolated(clean, dirty, touched)
 
 
+@pytest.mark.parametrize("strategy", ["gather", "dense", "segment"])
+@pytest.mark.parametrize("field", ["a", "b", "scale"])
+@pytest.mark.parametrize("value", POISONS)
+def test_decode_rows_with_a_poisoned_adapter(strategy, field, value):
+    """Decode: one token per row (`gather` on CPU then takes `· B[i]` as a
+    multiply-add over the rank), adapter 0 poisoned: its rows non-finite, the
+    base rows (which read adapter 0) and adapter 1's and 2's rows unchanged."""
+    idx = np.array([0, 1, -1, 2, 0, -1, 1], np.int32)
+    lora, _ = make_lora((6, 5), n=3, rank=3, indices=idx, strategy=strategy)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((7, 6)), jnp.float32)
+    clean, dirty = _runs(lx.quaxify(lambda w, x: x @ w), lora, field, 0, value, x)
+    touched = np.broadcast_to((idx == 0)[:, None], clean.shape)
+    _assert_isolated(clean, dirty, touched)
+
+
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("field", ["a", "b"])
 def test_convolution_with_a_poisoned_adapter(n, field):

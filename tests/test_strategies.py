@@ -101,16 +101,19 @@ def test_auto_choices():
     """`auto` by shape, (S, G, R, d_in, d_out, n, rank): per-sequence prefill
     gathers (one gather per row feeds 128 tokens); a single indexed row gathers;
     per-token indices over 2 adapters go dense (a one-hot over 2 costs less than
-    moving tokens); per-token indices, and decode rows, over 4-64 adapters segment;
-    decode over 64 distinct adapters gathers (a group per row: sorting buys
-    nothing). Each case is one of the regimes the benchmark suite measures."""
+    moving tokens); per-token indices over 4-64 adapters segment; decode (up to 64
+    rows of one token, rank <= 16) gathers on CPU, with its multiply-add `· B[i]`
+    (`benchmarks/decode_forms.py`: near segment in a scanned layer stack, far
+    ahead of it when each layer is its own product). Each case is one of the
+    regimes the benchmark suite measures."""
     cases = {
         (1, 16, 128, 1024, 4096, 16, 16): "gather",  # W1 prefill
         (1, 1, 128, 1024, 4096, 64, 16): "gather",  # one row (early return)
         (1, 2048, 1, 1024, 4096, 2, 16): "dense",  # per token, 2 adapters
         (1, 2048, 1, 1024, 4096, 4, 16): "segment",  # per token, 4 adapters
         (1, 2048, 1, 1024, 4096, 64, 16): "segment",  # per token, 64 adapters
-        (1, 64, 1, 1024, 4096, 8, 16): "segment",  # W3 decode, 8 adapters
+        (1, 64, 1, 1024, 4096, 8, 16): "gather",  # W3 decode, 8 adapters
+        (1, 64, 1, 1024, 4096, 8, 32): "segment",  # the same at rank 32 (unmeasured)
         (1, 64, 1, 1024, 4096, 64, 16): "gather",  # W3 decode, 64 adapters
     }
     # The CPU weighting of bytes against flops (the suite measured it there).

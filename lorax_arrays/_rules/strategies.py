@@ -13,7 +13,9 @@ Every rewrite is first brought to one canonical problem:
 and every strategy returns `(S, G, R, d_out)`. They agree to float tolerance; they
 differ in cost:
 
-- `gather`: gathers `A[i]`, `B[i]` once per row. For one adapter per sequence.
+- `gather`: gathers `A[i]`, `B[i]` once per row. For one adapter per sequence,
+  and for decode on CPU (one token per row), where `· B[i]` is a multiply-add
+  over the rank instead of `G` one-row matmuls.
 - `dense`: `x · A` for every adapter, masked by a one-hot. For few adapters,
   per-token indices and decode.
 - `segment`: sorts tokens by adapter, grouped matmul, unsorts (Punica's SGMV).
@@ -131,6 +133,12 @@ def _explained(primitive, shapes, operands, forced, chosen, strategy):
         reason = f"the array's own `strategy={strategy!r}`"
     elif sizes["G"] <= 1:
         reason = "auto: a single indexed row (G = 1), whose adapter is gathered once"
+    elif _rowwise_b(sizes["G"], sizes["R"], sizes["rank"]):
+        reason = (
+            f"auto: decode on CPU (G = {sizes['G']} rows of one token, rank "
+            f"{sizes['rank']}): gathered, with `· B[i]` a multiply-add over the rank "
+            "(measured by benchmarks/decode_forms.py)"
+        )
     else:
         reason = (
             "auto: the cheapest by the cost model (flops plus bytes moved, for the "
@@ -149,6 +157,12 @@ def choose(s: int, g: int, r_tok: int, d_in: int, d_out: int, n: int, rank: int)
     choice."""
     del s
     if g <= 1:
+        return "gather"
+    if _rowwise_b(g, r_tok, rank):
+        # Decode on CPU: `gather` with its multiply-add `· B[i]`. Measured
+        # (`benchmarks/decode_forms.py`): near `segment` in a scanned layer
+        # stack, and 2-10x faster than `segment` and `dense` when each layer is
+        # its own product; this cost model does not see the difference.
         return "gather"
     per_byte = 4.0 if jax.default_backend() == "cpu" else 64.0
     m = g * r_tok
@@ -211,11 +225,73 @@ def _single(x, a, b, s, precision, pref):
     return _scaled(u, s)
 
 
+# Where `_gather` computes a decode product's `· B[i]` as a multiply-add over
+# the rank (`_times_rows_b`), and `auto` picks `gather` for it: the measured
+# ranks (8 and 16) and rows (8 to 64; more rows of one token each are per-token
+# indices, which the cost model decides).
+_ROWWISE_MAX_RANK = 16
+_ROWWISE_MAX_ROWS = 64
+
+
 def _gather(x, a, b, ids, s, precision, pref):
     a_g = take(a, ids, 1)  # (S, G, d_in, r)
-    b_g = take(b, ids, 1)  # (S, G, r, d_out)
     t = convert(_bmm(x, a_g, precision, pref), x.dtype)
+    if _rowwise_b(x.shape[1], x.shape[2], b.shape[2]):
+        return _scaled(_times_rows_b(t, b, ids, pref), s)
+    b_g = take(b, ids, 1)  # (S, G, r, d_out)
     return _scaled(_bmm(t, b_g, precision, pref), s)
+
+
+def _rowwise_b(g: int, r_tok: int, rank: int) -> bool:
+    """Whether `_gather` takes `· B[i]` as a multiply-add over the rank: decode
+    (up to 64 rows of one token each) on CPU, at the ranks measured."""
+    return (
+        r_tok == 1
+        and g <= _ROWWISE_MAX_ROWS
+        and rank <= _ROWWISE_MAX_RANK
+        and jax.default_backend() == "cpu"
+    )
+
+
+def _times_rows_b(t, b, ids, pref):
+    """`t · B[ids]` for one token per row (`t: (S, G, 1, r)`), as `Σ_k t[k] ·
+    B[ids, k, :]`: the rows gathered once, then products and a halving sum over
+    the rank, elementwise over `d_out`. On CPU the batched matmul of `G` one-row
+    products cost up to 2.3x as much in an unscanned model, about the same in a
+    scanned layer stack (`benchmarks/decode_forms.py`). The gather
+    stays its own op (the barrier): fused into the sum, XLA CPU copies the whole
+    `B` slice of a scanned layer at every step, which costs more with more
+    adapters. Sums in at least float32, as a dot accumulates; returns the dot's
+    dtype."""
+    s_, g, _, rank = t.shape
+    d_out = b.shape[-1]
+    out = pref or t.dtype
+    acc = jnp.promote_types(out, jnp.float32)
+    b_g = lax.optimization_barrier(take(b, ids, 1))  # (S, G, r, d_out)
+    t = convert(lax.reshape(t, (s_, g, rank)), acc)
+    p = lax.mul(lax.broadcast_in_dim(t, b_g.shape, (0, 1, 2)), convert(b_g, acc))
+    u = _halving_sum(p, 2)  # (S, G, d_out)
+    return convert(lax.reshape(u, (s_, g, 1, d_out)), out)
+
+
+def _halving_sum(p, axis):
+    """`p` summed over `axis` by adding halves: elementwise adds only, so XLA CPU
+    vectorises over the other axes (its reduction over a non-minor axis does
+    not)."""
+    odd = []
+    while p.shape[axis] > 1:
+        n = p.shape[axis]
+        if n % 2:
+            odd.append(lax.slice_in_dim(p, n - 1, n, axis=axis))
+            n -= 1
+        half = n // 2
+        p = lax.add(
+            lax.slice_in_dim(p, 0, half, axis=axis),
+            lax.slice_in_dim(p, half, n, axis=axis),
+        )
+    for q in odd:
+        p = lax.add(p, q)
+    return lax.squeeze(p, (axis,))
 
 
 def _dense(x, a, b, ids, s, precision, pref):
