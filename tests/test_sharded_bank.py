@@ -133,12 +133,13 @@ def test_a_bank_on_a_sharded_tree_is_sharded_like_it():
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["devices"] == 8
     assert r["err"] < 1e-4 and r["err2"] < 1e-4, r
-    # up (D, F) column-parallel: a (slots, D, R) replicated, b (slots, R, F) on F.
-    assert r["spec_a_up"] == [None, None, None]
+    # up (D, F) column-parallel: b (slots, R, F) on F, a (slots, D, R) on its
+    # rank (fully sharded: nothing of the bank is replicated).
+    assert r["spec_a_up"] == [None, None, "model"]
     assert r["spec_b_up"] == [None, None, "model"]
-    # down (F, D) row-parallel: a (slots, F, R) on F, b replicated.
+    # down (F, D) row-parallel: a (slots, F, R) on F, b (slots, R, D) on its rank.
     assert r["spec_a_down"] == [None, "model", None]
-    assert r["spec_b_down"] == [None, None, None]
+    assert r["spec_b_down"] == [None, "model", None]
     assert r["in_place"] and r["spec_after_update"] == r["spec_b_up"], r
     assert r["gathers"] == 0 and r["control"] > 0, r
     # Each device holds a quarter of the sharded factor (4-way model axis).
@@ -225,11 +226,35 @@ def test_a_trainer_on_a_sharded_tree_is_sharded_like_it():
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     # Slot axis first, then as the weight: b of the column-parallel `up` and a of
-    # the row-parallel `down` are split over "model", the others replicated.
+    # the row-parallel `down` are split over "model", the others on their rank.
     assert r["spec_b_up"] == [None, None, "model"]
     assert r["spec_a_down"] == [None, "model", None]
-    assert r["spec_a_up"] == [None, None, None]
+    assert r["spec_a_up"] == [None, None, "model"]  # fully sharded: on its rank
     # Adam's mu and nu for b_up are placed as b_up itself.
     assert r["mu_specs"] and all(s == [None, None, "model"] for s in r["mu_specs"])
     # Three steps on 8 devices equal three steps on one.
     assert r["err"] < 1e-5, r
+
+
+def test_the_bank_per_device_falls_like_the_base():
+    """`benchmarks/sharded_memory.py --quick`: bytes per device of the base
+    weights and of a bank on 1, 2, 4, 8 devices."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sharded_memory", "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["devices"] for r in rows] == [1, 2, 4, 8]
+    one = rows[0]
+    for r in rows[1:]:
+        base_share = r["base"] / one["base"]
+        bank_share = r["bank"] / one["bank"]
+        assert base_share == 1 / r["devices"]
+        # Only the (paths, slots) scale matrices stay whole on every device.
+        assert bank_share < base_share * 1.02, (r, one)

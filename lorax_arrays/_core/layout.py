@@ -365,6 +365,52 @@ class Layout:
         b = (*stack, *n, None, *(parts[o] for o in self.out_axes))
         return a, b
 
+    def slot_specs(
+        self,
+        spec: Sequence[Any],
+        capacity: int,
+        axis_sizes: dict[str, int],
+        n_adapters: bool = True,
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """`factor_specs` for stored adapters (a bank's or a trainer's slots),
+        fully sharded: the factor that no weight axis shards (a column-parallel
+        weight's `a`, a row-parallel one's `b`) is split along its rank instead,
+        over the mesh axes that shard the other group, when they divide the
+        `capacity` rank (vLLM's `fully_sharded_loras`). Every device then holds
+        its share of both factors, as of the weight; the product pays one small
+        collective of the `(rows, rank)` intermediate. `axis_sizes`: the mesh's
+        `{name: size}`."""
+        a, b = self.factor_specs(spec, n_adapters)
+        ndim = len(self.in_axes) + len(self.out_axes) + len(self.stack_axes)
+        parts = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+
+        def names(axes):
+            out = []
+            for ax in axes:
+                p = parts[ax]
+                out += [] if p is None else list(p) if isinstance(p, tuple) else [p]
+            return tuple(out)
+
+        ins, outs, stack = (
+            names(self.in_axes),
+            names(self.out_axes),
+            names(self.stack_axes),
+        )
+
+        def fits(group):
+            size = math.prod(axis_sizes[n] for n in group)
+            return group and not set(group) & set(stack) and capacity % size == 0
+
+        def one(group):
+            return group[0] if len(group) == 1 else group
+
+        if outs and not ins and fits(outs):
+            a = (*a[:-1], one(outs))
+        if ins and not outs and fits(ins):
+            at = len(self.stack_axes) + (1 if n_adapters else 0)
+            b = (*b[:at], one(ins), *b[at + 1 :])
+        return a, b
+
     def dense_delta(self, a: Array, b: Array) -> Array:
         """`a ⊗ b` for one adapter (no `n_adapters` axis), laid out on the weight's
         axes.

@@ -207,10 +207,11 @@ def slot_shardings(
 ) -> SlotState | None:
     """Where each slot array lives, from the shardings of the base `weights` it
     adapts: for a weight with a `NamedSharding`, `a` takes the specs of its stack
-    and in-axes, `b` those of its stack and out-axes, the vectors those of their
-    group (`Layout.factor_specs`); the slot and rank axes, the scale matrices and
-    the bias rows are replicated on the same mesh. None when no weight carries a
-    `NamedSharding` (one device, as before)."""
+    and in-axes, `b` those of its stack and out-axes, and the factor left
+    unsharded is split along its rank (`Layout.slot_specs`: fully sharded, as
+    vLLM's `fully_sharded_loras`); the vectors take those of their group; the
+    slot axis, the scale matrices and the bias rows are replicated on the same
+    mesh. None when no weight carries a `NamedSharding` (one device, as before)."""
     named = {
         p: w.sharding
         for p, w in weights.items()
@@ -231,8 +232,10 @@ def slot_shardings(
     for path, leaf in leaves.items():
         lay = leaf.layout.layout
         spec = tuple(named[path].spec) if path in named else ()
-        a, b = lay.factor_specs(spec)
+        sizes = dict(named[path].mesh.shape) if path in named else {}
+        a, b = lay.slot_specs(spec, leaf.capacity, sizes)
         factors[path] = (on(path, a), on(path, b))
+        a, b = lay.factor_specs(spec)  # the vectors follow the weight's groups
         # The vectors (*stack, slots, *in) and (*stack, slots, *out): a's and b's
         # specs without the rank axis.
         if "ia3" in kinds:

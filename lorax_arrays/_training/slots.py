@@ -285,6 +285,8 @@ def slot_shardings(
         a, b = lay.factor_specs(spec, n_adapters=False)
         ns = len(lay.stack_axes)
         stack, ins, outs = a[:ns], a[ns:-1], b[ns + 1 :]
+        sizes = dict(named[path].mesh.shape) if path in named else {}
+        a, b = lay.slot_specs(spec, leaf.capacity, sizes, n_adapters=False)
         on = named[path].mesh if path in named else mesh
 
         def put(*parts, on=on):
