@@ -8,9 +8,23 @@ and reshapes): fewer equations, quicker traces and compiles.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import jax
 from jax import lax
+from jax.sharding import PartitionSpec
 from jaxtyping import Array
+
+
+def explicit_spec(x: Any) -> tuple | None:
+    """The partition spec of `x` under an explicit-sharding mesh (one entry per
+    axis), or None when its sharding is not explicit (the usual jit + GSPMD mode,
+    where the compiler places the ops)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or not any(p is not None for p in spec):
+        return None
+    return tuple(spec) + (None,) * (x.ndim - len(spec))
 
 
 def take(x: Array, safe: Array, axis: int) -> Array:
@@ -24,13 +38,26 @@ def take(x: Array, safe: Array, axis: int) -> Array:
         start_index_map=(axis,),
     )
     sizes = tuple(1 if d == axis else x.shape[d] for d in range(x.ndim))
-    return lax.gather(
-        x,
-        lax.expand_dims(safe, (safe.ndim,)),
-        dnums,
-        sizes,
-        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-    )
+
+    def gather(x, safe):
+        return lax.gather(
+            x,
+            lax.expand_dims(safe, (safe.ndim,)),
+            dnums,
+            sizes,
+            mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+        )
+
+    x_spec, i_spec = explicit_spec(x), explicit_spec(safe)
+    if x_spec is None and i_spec is None:
+        return gather(x, safe)
+    # An explicit-sharding mesh: JAX cannot tell where a gather's rows go, so say
+    # it (as `.at[].get(out_sharding=)` does): the rows follow the indices, the
+    # other axes the table.
+    x_spec = x_spec or (None,) * x.ndim
+    i_spec = i_spec or (None,) * safe.ndim
+    spec = PartitionSpec(*x_spec[:axis], *i_spec, *x_spec[axis + 1 :])
+    return jax.sharding.auto_axes(gather, out_sharding=spec)(x, safe)
 
 
 def transpose(x: Array, perm: Sequence[int]) -> Array:
@@ -48,3 +75,16 @@ def reshape(x: Array, shape: Sequence[int]) -> Array:
 def convert(x: Array, dtype) -> Array:
     """`lax.convert_element_type`, or `x` itself when the dtype is unchanged."""
     return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
+def update_index(full: Array, part: Array, index: Any, axis: int) -> Array:
+    """`lax.dynamic_update_index_in_dim(full, part, index, axis)` with `part`
+    cast to `full`'s dtype and, on an explicit-sharding mesh, placed as `full`'s
+    other axes are (JAX requires the update's sharding to be the operand's)."""
+    part = part.astype(full.dtype)
+    spec = explicit_spec(full)
+    if spec is not None:
+        part = jax.sharding.reshard(
+            part, PartitionSpec(*spec[:axis], *spec[axis + 1 :])
+        )
+    return lax.dynamic_update_index_in_dim(full, part, index, axis)

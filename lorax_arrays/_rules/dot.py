@@ -200,7 +200,10 @@ def _low_rank_term(lora, x, idx, lead, c_l, c_x, b_l, b_x, x_free, lora_is_lhs, 
         lora.rank,
     )
     operands = {"x": x_shape, "w": tuple(lora.shape)}
-    strategy = resolve(lora.strategy, sizes, operands=operands)
+    explicit = _lax.explicit_spec(x) is not None or (
+        _lax.explicit_spec(idx) is not None
+    )
+    strategy = resolve(lora.strategy, sizes, operands=operands, explicit=explicit)
     # The factors' stack axes: the batch ones in the order of the batch axes, then
     # the free ones.
     a, b = layout.stack_ordered(lora.a, lora.b, stack_perm)

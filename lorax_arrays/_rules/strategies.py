@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._core.errors import UnsupportedOperationError
 from .._core.indices import clamp_indices, scale_rows
-from .._core.lax import convert, take
+from .._core.lax import convert, explicit_spec, take
 from .._core.options import STRATEGIES as STRATEGIES, check_strategy as check_strategy
 
 _call_strategy: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -106,16 +107,29 @@ def resolve(
     *,
     primitive: str = "dot_general",
     operands: dict[str, Any] | None = None,
+    explicit: bool = False,
 ) -> str:
     """The strategy to use: a per-call override, else the array's, else `auto`.
 
     `shapes` are the canonical sizes `(S, G, R, d_in, d_out, n, rank)`;
     `operands` (the operands' shapes, by name) and `primitive` only label the
-    decision when it is being recorded (`record_strategies`).
+    decision when it is being recorded (`record_strategies`). `explicit`: the
+    operands live on an explicit-sharding mesh, where only `gather` says where
+    each of its results goes (`auto` picks it; the others are refused).
     """
     forced = _call_strategy.get()
     strategy = forced or array_strategy
-    chosen = choose(*shapes) if strategy == "auto" else strategy
+    if explicit and strategy not in ("auto", "gather"):
+        raise UnsupportedOperationError(
+            f"strategy={strategy!r} on an explicit-sharding mesh "
+            "(`jax.sharding.AxisType.Explicit`): only 'gather' places its results "
+            "there yet. Use strategy='gather' or 'auto' (which picks it on such "
+            "meshes)."
+        )
+    if explicit:
+        chosen = "gather"
+    else:
+        chosen = choose(*shapes) if strategy == "auto" else strategy
     records = _recorded.get()
     if records is not None:
         records.append(
@@ -234,6 +248,12 @@ _ROWWISE_MAX_ROWS = 64
 
 
 def _gather(x, a, b, ids, s, precision, pref):
+    x_spec = explicit_spec(x)
+    if x_spec is not None and explicit_spec(ids) != (x_spec[1],):
+        # An explicit-sharding mesh: the gathered rows must be placed as x's rows
+        # (host-made indices arrive replicated).
+        ids = jax.sharding.reshard(ids, jax.sharding.PartitionSpec(x_spec[1]))
+        s = jax.sharding.reshard(s, jax.sharding.PartitionSpec(x_spec[1]))
     a_g = take(a, ids, 1)  # (S, G, d_in, r)
     t = convert(_bmm(x, a_g, precision, pref), x.dtype)
     if _rowwise_b(x.shape[1], x.shape[2], b.shape[2]):

@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .._adapters.served import dora_norms
@@ -36,6 +35,7 @@ from .._core.indices import (
     issued_value,
     unrepresentable_message,
 )
+from .._core.lax import update_index
 from .._core.paths import bias_leaves, unwrapped_parts
 
 # Slot generations are drawn from one process-wide counter, so no two slots of any
@@ -179,9 +179,7 @@ def _write_slot(
     row, and column `slot` of the scale matrices."""
 
     def put(full, part, axis):
-        return lax.dynamic_update_index_in_dim(
-            full, part.astype(full.dtype), slot, axis
-        )
+        return update_index(full, jnp.asarray(part), slot, axis)
 
     def column(full, part):
         return put(full, jnp.asarray(part)[:, None], 1)
@@ -220,6 +218,11 @@ def slot_shardings(
     if not named:
         return None
     mesh = next(iter(named.values())).mesh
+
+    def _explicit(path: str) -> bool:
+        types = getattr(named[path].mesh, "axis_types", ()) if path in named else ()
+        return any(t == jax.sharding.AxisType.Explicit for t in types)
+
     rep = NamedSharding(mesh, PartitionSpec())
 
     def on(path: str, parts: tuple) -> NamedSharding:
@@ -231,7 +234,10 @@ def slot_shardings(
     factors, ins, outs = {}, {}, {}
     for path, leaf in leaves.items():
         lay = leaf.layout.layout
+        # On an explicit-sharding mesh the slots are replicated: sharded factors
+        # there would need `out_sharding`s on the strategies' products (not yet).
         spec = tuple(named[path].spec) if path in named else ()
+        spec = () if _explicit(path) else spec
         sizes = dict(named[path].mesh.shape) if path in named else {}
         a, b = lay.slot_specs(spec, leaf.capacity, sizes)
         factors[path] = (on(path, a), on(path, b))

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .._adapters.adapter import Adapter
 from .._adapters.targeting import LeafLayout
+from .._core.lax import update_index
 
 
 class SlotParams(NamedTuple):
@@ -206,9 +207,7 @@ def write_slot(state: Any, slot: Any, new: Any) -> Any:
     """`state` (slot axis first on every leaf) with slot `slot` replaced by
     `new` (the same pytree without the slot axis)."""
     return jax.tree.map(
-        lambda full, part: lax.dynamic_update_index_in_dim(
-            full, jnp.asarray(part).astype(full.dtype), slot, 0
-        ),
+        lambda full, part: update_index(full, jnp.asarray(part), slot, 0),
         state,
         new,
     )
@@ -278,10 +277,18 @@ def slot_shardings(
     if not named:
         return None
     mesh = next(iter(named.values())).mesh
+
+    def _explicit(path: str) -> bool:
+        types = getattr(named[path].mesh, "axis_types", ()) if path in named else ()
+        return any(t == jax.sharding.AxisType.Explicit for t in types)
+
     f, m, i, o, vd, vb = {}, {}, {}, {}, {}, {}
     for path, leaf in leaves.items():
         lay = leaf.layout.layout
+        # On an explicit-sharding mesh the slots are replicated: sharded factors
+        # there would need `out_sharding`s on the strategies' products (not yet).
         spec = tuple(named[path].spec) if path in named else ()
+        spec = () if _explicit(path) else spec
         a, b = lay.factor_specs(spec, n_adapters=False)
         ns = len(lay.stack_axes)
         stack, ins, outs = a[:ns], a[ns:-1], b[ns + 1 :]

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from .._adapters.loraify import loraify
 from .._adapters.served import ServedAdapters
+from .._core.lax import explicit_spec
 from .._rules.quaxify import quaxify
 from .slots import Leaf, SlotConfig, SlotParams
 
@@ -150,6 +151,10 @@ def make_step(
                 "token)."
             )
         losses = losses.astype(jnp.float32)
+        if explicit_spec(losses) is not None:
+            # An explicit-sharding mesh: the per-row losses (one per row, small)
+            # meet the replicated row weights and slot ids whole.
+            losses = jax.sharding.reshard(losses, jax.sharding.PartitionSpec())
         # Base and padding rows (weight 0) never reach the sums, even non-finite.
         terms = jnp.where(weights > 0, losses, 0.0) * weights
         segment = jnp.where(ids >= 0, ids, n_slots).reshape(-1)
