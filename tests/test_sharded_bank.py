@@ -205,8 +205,16 @@ mu = [
     s for s in jax.tree.leaves(tp._opt_state)
     if getattr(s, "shape", None) == b_up.shape
 ]
+# The compiled training step gathers no whole base weight and no whole slot array.
+hlo = tp.lower(loss_fn, batch, ["a", "b", None, "a", "b", "a", "b", None])
+hlo = hlo.compile().as_text()
+whole = {f"{D},{F}]", f"{F},{D}]"} | {
+    ",".join(map(str, x.shape)) + "]" for x in jax.tree.leaves(tp._params)
+}
+lines = re.findall(r"[^\n]*all-gather[^\n]*", hlo)
+gathers = [ln for ln in lines if any(w in ln.split("all-gather")[0] for w in whole)]
 print(json.dumps({
-    "err": err,
+    "err": err, "gathers": len(gathers), "all_gathers": len(lines),
     "spec_b_up": spec(b_up), "spec_a_down": spec(a_dn), "spec_a_up": spec(a_up),
     "mu_specs": [spec(m) for m in mu],
 }))
@@ -234,6 +242,9 @@ def test_a_trainer_on_a_sharded_tree_is_sharded_like_it():
     assert r["mu_specs"] and all(s == [None, None, "model"] for s in r["mu_specs"])
     # Three steps on 8 devices equal three steps on one.
     assert r["err"] < 1e-5, r
+    # The compiled step has collectives (the data-parallel rows' losses and
+    # gradients), but gathers no whole base weight and no whole slot array.
+    assert r["gathers"] == 0, r
 
 
 def test_the_bank_per_device_falls_like_the_base():

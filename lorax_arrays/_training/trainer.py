@@ -447,7 +447,41 @@ class AdapterTrainer:
         Tenants whose gradient was not finite were not updated; they are in
         `trainer.last_skipped`.
         """
-        what = "AdapterTrainer.step"
+        fn, args, counts = self._prepare(
+            loss_fn, batch, names, micro_batches, "AdapterTrainer.step"
+        )
+        self._params, self._opt_state, means, finite = fn(*args)
+        means, finite = np.asarray(means), np.asarray(finite)
+        present = {n: t.slot for n, t in self._tenants.items() if counts[t.slot]}
+        self.last_skipped = tuple(n for n, s in present.items() if not finite[s])
+        return {n: float(means[s]) for n, s in present.items()}
+
+    def lower(
+        self,
+        loss_fn: Callable[[Any, Any], Any],
+        batch: PyTree,
+        names: Sequence[Any],
+        *,
+        micro_batches: int = 1,
+    ) -> Any:
+        """The step `step(loss_fn, batch, names)` would run, lowered and not run
+        (`jax.stages.Lowered`): `.compile().as_text()` is its compiled program, to
+        check what it does (on a mesh, say, that it gathers no weight or slot).
+
+        **Arguments:** as [`step`][lorax_arrays.AdapterTrainer.step].
+
+        **Returns:**
+
+        The `jax.stages.Lowered` of the jitted step for these arguments.
+        """
+        fn, args, _ = self._prepare(
+            loss_fn, batch, names, micro_batches, "AdapterTrainer.lower"
+        )
+        return fn.lower(*args)
+
+    def _prepare(self, loss_fn, batch, names, micro_batches, what):
+        """The jitted step for `loss_fn` and its arguments for this batch, and
+        each slot's row count."""
         ids = self._slot_ids(names, what)
         if ids.size == 0 or ids.ndim == 0:
             raise ValueError(f"{what}: `names` must name at least one row.")
@@ -477,7 +511,7 @@ class AdapterTrainer:
                 shardings=self._placed.get("out_shardings"),
             )
             self._steps[(loss_fn, micro_batches)] = fn
-        self._params, self._opt_state, means, finite = fn(
+        args = (
             self._arrays,
             batch,
             jnp.asarray(ids),
@@ -486,10 +520,7 @@ class AdapterTrainer:
             self._params,
             self._opt_state,
         )
-        means, finite = np.asarray(means), np.asarray(finite)
-        present = {n: t.slot for n, t in self._tenants.items() if counts[t.slot]}
-        self.last_skipped = tuple(n for n, s in present.items() if not finite[s])
-        return {n: float(means[s]) for n, s in present.items()}
+        return fn, args, counts
 
     # -- internals ------------------------------------------------------------------
 
