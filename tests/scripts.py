@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import runpy
 import subprocess
@@ -67,3 +68,33 @@ def _run_process(args) -> str:
     )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+def run_devices_json(code: str, devices: int = 8) -> dict:
+    """`code` run in its own process with `devices` simulated CPU devices (set
+    before JAX starts, with the tests' compile options) and this checkout's
+    `lorax_arrays`; the JSON object its last printed line holds."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": os.environ.get(
+            "JAX_DISABLE_MOST_OPTIMIZATIONS", "1"
+        ),
+        "XLA_FLAGS": " ".join(
+            [
+                os.environ.get("XLA_FLAGS", ""),
+                f"--xla_force_host_platform_device_count={devices}",
+            ]
+        ).strip(),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

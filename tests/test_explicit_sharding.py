@@ -8,17 +8,9 @@ subprocess with 8 simulated CPU devices."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.scripts import run_devices_json
 
 SCRIPT = r"""
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import json
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import PartitionSpec as P, AxisType
@@ -144,17 +136,7 @@ print(json.dumps({
 
 
 def test_explicit_sharding_meshes_serve_and_train():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_devices_json(SCRIPT)
     assert r["stack_err"] < 1e-4 and r["bank_err"] < 1e-4, r
     assert r["grad_size"] > 0 and r["grad_diff"] < 1e-4 * r["grad_size"], r
     assert r["trained_diff"] < 1e-5 and r["loss_diff"] < 1e-5, r

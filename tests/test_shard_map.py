@@ -8,12 +8,6 @@ runs in a subprocess with 4 simulated CPU devices."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import lorax_arrays as lx
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.scripts import run_devices_json
 
 # A MoE block: an adapted projection, experts in a shard_map over the expert axis
 # (tokens replicated, each shard its experts' share, summed), an adapted head.
@@ -97,8 +90,6 @@ def run(mesh):
 
 SCRIPT = (
     """
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import json
 """
     + MODEL
@@ -123,17 +114,7 @@ def test_plain_arrays_pass_through_shard_map_on_one_device():
 
 
 def test_shard_map_over_four_devices_equals_the_merged_rows():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = run_devices_json(SCRIPT, devices=4)
     assert report["devices"] == 4
     assert report["err"] < 2e-5, report
 

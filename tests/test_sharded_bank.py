@@ -8,17 +8,9 @@ CPU devices."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.scripts import run_devices_json
 
 SCRIPT = r"""
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import json, re
 import equinox as eqx
 import jax, jax.numpy as jnp, numpy as np
@@ -120,17 +112,7 @@ print(json.dumps({
 
 
 def test_a_bank_on_a_sharded_tree_is_sharded_like_it():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_devices_json(SCRIPT)
     assert r["devices"] == 8
     assert r["err"] < 1e-4 and r["err2"] < 1e-4, r
     # up (D, F) column-parallel: b (slots, R, F) on F, a (slots, D, R) on its
@@ -147,8 +129,6 @@ def test_a_bank_on_a_sharded_tree_is_sharded_like_it():
 
 
 TRAINER_SCRIPT = r"""
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import json, re
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -222,17 +202,7 @@ print(json.dumps({
 
 
 def test_a_trainer_on_a_sharded_tree_is_sharded_like_it():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", TRAINER_SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_devices_json(TRAINER_SCRIPT)
     # Slot axis first, then as the weight: b of the column-parallel `up` and a of
     # the row-parallel `down` are split over "model", the others on their rank.
     assert r["spec_b_up"] == [None, None, "model"]
@@ -250,17 +220,11 @@ def test_a_trainer_on_a_sharded_tree_is_sharded_like_it():
 def test_the_bank_per_device_falls_like_the_base():
     """`benchmarks/sharded_memory.py --quick`: bytes per device of the base
     weights and of a bank on 1, 2, 4, 8 devices."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sharded_memory", "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
+    rows = run_devices_json(
+        "import runpy, sys\n"
+        "sys.argv = ['sharded_memory', '--quick']\n"
+        "runpy.run_module('benchmarks.sharded_memory', run_name='__main__')\n"
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
     assert [r["devices"] for r in rows] == [1, 2, 4, 8]
     one = rows[0]
     for r in rows[1:]:
