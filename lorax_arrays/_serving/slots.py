@@ -101,7 +101,8 @@ class LeafEntry(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
-    """What the bank knows about one adapted leaf."""
+    """One adapted leaf of a store of slots (a bank's, a trainer's): its layout,
+    the capacity rank and the slots' dtype."""
 
     layout: LeafLayout
     capacity: int
@@ -197,6 +198,29 @@ def _write_slot(
     )
 
 
+def weight_specs(weights: dict[str, Any]) -> tuple[Any, dict[str, tuple]] | None:
+    """The mesh and, per path, `(spec, axis sizes)` of the `weights` that carry a
+    `NamedSharding`; the spec is `()` on an explicit-sharding mesh, where the
+    slots stay replicated (sharded factors there would need `out_sharding`s on the
+    strategies' products, not yet written). None when no weight has one."""
+    named = {
+        p: w.sharding
+        for p, w in weights.items()
+        if isinstance(getattr(w, "sharding", None), NamedSharding)
+    }
+    if not named:
+        return None
+    out = {}
+    for path, sharding in named.items():
+        types = getattr(sharding.mesh, "axis_types", ())
+        explicit = any(t == jax.sharding.AxisType.Explicit for t in types)
+        out[path] = (
+            () if explicit else tuple(sharding.spec),
+            dict(sharding.mesh.shape),
+        )
+    return next(iter(named.values())).mesh, out
+
+
 def slot_shardings(
     leaves: dict[str, Leaf],
     kinds: tuple[str, ...],
@@ -210,45 +234,29 @@ def slot_shardings(
     vLLM's `fully_sharded_loras`); the vectors take those of their group; the
     slot axis, the scale matrices and the bias rows are replicated on the same
     mesh. None when no weight carries a `NamedSharding` (one device, as before)."""
-    named = {
-        p: w.sharding
-        for p, w in weights.items()
-        if isinstance(getattr(w, "sharding", None), NamedSharding)
-    }
-    if not named:
+    found = weight_specs(weights)
+    if found is None:
         return None
-    mesh = next(iter(named.values())).mesh
-
-    def _explicit(path: str) -> bool:
-        types = getattr(named[path].mesh, "axis_types", ()) if path in named else ()
-        return any(t == jax.sharding.AxisType.Explicit for t in types)
-
+    mesh, specs = found
     rep = NamedSharding(mesh, PartitionSpec())
 
-    def on(path: str, parts: tuple) -> NamedSharding:
-        sharding = named.get(path)
-        if sharding is None:
-            return NamedSharding(mesh, PartitionSpec())
-        return NamedSharding(sharding.mesh, PartitionSpec(*parts))
+    def on(parts: tuple) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec(*parts))
 
     factors, ins, outs = {}, {}, {}
     for path, leaf in leaves.items():
         lay = leaf.layout.layout
-        # On an explicit-sharding mesh the slots are replicated: sharded factors
-        # there would need `out_sharding`s on the strategies' products (not yet).
-        spec = tuple(named[path].spec) if path in named else ()
-        spec = () if _explicit(path) else spec
-        sizes = dict(named[path].mesh.shape) if path in named else {}
+        spec, sizes = specs.get(path, ((), {}))
         a, b = lay.slot_specs(spec, leaf.capacity, sizes)
-        factors[path] = (on(path, a), on(path, b))
-        a, b = lay.factor_specs(spec)  # the vectors follow the weight's groups
-        # The vectors (*stack, slots, *in) and (*stack, slots, *out): a's and b's
-        # specs without the rank axis.
+        factors[path] = (on(a), on(b))
+        # The vectors (*stack, slots, *in) and (*stack, slots, *out) follow the
+        # weight's groups: `factor_specs` without the rank axis.
+        a, b = lay.factor_specs(spec)
         if "ia3" in kinds:
-            ins[path] = on(path, a[:-1])
+            ins[path] = on(a[:-1])
         if "ia3" in kinds or "dora" in kinds:
             ns = len(lay.stack_axes)
-            outs[path] = on(path, (*b[: ns + 1], *b[ns + 2 :]))
+            outs[path] = on((*b[: ns + 1], *b[ns + 2 :]))
     return SlotState(factors, ins, outs, dict.fromkeys(biases, rep), rep, rep)
 
 

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .._adapters.adapter import Adapter
 from .._adapters.targeting import LeafLayout
 from .._core.lax import update_index
+from .._serving.slots import Leaf as Leaf, weight_specs
 
 
 class SlotParams(NamedTuple):
@@ -60,19 +61,6 @@ class SlotConfig(NamedTuple):
     has_out: Any
     vera: Any
     clip: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Leaf:
-    """One adapted leaf of the trainer: its layout, capacity rank and dtype."""
-
-    layout: LeafLayout
-    capacity: int
-    dtype: np.dtype
-
-    @property
-    def n_stack(self) -> int:
-        return len(self.layout.stack_axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,39 +254,25 @@ def slot_shardings(
 ) -> SlotParams | None:
     """Where each slot array lives, from the shardings of the base `weights`
     (`NamedSharding`s): the slot axis replicated, then the specs of the axes each
-    array stands for (`Layout.factor_specs`: `a` the weight's stack and in-axes,
-    `b` its stack and out-axes, the rank axis replicated; the vectors those of
-    their group). None when no weight carries a `NamedSharding`."""
-    named = {
-        p: w.sharding
-        for p, w in weights.items()
-        if isinstance(getattr(w, "sharding", None), NamedSharding)
-    }
-    if not named:
+    array stands for, fully sharded (`Layout.slot_specs`, as the bank's slots);
+    the vectors those of their group. None when no weight carries a
+    `NamedSharding`."""
+    found = weight_specs(weights)
+    if found is None:
         return None
-    mesh = next(iter(named.values())).mesh
+    mesh, specs = found
 
-    def _explicit(path: str) -> bool:
-        types = getattr(named[path].mesh, "axis_types", ()) if path in named else ()
-        return any(t == jax.sharding.AxisType.Explicit for t in types)
+    def put(*parts):
+        return NamedSharding(mesh, PartitionSpec(None, *parts))
 
     f, m, i, o, vd, vb = {}, {}, {}, {}, {}, {}
     for path, leaf in leaves.items():
         lay = leaf.layout.layout
-        # On an explicit-sharding mesh the slots are replicated: sharded factors
-        # there would need `out_sharding`s on the strategies' products (not yet).
-        spec = tuple(named[path].spec) if path in named else ()
-        spec = () if _explicit(path) else spec
+        spec, sizes = specs.get(path, ((), {}))
         a, b = lay.factor_specs(spec, n_adapters=False)
         ns = len(lay.stack_axes)
         stack, ins, outs = a[:ns], a[ns:-1], b[ns + 1 :]
-        sizes = dict(named[path].mesh.shape) if path in named else {}
         a, b = lay.slot_specs(spec, leaf.capacity, sizes, n_adapters=False)
-        on = named[path].mesh if path in named else mesh
-
-        def put(*parts, on=on):
-            return NamedSharding(on, PartitionSpec(None, *parts))
-
         f[path] = (put(*a), put(*b))
         if "dora" in kinds:
             m[path] = put(*stack, *outs)
