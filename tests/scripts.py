@@ -51,6 +51,12 @@ def _run_process(args) -> str:
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "PYTHONUNBUFFERED": "1",
+        # The checkout under test first, whatever copy of lorax_arrays is
+        # installed (`python path/to/script.py` puts only the script's folder
+        # on sys.path).
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
         # Compile without XLA's optimisation passes, as the tests do
         # (tests/conftest.py).
         "JAX_DISABLE_MOST_OPTIMIZATIONS": os.environ.get(
