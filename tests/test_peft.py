@@ -108,7 +108,7 @@ def test_square_leaves_take_the_orientation_of_the_others(models):
     )
     golden = np.load(PEFT / "gpt2" / "logits.npz")
     ids = jnp.asarray(golden["input_ids"], jnp.int32)
-    f = lx.quaxify(lambda p: model(ids, params=p).logits)
+    f = jax.jit(lx.quaxify(lambda p: model(ids, params=p).logits))
     n = ids.shape[0]
     good = f(lx.loraify(model.params, adapter, jnp.zeros((n,), jnp.int32)))
     bad = f(lx.loraify(model.params, wrong, jnp.zeros((n,), jnp.int32)))
@@ -285,7 +285,7 @@ def test_orientation_rule_on_synthetic_trees(
         adapter = lx.load_peft_adapter(path, params)
     x = rng.standard_normal((3, d_in)).astype(np.float32)
     served = lx.loraify(params, adapter, jnp.array([0, -1, 0]))
-    out = lx.quaxify(lambda p, x: _apply(p, x, orients))(served, x)
+    out = jax.jit(lx.quaxify(lambda p, x: _apply(p, x, orients)))(served, x)
     ref = _numpy_apply(params, x, orients, mods, scale=2.0)
     ref_base = _numpy_apply(params, x, orients, {}, scale=0.0)
     np.testing.assert_allclose(out[0], ref[0], rtol=1e-4, atol=1e-5)
@@ -818,9 +818,8 @@ def test_stacked_layers_load_and_save(tmp_path_factory, orient, seed):
     (lay,) = ad.layouts
     assert lay.stack_axes == (0,) and lay.shape == (n_layers, d, d)
     x = rng.standard_normal((4, d)).astype(np.float32)
-    out = lx.quaxify(lambda p, x: _scan_model(p, x, orient))(
-        lx.loraify(params, ad, jnp.array([0, -1, 0, 0])), x
-    )
+    forward = jax.jit(lx.quaxify(lambda p, x: _scan_model(p, x, orient)))
+    out = forward(lx.loraify(params, ad, jnp.array([0, -1, 0, 0])), x)
     scales = {0: 6 / 3, 2: 1 / 2}
 
     def ref(row, adapted):
@@ -844,9 +843,7 @@ def test_stacked_layers_load_and_save(tmp_path_factory, orient, seed):
         "base_model.model.model.layers.2.proj",
     }
     back = lx.load_peft_adapter(tmp / "out", params, orientation=orient)
-    out2 = lx.quaxify(lambda p, x: _scan_model(p, x, orient))(
-        lx.loraify(params, back, jnp.array([0, -1, 0, 0])), x
-    )
+    out2 = forward(lx.loraify(params, back, jnp.array([0, -1, 0, 0])), x)
     np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6)
     # key_map to (path, layer) works too.
     km = {

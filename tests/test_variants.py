@@ -108,7 +108,7 @@ def test_in_and_out_vectors_match_dense_reference(case):
     else:
         dn = ((c_x, tuple(i_w)), (b_x, tuple(s_w)))
         f = lambda W, x: jax.lax.dot_general(x, W, dn)  # noqa: E731
-    got = lx.quaxify(f)(lora, x)
+    got = jax.jit(lx.quaxify(f))(lora, x)
     # The reference: x's example axis is its first free axis.
     w_e = variant_weights(w, a, b, scale, h, g, idx, in_axes, out_axes, stack_axes)
     want = reference_dot_general(x, w_e, dn, lhs, 1, 0)
