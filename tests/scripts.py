@@ -1,4 +1,5 @@
-"""Running an example, benchmark or doc page as a user would.
+"""Running an example, benchmark or doc page as a user would (and `tables`, to
+read the Markdown tables they print).
 
 By default in this test process (`runpy`, as `__main__`, with its own `sys.argv`,
 its printed output captured): a new process per script would pay for importing
@@ -73,3 +74,17 @@ def _run_process(args) -> str:
     )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+def tables(markdown: str) -> list[list[list[str]]]:
+    """Every Markdown table in `markdown`: its rows (header first, the separator
+    left out), each a list of stripped cells."""
+    found, current = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current:
+            found.append(current)
+            current = []
+    return found
