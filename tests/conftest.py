@@ -18,10 +18,30 @@ jax.config.update("jax_enable_x64", False)
 # is most of the time: the suite runs in about half the time. The subprocesses of
 # tests/scripts.py do the same. `JAX_DISABLE_MOST_OPTIMIZATIONS=0` runs the suite
 # fully optimised, as users compile.
-jax.config.update(
-    "jax_disable_most_optimizations",
-    os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1") not in ("0", "false"),
+FAST_COMPILES = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1") not in (
+    "0",
+    "false",
 )
+jax.config.update("jax_disable_most_optimizations", FAST_COMPILES)
+
+
+def _legacy_cpu_emitters() -> bool:
+    """jaxlib 0.10's XLA:CPU generates fused kernels with its new MLIR emitters,
+    which take about twice the compile time of the older ones at the tests' sizes
+    (the same HLO, so the same computation). `--xla_cpu_use_fusion_emitters=false`
+    selects the older ones there; the flag is gone by jaxlib 0.12, and XLA aborts
+    on a flag it does not know, so only the 0.10 series gets it."""
+    version = importlib.metadata.version("jaxlib").split(".")
+    return FAST_COMPILES and version[:2] == ["0", "10"]
+
+
+# Before the backend starts (the first compile); subprocesses inherit it.
+if _legacy_cpu_emitters() and "xla_cpu_use_fusion_emitters" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false"
+    ).strip()
 
 # 10 fixed (derandomized) examples per property test keep the whole suite under 6
 # minutes on CI's 2 cores; `HYPOTHESIS_PROFILE=thorough` draws 400 fresh ones.

@@ -17,8 +17,10 @@ against an elementwise bound `rtol * mag` where `mag` is the same contraction of
 
 from __future__ import annotations
 
+import dataclasses
 import string
 
+import jax
 import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
@@ -320,3 +322,160 @@ def draw_axes(draw, roles: list[str]) -> tuple[tuple[int, ...], ...]:
         return tuple(ax - ndim if neg else ax for ax, neg in zip(axes, negate))
 
     return axes_of("in"), axes_of("out"), axes_of("stack")
+
+
+# --- dot_general cases, shared by the property tests of every rewrite -----------
+
+
+@dataclasses.dataclass(frozen=True)
+class DotCase:
+    """One drawn `dot_general` case (see `dot_cases`): shapes, layout and seed."""
+
+    w_shape: tuple[int, ...]
+    in_axes: tuple[int, ...]  # as passed to the constructor (may be negative)
+    out_axes: tuple[int, ...]
+    stack_axes: tuple[int, ...]
+    n_adapters: int
+    rank: int
+    idx_shape: tuple[int, ...]
+    x_shape: tuple[int, ...]
+    dimension_numbers: tuple
+    lora_is_lhs: bool
+    seed: int
+    vmap_axis: int | None = None  # where the example axis sits, under jax.vmap
+
+    def arrays(self):
+        rng = np.random.default_rng(self.seed)
+        w, a, b, scale = random_lora(
+            rng,
+            self.w_shape,
+            self.in_axes,
+            self.out_axes,
+            self.stack_axes,
+            n_adapters=self.n_adapters,
+            rank=self.rank,
+        )
+        if self.vmap_axis is None:
+            idx = random_indices(rng, self.idx_shape, self.n_adapters)
+            x = rng.standard_normal(self.x_shape).astype(np.float32)
+        else:
+            (n_ex,) = self.idx_shape
+            idx = random_indices(rng, (n_ex,), self.n_adapters)
+            shape = list(self.x_shape)
+            shape.insert(self.vmap_axis, n_ex)
+            x = rng.standard_normal(shape).astype(np.float32)
+        return w, a, b, scale, idx, x
+
+    def check(self, x, w, a, b, scale, idx, out):
+        """`out` against the reference `dot_general` for this case's layout."""
+        check_dot(
+            x,
+            w,
+            a,
+            b,
+            scale,
+            idx,
+            self.in_axes,
+            self.out_axes,
+            self.stack_axes,
+            self.dimension_numbers,
+            self.lora_is_lhs,
+            out,
+        )
+
+    def lora(self, w, a, b, scale, idx, **kw):
+        return lx.BatchedLoraArray(
+            jnp.asarray(w),
+            a,
+            b,
+            scale=scale,
+            indices=idx,
+            in_axes=self.in_axes,
+            out_axes=self.out_axes,
+            stack_axes=self.stack_axes,
+            **kw,
+        )
+
+
+@st.composite
+def dot_cases(draw, idx_ndims=(0, 1, 2), vmapped=False):
+    """A random `dot_general` of a `BatchedLoraArray` with an activation: any
+    roles of the weight's axes, indices of `idx_ndims` dimensions, the activation's
+    axes in any order, the LoRA on either side (`vmapped`: one index per example
+    under `jax.vmap`, the example axis at `vmap_axis`)."""
+    ndim = draw(st.integers(2, 4))
+    roles = draw_roles(draw, ndim)
+    w_shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
+    in_axes, out_axes, stack_axes = draw_axes(draw, roles)
+    n_adapters = draw(st.integers(1, 5))
+    rank = draw(st.integers(1, 6))
+    k = draw(st.sampled_from(idx_ndims))
+    idx_shape = tuple(draw(st.lists(st.integers(1, 3), min_size=k, max_size=k)))
+    extra = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+
+    # The activation's axes, in a random order: one per contracted in-axis, one per
+    # stack (batch) axis, and the free axes (indexed ones first, then extras).
+    tokens = [("c", ax % ndim) for ax in in_axes]
+    tokens += [("b", ax % ndim) for ax in stack_axes]
+    tokens += [("f", None)] * (k + len(extra))
+    tokens = draw(st.permutations(tokens))
+    free_sizes = iter(idx_shape + tuple(extra))
+    x_shape, x_pos = [], {}
+    for pos, (kind, w_ax) in enumerate(tokens):
+        if kind == "f":
+            x_shape.append(next(free_sizes))
+        else:
+            x_shape.append(w_shape[w_ax])
+            x_pos[w_ax] = pos
+    c_w = draw(st.permutations([ax % ndim for ax in in_axes]))
+    b_w = draw(st.permutations([ax % ndim for ax in stack_axes]))
+    c_x = tuple(x_pos[ax] for ax in c_w)
+    b_x = tuple(x_pos[ax] for ax in b_w)
+    lora_is_lhs = draw(st.booleans())
+    if lora_is_lhs:
+        dn = ((tuple(c_w), c_x), (tuple(b_w), b_x))
+    else:
+        dn = ((c_x, tuple(c_w)), (b_x, tuple(b_w)))
+    vmap_axis = None
+    if vmapped:
+        idx_shape = (draw(st.integers(1, 4)),)
+        vmap_axis = draw(st.integers(0, len(x_shape)))
+    return DotCase(
+        w_shape=w_shape,
+        in_axes=in_axes,
+        out_axes=out_axes,
+        stack_axes=stack_axes,
+        n_adapters=n_adapters,
+        rank=rank,
+        idx_shape=idx_shape,
+        x_shape=tuple(x_shape),
+        dimension_numbers=dn,
+        lora_is_lhs=lora_is_lhs,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        vmap_axis=vmap_axis,
+    )
+
+
+def dot_fn(case: DotCase):
+    """`dot_general(W, x)` or `dot_general(x, W)` with the case's dimension numbers."""
+    dn = case.dimension_numbers
+    if case.lora_is_lhs:
+        return lambda W, x: jax.lax.dot_general(W, x, dn)
+    return lambda W, x: jax.lax.dot_general(x, W, dn)
+
+
+# Every way the low-rank term is computed: a strategy, or segment with its kernel.
+STRATEGY_VARIANTS = ["gather", "dense", "segment:tiled", "segment:ragged"]
+
+
+def reference_with_nan_rows(case: DotCase, x, w, a, b, scale, idx, bad):
+    """The reference output, NaN wherever a bad example contributes."""
+    good_idx = np.where(bad, -1, idx)
+    args = (case.in_axes, case.out_axes, case.stack_axes)
+    w_e = dense_weight_per_example(w, a, b, scale, good_idx, *args)
+    w_e[bad] = np.nan
+    w_abs = dense_weight_per_example(w, a, b, scale, good_idx, *args, abs_weight=True)
+    dn, lhs, k = case.dimension_numbers, case.lora_is_lhs, idx.ndim
+    expected = reference_dot_general(x, w_e, dn, lhs, k)
+    mag = reference_dot_general(np.abs(np.asarray(x, np.float64)), w_abs, dn, lhs, k)
+    return expected, mag

@@ -174,3 +174,39 @@ def vmap_styles(call: Callable):
         return jax.vmap(one, in_axes=(None, 0, 0))(model, xs, idx)
 
     return quaxify_outside_vmap, quaxify_inside_vmap
+
+
+# --- a Gemma-style attention block (tests/test_fused_qkv.py, test_peft.py) -------
+
+
+def softmax(z, xp):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = xp.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def causal_attention(q, k, v, xp):
+    """q `(B, T, N, H)`, k, v `(B, T, K, H)`: causal GQA attention, `(B, T, N, H)`."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = xp.repeat(k, rep, axis=2), xp.repeat(v, rep, axis=2)
+    logits = xp.einsum("BTNH,BSNH->BNTS", q, k) * q.shape[-1] ** -0.5
+    causal = np.tril(np.ones((q.shape[1], q.shape[1]), bool))
+    logits = xp.where(causal, logits, -1e30)
+    return xp.einsum("BNTS,BSNH->BTNH", softmax(logits, xp), v)
+
+
+def gemma_attention(p, x):
+    """Gemma's attention projections, as its code writes them: `qkv_einsum` (MHA)
+    or `q_einsum` + `kv_einsum` (GQA), then `attn_vec_einsum`."""
+    if "qkv_einsum" in p:
+        q, k, v = jnp.einsum("BTD,SNDH->SBTNH", x, p["qkv_einsum"]["w"])
+    else:
+        q = jnp.einsum("BTD,NDH->BTNH", x, p["q_einsum"]["w"])
+        k, v = jnp.einsum("BSD,CKDH->CBSKH", x, p["kv_einsum"]["w"])
+    enc = causal_attention(q, k, v, jnp)
+    return x + jnp.einsum("BTNH,NHD->BTD", enc, p["attn_vec_einsum"]["w"])
+
+
+def gemma_stack(p, x):
+    """Layers scanned over the leading axis of every weight."""
+    return jax.lax.scan(lambda h, lp: (gemma_attention(lp, h), None), x, p)[0]

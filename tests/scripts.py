@@ -1,4 +1,5 @@
-"""Running an example, benchmark or doc page as a user would.
+"""Running an example, benchmark or doc page as a user would (and `tables`, to
+read the Markdown tables they print).
 
 By default in this test process (`runpy`, as `__main__`, with its own `sys.argv`,
 its printed output captured): a new process per script would pay for importing
@@ -52,6 +53,12 @@ def _run_process(args) -> str:
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "PYTHONUNBUFFERED": "1",
+        # The checkout under test first, whatever copy of lorax_arrays is
+        # installed (`python path/to/script.py` puts only the script's folder
+        # on sys.path).
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
         # Compile without XLA's optimisation passes, as the tests do
         # (tests/conftest.py).
         "JAX_DISABLE_MOST_OPTIMIZATIONS": os.environ.get(
@@ -98,3 +105,17 @@ def run_devices_json(code: str, devices: int = 8) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tables(markdown: str) -> list[list[list[str]]]:
+    """Every Markdown table in `markdown`: its rows (header first, the separator
+    left out), each a list of stripped cells."""
+    found, current = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current:
+            found.append(current)
+            current = []
+    return found

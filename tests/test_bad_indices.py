@@ -20,31 +20,17 @@ import lorax_arrays as lx
 from lorax_arrays._rules.strategies import segment_kernel
 from tests.helpers import (
     RTOL_F32,
+    STRATEGY_VARIANTS,
     assert_close_to_reference,
-    dense_weight_per_example,
+    dot_cases,
+    dot_fn,
     make_lora,
-    reference_dot_general,
+    reference_with_nan_rows,
 )
-from tests.test_dot_general import DotCase, _dot_fn, dot_cases
-
-VARIANTS = ["gather", "dense", "segment:tiled", "segment:ragged"]
 
 
 def _bad_values(n: int) -> list[int]:
     return [n, n + 3, -2, -(2**31), 2**31 - 1]
-
-
-def _reference_with_nan_rows(case: DotCase, x, w, a, b, scale, idx, bad):
-    """The reference output, NaN wherever a bad example contributes."""
-    good_idx = np.where(bad, -1, idx)
-    args = (case.in_axes, case.out_axes, case.stack_axes)
-    w_e = dense_weight_per_example(w, a, b, scale, good_idx, *args)
-    w_e[bad] = np.nan
-    w_abs = dense_weight_per_example(w, a, b, scale, good_idx, *args, abs_weight=True)
-    dn, lhs, k = case.dimension_numbers, case.lora_is_lhs, idx.ndim
-    expected = reference_dot_general(x, w_e, dn, lhs, k)
-    mag = reference_dot_general(np.abs(np.asarray(x, np.float64)), w_abs, dn, lhs, k)
-    return expected, mag
 
 
 def _assert_nan_exactly_where_expected(out, expected, mag):
@@ -57,7 +43,7 @@ def _assert_nan_exactly_where_expected(out, expected, mag):
 
 @given(
     dot_cases(idx_ndims=(1, 2)),
-    st.sampled_from(VARIANTS),
+    st.sampled_from(STRATEGY_VARIANTS),
     st.data(),
 )
 def test_out_of_range_rows_are_nan_for_every_strategy(case, variant, data):
@@ -76,7 +62,7 @@ def test_out_of_range_rows_are_nan_for_every_strategy(case, variant, data):
     # The array is built with valid indices and given the bad ones under `jit`,
     # where nothing on the host can see them.
     lora = case.lora(w, a, b, scale, np.zeros_like(idx))
-    fn = lx.quaxify(_dot_fn(case), strategy=strategy)
+    fn = lx.quaxify(dot_fn(case), strategy=strategy)
 
     @jax.jit
     def run(lora, x, i):
@@ -84,7 +70,7 @@ def test_out_of_range_rows_are_nan_for_every_strategy(case, variant, data):
 
     with segment_kernel(kernel or None):
         out = run(lora, x, jnp.asarray(idx))
-    expected, mag = _reference_with_nan_rows(case, x, w, a, b, scale, idx, bad)
+    expected, mag = reference_with_nan_rows(case, x, w, a, b, scale, idx, bad)
     _assert_nan_exactly_where_expected(out, expected, mag)
 
 

@@ -16,9 +16,8 @@ from hypothesis import given, strategies as st
 
 import lorax_arrays as lx
 from tests.fast_init import random_adapters
-from tests.helpers import check_dot, make_lora
+from tests.helpers import check_dot, dot_cases, dot_fn, make_lora
 from tests.model_helpers import einsum_merge
-from tests.test_dot_general import _dot_fn, dot_cases
 
 
 @st.composite
@@ -49,7 +48,7 @@ def test_indices_on_any_free_axes(args):
     case, start, batch_axis = args
     w, a, b, scale, idx, x = case.arrays()
     lora = case.lora(w, a, b, scale, idx, batch_axis=batch_axis)
-    out = jax.jit(lx.quaxify(_dot_fn(case)))(lora, x)
+    out = jax.jit(lx.quaxify(dot_fn(case)))(lora, x)
     check_dot(
         x,
         w,

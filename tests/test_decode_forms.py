@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import re
 
-from tests.scripts import run_script
-from tests.test_serving_benchmark import tables
+from tests.scripts import run_script, tables
 
 NUMBER = re.compile(r"^\d+\.\d+$")
 

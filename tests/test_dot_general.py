@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
 
 import lorax_arrays as lx
 from tests.helpers import (
     RTOL_F32,
+    DotCase,
     assert_close_to_reference,
     check_dot,
     dense_weight_per_example,
-    draw_axes,
-    draw_roles,
+    dot_cases,
+    dot_fn,
     largest_intermediate,
     random_indices,
     random_lora,
@@ -26,141 +25,11 @@ from tests.helpers import (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class DotCase:
-    w_shape: tuple[int, ...]
-    in_axes: tuple[int, ...]  # as passed to the constructor (may be negative)
-    out_axes: tuple[int, ...]
-    stack_axes: tuple[int, ...]
-    n_adapters: int
-    rank: int
-    idx_shape: tuple[int, ...]
-    x_shape: tuple[int, ...]
-    dimension_numbers: tuple
-    lora_is_lhs: bool
-    seed: int
-    vmap_axis: int | None = None  # where the example axis sits, under jax.vmap
-
-    def arrays(self):
-        rng = np.random.default_rng(self.seed)
-        w, a, b, scale = random_lora(
-            rng,
-            self.w_shape,
-            self.in_axes,
-            self.out_axes,
-            self.stack_axes,
-            n_adapters=self.n_adapters,
-            rank=self.rank,
-        )
-        if self.vmap_axis is None:
-            idx = random_indices(rng, self.idx_shape, self.n_adapters)
-            x = rng.standard_normal(self.x_shape).astype(np.float32)
-        else:
-            (n_ex,) = self.idx_shape
-            idx = random_indices(rng, (n_ex,), self.n_adapters)
-            shape = list(self.x_shape)
-            shape.insert(self.vmap_axis, n_ex)
-            x = rng.standard_normal(shape).astype(np.float32)
-        return w, a, b, scale, idx, x
-
-    def check(self, x, w, a, b, scale, idx, out):
-        """`out` against the reference `dot_general` for this case's layout."""
-        check_dot(
-            x,
-            w,
-            a,
-            b,
-            scale,
-            idx,
-            self.in_axes,
-            self.out_axes,
-            self.stack_axes,
-            self.dimension_numbers,
-            self.lora_is_lhs,
-            out,
-        )
-
-    def lora(self, w, a, b, scale, idx, **kw):
-        return lx.BatchedLoraArray(
-            jnp.asarray(w),
-            a,
-            b,
-            scale=scale,
-            indices=idx,
-            in_axes=self.in_axes,
-            out_axes=self.out_axes,
-            stack_axes=self.stack_axes,
-            **kw,
-        )
-
-
-@st.composite
-def dot_cases(draw, idx_ndims=(0, 1, 2), vmapped=False):
-    ndim = draw(st.integers(2, 4))
-    roles = draw_roles(draw, ndim)
-    w_shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
-    in_axes, out_axes, stack_axes = draw_axes(draw, roles)
-    n_adapters = draw(st.integers(1, 5))
-    rank = draw(st.integers(1, 6))
-    k = draw(st.sampled_from(idx_ndims))
-    idx_shape = tuple(draw(st.lists(st.integers(1, 3), min_size=k, max_size=k)))
-    extra = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
-
-    # The activation's axes, in a random order: one per contracted in-axis, one per
-    # stack (batch) axis, and the free axes (indexed ones first, then extras).
-    tokens = [("c", ax % ndim) for ax in in_axes]
-    tokens += [("b", ax % ndim) for ax in stack_axes]
-    tokens += [("f", None)] * (k + len(extra))
-    tokens = draw(st.permutations(tokens))
-    free_sizes = iter(idx_shape + tuple(extra))
-    x_shape, x_pos = [], {}
-    for pos, (kind, w_ax) in enumerate(tokens):
-        if kind == "f":
-            x_shape.append(next(free_sizes))
-        else:
-            x_shape.append(w_shape[w_ax])
-            x_pos[w_ax] = pos
-    c_w = draw(st.permutations([ax % ndim for ax in in_axes]))
-    b_w = draw(st.permutations([ax % ndim for ax in stack_axes]))
-    c_x = tuple(x_pos[ax] for ax in c_w)
-    b_x = tuple(x_pos[ax] for ax in b_w)
-    lora_is_lhs = draw(st.booleans())
-    if lora_is_lhs:
-        dn = ((tuple(c_w), c_x), (tuple(b_w), b_x))
-    else:
-        dn = ((c_x, tuple(c_w)), (b_x, tuple(b_w)))
-    vmap_axis = None
-    if vmapped:
-        idx_shape = (draw(st.integers(1, 4)),)
-        vmap_axis = draw(st.integers(0, len(x_shape)))
-    return DotCase(
-        w_shape=w_shape,
-        in_axes=in_axes,
-        out_axes=out_axes,
-        stack_axes=stack_axes,
-        n_adapters=n_adapters,
-        rank=rank,
-        idx_shape=idx_shape,
-        x_shape=tuple(x_shape),
-        dimension_numbers=dn,
-        lora_is_lhs=lora_is_lhs,
-        seed=draw(st.integers(0, 2**31 - 1)),
-        vmap_axis=vmap_axis,
-    )
-
-
-def _dot_fn(case: DotCase):
-    dn = case.dimension_numbers
-    if case.lora_is_lhs:
-        return lambda W, x: jax.lax.dot_general(W, x, dn)
-    return lambda W, x: jax.lax.dot_general(x, W, dn)
-
-
 @given(dot_cases())
 def test_dot_general_matches_reference(case: DotCase):
     w, a, b, scale, idx, x = case.arrays()
     lora = case.lora(w, a, b, scale, idx)
-    out = jax.jit(lx.quaxify(_dot_fn(case)))(lora, x)
+    out = jax.jit(lx.quaxify(dot_fn(case)))(lora, x)
     assert out.dtype == jnp.float32
     case.check(x, w, a, b, scale, idx, out)
 
@@ -168,7 +37,7 @@ def test_dot_general_matches_reference(case: DotCase):
 @given(dot_cases(idx_ndims=(0,), vmapped=True))
 def test_dot_general_scalar_indices_under_vmap(case: DotCase):
     w, a, b, scale, idx, x = case.arrays()
-    f = lx.quaxify(_dot_fn(case))
+    f = lx.quaxify(dot_fn(case))
 
     def per_example(i, x_e):
         return f(case.lora(w, a, b, scale, i), x_e)
@@ -318,7 +187,7 @@ def test_out_axis_contraction_matches_reference(case: DotCase):
         stack_axes=case.stack_axes,
         allow_materialise=True,
     )
-    out = jax.jit(lx.quaxify(_dot_fn(case)))(lora, x)
+    out = jax.jit(lx.quaxify(dot_fn(case)))(lora, x)
     check_dot(
         x,
         w,
@@ -334,7 +203,7 @@ def test_out_axis_contraction_matches_reference(case: DotCase):
         out,
     )
     # Without the opt-in it is the same low-rank computation.
-    plain = jax.jit(lx.quaxify(_dot_fn(case)))(lora.replace(allow_materialise=False), x)
+    plain = jax.jit(lx.quaxify(dot_fn(case)))(lora.replace(allow_materialise=False), x)
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(out))
 
 

@@ -18,12 +18,14 @@ from hypothesis import given, strategies as st
 import lorax_arrays as lx
 from tests.helpers import (
     RTOL_F32,
+    DotCase,
     assert_close_to_reference,
     dense_weight_per_example,
+    dot_cases,
+    dot_fn,
     make_lora,
     reference_dot_general,
 )
-from tests.test_dot_general import DotCase, _dot_fn, dot_cases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +71,7 @@ def test_scaled_weight_matches_reference(case: ScaleCase):
     d = case.dot
     w, a, b, scale, idx, x = d.arrays()
     c = case.multiplier()
-    dot = _dot_fn(d)
+    dot = dot_fn(d)
     out = jax.jit(lx.quaxify(lambda W, x: dot(case.apply(W, c), x)))(
         d.lora(w, a, b, scale, idx), x
     )

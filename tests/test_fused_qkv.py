@@ -27,23 +27,28 @@ import lorax_arrays as lx
 from lorax_arrays._rules.strategies import segment_kernel
 from tests.fast_init import random_adapters
 from tests.helpers import (
+    STRATEGY_VARIANTS,
+    DotCase,
     check_dot,
     dense_weight_per_example,
+    dot_fn,
     draw_axes,
     largest_intermediate,
     make_lora,
     random_indices,
     random_lora,
 )
-from tests.model_helpers import weight_delta
-from tests.test_dot_general import DotCase, _dot_fn
-
-VARIANTS = ["gather", "dense", "segment:tiled", "segment:ragged"]
+from tests.model_helpers import (
+    causal_attention,
+    gemma_attention,
+    gemma_stack,
+    weight_delta,
+)
 
 
 @st.composite
 def fused_dot_cases(draw, idx_ndims=(0, 1, 2)):
-    """`dot_cases` (tests/test_dot_general.py) with at least one stack axis, each
+    """`dot_cases` (tests/helpers.py) with at least one stack axis, each
     stack axis either a batch axis of the product or free (at least one free):
     free stack axes are W free axes, so they land among W's out-axes in the output,
     wherever they sit in W."""
@@ -114,17 +119,17 @@ def fused_dot_cases(draw, idx_ndims=(0, 1, 2)):
 def test_free_stack_axes_match_reference(case: DotCase):
     w, a, b, scale, idx, x = case.arrays()
     lora = case.lora(w, a, b, scale, idx)
-    out = jax.jit(lx.quaxify(_dot_fn(case)))(lora, x)
+    out = jax.jit(lx.quaxify(dot_fn(case)))(lora, x)
     case.check(x, w, a, b, scale, idx, out)
 
 
-@given(fused_dot_cases(idx_ndims=(1, 2)), st.sampled_from(VARIANTS))
+@given(fused_dot_cases(idx_ndims=(1, 2)), st.sampled_from(STRATEGY_VARIANTS))
 def test_free_stack_axes_every_strategy(case: DotCase, variant: str):
     w, a, b, scale, idx, x = case.arrays()
     lora = case.lora(w, a, b, scale, idx)
     strategy, _, kernel = variant.partition(":")
     with segment_kernel(kernel or None):
-        out = jax.jit(lx.quaxify(_dot_fn(case), strategy=strategy))(lora, x)
+        out = jax.jit(lx.quaxify(dot_fn(case), strategy=strategy))(lora, x)
     case.check(x, w, a, b, scale, idx, out)
 
 
@@ -148,7 +153,7 @@ def test_free_stack_axes_with_batch_axis(case: DotCase, data):
     case = dataclasses.replace(case, x_shape=tuple(x_shape))
     w, a, b, scale, idx, x = case.arrays()
     lora = case.lora(w, a, b, scale, idx, batch_axis=batch_axis)
-    out = jax.jit(lx.quaxify(_dot_fn(case)))(lora, x)
+    out = jax.jit(lx.quaxify(dot_fn(case)))(lora, x)
     check_dot(
         x,
         w,
@@ -192,7 +197,7 @@ def test_free_stack_axes_out_axis_contraction(case: DotCase):
         out_axes=case.in_axes,
         stack_axes=case.stack_axes,
     )
-    out = jax.jit(lx.quaxify(_dot_fn(case)))(lora, x)
+    out = jax.jit(lx.quaxify(dot_fn(case)))(lora, x)
     check_dot(
         x,
         w,
@@ -350,39 +355,6 @@ def test_gradients_wrt_a_and_b():
 # -- a Gemma-style attention block -------------------------------------------------
 
 
-def _softmax(z, xp):
-    z = z - z.max(axis=-1, keepdims=True)
-    e = xp.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _attend(q, k, v, xp):
-    """q `(B, T, N, H)`, k, v `(B, T, K, H)`: causal GQA attention, `(B, T, N, H)`."""
-    rep = q.shape[2] // k.shape[2]
-    k, v = xp.repeat(k, rep, axis=2), xp.repeat(v, rep, axis=2)
-    logits = xp.einsum("BTNH,BSNH->BNTS", q, k) * q.shape[-1] ** -0.5
-    causal = np.tril(np.ones((q.shape[1], q.shape[1]), bool))
-    logits = xp.where(causal, logits, -1e30)
-    return xp.einsum("BNTS,BSNH->BTNH", _softmax(logits, xp), v)
-
-
-def gemma_attention(p, x):
-    """Gemma's attention projections, as its code writes them: `qkv_einsum` (MHA)
-    or `q_einsum` + `kv_einsum` (GQA), then `attn_vec_einsum`."""
-    if "qkv_einsum" in p:
-        q, k, v = jnp.einsum("BTD,SNDH->SBTNH", x, p["qkv_einsum"]["w"])
-    else:
-        q = jnp.einsum("BTD,NDH->BTNH", x, p["q_einsum"]["w"])
-        k, v = jnp.einsum("BSD,CKDH->CBSKH", x, p["kv_einsum"]["w"])
-    enc = _attend(q, k, v, jnp)
-    return x + jnp.einsum("BTNH,NHD->BTD", enc, p["attn_vec_einsum"]["w"])
-
-
-def gemma_stack(p, x):
-    """Layers scanned over the leading axis of every weight."""
-    return jax.lax.scan(lambda h, lp: (gemma_attention(lp, h), None), x, p)[0]
-
-
 def _numpy_attention(p, x, per_token):
     """float64 NumPy; `per_token(name)` gives each token's weight `(B, T, *w)`."""
     x = np.asarray(x, np.float64)
@@ -391,7 +363,7 @@ def _numpy_attention(p, x, per_token):
     else:
         q = np.einsum("BTD,BTNDH->BTNH", x, per_token("q_einsum"))
         k, v = np.einsum("BTD,BTCKDH->CBTKH", x, per_token("kv_einsum"))
-    enc = _attend(q, k, v, np)
+    enc = causal_attention(q, k, v, np)
     return x + np.einsum("BTNH,BTNHD->BTD", enc, per_token("attn_vec_einsum"))
 
 

@@ -21,9 +21,13 @@ from jax import lax
 
 import lorax_arrays as lx
 from lorax_arrays._rules.strategies import segment_kernel
-from tests.helpers import make_lora
-from tests.test_bad_indices import VARIANTS, _reference_with_nan_rows
-from tests.test_dot_general import _dot_fn, dot_cases
+from tests.helpers import (
+    STRATEGY_VARIANTS,
+    dot_cases,
+    dot_fn,
+    make_lora,
+    reference_with_nan_rows,
+)
 
 POISONS = [np.nan, np.inf, -np.inf]
 
@@ -62,7 +66,7 @@ def _assert_isolated(clean, dirty, touched):
 
 @given(
     dot_cases(idx_ndims=(1, 2)),
-    st.sampled_from(VARIANTS),
+    st.sampled_from(STRATEGY_VARIANTS),
     st.sampled_from(["a", "b", "scale", "in_scale", "out_scale"]),
     st.sampled_from(POISONS),
     st.data(),
@@ -86,14 +90,14 @@ def test_a_non_finite_adapter_stays_in_its_own_rows(case, variant, field, value,
         kw["out_scale"] = rng.uniform(0.5, 1.5, out_shape).astype(np.float32)
     lora = case.lora(w, a, b, scale, idx, **kw)
     strategy, _, kernel = variant.partition(":")
-    fn = lx.quaxify(_dot_fn(case), strategy=strategy)
+    fn = lx.quaxify(dot_fn(case), strategy=strategy)
     try:
         with segment_kernel(kernel or None):
             clean, dirty = _runs(fn, lora, field, k, value, x)
     except lx.UnsupportedOperationError:
         assume(not kw)  # the variants' vectors on a layout they refuse
         raise
-    touched, _ = _reference_with_nan_rows(case, x, w, a, b, scale, idx, idx == k)
+    touched, _ = reference_with_nan_rows(case, x, w, a, b, scale, idx, idx == k)
     _assert_isolated(clean, dirty, np.isnan(touched))
 
 

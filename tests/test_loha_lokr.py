@@ -17,14 +17,20 @@ import pytest
 
 import lorax_arrays as lx
 from lorax_arrays._io.safetensors import write_safetensors
-from tests import test_variants_peft as variants_peft
-from tests.test_peft import export_for_peft, rel_err
-from tests.test_variants_peft import _leaf, _modules, check_batch_equals_peft
+from tests.peft_helpers import (
+    PREFIX as P,
+    adapter_config,
+    adapter_tensors,
+    check_batch_equals_peft,
+    export_for_peft,
+    flax_kernel_path,
+    module_names,
+    rel_err,
+)
 
 HERE = Path(__file__).parent / "fixtures" / "peft" / "llama"
 FIX = HERE / "loha_lokr"
 LORA = HERE / "variants" / "adapters" / "lora"
-P = "base_model.model."
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +39,11 @@ def llama():
 
 
 def _tensors(name: str) -> dict[str, np.ndarray]:
-    return variants_peft._tensors(name, FIX)
+    return adapter_tensors(FIX, name)
 
 
 def _config(name: str) -> dict:
-    return variants_peft._config(name, FIX)
+    return adapter_config(FIX, name)
 
 
 def _pattern(cfg: dict, key: str, module: str, default):
@@ -95,10 +101,12 @@ def _product(ad, p: str) -> np.ndarray:
 def test_factors_equal_peft_update(llama, name, suffix, delta, rank):
     t, cfg = _tensors(name), _config(name)
     ad = lx.load_peft_adapter(FIX / "adapters" / name, llama.params)
-    modules = _modules(t, suffix)
-    assert len(modules) in (4, 6) and sorted(ad.paths) == sorted(map(_leaf, modules))
+    modules = module_names(t, suffix)
+    assert len(modules) in (4, 6) and sorted(ad.paths) == sorted(
+        map(flax_kernel_path, modules)
+    )
     for m in modules:
-        p = _leaf(m)
+        p = flax_kernel_path(m)
         assert ad.kind(p) == "lora" and ad.scale(p) == 1.0
         assert ad.ranks[ad.paths.index(p)] == rank(m), m
         want = delta(t, cfg, m).T  # Flax (in, out)

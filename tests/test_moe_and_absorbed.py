@@ -200,7 +200,7 @@ def test_absorbed_weight_matches_reference(case):
     def f(x, w):
         return lax.dot_general(w, x, dn) if lhs_first else lax.dot_general(x, w, dn)
 
-    got = lx.quaxify(f)(jnp.asarray(x), lora)
+    got = jax.jit(lx.quaxify(f))(jnp.asarray(x), lora)
     check_dot(x, w, a, b, scale, idx, (0,), (1, 2), (), dn, lhs_first, got)
 
 

@@ -10,11 +10,9 @@ straight from the PEFT factors.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,21 +27,16 @@ from lorax_arrays._io.safetensors import (
     read_safetensors,
     write_safetensors,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures"
-PEFT = FIXTURES / "peft"
-RTOL = 2e-4
-
-_spec = importlib.util.spec_from_file_location(
-    "export_for_peft", FIXTURES / "export_for_peft.py"
+from tests.model_helpers import causal_attention, gemma_attention, gemma_stack
+from tests.peft_helpers import (
+    FIXTURES,
+    PEFT,
+    RTOL,
+    export_for_peft,
+    peft_dir,
+    rel_err,
+    same_peft_dir,
 )
-export_for_peft = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export_for_peft)
-
-
-def rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
 @pytest.fixture(scope="module")
@@ -108,23 +101,12 @@ def test_square_leaves_take_the_orientation_of_the_others(models):
     )
     golden = np.load(PEFT / "gpt2" / "logits.npz")
     ids = jnp.asarray(golden["input_ids"], jnp.int32)
-    f = lx.quaxify(lambda p: model(ids, params=p).logits)
+    f = jax.jit(lx.quaxify(lambda p: model(ids, params=p).logits))
     n = ids.shape[0]
     good = f(lx.loraify(model.params, adapter, jnp.zeros((n,), jnp.int32)))
     bad = f(lx.loraify(model.params, wrong, jnp.zeros((n,), jnp.int32)))
     assert rel_err(good, golden["g1"]) < RTOL
     assert rel_err(bad, golden["g1"]) > 1e-2
-
-
-def _same_peft_dir(fresh: Path, golden: Path) -> None:
-    got, _ = read_safetensors(fresh / "adapter_model.safetensors")
-    want, _ = read_safetensors(golden / "adapter_model.safetensors")
-    assert sorted(got) == sorted(want)
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k])
-    assert json.loads((fresh / "adapter_config.json").read_text()) == json.loads(
-        (golden / "adapter_config.json").read_text()
-    )
 
 
 def test_export_loads_in_peft_with_the_same_outputs(models, forwards, tmp_path):
@@ -134,7 +116,7 @@ def test_export_loads_in_peft_with_the_same_outputs(models, forwards, tmp_path):
         out_dir = tmp_path / model_name / name
         # Llama's embedding is untied: no head reads the adapted table.
         lx.save_peft_adapter(out_dir, adapter, untied_embeddings=model_name == "llama")
-        _same_peft_dir(out_dir, PEFT / model_name / "exported" / name)
+        same_peft_dir(out_dir, PEFT / model_name / "exported" / name)
         model = models[model_name]
         golden = np.load(PEFT / model_name / "exported_logits.npz")
         ids = jnp.asarray(golden["input_ids"], jnp.int32)
@@ -183,42 +165,6 @@ def test_peft_adapter_roundtrip_is_exact(models, tmp_path):
 
 # ----------------------------------------------------------------------------
 # Synthetic trees: names, orientation, refusals.
-
-
-def _peft_dir(path: Path, modules: dict, config: dict | None = None, extra=None):
-    """A PEFT directory written by hand: `modules` maps a module name to
-    `(A (r, in), B (out, r))` (or a `("embedding", A, B)` triple)."""
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, fac in modules.items():
-        if isinstance(fac[0], str):
-            _, a, b = fac
-            tensors[f"base_model.model.{name}.lora_embedding_A"] = a
-            tensors[f"base_model.model.{name}.lora_embedding_B"] = b
-        else:
-            a, b = fac
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b
-    tensors.update(extra or {})
-    write_safetensors(path / "adapter_model.safetensors", tensors, {"format": "pt"})
-    ranks = {fac[-2].shape[0] for fac in modules.values()}
-    cfg = {
-        "peft_type": "LORA",
-        "r": max(ranks),
-        "lora_alpha": 8,
-        "target_modules": sorted({n.split(".")[-1] for n in modules}),
-        "rank_pattern": {
-            n: fac[-2].shape[0]
-            for n, fac in modules.items()
-            if fac[-2].shape[0] != max(ranks)
-        },
-        "alpha_pattern": {},
-        "bias": "none",
-        "use_rslora": False,
-    }
-    cfg.update(config or {})
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
-    return path
 
 
 def _factors(rng, n_in, n_out, r):
@@ -275,7 +221,7 @@ def test_orientation_rule_on_synthetic_trees(
         "l0": _factors(rng, d_in, d_hid, rank),
         "l1": _factors(rng, d_hid, d_hid, rank),
     }
-    path = _peft_dir(tmp_path_factory.mktemp("peft"), mods, {"lora_alpha": 2 * rank})
+    path = peft_dir(tmp_path_factory.mktemp("peft"), mods, {"lora_alpha": 2 * rank})
     orients = {"l0": orient, "l1": orient}
     if d_in == d_hid:
         with pytest.raises(lx.PeftFormatError, match="orientation="):
@@ -285,7 +231,7 @@ def test_orientation_rule_on_synthetic_trees(
         adapter = lx.load_peft_adapter(path, params)
     x = rng.standard_normal((3, d_in)).astype(np.float32)
     served = lx.loraify(params, adapter, jnp.array([0, -1, 0]))
-    out = lx.quaxify(lambda p, x: _apply(p, x, orients))(served, x)
+    out = jax.jit(lx.quaxify(lambda p, x: _apply(p, x, orients)))(served, x)
     ref = _numpy_apply(params, x, orients, mods, scale=2.0)
     ref_base = _numpy_apply(params, x, orients, {}, scale=0.0)
     np.testing.assert_allclose(out[0], ref[0], rtol=1e-4, atol=1e-5)
@@ -297,7 +243,7 @@ def test_orientation_override_is_checked_against_shapes(tmp_path):
     rng = np.random.default_rng(0)
     params = {"l0": {"w": jnp.zeros((3, 5))}, "l1": {"w": jnp.zeros((5, 5))}}
     mods = {"l0": _factors(rng, 3, 5, 2), "l1": _factors(rng, 5, 5, 2)}
-    path = _peft_dir(tmp_path / "a", mods)
+    path = peft_dir(tmp_path / "a", mods)
     with pytest.raises(lx.PeftFormatError, match="contradicts its shape"):
         lx.load_peft_adapter(path, params, orientation="out_in")
     with pytest.raises(ValueError, match="use 'in_out'"):
@@ -309,7 +255,7 @@ def test_orientation_override_is_checked_against_shapes(tmp_path):
         "l2": {"w": jnp.zeros((7, 5))},  # out_in (5 -> 7)
     }
     mods3 = {**mods, "l2": _factors(rng, 5, 7, 2)}
-    path3 = _peft_dir(tmp_path / "b", mods3)
+    path3 = peft_dir(tmp_path / "b", mods3)
     with pytest.raises(lx.PeftFormatError, match="other leaves disagree"):
         lx.load_peft_adapter(path3, params3)
 
@@ -335,7 +281,7 @@ def test_equinox_linear_and_embedding(tmp_path):
         "model.embed_tokens": ("embedding", ea, eb),
         "model.layers.0.mlp.proj": (pa, pb),
     }
-    path = _peft_dir(tmp_path / "eqx", mods, {"lora_alpha": 6, "r": 3})
+    path = peft_dir(tmp_path / "eqx", mods, {"lora_alpha": 6, "r": 3})
     with pytest.raises(lx.PeftFormatError, match="no leaf for it"):
         lx.load_peft_adapter(path, net)
     key_map = {"model.embed_tokens": "embed", "model.layers.0.mlp.proj": "proj"}
@@ -385,7 +331,7 @@ def test_default_names(tmp_path_factory, prefix, nnx, torch_prefix, n_layers):
                 node = node.setdefault(part, {}) if part else node
             node["kernel"] = leaf
             mods[f"{torch_prefix}layers.{i}.{name}"] = _factors(rng, n_in, n_out, 2)
-    path = _peft_dir(tmp_path_factory.mktemp("names"), mods)
+    path = peft_dir(tmp_path_factory.mktemp("names"), mods)
     if torch_prefix and prefix:
         # Both sides have a prefix the other lacks: no rule can see through that.
         with pytest.raises(lx.PeftFormatError, match="no leaf for it"):
@@ -409,7 +355,7 @@ def test_default_names(tmp_path_factory, prefix, nnx, torch_prefix, n_layers):
 def test_unknown_module_names_the_closest_paths(tmp_path):
     rng = np.random.default_rng(0)
     params = {"layers": {"0": {"q_proj": {"kernel": jnp.zeros((4, 6))}}}}
-    path = _peft_dir(tmp_path / "a", {"layers.0.q_prj": _factors(rng, 4, 6, 2)})
+    path = peft_dir(tmp_path / "a", {"layers.0.q_prj": _factors(rng, 4, 6, 2)})
     with pytest.raises(lx.PeftFormatError, match=r"q_prj.*layers\.0\.q_proj"):
         lx.load_peft_adapter(path, params)
     with pytest.raises(lx.PeftFormatError, match="key_map sends"):
@@ -428,7 +374,7 @@ def _simple(tmp_path, config=None, extra=None, modules=None):
     rng = np.random.default_rng(0)
     params = {"q_proj": {"kernel": jnp.zeros((4, 6))}}
     modules = modules or {"q_proj": _factors(rng, 4, 6, 2)}
-    return _peft_dir(tmp_path, modules, config, extra), params
+    return peft_dir(tmp_path, modules, config, extra), params
 
 
 @pytest.mark.parametrize(
@@ -495,10 +441,10 @@ def test_saved_embedding_layer_must_equal_the_tree(tmp_path):
     a, b = _factors(rng, 9, 4, 2)
     extra = {"base_model.model.embed_tokens.base_layer.weight": table}
     mods = {"embed_tokens": ("embedding", a, b)}
-    path = _peft_dir(tmp_path / "ok", mods, extra=extra)
+    path = peft_dir(tmp_path / "ok", mods, extra=extra)
     assert lx.load_peft_adapter(path, params).paths == ("embed_tokens/embedding",)
     extra = {"base_model.model.embed_tokens.base_layer.weight": table + 1}
-    path = _peft_dir(tmp_path / "bad", mods, extra=extra)
+    path = peft_dir(tmp_path / "bad", mods, extra=extra)
     with pytest.raises(lx.PeftFormatError, match="resized"):
         lx.load_peft_adapter(path, params)
 
@@ -514,9 +460,7 @@ def test_untied_head_with_its_base_copy_in_torch_layout(tmp_path):
     a, b = _factors(rng, 4, 9, 2)  # torch: A (r, hidden), B (vocab, r)
     mods = {"lm_head": (a, b)}
     extra = {"base_model.model.lm_head.base_layer.weight": kernel.T.copy()}
-    adapter = lx.load_peft_adapter(
-        _peft_dir(tmp_path / "ok", mods, extra=extra), params
-    )
+    adapter = lx.load_peft_adapter(peft_dir(tmp_path / "ok", mods, extra=extra), params)
     h = rng.standard_normal((3, 4)).astype(np.float32)
     served = lx.loraify(params, adapter, jnp.asarray([0, -1, 0]))
     got = np.asarray(lx.quaxify(lambda p, h: h @ p["lm_head"]["kernel"])(served, h))
@@ -526,7 +470,7 @@ def test_untied_head_with_its_base_copy_in_torch_layout(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     bad = {"base_model.model.lm_head.base_layer.weight": kernel.T + 1}
     with pytest.raises(lx.PeftFormatError, match="differs"):
-        lx.load_peft_adapter(_peft_dir(tmp_path / "bad", mods, extra=bad), params)
+        lx.load_peft_adapter(peft_dir(tmp_path / "bad", mods, extra=bad), params)
 
 
 def test_missing_and_corrupt_files(tmp_path):
@@ -547,7 +491,7 @@ def test_missing_and_corrupt_files(tmp_path):
         lx.load_peft_adapter(path, params)
     rng = np.random.default_rng(0)
     only_a = {"base_model.model.q_proj.lora_A.weight": np.ones((2, 4), np.float32)}
-    lone = _peft_dir(tmp_path / "lone", {"k": _factors(rng, 4, 6, 2)}, extra=only_a)
+    lone = peft_dir(tmp_path / "lone", {"k": _factors(rng, 4, 6, 2)}, extra=only_a)
     with pytest.raises(lx.PeftFormatError, match="no lora_B"):
         lx.load_peft_adapter(lone, params, key_map={"k": "q_proj"})
 
@@ -746,7 +690,7 @@ def test_embedding_lora_leaves_a_tied_head_alone(tmp_path):
     table = rng.standard_normal((vocab, dim)).astype(np.float32)
     params = {"wte": {"embedding": jnp.asarray(table)}}
     ea, eb = _factors(rng, vocab, dim, 2)
-    path = _peft_dir(tmp_path / "p", {"wte": ("embedding", ea, eb)}, {"lora_alpha": 2})
+    path = peft_dir(tmp_path / "p", {"wte": ("embedding", ea, eb)}, {"lora_alpha": 2})
     peft_ad = lx.load_peft_adapter(path, params)
     assert peft_ad.lookup_only == (True,)
     native = export_for_peft.random_adapter(
@@ -811,16 +755,15 @@ def test_stacked_layers_load_and_save(tmp_path_factory, orient, seed):
         "alpha_pattern": {"layers.2.proj": 1},
     }
     tmp = tmp_path_factory.mktemp("stacked")
-    path = _peft_dir(tmp / "in", mods, extra_cfg)
+    path = peft_dir(tmp / "in", mods, extra_cfg)
     with pytest.raises(lx.PeftFormatError, match="orientation="):
         lx.load_peft_adapter(path, params)  # square layers: nothing decides
     ad = lx.load_peft_adapter(path, params, orientation=orient)
     (lay,) = ad.layouts
     assert lay.stack_axes == (0,) and lay.shape == (n_layers, d, d)
     x = rng.standard_normal((4, d)).astype(np.float32)
-    out = lx.quaxify(lambda p, x: _scan_model(p, x, orient))(
-        lx.loraify(params, ad, jnp.array([0, -1, 0, 0])), x
-    )
+    forward = jax.jit(lx.quaxify(lambda p, x: _scan_model(p, x, orient)))
+    out = forward(lx.loraify(params, ad, jnp.array([0, -1, 0, 0])), x)
     scales = {0: 6 / 3, 2: 1 / 2}
 
     def ref(row, adapted):
@@ -844,9 +787,7 @@ def test_stacked_layers_load_and_save(tmp_path_factory, orient, seed):
         "base_model.model.model.layers.2.proj",
     }
     back = lx.load_peft_adapter(tmp / "out", params, orientation=orient)
-    out2 = lx.quaxify(lambda p, x: _scan_model(p, x, orient))(
-        lx.loraify(params, back, jnp.array([0, -1, 0, 0])), x
-    )
+    out2 = forward(lx.loraify(params, back, jnp.array([0, -1, 0, 0])), x)
     np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6)
     # key_map to (path, layer) works too.
     km = {
@@ -945,7 +886,6 @@ def _fused_key_map(n_layers, kv_heads):
 def _unfused_reference(unfused, adapter, x, n_layers, kv_heads):
     """The separate-projection model in float64 NumPy, `adapter` (an Adapter on
     the unfused tree, or None) merged into every kernel it has."""
-    from tests.test_fused_qkv import _attend
 
     def weight(path):
         w = np.asarray(unfused_leaf(path), np.float64)
@@ -970,7 +910,7 @@ def _unfused_reference(unfused, adapter, x, n_layers, kv_heads):
         q = (h @ proj("q_proj")).reshape(FB, FT, FN, FH)
         k = (h @ proj("k_proj")).reshape(FB, FT, kv_heads, FH)
         v = (h @ proj("v_proj")).reshape(FB, FT, kv_heads, FH)
-        enc = _attend(q, k, v, np).reshape(FB, FT, FN * FH)
+        enc = causal_attention(q, k, v, np).reshape(FB, FT, FN * FH)
         h = h + enc @ proj("o_proj")
     return h
 
@@ -999,8 +939,6 @@ def test_separate_qkv_modules_load_onto_fused_kernels(tmp_path, n_layers, kv_hea
     fused kernels through `key_map` (`(path, entry)`, `(path, (layer, entry))`),
     and the fused model serves what the unfused one with the adapters merged in
     NumPy computes; exported back per module they are the same products."""
-    from tests.test_fused_qkv import gemma_attention, gemma_stack
-
     rng = np.random.default_rng(n_layers)
     unfused = _unfused_params(rng, n_layers, kv_heads)
     fused = _fuse(unfused, n_layers, kv_heads)
@@ -1078,7 +1016,7 @@ def test_fused_kernel_ambiguous_axes_and_refusals(tmp_path):
     mods = {
         f"attn.{p}": _factors(rng, d, n * h, 2) for p in ("q_proj", "k_proj", "v_proj")
     }
-    path = _peft_dir(tmp_path / "p", mods)
+    path = peft_dir(tmp_path / "p", mods)
     km = {
         f"attn.{p}": ("attn/qkv_einsum/w", e)
         for e, p in enumerate(("q_proj", "k_proj", "v_proj"))
@@ -1134,7 +1072,7 @@ def test_head_lora_on_a_tied_table_changes_the_head_only(tmp_path, layout):
         return jnp.tanh(e[tokens] @ p["h"]["kernel"]) @ e.T
 
     ha, hb = _factors(rng, dim, vocab, 3)  # lm_head: A (r, dim), B (vocab, r)
-    head_dir = _peft_dir(tmp_path / "head", {"lm_head": (ha, hb)}, {"lora_alpha": 6})
+    head_dir = peft_dir(tmp_path / "head", {"lm_head": (ha, hb)}, {"lora_alpha": 6})
     with pytest.raises(
         lx.PeftFormatError, match=rf"key_map=\{{'lm_head': '{table_path}'"
     ):
@@ -1142,7 +1080,7 @@ def test_head_lora_on_a_tied_table_changes_the_head_only(tmp_path, layout):
     head_ad = lx.load_peft_adapter(head_dir, params, key_map={"lm_head": table_path})
     assert head_ad.head_only == (True,) and head_ad.lookup_only == (False,)
     ea, eb = _factors(rng, vocab, dim, 2)
-    emb_dir = _peft_dir(
+    emb_dir = peft_dir(
         tmp_path / "emb", {table_module: ("embedding", ea, eb)}, {"lora_alpha": 2}
     )
     emb_ad = lx.load_peft_adapter(emb_dir, params)
@@ -1203,7 +1141,7 @@ def test_flax_kernels_are_in_out_by_convention(tmp_path, nnx_value):
     q = rng.standard_normal((d, d)).astype(np.float32)
     params = {"attn": {"q_proj": {"kernel": leaf(q)}}}
     mods = {"attn.q_proj": _factors(rng, d, d, 2)}
-    path = _peft_dir(tmp_path / "sq", mods)
+    path = peft_dir(tmp_path / "sq", mods)
     ad = lx.load_peft_adapter(path, params)
     forced = lx.load_peft_adapter(path, params, orientation="in_out")
     assert ad.layouts == forced.layouts and ad.layouts[0].in_axes == (0,)
@@ -1221,14 +1159,14 @@ def test_flax_kernels_are_in_out_by_convention(tmp_path, nnx_value):
     np.testing.assert_allclose(out[1], x[1] @ q, rtol=1e-5, atol=1e-5)
     # A kernel stored (out, in) for the module: refused, naming the fix.
     wrong = {"attn": {"q_proj": {"kernel": leaf(np.zeros((f, d), np.float32))}}}
-    path2 = _peft_dir(tmp_path / "ns", {"attn.q_proj": _factors(rng, d, f, 2)})
+    path2 = peft_dir(tmp_path / "ns", {"attn.q_proj": _factors(rng, d, f, 2)})
     with pytest.raises(lx.PeftFormatError, match="transposed shapes") as e:
         lx.load_peft_adapter(path2, wrong)
     assert re.escape(kpath) in str(e.value) or kpath in str(e.value)
     back = lx.load_peft_adapter(path2, wrong, orientation="out_in")
     assert back.layouts[0].in_axes == (1,)
     # fan_in_fan_out: the square kernel alone decides nothing.
-    path3 = _peft_dir(tmp_path / "fifo", mods, {"fan_in_fan_out": True})
+    path3 = peft_dir(tmp_path / "fifo", mods, {"fan_in_fan_out": True})
     with pytest.raises(lx.PeftFormatError, match="orientation="):
         lx.load_peft_adapter(path3, params)
 
@@ -1307,7 +1245,7 @@ def test_a_square_saved_module_on_a_bare_weight_is_not_guessed(tmp_path):
         "q_proj": {"kernel": jnp.zeros((4, 6))},
         "classifier": {"weight": jnp.asarray(base)},
     }
-    path = _peft_dir(
+    path = peft_dir(
         tmp_path,
         {"q_proj": _factors(rng, 4, 6, 2)},
         {"modules_to_save": ["classifier"]},

@@ -27,7 +27,7 @@ from hypothesis import given, settings, strategies as st
 import lorax_arrays as lx
 from lorax_arrays._io.peft._convert import _is_feedforward
 from lorax_arrays._io.safetensors import read_safetensors
-from tests.test_peft import PEFT, RTOL, _same_peft_dir, export_for_peft, rel_err
+from tests.peft_helpers import PEFT, RTOL, export_for_peft, rel_err, same_peft_dir
 
 P = "base_model.model."
 VARIANTS = PEFT / "llama" / "variants" / "adapters"
@@ -140,7 +140,7 @@ def test_conv_export_loads_in_peft_with_the_same_outputs(model, layout, tmp_path
     ]
     golden_dir = PEFT / model / "exported" / layout
     lx.save_peft_adapter(tmp_path, ad)
-    _same_peft_dir(tmp_path, golden_dir)
+    same_peft_dir(tmp_path, golden_dir)
     tensors = _tensors(tmp_path)
     params = export_for_peft.conv_params(model, layout)
     for lay in ad.layouts:
@@ -219,7 +219,7 @@ def test_variant_exports_load_in_peft_with_the_same_outputs(llama, tmp_path):
     backs = []
     for _, name, ad in entries:
         lx.save_peft_adapter(tmp_path / name, ad)
-        _same_peft_dir(tmp_path / name, PEFT / "llama" / "exported" / name)
+        same_peft_dir(tmp_path / name, PEFT / "llama" / "exported" / name)
         back = lx.load_peft_adapter(tmp_path / name, llama.params)
         assert_same_adapter(back, ad)
         backs.append(back)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from tests.scripts import run_script
+from tests.scripts import run_script, tables
 
 GEN_VARIANTS = ["auto", "compact", "merged", "per-adapter"]
 PHASE_VARIANTS = [
@@ -15,20 +15,6 @@ PHASE_VARIANTS = [
     for s in ("auto", "gather", "segment", "dense", "compact")
 ]
 RATIO = re.compile(r"^\d+\.\d+x$")
-
-
-def tables(markdown: str) -> list[list[list[str]]]:
-    """Every Markdown table in `markdown`: its rows (header first, the separator
-    left out), each a list of stripped cells."""
-    found, current = [], []
-    for line in [*markdown.splitlines(), ""]:
-        if line.startswith("|"):
-            if not set(line) <= set("|-"):
-                current.append([c.strip() for c in line.strip("|").split("|")])
-        elif current:
-            found.append(current)
-            current = []
-    return found
 
 
 def ratio_cells(table, columns) -> list[str]:

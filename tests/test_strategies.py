@@ -15,10 +15,15 @@ from hypothesis import given, settings, strategies as st
 import lorax_arrays as lx
 from lorax_arrays._rules import strategies as _strategies
 from lorax_arrays._rules.strategies import choose, segment_kernel
-from tests.helpers import check_dot, random_lora, walk_eqns
-from tests.test_dot_general import DotCase, _dot_fn, dot_cases
-
-VARIANTS = ["gather", "dense", "segment:tiled", "segment:ragged"]
+from tests.helpers import (
+    STRATEGY_VARIANTS,
+    DotCase,
+    check_dot,
+    dot_cases,
+    dot_fn,
+    random_lora,
+    walk_eqns,
+)
 
 
 def _run(case: DotCase, variant: str):
@@ -26,11 +31,11 @@ def _run(case: DotCase, variant: str):
     lora = case.lora(w, a, b, scale, idx)
     strategy, _, kernel = variant.partition(":")
     with segment_kernel(kernel or None):
-        out = jax.jit(lx.quaxify(_dot_fn(case), strategy=strategy))(lora, x)
+        out = jax.jit(lx.quaxify(dot_fn(case), strategy=strategy))(lora, x)
     return out, (w, a, b, scale, idx, x)
 
 
-@given(dot_cases(idx_ndims=(1, 2)), st.sampled_from(VARIANTS))
+@given(dot_cases(idx_ndims=(1, 2)), st.sampled_from(STRATEGY_VARIANTS))
 def test_every_strategy_matches_reference(case: DotCase, variant: str):
     out, (w, a, b, scale, idx, x) = _run(case, variant)
     case.check(x, w, a, b, scale, idx, out)

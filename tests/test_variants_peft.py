@@ -17,11 +17,21 @@ import pytest
 import lorax_arrays as lx
 from lorax_arrays._core.paths import flatten_with_paths
 from lorax_arrays._io.safetensors import read_safetensors, write_safetensors
-from tests.test_peft import RTOL, _peft_dir, export_for_peft, rel_err
+from tests.peft_helpers import (
+    PREFIX as P,
+    RTOL,
+    adapter_config,
+    adapter_tensors,
+    check_batch_equals_peft,
+    export_for_peft,
+    flax_kernel_path,
+    module_names,
+    peft_dir,
+    rel_err,
+)
 
 VARIANTS = Path(__file__).parent / "fixtures" / "peft" / "llama" / "variants"
 NAMES = ["dora", "ia3", "vera", "lora"]
-P = "base_model.model."
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +39,12 @@ def llama():
     return export_for_peft.load_base("llama")
 
 
-def _tensors(name: str, root: Path = VARIANTS) -> dict[str, np.ndarray]:
-    return read_safetensors(root / "adapters" / name / "adapter_model.safetensors")[0]
+def _tensors(name: str) -> dict[str, np.ndarray]:
+    return adapter_tensors(VARIANTS, name)
 
 
-def _config(name: str, root: Path = VARIANTS) -> dict:
-    return json.loads((root / "adapters" / name / "adapter_config.json").read_text())
-
-
-def _leaf(module: str) -> str:
-    """The Flax Llama's kernel path of a PEFT module name."""
-    return "/".join(module.split(".")) + "/kernel"
-
-
-def _modules(tensors: dict, suffix: str) -> list[str]:
-    return sorted(k[len(P) : -len(suffix)] for k in tensors if k.endswith(suffix))
+def _config(name: str) -> dict:
+    return adapter_config(VARIANTS, name)
 
 
 # ----------------------------------------------------------------------------
@@ -54,10 +55,12 @@ def _modules(tensors: dict, suffix: str) -> list[str]:
 def test_dora_parses_to_factors_and_magnitudes(llama):
     t = _tensors("dora")
     ad = lx.load_peft_adapter(VARIANTS / "adapters" / "dora", llama.params)
-    modules = _modules(t, ".lora_magnitude_vector")
-    assert len(modules) == 6 and sorted(ad.paths) == sorted(map(_leaf, modules))
+    modules = module_names(t, ".lora_magnitude_vector")
+    assert len(modules) == 6 and sorted(ad.paths) == sorted(
+        map(flax_kernel_path, modules)
+    )
     for m in modules:
-        p = _leaf(m)
+        p = flax_kernel_path(m)
         assert ad.kind(p) == "dora"
         a, b = ad.weights[p]
         np.testing.assert_array_equal(a, t[f"{P}{m}.lora_A.weight"].T)
@@ -72,11 +75,11 @@ def test_dora_parses_to_factors_and_magnitudes(llama):
 def test_ia3_parses_to_rank_zero_scales(llama):
     t = _tensors("ia3")
     ad = lx.load_peft_adapter(VARIANTS / "adapters" / "ia3", llama.params)
-    modules = _modules(t, ".ia3_l")
-    assert sorted(ad.paths) == sorted(map(_leaf, modules))
+    modules = module_names(t, ".ia3_l")
+    assert sorted(ad.paths) == sorted(map(flax_kernel_path, modules))
     flat = dict(flatten_with_paths(llama.params)[0])
     for m in modules:
-        p, vec = _leaf(m), t[f"{P}{m}.ia3_l"]
+        p, vec = flax_kernel_path(m), t[f"{P}{m}.ia3_l"]
         n_in, n_out = flat[p].shape
         assert ad.kind(p) == "ia3" and ad.ranks[ad.paths.index(p)] == 0
         a, b = ad.weights[p]
@@ -95,10 +98,10 @@ def test_vera_parses_to_a_plain_lora(llama):
     r = _config("vera")["r"]
     shared_a, shared_b = t["base_model.vera_A"], t["base_model.vera_B"]
     ad = lx.load_peft_adapter(VARIANTS / "adapters" / "vera", llama.params)
-    modules = _modules(t, ".vera_lambda_b")
-    assert sorted(ad.paths) == sorted(map(_leaf, modules))
+    modules = module_names(t, ".vera_lambda_b")
+    assert sorted(ad.paths) == sorted(map(flax_kernel_path, modules))
     for m in modules:
-        p = _leaf(m)
+        p = flax_kernel_path(m)
         lam_b, lam_d = t[f"{P}{m}.vera_lambda_b"], t[f"{P}{m}.vera_lambda_d"]
         a, b = ad.weights[p]
         n_in, n_out = a.shape[0], b.shape[1]
@@ -126,27 +129,6 @@ def test_mixed_variant_batch_equals_peft(llama):
     check_batch_equals_peft(llama, VARIANTS / "logits.npz", adapters, NAMES)
 
 
-def check_batch_equals_peft(llama, logits, adapters, names):
-    """`adapters` (named `names`) and base rows served in one jitted batch of the
-    Flax Llama, in the rows the golden file `logits` lists: each row within RTOL
-    of PEFT's logits for its adapter alone, and each adapter's PEFT logits well
-    away from the base model's."""
-    golden = np.load(logits)
-    stack = lx.stack_adapters(adapters, names=names)
-    rows = [str(r) for r in golden["rows"]]
-    assert set(rows) == {*names, "__base__"}
-    forward = jax.jit(lx.quaxify(lambda p, ids: llama(ids, params=p).logits))
-    out = forward(
-        lx.loraify(llama.params, stack, stack.indices(rows)),
-        jnp.asarray(golden["input_ids"], jnp.int32),
-    )
-    for i, row in enumerate(rows):
-        alone = golden["base"] if row == "__base__" else golden[row]
-        assert rel_err(out[i], alone[i]) < RTOL, row
-        if row != "__base__":
-            assert rel_err(golden[row][i], golden["base"][i]) > 50 * RTOL, row
-
-
 # ----------------------------------------------------------------------------
 # Stacked leaves (a scanned layer stack): per-layer vectors, identities for
 # layers the adapter lacks.
@@ -163,7 +145,7 @@ def test_stacked_dora_and_ia3(tmp_path):
     a = rng.standard_normal((2, 4)).astype(np.float32)
     b = rng.standard_normal((6, 2)).astype(np.float32)
     m = rng.random(6).astype(np.float32) + 0.5
-    path = _peft_dir(
+    path = peft_dir(
         tmp_path / "dora",
         {"layers.1.q_proj": (a, b)},
         {"use_dora": True},
@@ -227,7 +209,7 @@ def test_dora_on_an_embedding_is_refused(tmp_path):
     tree = {"embed_tokens": {"embedding": jnp.zeros((10, 6))}}
     a = rng.standard_normal((2, 10)).astype(np.float32)
     b = rng.standard_normal((6, 2)).astype(np.float32)
-    path = _peft_dir(
+    path = peft_dir(
         tmp_path,
         {"embed_tokens": ("embedding", a, b)},
         {"use_dora": True},
