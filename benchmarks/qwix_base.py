@@ -20,15 +20,13 @@ Variants, timed interleaved in one process (median of many runs), each
 Prints the bytes of the kernels (the weights that are quantised) for each base,
 and each variant's median time as a ratio to the float base with adapters.
 
-Run: python benchmarks/qwix_base.py [--quick]
+Run: python -m benchmarks.qwix_base [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +35,7 @@ import qwix
 from flax import nnx
 
 import lorax_arrays as lx
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved  # noqa: E402
+from benchmarks._common import interleaved
 
 
 class Block(nnx.Module):

@@ -41,7 +41,7 @@ RATIO = re.compile(r"^\d+\.\d+x$")
 def test_continuous_benchmark_quick(tmp_path):
     out_md = tmp_path / "continuous.md"
     out = run_script(
-        ["benchmarks/continuous.py", "--quick", "--out", str(out_md)], isolated=True
+        ["-m", "benchmarks.continuous", "--quick", "--out", str(out_md)], isolated=True
     )
     text = out_md.read_text()
     found = tables(text)
