@@ -26,7 +26,7 @@ Targets (from the "Serving you can trust" issue): `bank.indices` + routing and
 plain one's.
 
 Run: python -m benchmarks.host_cost            (~1 minute on 2 CPU cores)
-     python -m benchmarks.host_cost --quick    (4 layers, fewer rounds; the tests)
+     python -m benchmarks.host_cost --quick    (2 layers, fewer rounds; the tests)
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
     repeats = args.repeats or (30 if args.quick else 400)
-    layers = 4 if args.quick else LAYERS  # quick: compiles in seconds
+    layers = 2 if args.quick else LAYERS  # quick: compiles in seconds
 
     params = init_params(n_layers=layers)
     rules = lx.LoraRule(rf"layers/\d+/({'|'.join(PROJECTIONS)})$", rank=8)

@@ -107,7 +107,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     args = p.parse_args()
     if args.quick:
-        args.d, args.hidden, args.layers, args.seq, args.repeats = 32, 64, 2, 4, 3
+        args.d, args.hidden, args.layers, args.seq, args.repeats = 32, 64, 1, 4, 2
 
     model = Stack(args.d, args.hidden, args.layers, nnx.Rngs(0))
     x_calib = jnp.ones((1, args.d))

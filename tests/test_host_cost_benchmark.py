@@ -10,11 +10,11 @@ from tests.scripts import run_script
 
 def test_host_cost_benchmark_quick():
     out = run_script(["-m", "benchmarks.host_cost", "--quick", "--repeats", "5"])
-    assert "28 adapted leaves (unscanned, 4 layers)" in out  # 7 per layer
+    assert "14 adapted leaves (unscanned, 2 layers)" in out  # 7 per layer
     for row in (
         "`bank.indices(names)`",
         "`bank.served(idx)`",
-        "dispatch, plain params (37 arrays)",  # 9 per layer + the embedding
+        "dispatch, plain params (19 arrays)",  # 9 per layer + the embedding
         "dispatch, params + served",
         "eager `lx.with_indices(tree, idx)`",
     ):
