@@ -5,8 +5,8 @@ medians) and `auto`'s pick is compared with the fastest.
 Prints, per shape: each strategy's time as a ratio to the base matmul, the
 fastest, `auto`'s pick and its regret (time of the pick / time of the fastest).
 
-Run: python benchmarks/auto_check.py [--repeats 9]
-     python benchmarks/auto_check.py --quick   (tiny shapes, seconds; used by tests)
+Run: python -m benchmarks.auto_check [--repeats 9]
+     python -m benchmarks.auto_check --quick   (tiny shapes, seconds; used by tests)
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import jax.random as jr
 import numpy as np
 
 import lorax_arrays as lx
-from lorax_arrays._rules.strategies import choose
 
 # (label, rows G, tokens per row R, adapters n): indices have shape (G,)
 GRID = [
@@ -50,7 +49,8 @@ def programs(g, r_tok, n, d_in=1024, d_out=4096, rank=16):
     out = {"base": (jax.jit(matmul), (w, x))}
     for s in ("gather", "dense", "segment"):
         out[s] = (jax.jit(lx.quaxify(matmul, strategy=s)), (lora, x))
-    return out, choose(1, g, r_tok, d_in, d_out, n, rank)
+    (choice,) = lx.explain_strategies(matmul, lora, x)  # auto's pick, one product
+    return out, choice.strategy
 
 
 def main():

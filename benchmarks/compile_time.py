@@ -17,15 +17,15 @@ adapted). Each is traced and compiled cold (`jax.clear_caches()`) `--repeats`
 times, interleaved; medians are reported as ratios to `base`, split into trace
 (Python: quax dispatch and our rules) and lower + compile (XLA).
 
-Run: python benchmarks/compile_time.py [--repeats 7]
-     python benchmarks/compile_time.py --quick   (a small MLP, 1 repeat; for tests)
+Run: python -m benchmarks.compile_time [--repeats 7]
+     python -m benchmarks.compile_time --quick   (a small MLP, 1 repeat; for tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -36,30 +36,41 @@ import numpy as np
 import quax
 
 import lorax_arrays as lx
+from benchmarks import _common, suite
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
-import generate as gen  # noqa: E402
-import suite  # noqa: E402
+
+
+def _example(name: str):
+    """`examples/<name>.py` as a module (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, ROOT / "examples" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _example("generate")
 
 
 def mlp_programs(n, d_model=1024, d_ff=4096, seq=128):
     kp, ka, kx, ki = jr.split(jr.PRNGKey(0), 4)
-    params = suite.mlp_params(kp, 2, d_model, d_ff)
+    params = _common.mlp_params(kp, 2, d_model, d_ff)
     x = jr.normal(kx, (16, seq, d_model))
-    stack = suite.make_adapters(params, n, [16], ka)
-    one = suite.make_adapters(params, 1, [16], ka)
+    stack = _common.make_adapters(params, n, [16], ka)
+    one = _common.make_adapters(params, 1, [16], ka)
     idx = jr.randint(ki, (16,), 0, n)
     zeros = jnp.zeros((16,), jnp.int32)
     return {
-        "base": (jax.jit(suite.mlp), (params, x)),
-        "ours": (jax.jit(lx.quaxify(suite.mlp)), (lx.loraify(params, stack, idx), x)),
+        "base": (jax.jit(_common.mlp), (params, x)),
+        "ours": (jax.jit(lx.quaxify(_common.mlp)), (lx.loraify(params, stack, idx), x)),
         "ours n=1": (
-            jax.jit(lx.quaxify(suite.mlp)),
+            jax.jit(lx.quaxify(_common.mlp)),
             (lx.loraify(params, one, zeros), x),
         ),
         "quax": (
-            jax.jit(quax.quaxify(suite.mlp)),
+            jax.jit(quax.quaxify(_common.mlp)),
             (suite.quax_weights(params, one), x),
         ),
     }

@@ -88,8 +88,8 @@ exits non-zero if the check fails.
 
 The tables are printed, and written to `--out` if given.
 
-Run: python benchmarks/continuous.py            (full; ~4 minutes on 2 CPU cores)
-     python benchmarks/continuous.py --quick    (toy sizes, ~12 s; used by the tests)
+Run: python -m benchmarks.continuous            (full; ~4 minutes on 2 CPU cores)
+     python -m benchmarks.continuous --quick    (toy sizes, ~12 s; used by the tests)
 """
 
 from __future__ import annotations
@@ -98,7 +98,6 @@ import argparse
 import dataclasses
 import functools
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -110,10 +109,8 @@ import numpy as np
 from jax import lax
 
 import lorax_arrays as lx
-
-sys.path.insert(0, str(Path(__file__).parent))
-import serving  # noqa: E402
-from serving import (  # noqa: E402
+from benchmarks import serving
+from benchmarks.serving import (
     PROJECTIONS,
     Config,
     adapter_rank,

@@ -35,9 +35,9 @@ adapter merged in float64 NumPy.
 Prints a Markdown table (family | adapted leaves | runs? | primitives/errors
 reaching default, with the leaf and model code), then the details.
 
-Run: python benchmarks/coverage_sweep.py            (~2.5 minutes on 2 CPU cores)
-     python benchmarks/coverage_sweep.py --quick    (trace only, no check: ~1 minute)
-     python benchmarks/coverage_sweep.py --family gemma2 --family moe-gather
+Run: python -m benchmarks.coverage_sweep            (~2.5 minutes on 2 CPU cores)
+     python -m benchmarks.coverage_sweep --quick    (trace only, no check: ~1 minute)
+     python -m benchmarks.coverage_sweep --family gemma2 --family moe-gather
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import argparse
 import dataclasses
 import linecache
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -57,11 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from quax._trace import _QuaxTracer  # quax's tracer, to see the value inside
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import lorax_arrays as lx  # noqa: E402
-from tests import nnx_families as nf  # noqa: E402
+import lorax_arrays as lx
+from tests import nnx_families as nf
 
 TAG_RANK = 16  # the tag adapter's rank at leaf k is TAG_RANK + k
 TOL = dict(rtol=2e-4, atol=2e-4)

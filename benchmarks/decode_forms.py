@@ -47,7 +47,7 @@ are at least 64 MiB (4 to 32 layers). Two layouts: `scan` (stacked layers,
 `lax.scan`, as the serving model) and `unrolled` (a list of per-layer arrays in
 a Python loop, as the unscanned model). The base program is the same layers
 with `x @ W` alone; every ratio is (adapted product) / (base product), median of
-`--repeats` interleaved rounds (`_timing.interleaved`).
+`--repeats` interleaved rounds (`benchmarks._common.interleaved`).
 
 Bound: the bytes a memory-bound product must read, `W` plus the batch's distinct
 adapters' `A` and `B`, over `W`'s bytes: the ratio if both ran at the base's
@@ -70,21 +70,17 @@ import argparse
 import dataclasses
 import itertools
 import math
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from benchmarks._common import interleaved
 from lorax_arrays._core.indices import scale_rows
 from lorax_arrays._core.lax import take
 from lorax_arrays._rules import strategies as _strategies
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

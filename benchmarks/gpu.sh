@@ -78,12 +78,12 @@ if want tests; then
 fi
 
 if want serving; then
-	stage serving "${SERVING_TIMEOUT:-120}" "$PYTHON" benchmarks/serving.py \
+	stage serving "${SERVING_TIMEOUT:-120}" "$PYTHON" -m benchmarks.serving \
 		${quick[@]+"${quick[@]}"} --out "$OUT/serving.md" --plot "$OUT/serving.png"
 fi
 
 if want continuous; then
-	stage continuous "${CONTINUOUS_TIMEOUT:-90}" "$PYTHON" benchmarks/continuous.py \
+	stage continuous "${CONTINUOUS_TIMEOUT:-90}" "$PYTHON" -m benchmarks.continuous \
 		${quick[@]+"${quick[@]}"} --out "$OUT/continuous.md"
 fi
 

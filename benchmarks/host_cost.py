@@ -25,16 +25,14 @@ Targets (from the "Serving you can trust" issue): `bank.indices` + routing and
 `with_indices` at most 1 ms each; dispatch of the served step at most 2x the
 plain one's.
 
-Run: python benchmarks/host_cost.py            (~1 minute on 2 CPU cores)
-     python benchmarks/host_cost.py --quick    (4 layers, fewer rounds; the tests)
+Run: python -m benchmarks.host_cost            (~1 minute on 2 CPU cores)
+     python -m benchmarks.host_cost --quick    (2 layers, fewer rounds; the tests)
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +40,7 @@ import jax.random as jr
 import numpy as np
 
 import lorax_arrays as lx
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved  # noqa: E402
+from benchmarks._common import interleaved
 
 LAYERS, D, FF, KV = 32, 64, 128, 32
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -91,7 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
     repeats = args.repeats or (30 if args.quick else 400)
-    layers = 4 if args.quick else LAYERS  # quick: compiles in seconds
+    layers = 2 if args.quick else LAYERS  # quick: compiles in seconds
 
     params = init_params(n_layers=layers)
     rules = lx.LoraRule(rf"layers/\d+/({'|'.join(PROJECTIONS)})$", rank=8)

@@ -17,8 +17,8 @@ the device against the `(n,)` generations (`_indices.decode_issued`: once per
 step for every leaf, a gather per row), so that a copied or stale index selects
 nothing. Its cost is printed against both.
 
-Run: python benchmarks/index_guard.py            (~2 minutes on 2 CPU cores)
-     python benchmarks/index_guard.py --quick    (tiny shapes; used by tests)
+Run: python -m benchmarks.index_guard            (~2 minutes on 2 CPU cores)
+     python -m benchmarks.index_guard --quick    (tiny shapes; used by tests)
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.extend.core as jex
@@ -37,11 +35,9 @@ import numpy as np
 from jax import lax
 
 import lorax_arrays as lx
+from benchmarks._common import make_adapters, mlp, mlp_params
 from lorax_arrays._core import array as _array, indices as _indices, lax as _lax
 from lorax_arrays._rules import dot as _rules_dot, lookup as _rules_lookup
-
-sys.path.insert(0, str(Path(__file__).parent))
-from suite import make_adapters, mlp, mlp_params  # noqa: E402
 
 
 def unguarded_scale(scale, indices):

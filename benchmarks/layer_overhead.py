@@ -17,7 +17,7 @@ process (median of many runs):
 
 Prints each variant's median time as a ratio to the base matmul.
 
-Run: python benchmarks/layer_overhead.py [--quick]
+Run: python -m benchmarks.layer_overhead [--quick]
 """
 
 from __future__ import annotations

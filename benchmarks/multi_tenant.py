@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +36,8 @@ import numpy as np
 import optax
 
 import lorax_arrays as lx
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved  # noqa: E402
-from serving import FULL, PROJECTIONS, QUICK, init_params, score  # noqa: E402
+from benchmarks._common import interleaved
+from benchmarks.serving import FULL, PROJECTIONS, QUICK, init_params, score
 
 TENANTS = 8
 

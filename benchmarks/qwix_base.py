@@ -20,15 +20,13 @@ Variants, timed interleaved in one process (median of many runs), each
 Prints the bytes of the kernels (the weights that are quantised) for each base,
 and each variant's median time as a ratio to the float base with adapters.
 
-Run: python benchmarks/qwix_base.py [--quick]
+Run: python -m benchmarks.qwix_base [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +35,7 @@ import qwix
 from flax import nnx
 
 import lorax_arrays as lx
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved  # noqa: E402
+from benchmarks._common import interleaved
 
 
 class Block(nnx.Module):
@@ -111,7 +107,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     args = p.parse_args()
     if args.quick:
-        args.d, args.hidden, args.layers, args.seq, args.repeats = 32, 64, 2, 4, 3
+        args.d, args.hidden, args.layers, args.seq, args.repeats = 32, 64, 1, 4, 2
 
     model = Stack(args.d, args.hidden, args.layers, nnx.Rngs(0))
     x_calib = jnp.ones((1, args.d))

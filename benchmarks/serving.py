@@ -56,8 +56,8 @@ difference), and its greedy tokens are compared with the merged model's own.
 
 A Markdown table is printed and written to `--out`; a plot to `--plot`.
 
-Run: python benchmarks/serving.py            (full; ~11 minutes on 2 CPU cores)
-     python benchmarks/serving.py --quick    (toy sizes, ~20 s; used by the tests)
+Run: python -m benchmarks.serving            (full; ~11 minutes on 2 CPU cores)
+     python -m benchmarks.serving --quick    (toy sizes, ~20 s; used by the tests)
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ import argparse
 import dataclasses
 import functools
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -78,9 +77,7 @@ import numpy as np
 from jax import lax
 
 import lorax_arrays as lx
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved as measure  # noqa: E402
+from benchmarks._common import interleaved as measure
 
 FORCED = ["gather", "segment", "dense"]
 STRATEGIES = ["auto", *FORCED]

@@ -23,8 +23,8 @@ Reported: time as a ratio to `base`, trace+compile time (cold, median of 3; one 
 analysis) in MiB. A table is printed and written to `--out` (Markdown), and a plot
 of overhead vs number of adapters is saved as PNG next to it.
 
-Run: python benchmarks/suite.py            (full; ~30 minutes on 2 CPU cores)
-     python benchmarks/suite.py --quick    (tiny shapes, seconds; used by tests)
+Run: python -m benchmarks.suite            (full; ~30 minutes on 2 CPU cores)
+     python -m benchmarks.suite --quick    (tiny shapes, seconds; used by tests)
 """
 
 from __future__ import annotations
@@ -42,37 +42,9 @@ import quax
 import quax.examples.lora as quax_lora
 
 import lorax_arrays as lx
+from benchmarks._common import make_adapters, mlp, mlp_params
 
 OURS = ["gather", "segment", "dense", "auto"]
-
-
-def mlp_params(key, layers, d_model, d_ff):
-    k1, k2 = jr.split(key)
-    return {
-        "w1": jr.normal(k1, (layers, d_model, d_ff)) / d_model**0.5,
-        "w2": jr.normal(k2, (layers, d_ff, d_model)) / d_ff**0.5,
-    }
-
-
-def mlp(params, x):
-    def layer(h, p):
-        return h + jax.nn.gelu(h @ p["w1"]) @ p["w2"], None
-
-    return jax.lax.scan(layer, x, params)[0]
-
-
-def make_adapters(params, n, ranks, key):
-    """n adapters for every weight of `params`; ranks cycle through `ranks`."""
-    out = []
-    for i, k in enumerate(jr.split(key, n)):
-        r = ranks[i % len(ranks)]
-        rules = [lx.LoraRule(r"w[12]", rank=r, alpha=2 * r, stack_axes=0)]
-        ad = lx.init_adapter(params, rules, key=k)
-        leaves, tree = jax.tree.flatten(ad)
-        ks = jr.split(jr.fold_in(k, 1), len(leaves))
-        leaves = [x + 0.02 * jr.normal(kk, x.shape) for x, kk in zip(leaves, ks)]
-        out.append(jax.tree.unflatten(tree, leaves))
-    return lx.stack_adapters(out)
 
 
 def merged_forward(params, stack, idx, x):
@@ -246,11 +218,9 @@ def run_workload(
     v = variants(params, stack, idx, x)
     check_agree(v)
     med, comp, mem = measure(v, repeats)
-    from lorax_arrays._rules.strategies import choose
-
-    r = max(ranks)
-    g, r_tok = (batch * seq, 1) if per_token else (batch, seq)
-    picked = choose(1, g, r_tok, d_model, d_ff, n, r)
+    # What `auto` picks for each adapted matmul (w1 and w2; it sees shapes only).
+    choices = lx.explain_strategies(mlp, lx.loraify(params, stack, idx), x)
+    picked = "+".join(sorted({c.strategy for c in choices}))
     return {
         "label": label,
         "n": n,

@@ -35,15 +35,14 @@ produce a good number. Also reported: the one-off time of `lx.loraify` (DoRA's
 computes the column norms of `W + s·A B` for every adapter), and XLA's temporary
 memory of each compiled program (compiled memory analysis) in MiB.
 
-Run: python benchmarks/variants.py            (full; ~6 minutes on 2 CPU cores)
-     python benchmarks/variants.py --quick    (tiny shapes, seconds; used by tests)
+Run: python -m benchmarks.variants            (full; ~6 minutes on 2 CPU cores)
+     python -m benchmarks.variants --quick    (tiny shapes, seconds; used by tests)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -54,10 +53,7 @@ import jax.random as jr
 import numpy as np
 
 import lorax_arrays as lx
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved  # noqa: E402
-from suite import mlp, mlp_params  # noqa: E402
+from benchmarks._common import interleaved, mlp, mlp_params
 
 VARIANTS = ["base", "lora", "dora", "ia3", "vera", "mixed", "mixed-r16"]
 RANK = 16  # LoRA and DoRA

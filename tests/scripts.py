@@ -24,18 +24,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_script(args, *, isolated: bool = False) -> str:
-    """`python *args` from the repository root on the CPU; its stdout, or a failed
+    """`python *args` from the repository root on the CPU (a path, or `-m` and a
+    module: `["-m", "benchmarks.serving", "--quick"]`); its stdout, or a failed
     assertion with what it printed."""
     if isolated:
         return _run_process(args)
-    path, *argv = [str(a) for a in args]
+    args = [str(a) for a in args]
+    module = args[1] if args[0] == "-m" else None
+    path, *argv = args[1:] if module else args
     out = io.StringIO()
     saved_argv, saved_cwd = sys.argv, os.getcwd()
     sys.argv = [path, *argv]
     try:
         os.chdir(ROOT)
         with contextlib.redirect_stdout(out):
-            runpy.run_path(str(ROOT / path), run_name="__main__")
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(ROOT / path), run_name="__main__")
     except SystemExit as e:
         if e.code not in (None, 0):
             message = f"{args} exited with {e.code}:\n{out.getvalue()}"

@@ -242,23 +242,3 @@ def test_the_package_is_typed():
     # PEP 561: type checkers read our annotations (hatch ships every file under
     # the package, this marker included).
     assert (PACKAGE / "py.typed").is_file()
-
-
-def test_no_test_file_imports_another():
-    """Cases shared between test files live in helper modules (`tests/helpers.py`,
-    `tests/model_helpers.py`, `tests/peft_helpers.py`, `tests/scripts.py`)."""
-    tests = PACKAGE.parent / "tests"
-    found = []
-    for path in sorted(tests.glob("test_*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            found += [
-                f"{path.name} imports {n}"
-                for n in names
-                if n.split(".")[-1].startswith("test_") and n.startswith("tests")
-            ]
-    assert not found, found

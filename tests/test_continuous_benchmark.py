@@ -1,4 +1,4 @@
-"""The continuous-batching benchmark runs in quick mode, in its own process: every
+"""The continuous-batching benchmark runs in quick mode (in this process): every
 server (base and adapted, scanned and unscanned) is measured, and the adapted
 servers' tokens match each request alone with its adapter merged (the script exits
 non-zero otherwise)."""
@@ -40,9 +40,7 @@ RATIO = re.compile(r"^\d+\.\d+x$")
 
 def test_continuous_benchmark_quick(tmp_path):
     out_md = tmp_path / "continuous.md"
-    out = run_script(
-        ["benchmarks/continuous.py", "--quick", "--out", str(out_md)], isolated=True
-    )
+    out = run_script(["-m", "benchmarks.continuous", "--quick", "--out", str(out_md)])
     text = out_md.read_text()
     found = tables(text)
     assert len(found) == 2, text

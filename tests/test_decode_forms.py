@@ -15,7 +15,7 @@ NUMBER = re.compile(r"^\d+\.\d+$")
 def test_decode_forms_quick():
     from benchmarks.decode_forms import FORMS
 
-    out = run_script(["benchmarks/decode_forms.py", "--quick"])
+    out = run_script(["-m", "benchmarks.decode_forms", "--quick"])
     assert f"checked {len(FORMS)} forms" in out and ": ok" in out, out
     [table] = tables(out)
     header, rows = table[0], table[1:]

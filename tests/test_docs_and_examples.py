@@ -75,7 +75,7 @@ def test_quantised_base_example():
 
 
 def test_layer_benchmark_runs_quick():
-    out = _run(["benchmarks/layer_overhead.py", "--quick"])
+    out = _run(["-m", "benchmarks.layer_overhead", "--quick"])
     for name in ["base", "ours", "merged", "loop", "sub-batch", "one-hot"]:
         assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+x", out, re.M), out
 
@@ -92,7 +92,7 @@ def test_generation_example_matches_rows_alone():
 def test_benchmark_suite_runs_quick(tmp_path):
     out_file = tmp_path / "suite.md"
     out = _run(
-        ["benchmarks/suite.py", "--quick", "--only", "W1", "--out", str(out_file)],
+        ["-m", "benchmarks.suite", "--quick", "--only", "W1", "--out", str(out_file)],
         isolated=True,  # it clears JAX's caches
     )
     row = re.search(r"^\| W1 prefill, adapter per sequence \|.*$", out, re.M)
@@ -108,7 +108,7 @@ def test_benchmark_suite_runs_quick(tmp_path):
 
 def test_auto_check_runs_quick():
     """Every strategy is timed on every grid shape and auto's pick is one of them."""
-    out = _run(["benchmarks/auto_check.py", "--quick"])
+    out = _run(["-m", "benchmarks.auto_check", "--quick"])
     lines = re.findall(r"^\| (?:prefill|decode).*$", out, re.M)
     assert len(lines) == 3, out  # every fourth row of the 10-row grid
     for line in lines:
@@ -122,7 +122,7 @@ def test_auto_check_runs_quick():
 def test_compile_time_runs_quick():
     """The quick-mode program is compiled in every variant (quax included);
     the script also asserts that ours with one adapter equals quax's LoraArray."""
-    out = _run(["benchmarks/compile_time.py", "--quick"], isolated=True)
+    out = _run(["-m", "benchmarks.compile_time", "--quick"], isolated=True)
     assert "| generate" not in out  # the decoder programs: full runs only
     for label, has_quax in [("mlp", True)]:
         row = re.search(rf"^\| {re.escape(label)} \|.*$", out, re.M)
@@ -138,7 +138,7 @@ def test_index_guard_benchmark_runs_quick():
     """The three programs are timed on both workloads; the guard adds at most one
     jaxpr equation per adapted matmul (4 in the two-layer MLP), and decoding a
     bank's issued indices a handful more per matmul."""
-    out = _run(["benchmarks/index_guard.py", "--quick"])
+    out = _run(["-m", "benchmarks.index_guard", "--quick"])
     cell = r"([^|]*)\|"
     rows = re.findall(r"^\| (W[13] [^|]*)\|" + cell * 6 + "$", out, re.M)
     assert [r[0].split()[0] for r in rows] == ["W1", "W3"], out
@@ -156,7 +156,7 @@ def test_variants_benchmark_runs_quick():
     """Every LoRA variant (and the mixed batches) is checked row by row against its
     adapters merged alone, then timed on both workloads: a row per variant, each
     cell a measured ratio; the mixed stack is padded to VeRA's rank."""
-    out = _run(["benchmarks/variants.py", "--quick"])
+    out = _run(["-m", "benchmarks.variants", "--quick"])
     assert out.count("every row matches its adapter merged alone") == 2, out
     rows = {}
     for name in ["base", "lora", "dora", "ia3", "vera", "mixed", "mixed-r16"]:

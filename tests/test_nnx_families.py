@@ -145,7 +145,7 @@ def test_sweep_names_primitive_leaf_and_model_code():
     """The sweep drives past the first error (each failing leaf dropped in turn)
     and ties each error to its leaf and to the model code that raised it."""
     out = run_script(
-        ["benchmarks/coverage_sweep.py", "--quick", "--family", "moe-onehot"]
+        ["-m", "benchmarks.coverage_sweep", "--quick", "--family", "moe-onehot"]
     )
     assert "| `moe-onehot` | 1 of 4 | traces |" in out
     for name, line in (

@@ -591,5 +591,5 @@ def test_example_runs():
 
 
 def test_benchmark_quick():
-    out = run_script(["benchmarks/qwix_base.py", "--quick"])
+    out = run_script(["-m", "benchmarks.qwix_base", "--quick"])
     assert "int8" in out and "int4" in out and "/ float" in out

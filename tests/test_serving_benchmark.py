@@ -29,7 +29,8 @@ def test_serving_benchmark_quick(tmp_path):
     out_md, out_png = tmp_path / "serving.md", tmp_path / "serving.png"
     out = run_script(
         [
-            "benchmarks/serving.py",
+            "-m",
+            "benchmarks.serving",
             "--quick",
             "--out",
             str(out_md),
