@@ -64,3 +64,25 @@ def pytest_report_header(config):
         except importlib.metadata.PackageNotFoundError:
             found.append(f"{name} (not installed)")
     return f"lorax_arrays under Python {sys.version.split()[0]}: " + ", ".join(found)
+
+
+# The files with the longest single tests (scripts run in quick mode, doc pages,
+# one big model compiled per test), longest first. They run first, so that the
+# two workers share them out while there is still plenty left to balance with,
+# instead of one worker finishing a 20-second test after the other is idle.
+# Whole files move, so module-scoped fixtures still serve contiguous tests.
+RUN_FIRST = [
+    "test_serving_benchmark.py",
+    "test_docs_and_examples.py",
+    "test_continuous_benchmark.py",
+    "test_sharding.py",
+    "test_peft_ports.py",
+    "test_nnx_families.py",
+    "test_train_checkpoint.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(RUN_FIRST)}
+    # sorted() is stable: within a file, and for every other file, the order holds.
+    items[:] = sorted(items, key=lambda item: rank.get(item.path.name, len(rank)))
