@@ -13,6 +13,7 @@ from quax._dispatch import _rules as quax_rules
 
 import lorax_arrays as lx
 from lorax_arrays._core.array import BatchedLoraArray
+from lorax_arrays._core.rows import RowIds
 from lorax_arrays._integrations.qwix import QwixArray
 from lorax_arrays._rules.row_bias import RowBias
 
@@ -210,13 +211,18 @@ def _types_of(signature) -> list[type]:
 
 
 def _registry() -> set[tuple[str, str, str]]:
+    """The rules for our array types; those for `RowIds` (row positions, one
+    module for every primitive an activation meets) are `_rows_registry`."""
     out = set()
     for primitive, function in quax_rules.items():
         for method in function.methods:
             module = method.implementation.__module__
             if not module.startswith("lorax_arrays"):
                 continue
-            ours = [n for n, t in OUR_TYPES.items() if t in _types_of(method.signature)]
+            types = _types_of(method.signature)
+            ours = [n for n, t in OUR_TYPES.items() if t in types]
+            if RowIds in types:
+                continue
             assert ours, (primitive, module)
             # A rule for one of our types; a rule naming two (BatchedLoraArray on
             # both sides) is listed under the first.
@@ -224,11 +230,34 @@ def _registry() -> set[tuple[str, str, str]]:
     return out
 
 
+def _rows_registry() -> set[str]:
+    out = set()
+    for primitive, function in quax_rules.items():
+        for method in function.methods:
+            if RowIds in _types_of(method.signature):
+                assert method.implementation.__module__ == "lorax_arrays._rules.rows"
+                out.add(primitive.name)
+    return out
+
+
+def _rows_table() -> set[str]:
+    text = DESIGN.read_text()
+    body = text.split("<!-- rows-rules:start -->")[1].split("<!-- rows-rules:end -->")
+    return set(re.findall(r"`([\w-]+)`", body[0]))
+
+
 def test_the_design_table_is_the_registry():
     table, registry = _design_table(), _registry()
     assert len(registry) > 20
     assert table - registry == set(), "in docs/design.md but not registered"
     assert registry - table == set(), "registered but missing from docs/design.md"
+
+
+def test_the_row_rules_listed_are_the_registry():
+    listed, registry = _rows_table(), _rows_registry()
+    assert len(registry) > 60
+    assert listed - registry == set(), "in docs/design.md but not registered"
+    assert registry - listed == set(), "registered but missing from docs/design.md"
 
 
 def test_the_table_check_sees_a_missing_row():

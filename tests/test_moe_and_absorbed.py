@@ -285,16 +285,33 @@ def test_contracting_the_expert_axis_says_why_and_what_to_do():
         lx.quaxify(f)(weight.lora(jnp.array([0, 1, 2])))
 
 
+def test_ragged_dot_serves_each_row_its_own_adapter():
+    """Per-row indices: the rows of `x` are the function's argument, so they carry
+    their positions into the grouped matmul (tests/test_ragged_moe.py has the
+    model-level cases)."""
+    weight = experts_weight(np.random.default_rng(9))
+    sizes = jnp.array([2, 0, 1, 1], jnp.int32)
+    x = np.random.default_rng(10).standard_normal((4, D)).astype(np.float32)
+    idx = np.array([0, 1, 2, -1])
+    f = lambda x, w: lax.ragged_dot(x, w, sizes)  # noqa: E731
+    got = lx.quaxify(f)(jnp.asarray(x), weight.lora(jnp.asarray(idx)))
+    dense = np.asarray(weight.dense_np(idx), np.float64)  # (rows, E, D, F)
+    expert = np.repeat(np.arange(E), np.asarray(sizes))
+    want = np.stack([x[m] @ dense[m, expert[m]] for m in range(4)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_ragged_dot_says_why_and_what_to_do():
     weight = experts_weight(np.random.default_rng(9))
     sizes = jnp.array([2, 0, 1, 1], jnp.int32)
     f = lambda x, w: lax.ragged_dot(x, w, sizes)  # noqa: E731
     with pytest.raises(
         lx.UnsupportedOperationError,
-        match=r"`ragged_dot_general` \(`lax.ragged_dot`\).*regrouped by expert.*"
-        r"which adapter, each row belongs to is lost.*`w\[experts\]`",
+        match=r"`ragged_dot_general` \(`lax.ragged_dot`.*tokens sorted by expert.*"
+        r"these rows do not carry it.*`rows=False`",
     ):
-        lx.quaxify(f)(jnp.ones((4, D)), weight.lora(jnp.array([0, 1, 2, 0])))
+        lora = weight.lora(jnp.array([0, 1, 2, 0]))
+        lx.quaxify(f, rows=False)(jnp.ones((4, D)), lora)
 
 
 def test_ragged_dot_materialises_when_allowed_with_a_scalar_index():

@@ -1,11 +1,13 @@
 """A grouped-matmul MoE layer (`lax.ragged_dot`: tokens sorted by expert, one
 grouped matmul, as EasyDeL's `standard_moe`, MaxText, Levanter and SkyRL-tx compute
-experts) with adapted expert weights and one adapter for the whole call (scalar
-indices: a batch grouped by adapter) is served as the grouped low-rank product,
-equal to the model with that adapter merged into the experts (float64 NumPy).
-Per-request adapters inside a grouped matmul are refused with the alternatives
-(JAX cannot vmap `ragged_dot` over shared weights, so no per-sequence path
-exists either)."""
+experts) with adapted expert weights serves one adapter for the whole call (scalar
+indices), one per request `(B,)` or one per token `(B, T)`: every row equals its
+request run alone with its adapter merged into the experts (float64 NumPy). The
+rows carry their positions (`RowIds`) from the quaxified function's argument
+through the model's sort, gathers, reshapes and scatters; the forms the libraries
+use, a scanned stack of layers and an `AdapterBank` are covered, and so are the
+ways it must fail: an out-of-range index or a corrupt adapter changes only its own
+rows, a row mixing requests is NaN, rows that lost their positions are refused."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
 
@@ -124,7 +127,257 @@ def test_base_and_bad_indices():
         lx.loraify(PARAMS, ADAPTERS, np.int32(7))
 
 
-def test_per_row_indices_are_refused_with_the_alternatives():
-    tree = lx.loraify(PARAMS, ADAPTERS, np.zeros((T,), np.int32))
-    with pytest.raises(lx.UnsupportedOperationError, match="scalar indices"):
-        lx.quaxify(moe)(tree, X[0])
+# -- per-request and per-token adapters ------------------------------------------
+
+REFS = {i: _reference(i) for i in (-1, 0, 1, 2)}
+
+
+def _rows_reference(idx):
+    """Each token's row from the run with its request's (or token's) adapter
+    merged; NaN for an index outside [-1, 3)."""
+    per_token = np.broadcast_to(np.asarray(idx).reshape(B, -1), (B, T))
+    out = np.full((B, T, D), np.nan)
+    for b in range(B):
+        for t in range(T):
+            i = int(per_token[b, t])
+            if i in REFS:
+                out[b, t] = REFS[i][b, t]
+    return out
+
+
+def block(p, x):
+    """`(B, T, D)` hidden states, flattened to tokens inside (as the libraries do)."""
+    return moe(p, x.reshape(-1, D)).reshape(x.shape)
+
+
+@jax.jit
+def _rows_step(tree, x, idx):
+    return lx.quaxify(block)(lx.with_indices(tree, idx), x)
+
+
+def _rows_serve(idx, x=X):
+    tree = lx.loraify(PARAMS, ADAPTERS, np.zeros(np.shape(idx), np.int32))
+    return np.asarray(_rows_step(tree, x, jnp.asarray(idx)))
+
+
+def _check_rows(got, idx):
+    want = _rows_reference(idx)
+    bad = np.isnan(want)
+    np.testing.assert_allclose(got[~bad], want[~bad], rtol=1e-4, atol=1e-5)
+    assert np.isnan(got[bad]).all()
+
+
+def test_per_request_adapters_each_row_its_own():
+    idx = np.array([0, 2, -1, 1], np.int32)
+    _check_rows(_rows_serve(idx), idx)
+
+
+def test_per_token_adapters_each_token_its_own():
+    idx = np.random.default_rng(5).integers(-1, 3, (B, T)).astype(np.int32)
+    _check_rows(_rows_serve(idx), idx)
+
+
+def test_flattened_tokens_with_per_token_indices():
+    """`(B*T, D)` tokens against `(B, T)` indices (a row-major regrouping)."""
+    idx = np.random.default_rng(6).integers(-1, 3, (B, T)).astype(np.int32)
+    tree = lx.loraify(PARAMS, ADAPTERS, idx)
+    got = jax.jit(lx.quaxify(moe))(tree, X.reshape(B * T, D))
+    _check_rows(np.asarray(got).reshape(B, T, D), idx)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(-3, 5), min_size=B * T, max_size=B * T))
+def test_any_index_pattern_serves_each_row_or_nan(values):
+    """Indices in and out of range, traced: valid rows equal their adapter's,
+    out-of-range ones (-3, -2, 3, 4, 5) are NaN and change no other row."""
+    idx = np.asarray(values, np.int32).reshape(B, T)
+    _check_rows(_rows_serve(idx), idx)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.int16])
+def test_index_dtypes_and_copies(dtype):
+    """Indices as a user may hold them: a list, int64, unsigned (255 is out of
+    range, never wrapped to -1), each a copy of the batch's."""
+    idx = np.array([1, 0, 2, 1], dtype)
+    want = _rows_serve(idx.astype(np.int32))
+    for given_idx in (idx.tolist(), idx.copy(), jnp.asarray(idx)):
+        tree = lx.loraify(PARAMS, ADAPTERS, given_idx)
+        np.testing.assert_array_equal(jax.jit(lx.quaxify(block))(tree, X), want)
+    if dtype == np.uint8:
+        bad = np.array([1, 255, 2, 1], np.uint8)
+        got = _rows_serve(bad)
+        assert np.isnan(got[1]).all() and not np.isnan(np.delete(got, 1, 0)).any()
+
+
+def test_a_corrupt_adapter_changes_no_other_row():
+    """Adapter 1 holding NaN (in `up`'s A) and Inf (in `down`'s B), as a diverged
+    adapter would in a device slot: the rows of every other request, base rows
+    included, are those of the clean run, bit for bit."""
+    import equinox as eqx
+
+    idx = np.array([0, 1, -1, 2], np.int32)
+    clean = _rows_serve(idx)
+    tree = lx.loraify(PARAMS, ADAPTERS, idx)
+    up, down = tree["up"], tree["down"]
+    tree["up"] = eqx.tree_at(lambda w: w.a, up, up.a.at[:, 1].set(jnp.nan))
+    tree["down"] = eqx.tree_at(lambda w: w.b, down, down.b.at[:, 1].set(jnp.inf))
+    got = np.asarray(jax.jit(lx.quaxify(block))(tree, X))
+    np.testing.assert_array_equal(np.delete(got, 1, 0), np.delete(clean, 1, 0))
+    assert not np.isfinite(got[1]).all()
+
+
+def test_the_low_rank_term_is_grouped_by_expert_and_adapter():
+    """Per-row: the same three grouped matmuls per weight, the factors seen as
+    E·n groups; no dense or per-row weight is built."""
+    tree = lx.loraify(PARAMS, ADAPTERS, np.array([0, 1, 2, -1], np.int32))
+    jaxpr = jax.make_jaxpr(lx.quaxify(block))(tree, X)
+    ragged = [e for e in jaxpr.eqns if e.primitive.name == "ragged_dot_general"]
+    assert len(ragged) == 6
+    rhs = sorted(tuple(e.invars[1].aval.shape) for e in ragged)
+    n = len(ADAPTERS)
+    assert (E * n, D, 2) in rhs and (E * n, 2, F) in rhs  # up: rank 2
+    assert (E * n, F, 3) in rhs and (E * n, 3, D) in rhs  # down: rank 3
+    weights = {(D, F), (F, D)}  # a dense weight, whole or per row, ends so
+    built = [
+        e.primitive.name
+        for e in jaxpr.eqns
+        if tuple(e.outvars[0].aval.shape[-2:]) in weights
+        and e.primitive.name != "stop_gradient"
+    ]
+    assert not built, built
+
+
+# -- the forms the libraries write ----------------------------------------------
+
+
+def moe_forms(p, x, unsort, combine, take):
+    """`moe` written each way the libraries do: the tokens selected by indexing or
+    by `jnp.take(x, order // K)` (MaxText's permute), unsorted by a scatter or by
+    a gather with the inverse order (MaxText's unpermute), combined by an einsum
+    or by a scatter-add into each token's row; with a sharding constraint and a
+    checkpoint name on the way."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    n = x.shape[0]
+    x = checkpoint_name(x, "moe_in")
+    logits = x @ p["router"]
+    probs, experts = jax.lax.top_k(jax.nn.softmax(logits), K)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat)
+    if take:
+        tokens = jnp.take(x, order // K, axis=0)
+    else:
+        tokens = jnp.repeat(x, K, axis=0)[order]
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    h = jax.nn.gelu(jax.lax.ragged_dot(tokens, p["up"], sizes))
+    y = jax.lax.ragged_dot(h, p["down"], sizes)
+    if unsort == "scatter":
+        y = jnp.zeros_like(y).at[order].set(y)
+    else:
+        y = jnp.take(y, jnp.argsort(order), axis=0)
+    if combine == "einsum":
+        return jnp.einsum("nkd,nk->nd", y.reshape(n, K, D), probs)
+    weighted = y * probs.reshape(-1)[:, None]
+    return jnp.zeros((n, D), y.dtype).at[jnp.arange(n * K) // K].add(weighted)
+
+
+@pytest.mark.parametrize(
+    "unsort,combine,take",
+    [("scatter", "einsum", False), ("gather", "scatter_add", True)],
+)
+def test_the_forms_the_libraries_write(unsort, combine, take):
+    idx = np.random.default_rng(7).integers(-1, 3, (B, T)).astype(np.int32)
+    tree = lx.loraify(PARAMS, ADAPTERS, idx)
+
+    def f(p, x):
+        return moe_forms(p, x.reshape(-1, D), unsort, combine, take).reshape(x.shape)
+
+    _check_rows(np.asarray(jax.jit(lx.quaxify(f))(tree, X)), idx)
+
+
+def test_a_scanned_stack_of_moe_layers():
+    """Two layers stacked and run by `lax.scan` (MaxText's scanned decoder): the
+    hidden state, carried from layer to layer, keeps its rows' positions."""
+    stacked = {k: np.stack([v, v[::-1].copy()]) for k, v in PARAMS.items()}
+    rules = [
+        lx.LoraRule("up", 2, stack_axes=(0, 1), in_axes=2, out_axes=3),
+        lx.LoraRule("down", 3, alpha=6.0, stack_axes=(0, 1), in_axes=2, out_axes=3),
+    ]
+    adapters = []
+    for seed in (11, 12):
+        fresh = lx.init_adapter(stacked, rules, key=jax.random.key(seed))
+        r = np.random.default_rng(seed)
+        import equinox as eqx
+
+        adapters.append(
+            eqx.tree_at(
+                lambda ad: ad.weights,
+                fresh,
+                {
+                    path: tuple(
+                        r.normal(size=np.shape(f)).astype(np.float32) for f in ab
+                    )
+                    for path, ab in fresh.weights.items()
+                },
+            )
+        )
+    idx = np.array([1, -1, 0, 1], np.int32)
+
+    def layers(p, x):
+        def body(h, layer):
+            return h + moe(layer, h.reshape(-1, D)).reshape(h.shape), None
+
+        return jax.lax.scan(body, x, p)[0]
+
+    got = np.asarray(jax.jit(lx.quaxify(layers))(lx.loraify(stacked, adapters, idx), X))
+    for b in range(B):
+        p = {k: v.astype(np.float64) for k, v in stacked.items()}
+        if idx[b] >= 0:
+            ad = adapters[idx[b]]
+            for path, (a, bb) in ad.weights.items():
+                delta = np.einsum("ledr,lerf->ledf", np.float64(a), np.float64(bb))
+                p[path] = p[path] + ad.scale(path) * delta
+        h = X[b : b + 1]
+        for layer in range(2):
+            params = {k: jnp.asarray(v[layer], jnp.float32) for k, v in p.items()}
+            h = h + np.asarray(block(params, jnp.asarray(h)))
+        np.testing.assert_allclose(got[b], h[0], rtol=2e-4, atol=2e-5)
+
+
+def test_served_from_an_adapter_bank():
+    bank = lx.AdapterBank(PARAMS, RULES, slots=3)
+    for name, ad in zip(("a", "b", "c"), ADAPTERS):
+        bank.add(name, ad)
+    idx = bank.indices(["c", None, "a", "b"])
+    step = jax.jit(lambda served, x: lx.quaxify(block)(lx.loraify(PARAMS, served), x))
+    got = np.asarray(step(bank.served(idx), X))
+    _check_rows(got, np.array([2, -1, 0, 1]))
+
+
+# -- the ways it must fail ---------------------------------------------------------
+
+
+def test_rows_without_positions_are_refused():
+    tree = lx.loraify(PARAMS, ADAPTERS, np.array([0, 1, 2, 0], np.int32))
+    with pytest.raises(lx.UnsupportedOperationError, match="these rows do not carry"):
+        lx.quaxify(block, rows=False)(tree, X)
+    # Hidden inside a pytree, the activation is not an argument the call tags.
+    with pytest.raises(lx.UnsupportedOperationError, match="pass the hidden states"):
+        lx.quaxify(lambda t, d: block(t, d["x"]))(tree, {"x": X})
+    # (B*T, D) tokens against (B,) indices: how they were flattened is not guessed.
+    with pytest.raises(lx.UnsupportedOperationError, match="per-token indices"):
+        lx.quaxify(moe)(tree, X.reshape(B * T, D))
+
+
+def test_a_row_mixing_requests_is_nan():
+    """Every row replaced by the batch's mean is for no one request: NaN, never
+    one request's adapter; a request's own rows minus that mean are still its."""
+    idx = np.array([0, 1, 2, 1], np.int32)
+    tree = lx.loraify(PARAMS, ADAPTERS, idx)
+    mean = lambda x: jnp.broadcast_to(x.mean(0), x.shape)  # noqa: E731
+    got = jax.jit(lx.quaxify(lambda t, x: block(t, mean(x))))(tree, X)
+    assert np.isnan(np.asarray(got)).all()
+    centred = np.asarray(X - X.mean(0))
+    got = jax.jit(lx.quaxify(lambda t, x: block(t, x - x.mean(0))))(tree, X)
+    want = np.asarray(_rows_step(tree, centred, jnp.asarray(idx)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

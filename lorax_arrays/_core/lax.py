@@ -15,6 +15,11 @@ from jax import lax
 from jax.sharding import PartitionSpec
 from jaxtyping import Array
 
+try:  # not exported by `jax.lax` (JAX 0.10)
+    from jax._src.lax.lax import ragged_dot_general_p
+except ImportError:  # pragma: no cover
+    ragged_dot_general_p = None
+
 
 def explicit_spec(x: Any) -> tuple | None:
     """The partition spec of `x` under an explicit-sharding mesh (one entry per

@@ -10,6 +10,8 @@ from . import (
     lookup as lookup,
     placement as placement,
     quax_compat as quax_compat,
+    ragged as ragged,
     row_bias as row_bias,
+    rows as rows,
     shape as shape,
 )

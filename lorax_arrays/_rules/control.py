@@ -31,6 +31,7 @@ from jaxtyping import ArrayLike
 
 from .._core.array import BatchedLoraArray
 from .._core.errors import UnsupportedOperationError
+from .._core.rows import RowIds, reduce_positions, untag
 from .quax_compat import quax_default_process, remat_p, scan_quax, unpack_scan_args
 
 
@@ -63,8 +64,42 @@ def _split_for_scan(lora: BatchedLoraArray):
 @quax.register(lax.scan_p, precedence=1)
 def _scan(*args: BatchedLoraArray | quax.ArrayValue | ArrayLike, jaxpr, **params):
     consts, carry, xs = unpack_scan_args(args, {**params, "jaxpr": jaxpr})
-    if not any(_stacked(x) for x in xs):
+    rows = any(isinstance(c, RowIds) for c in carry)
+    if not rows and not any(_stacked(x) for x in xs):
         return scan_quax(*args, jaxpr=jaxpr, **params)
+    if rows:
+        # A carry with its rows' positions (a hidden state through a scanned
+        # stack of layers) keeps them only if the body returns them: run the loop
+        # with the carries whose positions the body loses made plain.
+        carry = list(carry)
+        while True:
+            try:
+                return _scan_body(consts, carry, xs, jaxpr, params)
+            except _CarryLostRows as lost:
+                carry[lost.k] = untag(carry[lost.k])
+    return _scan_body(consts, carry, xs, jaxpr, params)
+
+
+class _CarryLostRows(Exception):
+    def __init__(self, k: int):
+        self.k = k
+
+
+def _settle_carry(k: int, before: Any, after: Any) -> Any:
+    """The body's carry `after` in the type of `before`: row positions laid out as
+    they came in (reduced where they came in constant, `MIXED` where they then
+    differ), dropped where they came in untagged."""
+    if not isinstance(before, RowIds):
+        return untag(after)
+    if not isinstance(after, RowIds) or after.space != before.space:
+        raise _CarryLostRows(k)
+    axes = [d for d in range(after.pos.ndim) if before.pos.shape[d] == 1]
+    pos = reduce_positions(after.pos, axes)
+    pos = jnp.broadcast_to(jnp.expand_dims(pos, axes), before.pos.shape)
+    return RowIds(after.array, pos, before.space)
+
+
+def _scan_body(consts, carry, xs, jaxpr, params):
     fn = jexc.jaxpr_as_fun(jaxpr)
     n_carry = len(carry)
     xs_in, rebuilders = [], []
@@ -84,11 +119,12 @@ def _scan(*args: BatchedLoraArray | quax.ArrayValue | ArrayLike, jaxpr, **params
     def body(carry, xs_step):
         step = [r(*x) if r else x for r, x in zip(rebuilders, xs_step)]
         out = quax.quaxify(fn)(*consts, *carry, *step)
+        new_carry = [_settle_carry(k, c, o) for k, (c, o) in enumerate(zip(carry, out))]
         ys = list(out[n_carry:])
         for k, y in enumerate(ys):
             if _stacked(y):
                 ys[k], stacked_ys[k] = _scan_output(y, step, xs, consts, carry)
-        return list(out[:n_carry]), ys
+        return new_carry, ys
 
     carry_out, ys = lax.scan(
         body,
@@ -146,7 +182,7 @@ def _scan_output(y: BatchedLoraArray, step: list, xs: list, consts: list, carry:
 
 @quax.register(remat_p)
 def _remat(*args: BatchedLoraArray | quax.ArrayValue | ArrayLike, **params):
-    if not any(isinstance(x, BatchedLoraArray) for x in args):
+    if not any(isinstance(x, (BatchedLoraArray, RowIds)) for x in args):
         return quax_default_process(remat_p, args, params)
     fn = quax.quaxify(jexc.jaxpr_as_fun(jexc.ClosedJaxpr(params["jaxpr"], ())))
     # An input handed back as it is (`nnx.remat` returns the module's state) is

@@ -1,9 +1,7 @@
 """Dispatch rules for `dot_general` (`@`, `jnp.dot`, `jnp.matmul`, `jnp.einsum`).
 
-Registers: `dot_general` (a BatchedLoraArray on either side, or on both: an error),
-and `ragged_dot_general` (`lax.ragged_dot`, a grouped-matmul MoE layer: with one
-adapter per call, the grouped low-rank product; otherwise an error that says why,
-see `_ragged_message`).
+Registers: `dot_general` (a BatchedLoraArray on either side, or on both: an error).
+The grouped matmul (`ragged_dot_general`) is in `ragged.py`.
 
 The rewrite `x · (W + s·AB)  ->  x · W + s · ((x · A[i]) · B[i])`: the array's
 `Layout` says whether the contraction reads its in-axes (the product) or its
@@ -43,11 +41,6 @@ from .._core.indices import (
 )
 from .._core.layout import broadcast_to_axes
 from .strategies import low_rank, resolve
-
-try:  # not exported by `jax.lax` (JAX 0.10)
-    from jax._src.lax.lax import ragged_dot_general_p
-except ImportError:  # pragma: no cover
-    ragged_dot_general_p = None
 
 
 def _compute_dtype(x, params):
@@ -417,97 +410,3 @@ def _(lhs: BatchedLoraArray, rhs: BatchedLoraArray, *, dimension_numbers, **p):
         "weights) has no low-rank rule. Multiply activations by adapted weights, "
         "not weights by each other."
     )
-
-
-def _ragged_message(lora: BatchedLoraArray) -> str:
-    return (
-        "`ragged_dot_general` (`lax.ragged_dot`) with a BatchedLoraArray (weight "
-        f"shape {lora.shape}, in_axes={lora.in_axes}, out_axes={lora.out_axes}, "
-        f"stack_axes={lora.stack_axes}) has no low-rank rule: the rows of a ragged "
-        "dot are tokens regrouped by expert (sorted, then cut into groups), so "
-        "which request, and so which adapter, each row belongs to is lost; the "
-        "adapter indices label the activation's batch axes, which the rows no "
-        "longer have. With one adapter for the whole call (scalar indices: "
-        "`lx.loraify(params, adapters, i)`, a batch grouped by adapter) it is "
-        "served as the grouped low-rank product, for an expert weight `(E, d, f)` "
-        "adapted with `stack_axes` on E. For per-request adapters, select the "
-        "experts per token, `w[experts]` or "
-        "`jnp.take(w, experts, axis=0)` then `einsum('BTD,BTKDF->BTKF')`, or run "
-        "every expert densely with the expert axis kept free "
-        "(`einsum('BTD,EDF->BTEF', x, w)`, or a GShard-style dispatch with the "
-        "expert axis a batch axis): these are supported. Pass "
-        "`allow_materialise=True` to build the dense weight instead (with scalar "
-        "indices only, inside `jax.vmap`)."
-    )
-
-
-def _grouped_low_rank(x, lora: BatchedLoraArray, group_sizes, params):
-    """`ragged_dot(x, W + s·A_i B_i)` for one adapter `i` for every row (scalar
-    indices: a batch grouped by adapter): the base grouped product
-    plus the grouped low-rank product `ragged_dot(ragged_dot(x, A_i), B_i)` with
-    the same groups, each expert's own factors. None if the problem is not the
-    plain form: `x (m, d)` ragged along its rows, the weight `(E, d, f)` in any
-    axis order with the group axis its only stack axis, no batch dimensions."""
-    dn = params["ragged_dot_dimension_numbers"]
-    (c_x, c_w), (b_x, b_w) = dn.dot_dimension_numbers
-    lay = lora.layout
-    plain = (
-        jnp.ndim(lora.indices) == 0
-        and not lora.has_variants
-        and jnp.ndim(x) == 2
-        and tuple(dn.lhs_ragged_dimensions) == (0,)
-        and tuple(c_x) == (1,)
-        and not b_x
-        and not b_w
-        and tuple(dn.rhs_group_dimensions) == lay.stack_axes
-        and len(lay.stack_axes) == 1
-        and tuple(c_w) == lay.in_axes
-        and len(lay.in_axes) == 1
-        and len(lay.out_axes) == 1
-    )
-    if not plain:
-        return None
-    i = lora.indices
-    s = gathered_scale(lora.scale, i)
-    j = clamp_indices(jnp.asarray(i), lora.n_adapters)
-    a = jnp.take(jnp.moveaxis(lora.a, 1, 0), j, axis=0)  # (E, d, r)
-    b = jnp.take(jnp.moveaxis(lora.b, 1, 0), j, axis=0)  # (E, r, f)
-    base = bind(ragged_dot_general_p, x, lora.frozen_w, group_sizes, **params)
-    dtype, pref = _compute_dtype(x, params)
-    grouped = dn.__class__(
-        dot_dimension_numbers=(((1,), (1,)), ((), ())),
-        lhs_ragged_dimensions=(0,),
-        rhs_group_dimensions=(0,),
-    )
-    step = {**params, "ragged_dot_dimension_numbers": grouped}
-    step["preferred_element_type"] = pref
-    u = ragged_dot_general_p.bind(
-        jnp.asarray(x, dtype), a.astype(dtype), group_sizes, **step
-    )
-    v = ragged_dot_general_p.bind(u, b.astype(dtype), group_sizes, **step)
-    return base + scale_rows(v, s).astype(base.dtype)
-
-
-def _ragged(lhs, rhs, group_sizes, params):
-    lora = lhs if isinstance(lhs, BatchedLoraArray) else rhs
-    require_indices(lora)
-    if lora is rhs and not isinstance(lhs, quax.Value):
-        out = _grouped_low_rank(lhs, lora, group_sizes, params)
-        if out is not None:
-            return out
-    if lora.allow_materialise:
-        return BatchedLoraArray.default(
-            ragged_dot_general_p, (lhs, rhs, group_sizes), params
-        )
-    raise UnsupportedOperationError(_ragged_message(lora))
-
-
-if ragged_dot_general_p is not None:
-
-    @quax.register(ragged_dot_general_p)
-    def _(lhs: ArrayLike | quax.ArrayValue, rhs: BatchedLoraArray, group_sizes, **p):
-        return _ragged(lhs, rhs, group_sizes, p)
-
-    @quax.register(ragged_dot_general_p)
-    def _(lhs: BatchedLoraArray, rhs: ArrayLike | quax.ArrayValue, group_sizes, **p):
-        return _ragged(lhs, rhs, group_sizes, p)

@@ -76,8 +76,20 @@ def _process_custom_vjp_call(
     self, primitive, fun, fwd, bwd, tracers, /, *, out_trees, symbolic_zeros
 ):
     from .._core.array import BatchedLoraArray  # _array does not import this module
+    from .._core.rows import RowIds
 
     values = [self.to_value(t) for t in tracers]
+    if any(isinstance(v, RowIds) for v in values):
+        if not _differentiating(self):
+            # Activations carrying their rows' positions (`RowIds`): EasyDeL's
+            # and MaxText's token sort is a custom_vjp. With no derivative being
+            # taken, its custom rule has nothing to do: run its function here,
+            # as JAX's eager trace does, so the positions follow the sort.
+            with core.set_current_trace(self):
+                return fun.call_wrapped(*tracers)
+        # Under differentiation the custom rule must stay: the positions are
+        # dropped at its boundary (a grouped matmul past it then refuses).
+        values = [_dense(v.array) if isinstance(v, RowIds) else v for v in values]
     if any(isinstance(v, BatchedLoraArray) for v in values):
         raise UnsupportedOperationError(
             f"A `jax.custom_vjp` function ({getattr(fun, '__name__', fun)}) was "
@@ -108,6 +120,24 @@ def _process_custom_vjp_call(
             symbolic_zeros=symbolic_zeros,
         )
     return [_QuaxTracer(self, _dense(x)) for x in out]
+
+
+def _differentiating(trace: Any) -> bool:
+    """Whether a JVP or linearize trace is beneath `trace` (a derivative is being
+    taken of the computation it traces)."""
+    from jax._src.interpreters import ad
+
+    kinds = tuple(
+        k
+        for k in (getattr(ad, "JVPTrace", None), getattr(ad, "LinearizeTrace", None))
+        if k is not None
+    )
+    t = getattr(trace, "parent_trace", None)
+    while t is not None:
+        if isinstance(t, kinds):
+            return True
+        t = getattr(t, "parent_trace", None)
+    return False
 
 
 PATCHED_CUSTOM_VJP = should_patch(QUAX_VERSION, QUAX_HANDLES_CUSTOM_VJP)

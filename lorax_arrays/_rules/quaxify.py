@@ -7,15 +7,27 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import equinox as eqx
+import jax
+import numpy as np
 import quax
 
+from .._core.array import BatchedLoraArray
+from .._core.rows import RowIds, source_positions, tag, untag
 from .nnx import NnxAware
 from .strategies import call_strategy, check_strategy
 
 _F = TypeVar("_F", bound=Callable)
 
 
-def quaxify(fn: _F, /, filter_spec: Any = True, *, strategy: str | None = None) -> _F:
+def quaxify(
+    fn: _F,
+    /,
+    filter_spec: Any = True,
+    *,
+    strategy: str | None = None,
+    rows: bool | None = None,
+) -> _F:
     """Makes `fn` understand `BatchedLoraArray`s (and every other quax type).
 
     Call the wrapped function with a tree from [`lorax_arrays.loraify`][] in place of
@@ -41,6 +53,14 @@ def quaxify(fn: _F, /, filter_spec: Any = True, *, strategy: str | None = None) 
     - `strategy`: force how every adapted product in this call computes its
         low-rank term (`"gather"`, `"segment"`, `"dense"` or `"auto"`), overriding
         each array's own `strategy`. `None` (the default) leaves each array's.
+    - `rows`: whether the arguments carry their rows' positions among the adapter
+        indices through the call, for adapted expert weights in a grouped matmul
+        (`lax.ragged_dot`), whose rows are tokens sorted by expert (see the docs
+        page "Mixture of experts"). `None` (the default): when an adapted weight
+        with a stack axis (experts) has per-row indices. The arguments tagged are
+        the arrays passed directly (not inside a pytree) whose leading axes are
+        the indices' shape, or a row-major regrouping of it (`(B*T, D)` for
+        `(B, T)` indices), or `T` rows per index (`(B*T, D)` for `(B,)`).
 
     **Returns:**
 
@@ -52,6 +72,8 @@ def quaxify(fn: _F, /, filter_spec: Any = True, *, strategy: str | None = None) 
         quaxified = NnxAware(fn, filter_spec)
     else:
         quaxified = quax.quaxify(fn, filter_spec)
+    if rows is not False:
+        quaxified = _WithRows(quaxified, bool(rows))
     if strategy is None:
         return quaxified
     check_strategy(strategy)
@@ -62,6 +84,57 @@ def quaxify(fn: _F, /, filter_spec: Any = True, *, strategy: str | None = None) 
             return quaxified(*args, **kwargs)
 
     return with_strategy
+
+
+def _is_lora(x: Any) -> bool:
+    return isinstance(x, BatchedLoraArray)
+
+
+def row_space(tree: Any, force: bool = False) -> tuple[int, ...] | None:
+    """The shape of the per-row indices of the adapted weights in `tree` that need
+    row positions (those with a stack axis: experts; any with `force`), or None
+    when there are none, or when they disagree (then nothing is tagged, and a
+    grouped matmul that needs the positions says so)."""
+    shapes = {
+        tuple(leaf.indices.shape)
+        for leaf in jax.tree.leaves(tree, is_leaf=_is_lora)
+        if _is_lora(leaf)
+        and leaf.indices is not None
+        and np.ndim(leaf.indices) > 0
+        and (force or leaf.stack_axes)
+    }
+    return shapes.pop() if len(shapes) == 1 else None
+
+
+def _tag_argument(x: Any, space: tuple[int, ...]) -> Any:
+    if not isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, quax.Value):
+        return x
+    pos = source_positions(np.shape(x), space)
+    return x if pos is None else tag(x, pos, space)
+
+
+class _WithRows(eqx.Module):
+    """`quaxified`, with its top-level array arguments tagged with their rows'
+    positions (`RowIds`) when an adapted expert weight has per-row indices, and
+    the results untagged. A pytree holding the quaxified function, as quax's
+    own wrapper is, so `eqx.filter_jit(lx.quaxify(model))` traces the model's
+    arrays."""
+
+    quaxified: Callable
+    force: bool = eqx.field(static=True)
+
+    @property
+    def __wrapped__(self) -> Callable:
+        return self.quaxified
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        space = row_space((self.quaxified, args, kwargs), self.force)
+        if space is None:
+            return self.quaxified(*args, **kwargs)
+        args = tuple(_tag_argument(a, space) for a in args)
+        kwargs = {k: _tag_argument(v, space) for k, v in kwargs.items()}
+        out = self.quaxified(*args, **kwargs)
+        return jax.tree.map(untag, out, is_leaf=lambda x: isinstance(x, RowIds))
 
 
 def register(primitive: Any, /, *, precedence: int = 0) -> Callable[[_F], _F]:

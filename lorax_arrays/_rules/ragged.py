@@ -1,0 +1,231 @@
+"""Dispatch rules for `ragged_dot_general` (`lax.ragged_dot`): the grouped matmul of
+a mixture-of-experts layer (EasyDeL's `standard_moe`, MaxText's sparse matmul,
+Levanter, SkyRL-tx), with an adapted expert weight `(E, d, f)`.
+
+The rows of a grouped matmul are tokens sorted by expert, so their order says
+nothing of which request each belongs to. Two ways to know:
+
+- one adapter for the whole call (scalar indices, a batch grouped by adapter):
+  `ragged_dot(x, W) + s · ragged_dot(ragged_dot(x, A_i), B_i)`, the same groups,
+  each expert its own factors (`_grouped_low_rank`);
+- per-request or per-token adapters: the rows arrive as a `RowIds` (`_core/rows.py`),
+  carrying each row's position among the indices through the model's sort and
+  gather; each row's adapter is the weight's own `indices.ravel()[pos]`, and the
+  low-rank term is a grouped product over `(expert, adapter)` groups: the rows
+  sorted by that pair, `ragged_dot` against `A` and `B` viewed as `E·n` groups,
+  and put back (`_per_row_grouped`). Its flops are those of the low-rank term
+  alone; it reads `x` and writes the term once more, in the new order.
+
+Rows on no expert (past the group sizes) get the base result, 0; a row whose
+index is out of range, or that mixes requests, is NaN; a base row (`-1`) is
+exactly the base product, whatever the adapters hold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import quax
+from jaxtyping import ArrayLike
+
+from .._core.array import BatchedLoraArray, bind
+from .._core.errors import UnsupportedOperationError
+from .._core.indices import clamp_indices, gathered_scale, require_indices, scale_rows
+from .._core.lax import ragged_dot_general_p
+from .._core.rows import RowIds, row_positions, tag
+
+
+def _compute_dtype(x, params):
+    pref = params.get("preferred_element_type")
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return x.dtype, pref
+    return jnp.float32, pref
+
+
+def _ragged_message(lora: BatchedLoraArray, why: str) -> str:
+    return (
+        "`ragged_dot_general` (`lax.ragged_dot`, a grouped-matmul MoE layer) with a "
+        f"BatchedLoraArray (weight shape {lora.shape}, in_axes={lora.in_axes}, "
+        f"out_axes={lora.out_axes}, stack_axes={lora.stack_axes}, indices shape "
+        f"{tuple(require_indices(lora).shape)}): {why}"
+    )
+
+
+_UNTAGGED = (
+    "the rows of a grouped matmul are tokens sorted by expert, so which request, "
+    "and so which adapter, each row belongs to must travel with them, and these "
+    "rows do not carry it. `lx.quaxify` tags the arguments whose leading axes are "
+    "the indices' shape, or a row-major regrouping of it (x of shape (B, T, D) for "
+    "indices (B,) or (B, T); (B*T, D) for (B, T): pass per-token indices "
+    "`jnp.broadcast_to(idx[:, None], (B, T))` with a flattened x) and follows the "
+    "rows through the model's reshapes, sorts, gathers and scatters. Either the "
+    "activation was not such an argument (pass the hidden states or token ids to "
+    "the quaxified function itself, batch axis first, and do not pass "
+    "`rows=False`), or an operation on the way has no row rule (the docs page "
+    "'Mixture of experts' lists the supported ones). With one adapter for the "
+    "whole batch, scalar indices need no tags."
+)
+
+
+def _plain_form(x_shape, lora: BatchedLoraArray, params) -> bool:
+    """`x (m, d)` ragged along its rows, the weight `(E, d, f)` in any axis order
+    with the group axis its only stack axis, no batch dimensions."""
+    dn = params["ragged_dot_dimension_numbers"]
+    (c_x, c_w), (b_x, b_w) = dn.dot_dimension_numbers
+    lay = lora.layout
+    return (
+        not lora.has_variants
+        and len(x_shape) == 2
+        and tuple(dn.lhs_ragged_dimensions) == (0,)
+        and tuple(c_x) == (1,)
+        and not b_x
+        and not b_w
+        and tuple(dn.rhs_group_dimensions) == lay.stack_axes
+        and len(lay.stack_axes) == 1
+        and tuple(c_w) == lay.in_axes
+        and len(lay.in_axes) == 1
+        and len(lay.out_axes) == 1
+    )
+
+
+def _grouped(dn):
+    return dn.__class__(
+        dot_dimension_numbers=(((1,), (1,)), ((), ())),
+        lhs_ragged_dimensions=(0,),
+        rhs_group_dimensions=(0,),
+    )
+
+
+def _grouped_low_rank(x, lora: BatchedLoraArray, group_sizes, params):
+    """`ragged_dot(x, W + s·A_i B_i)` for one adapter `i` for every row (scalar
+    indices): the base grouped product plus the grouped low-rank product
+    `ragged_dot(ragged_dot(x, A_i), B_i)` with the same groups."""
+    i = lora.indices
+    s = gathered_scale(lora.scale, i)
+    j = clamp_indices(jnp.asarray(i), lora.n_adapters)
+    a = jnp.take(jnp.moveaxis(lora.a, 1, 0), j, axis=0)  # (E, d, r)
+    b = jnp.take(jnp.moveaxis(lora.b, 1, 0), j, axis=0)  # (E, r, f)
+    base = bind(ragged_dot_general_p, x, lora.frozen_w, group_sizes, **params)
+    dtype, pref = _compute_dtype(x, params)
+    step = {**params, "ragged_dot_dimension_numbers": _grouped(
+        params["ragged_dot_dimension_numbers"])}  # fmt: skip
+    step["preferred_element_type"] = pref
+    u = ragged_dot_general_p.bind(
+        jnp.asarray(x, dtype), a.astype(dtype), group_sizes, **step
+    )
+    v = ragged_dot_general_p.bind(u, b.astype(dtype), group_sizes, **step)
+    return base + scale_rows(v, s).astype(base.dtype)
+
+
+def _row_indices(x: RowIds, lora: BatchedLoraArray):
+    """Each row's adapter index (the weight's own indices at the row's position),
+    and a mask of the rows whose position is `MIXED` (no one request)."""
+    idx = require_indices(lora)
+    space, have = tuple(x.space), tuple(idx.shape)
+    n_space, n_have = math.prod(space), math.prod(have)
+    fits = n_space == n_have or (space[: len(have)] == have and n_space % n_have == 0)
+    if not fits:
+        raise UnsupportedOperationError(
+            _ragged_message(
+                lora,
+                f"the rows carry positions among indices of shape {space}, but this "
+                f"weight's indices have shape {have}: serve every adapted weight "
+                "of the call with the same indices (one `lx.loraify(params, "
+                "adapters, indices)` or `bank.served(indices)`).",
+            )
+        )
+    pos = row_positions(x, 0)
+    per = n_space // n_have  # tokens per index: (B, T) rows against (B,) indices
+    flat = idx.reshape(-1)
+    safe = jnp.clip(pos, 0, n_space - 1) // per
+    return jnp.take(flat, safe, axis=0, mode="clip"), pos < 0
+
+
+def _per_row_grouped(x: RowIds, lora: BatchedLoraArray, group_sizes, params):
+    """`ragged_dot(x, W + s_i·A_i B_i)` with each row's own adapter `i` (see the
+    module docstring): the base grouped product plus the low-rank term grouped by
+    (expert, adapter)."""
+    rows = x.array
+    m = rows.shape[0]
+    n = lora.n_adapters
+    i, mixed = _row_indices(x, lora)
+    n_groups = lora.shape[lora.stack_axes[0]]
+    dtype, pref = _compute_dtype(rows, params)
+    a = lora.a.reshape((n_groups * n, *lora.a.shape[2:])).astype(dtype)  # (E·n, d, r)
+    b = lora.b.reshape((n_groups * n, *lora.b.shape[2:])).astype(dtype)  # (E·n, r, f)
+    # A grouped matmul may compute every group against every row and mask the
+    # result (XLA's CPU and GPU lowering do): an adapter holding NaN or Inf would
+    # then reach other adapters' rows. Its factors are zeroed for the product
+    # and its own rows made NaN.
+    finite_a, finite_b = jnp.isfinite(a), jnp.isfinite(b)
+    sound = finite_a.all((1, 2)) & finite_b.all((1, 2))  # (E·n,)
+    a = jnp.where(finite_a, a, 0)
+    b = jnp.where(finite_b, b, 0)
+    s = gathered_scale(lora.scale, i)
+    s = jnp.where(mixed, jnp.nan, s)
+    ends = jnp.cumsum(group_sizes)
+    expert = jnp.searchsorted(ends, jnp.arange(m, dtype=ends.dtype), side="right")
+    on_expert = expert < n_groups
+    s = jnp.where(on_expert, s, 0)  # rows on no expert: the base result, 0
+    j = clamp_indices(i, n).astype(jnp.int32)
+    served = on_expert & (s != 0) & jnp.isfinite(s)
+    key = jnp.where(served, expert.astype(jnp.int32) * n + j, n_groups * n)
+    s = jnp.where(served & ~sound[jnp.clip(key, 0, n_groups * n - 1)], jnp.nan, s)
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.zeros((n_groups * n + 1,), group_sizes.dtype).at[key].add(1)
+    sizes = sizes[: n_groups * n]
+    step = {**params, "ragged_dot_dimension_numbers": _grouped(
+        params["ragged_dot_dimension_numbers"])}  # fmt: skip
+    step["preferred_element_type"] = pref
+    xs = jnp.take(rows, order, axis=0, mode="clip").astype(dtype)
+    u = ragged_dot_general_p.bind(xs, a, sizes, **step)
+    v = ragged_dot_general_p.bind(u, b, sizes, **step)
+    v = jnp.zeros_like(v).at[order].set(v, unique_indices=True)
+    base = bind(ragged_dot_general_p, rows, lora.frozen_w, group_sizes, **params)
+    out = base + scale_rows(v, s[:, None]).astype(base.dtype)
+    return tag(out, x.pos[:, :1], x.space)
+
+
+def _ragged(lhs, rhs, group_sizes, params):
+    lora = lhs if isinstance(lhs, BatchedLoraArray) else rhs
+    idx = require_indices(lora)
+    if lora is rhs and not isinstance(lhs, BatchedLoraArray):
+        x = lhs.array if isinstance(lhs, RowIds) else lhs
+        plain = not isinstance(x, quax.Value) and _plain_form(x.shape, lora, params)
+        if plain and jnp.ndim(idx) == 0:
+            out = _grouped_low_rank(x, lora, group_sizes, params)
+            if isinstance(lhs, RowIds):
+                return tag(out, lhs.pos[:, :1], lhs.space)
+            return out
+        if plain and isinstance(lhs, RowIds):
+            return _per_row_grouped(lhs, lora, group_sizes, params)
+        if plain:
+            raise UnsupportedOperationError(_ragged_message(lora, _UNTAGGED))
+    if lora.allow_materialise:
+        return BatchedLoraArray.default(
+            ragged_dot_general_p, (lhs, rhs, group_sizes), params
+        )
+    raise UnsupportedOperationError(
+        _ragged_message(
+            lora,
+            "only the plain form has a low-rank rule: x of shape (m, d) ragged "
+            "along its rows, the expert weight (E, d, f) adapted with `stack_axes` "
+            "on E (its only stack axis), one in- and one out-axis, no batch "
+            "dimensions, and an adapter kind without vectors (LoRA, not DoRA or "
+            "IA3). Alternatives: select the experts per token (`w[experts]` then "
+            "an einsum) or run every expert densely with the expert axis free "
+            "(`einsum('BTD,EDF->BTEF', x, w)`); both are supported.",
+        )
+    )
+
+
+if ragged_dot_general_p is not None:
+
+    @quax.register(ragged_dot_general_p)
+    def _(lhs: ArrayLike | quax.ArrayValue, rhs: BatchedLoraArray, group_sizes, **p):
+        return _ragged(lhs, rhs, group_sizes, p)
+
+    @quax.register(ragged_dot_general_p)
+    def _(lhs: BatchedLoraArray, rhs: ArrayLike | quax.ArrayValue, group_sizes, **p):
+        return _ragged(lhs, rhs, group_sizes, p)
