@@ -14,7 +14,9 @@ that merge each token's own adapter (issue #22).
   and no `(E, D, F)`-shaped array is built; per token, no weight-shaped array
   (`(..., D, F)` or `(..., F, D)`) is built either;
 - the models and references themselves: unadapted, every style equals the
-  reference, and the references tell adapters apart (so the tests have power).
+  reference; per request (decoder) and per token (MoE block) the references equal
+  the model run on each row's merged weights without `lorax_arrays`; and the
+  references tell adapters apart (so the tests have power).
 """
 
 from __future__ import annotations
@@ -74,6 +76,38 @@ def test_the_references_tell_adapters_apart():
     np.testing.assert_allclose(mixed[0], y0[0], rtol=1e-12)
     np.testing.assert_allclose(mixed[3], y1[3], rtol=1e-12)
     np.testing.assert_allclose(mixed[2], base[2], rtol=1e-12)
+
+
+def _merged_f32(i):
+    return {
+        k: v.astype(np.float32)
+        for k, v in mm.merged_weights(PARAMS, ADAPTERS, i).items()
+    }
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_the_per_row_references_equal_the_model_on_merged_weights(style):
+    """Without lorax_arrays: a request's rows of the decoder, and a token's row of
+    the (row-independent) MoE block, are the model's on the weights with that
+    row's adapter merged. So the per-row tests below fail only where serving
+    does."""
+    fns = {"decoder": jax.jit(_decoder(style)), "moe": jax.jit(_moe(style))}
+    outs = {
+        (name, i): np.asarray(fn(_merged_f32(i), X))
+        for name, fn in fns.items()
+        for i in range(-1, len(ADAPTERS))
+    }
+    want, _ = mm.reference_decoder(PARAMS, ADAPTERS, PER_REQUEST, X, CFG)
+    got = np.stack([outs["decoder", int(i)][b] for b, i in enumerate(PER_REQUEST)])
+    _assert_matches(got, want, 1.0)
+    want, _ = mm.reference_moe(PARAMS, ADAPTERS, PER_TOKEN, X, CFG)
+    got = np.array(
+        [
+            [outs["moe", int(i)][b, t] for t, i in enumerate(row)]
+            for b, row in enumerate(PER_TOKEN)
+        ]
+    )
+    _assert_matches(got, want, 1.0)
 
 
 _STEPS = {
