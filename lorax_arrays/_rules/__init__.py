@@ -12,4 +12,5 @@ from . import (
     quax_compat as quax_compat,
     row_bias as row_bias,
     shape as shape,
+    shard_map as shard_map,
 )
