@@ -93,3 +93,26 @@ def update_index(full: Array, part: Array, index: Any, axis: int) -> Array:
             part, PartitionSpec(*spec[:axis], *spec[axis + 1 :])
         )
     return lax.dynamic_update_index_in_dim(full, part, index, axis)
+
+
+def _varying(x: Array) -> frozenset:
+    """The mesh axes `x` varies over in a `shard_map` body (`aval.mat.varying`;
+    `aval.vma` before JAX 0.10)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    found = getattr(mat, "varying", None) if mat is not None else None
+    return frozenset(found if found is not None else getattr(aval, "vma", ()))
+
+
+def match_varying(*xs: Array) -> list[Array]:
+    """`xs`, each marked as varying over every mesh axis any of them varies over
+    (in a `shard_map` body with `check_vma`, where a primitive's operands must
+    agree; elsewhere, `xs` as they are). For the operands a rule builds itself."""
+    vmas = [_varying(x) for x in xs]
+    union = frozenset().union(*vmas)
+    if not union:
+        return list(xs)
+    return [
+        x if vma == union else lax.pcast(x, tuple(sorted(union - vma)), to="varying")
+        for x, vma in zip(xs, vmas)
+    ]

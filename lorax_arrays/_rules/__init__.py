@@ -14,4 +14,5 @@ from . import (
     row_bias as row_bias,
     rows as rows,
     shape as shape,
+    shard_map as shard_map,
 )

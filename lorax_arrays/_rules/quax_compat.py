@@ -18,7 +18,9 @@ from quax._primitives import scan_quax
 from quax._trace import _QuaxTrace, _QuaxTracer
 from quax._values import _dense, _DenseArrayValue
 
+from .._core.array import BatchedLoraArray
 from .._core.errors import UnsupportedOperationError
+from .._core.rows import RowIds
 
 __all__ = [
     "PATCHED_CUSTOM_VJP",
@@ -75,9 +77,6 @@ _native_process_custom_vjp_call = _QuaxTrace.process_custom_vjp_call
 def _process_custom_vjp_call(
     self, primitive, fun, fwd, bwd, tracers, /, *, out_trees, symbolic_zeros
 ):
-    from .._core.array import BatchedLoraArray  # _array does not import this module
-    from .._core.rows import RowIds
-
     values = [self.to_value(t) for t in tracers]
     if any(isinstance(v, RowIds) for v in values):
         if not _differentiating(self):
@@ -150,25 +149,47 @@ if PATCHED_CUSTOM_VJP:
 # quax's trace has no `process_shard_map`, so any `jax.shard_map` inside a
 # quaxified function raised `AttributeError: '_QuaxTrace' object has no attribute
 # 'process_shard_map'` before a rule ran (EasyDeL's fused MoE, Levanter's Mixtral
-# with a mesh), even when no adapted weight goes into it. A shard_map whose inputs
-# are plain arrays is bound as it is on the parent trace (its body sees no quax
-# value); a quax value passed into one is refused by name.
+# with a mesh). A shard_map whose inputs are plain arrays is bound as it is on the
+# parent trace (its body sees no quax value). One given a `BatchedLoraArray` (the
+# expert weights of a MoE) is bound on the parent trace over the weight's component
+# arrays, each split as `_rules/shard_map.py` derives from the weight's in_spec; the
+# body rebuilds the weight from its per-shard pieces and runs the user's body under
+# a fresh quax trace, so the rules serve it there. Other quax values are refused.
 QUAX_HANDLES_SHARD_MAP = "process_shard_map" in _QuaxTrace.__dict__
 
 
 def _process_shard_map(self, primitive, fun, tracers, **params):
+    from .shard_map import split_arguments
+
     values = [self.to_value(t) for t in tracers]
-    held = [type(v).__name__ for v in values if type(v) is not _DenseArrayValue]
-    if held:
+    other = [
+        type(v).__name__
+        for v in values
+        if type(v) is not _DenseArrayValue
+        and not isinstance(v, (BatchedLoraArray, RowIds))
+    ]
+    if other:
         raise UnsupportedOperationError(
-            f"`jax.shard_map` was given {', '.join(sorted(set(held)))} argument(s) "
-            "under quaxify: lorax_arrays serves adapted weights outside shard_map "
-            "bodies only. Keep this weight out of the adapter rules (a `LoraRule` "
-            "pattern that does not match it), or compute its product outside the "
-            "shard_map body; plain arrays pass through shard_map as usual."
+            f"`jax.shard_map` was given {', '.join(sorted(set(other)))} argument(s) "
+            "under quaxify: lorax_arrays passes plain arrays and adapted weights "
+            "(BatchedLoraArray) into shard_map bodies, not other quax values. "
+            "Compute with this value outside the shard_map body and pass the "
+            "result in as a plain array."
         )
+    values = [v.array if type(v) is _DenseArrayValue else v for v in values]
+    if any(isinstance(v, (BatchedLoraArray, RowIds)) for v in values):
+        arrays, specs, rebuild = split_arguments(
+            values, params["in_specs"], params["mesh"]
+        )
+        dbg = params.get("debug_info")
+        if dbg is not None and hasattr(dbg, "with_unknown_names"):
+            params = dict(params, debug_info=dbg.with_unknown_names())
+        params = dict(params, in_specs=specs)
+        fun = _quax_body(fun, rebuild)
+    else:
+        arrays = values
     with core.set_current_trace(self.parent_trace):
-        out = primitive.bind(*[v.array for v in values], subfuns=(fun,), **params)
+        out = primitive.bind(*arrays, subfuns=(fun,), **params)
 
     def wrap(x):
         return _QuaxTracer(self, _dense(x))
@@ -177,9 +198,83 @@ def _process_shard_map(self, primitive, fun, tracers, **params):
     return out.map(wrap) if hasattr(out, "map") else [wrap(x) for x in out]
 
 
+def _quax_body(fun, rebuild):
+    """A shard_map body over the split arguments: it rebuilds the adapted weights
+    from their per-shard pieces and runs `fun` (the user's body, as shard_map
+    wrapped it: flat arguments in, a FlatTree of outputs with their out_specs as
+    aux out) on them under a fresh quax trace. Its outputs must be plain arrays."""
+
+    def body(*pieces):
+        global _shard_map_bodies
+        values = rebuild(pieces)
+        with core.take_current_trace() as parent:
+            pass
+        trace = _QuaxTrace(parent, core.TraceTag())
+        _shard_map_bodies += 1
+        try:
+            with core.set_current_trace(parent):
+                tracers = [
+                    _QuaxTracer(
+                        trace,
+                        v if isinstance(v, (BatchedLoraArray, RowIds)) else _dense(v),
+                    )
+                    for v in values
+                ]
+            with core.set_current_trace(trace):
+                out = fun(*tracers)
+        finally:
+            _shard_map_bodies -= 1
+
+        def unwrap(x):
+            if not (isinstance(x, _QuaxTracer) and x._trace.tag is trace.tag):
+                return x
+            if type(x.value) is _DenseArrayValue:
+                return x.value.array
+            if isinstance(x.value, RowIds):  # positions end at the body's edge
+                return x.value.array
+            raise UnsupportedOperationError(
+                f"A `jax.shard_map` body returned a {type(x.value).__name__} (shape "
+                f"{tuple(x.aval.shape)}) under quaxify: a body's outputs must be "
+                "plain arrays. Return the product of the adapted weight (`x @ W`) "
+                "rather than the weight itself."
+            )
+
+        return out.map(unwrap) if hasattr(out, "map") else [unwrap(x) for x in out]
+
+    return body
+
+
+# Inside a body, `check_vma` (on by default) wants the operands of each primitive to
+# vary over the same mesh axes, and JAX's own functions (`jnp.einsum`, `x @ w`,
+# `lax.dot_general`) make them do so (a `pvary`) from each operand's aval. quax
+# gives an adapted weight the aval `ShapedArray(shape, dtype)`, which says it
+# varies over no axis, so no `pvary` was inserted for the activation and the
+# rule's `dot_general(x, w)` failed ("requires varying manual axes to match"). A
+# BatchedLoraArray's tracer made inside a body (by the body or by a rule) takes
+# its base weight's aval instead: same shape and dtype, with its varying axes.
+_shard_map_bodies = 0  # how many bodies `_quax_body` is tracing now
+_native_tracer_init = _QuaxTracer.__init__
+
+
+def _tracer_init(self, trace, value) -> None:
+    _native_tracer_init(self, trace, value)
+    if _shard_map_bodies and isinstance(value, (BatchedLoraArray, RowIds)):
+        inner = value.w if isinstance(value, BatchedLoraArray) else value.array
+        with core.set_current_trace(trace.parent_trace):
+            aval = core.typeof(inner) if isinstance(inner, core.Tracer) else None
+        mat, own = getattr(aval, "mat", None), self._cached_aval
+        if (
+            mat is not None
+            and mat.varying
+            and (aval.shape, aval.dtype) == (own.shape, own.dtype)
+        ):
+            self._cached_aval = aval
+
+
 PATCHED_SHARD_MAP = not QUAX_HANDLES_SHARD_MAP
 if PATCHED_SHARD_MAP:
     _QuaxTrace.process_shard_map = _process_shard_map
+    _QuaxTracer.__init__ = _tracer_init
 
 
 # -- quax's wrapping of arguments on JAX >= 0.11 ---------------------------------

@@ -32,7 +32,7 @@ from jaxtyping import ArrayLike
 from .._core.array import BatchedLoraArray, bind
 from .._core.errors import UnsupportedOperationError
 from .._core.indices import clamp_indices, gathered_scale, require_indices, scale_rows
-from .._core.lax import ragged_dot_general_p
+from .._core.lax import match_varying, ragged_dot_general_p
 from .._core.rows import RowIds, row_positions, tag
 
 
@@ -97,6 +97,14 @@ def _grouped(dn):
     )
 
 
+def _base(x, lora: BatchedLoraArray, group_sizes, params):
+    """The base grouped product `ragged_dot(x, W)`."""
+    w = lora.frozen_w
+    if not isinstance(w, quax.Value):
+        x, w, group_sizes = match_varying(x, w, group_sizes)
+    return bind(ragged_dot_general_p, x, w, group_sizes, **params)
+
+
 def _grouped_low_rank(x, lora: BatchedLoraArray, group_sizes, params):
     """`ragged_dot(x, W + s·A_i B_i)` for one adapter `i` for every row (scalar
     indices): the base grouped product plus the grouped low-rank product
@@ -106,15 +114,17 @@ def _grouped_low_rank(x, lora: BatchedLoraArray, group_sizes, params):
     j = clamp_indices(jnp.asarray(i), lora.n_adapters)
     a = jnp.take(jnp.moveaxis(lora.a, 1, 0), j, axis=0)  # (E, d, r)
     b = jnp.take(jnp.moveaxis(lora.b, 1, 0), j, axis=0)  # (E, r, f)
-    base = bind(ragged_dot_general_p, x, lora.frozen_w, group_sizes, **params)
+    base = _base(x, lora, group_sizes, params)
     dtype, pref = _compute_dtype(x, params)
     step = {**params, "ragged_dot_dimension_numbers": _grouped(
         params["ragged_dot_dimension_numbers"])}  # fmt: skip
     step["preferred_element_type"] = pref
     u = ragged_dot_general_p.bind(
-        jnp.asarray(x, dtype), a.astype(dtype), group_sizes, **step
+        *match_varying(jnp.asarray(x, dtype), a.astype(dtype), group_sizes), **step
     )
-    v = ragged_dot_general_p.bind(u, b.astype(dtype), group_sizes, **step)
+    v = ragged_dot_general_p.bind(
+        *match_varying(u, b.astype(dtype), group_sizes), **step
+    )
     return base + scale_rows(v, s).astype(base.dtype)
 
 
@@ -179,10 +189,10 @@ def _per_row_grouped(x: RowIds, lora: BatchedLoraArray, group_sizes, params):
         params["ragged_dot_dimension_numbers"])}  # fmt: skip
     step["preferred_element_type"] = pref
     xs = jnp.take(rows, order, axis=0, mode="clip").astype(dtype)
-    u = ragged_dot_general_p.bind(xs, a, sizes, **step)
-    v = ragged_dot_general_p.bind(u, b, sizes, **step)
+    u = ragged_dot_general_p.bind(*match_varying(xs, a, sizes), **step)
+    v = ragged_dot_general_p.bind(*match_varying(u, b, sizes), **step)
     v = jnp.zeros_like(v).at[order].set(v, unique_indices=True)
-    base = bind(ragged_dot_general_p, rows, lora.frozen_w, group_sizes, **params)
+    base = _base(rows, lora, group_sizes, params)
     out = base + scale_rows(v, s[:, None]).astype(base.dtype)
     return tag(out, x.pos[:, :1], x.space)
 

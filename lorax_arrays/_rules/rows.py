@@ -26,6 +26,7 @@ import numpy as np
 import quax
 from jax import lax
 from jax._src.ad_checkpoint import name_p
+from jax._src.core import pvary_p
 from jaxtyping import ArrayLike
 
 from .._core.array import bind
@@ -63,7 +64,7 @@ def _apply(primitive, args: Sequence[Any], params: dict) -> Any:
         pos = _TAG_RULES[primitive](tags, arrays, params, outs)
     space = next(iter(spaces))
     if not primitive.multiple_results:
-        return tag(out, pos, space)
+        return tag(out, pos[0] if isinstance(pos, list) else pos, space)
     pos = pos if isinstance(pos, list) else [pos] * len(outs)
     return [tag(o, p, space) for o, p in zip(outs, pos)]
 
@@ -509,6 +510,7 @@ def _register_all() -> None:
     _register(lax.conv_general_dilated_p, _conv)
     _register(_prim("optimization_barrier"), _identity_each)
     _register(name_p, _elementwise)  # `checkpoint_name`
+    _register(pvary_p, _identity_each)  # in a `shard_map` body
 
 
 _register_all()
