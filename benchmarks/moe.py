@@ -17,10 +17,12 @@ order; medians of `--repeats` rounds):
 - `base`: the layer on the plain weights;
 - `scalar`: one adapter for the whole batch (`lx.with_indices(tree, i)`, `i` a
   traced scalar, as a server passes it): the grouped low-rank product;
-- `per-token`: 8 adapters, a random one per token (`(N,)` indices, traced). Until
-  per-row adapters through `ragged_dot` land this raises
-  `lx.UnsupportedOperationError`; the script catches nothing, so run the others
-  alone with `--variants base,scalar`.
+- `per-token`: 8 adapters, a random one per token (`(N,)` indices, traced): the
+  rows carry their positions through the sort (`RowIds`); the low-rank term in
+  the form `auto` picks;
+- `sorted` and `expert-grouped`: the same with each form of the per-row term
+  forced (`strategy="segment"`: rows sorted by (expert, adapter), `E·n` groups;
+  `strategy="gather"`: the model's `E` groups, every adapter's columns).
 
 Per variant: `host` is the time until the jitted call returns (tracing-cache
 lookup, argument flattening, dispatch), `total` the time until its result is
@@ -29,6 +31,10 @@ layer ran at the base's rate, in flops (`x·A·B` per token and expert slot over
 base's matmuls) and in weight bytes (the adapters' factors the batch reads, one
 adapter for `scalar`, the distinct ones of the batch for `per-token`, over the
 experts' and router's weights).
+
+A second table: the time to trace and lower each variant (`jax.jit(f).lower`)
+and to compile it, on the first case of the grid (median of 3 fresh jits): what
+the row positions cost before the first call.
 
 Correctness first, on a small case: `scalar` equals the base layer on the weights
 with its adapter merged (in NumPy), and `per-token` equals, row by row, the base
@@ -55,7 +61,7 @@ import numpy as np
 import lorax_arrays as lx
 from benchmarks._common import interleaved
 
-VARIANTS = ("base", "scalar", "per-token")
+VARIANTS = ("base", "scalar", "per-token", "sorted", "expert-grouped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,20 +161,28 @@ def scalar_variant(case: Case, params, tree, x, rng):
     return f, (tree, x, jnp.int32(rng.integers(case.adapters)))
 
 
-def per_token_variant(case: Case, params, tree, x, rng):
-    """A random adapter per token (`(N,)` indices, traced). Raises
-    `lx.UnsupportedOperationError` until per-row adapters through `ragged_dot`
-    land."""
+def per_token_variant(case: Case, params, tree, x, rng, strategy=None):
+    """A random adapter per token (`(N,)` indices, traced); the per-row term in
+    the form `auto` picks, or forced (`segment`: sorted, `gather`: grouped by
+    expert)."""
 
     @jax.jit
     def f(tree, x, idx):
-        return lx.quaxify(lambda p, x: moe(p, x, case.k))(lx.with_indices(tree, idx), x)
+        layer = lx.quaxify(lambda p, x: moe(p, x, case.k), strategy=strategy)
+        return layer(lx.with_indices(tree, idx), x)
 
     idx = rng.integers(case.adapters, size=case.tokens).astype(np.int32)
     return f, (tree, x, jnp.asarray(idx))
 
 
-BUILD = {"base": base_variant, "scalar": scalar_variant, "per-token": per_token_variant}
+BUILD = {
+    "base": base_variant,
+    "scalar": scalar_variant,
+    "per-token": per_token_variant,
+    "sorted": lambda *a: per_token_variant(*a, strategy="segment"),
+    "expert-grouped": lambda *a: per_token_variant(*a, strategy="gather"),
+}
+PER_ROW = ("per-token", "sorted", "expert-grouped")
 
 
 def check(case: Case, variants, rng) -> None:
@@ -186,6 +200,8 @@ def check(case: Case, variants, rng) -> None:
             want = np.asarray(layer(params, x))
         elif name == "scalar":
             want = per_adapter[int(args[-1])]
+        elif name not in PER_ROW:
+            raise ValueError(name)
         else:
             idx = np.asarray(args[-1])
             want = np.stack([per_adapter[i][n] for n, i in enumerate(idx)])
@@ -212,7 +228,7 @@ def time_case(case: Case, variants, repeats: int, rng):
     distinct = {}
     for name in variants:
         f, args = BUILD[name](case, params, tree, x, rng)
-        if name == "per-token":
+        if name in PER_ROW:
             distinct[name] = len(np.unique(np.asarray(args[-1])))
 
         def run(f=f, args=args, name=name):
@@ -274,7 +290,8 @@ def main():
         if name != "base":
             head += [f"{name} ms", f"{name} host ms", f"{name} ratio"]
     head += ["base host ms", "bound flops", "bound bytes (1 adapter)"]
-    if "per-token" in variants:
+    per_row = [n for n in variants if n in PER_ROW]
+    if per_row:
         head.append("bound bytes (per-token)")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -300,10 +317,46 @@ def main():
                         f"{total[name] / total['base']:.2f}",
                     ]
             row += [f"{host['base'] * 1e3:.3f}", f"{flops:.3f}", f"{bytes_one:.3f}"]
-            if "per-token" in variants:
-                row.append(f"{bounds(case, distinct['per-token'])[1]:.3f}")
+            if per_row:
+                row.append(f"{bounds(case, distinct[per_row[0]])[1]:.3f}")
             print("| " + " | ".join(map(str, row)) + " |", flush=True)
+    first = Case(grid["d"], grid["f"], grid["es"][0], grid["k"], grid["tokens"][0],
+                 grid["rank"], grid["adapters"])  # fmt: skip
+    compile_table(first, variants, rng, rounds=1 if args.quick else 3)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
+
+
+def compile_table(case: Case, variants, rng, rounds: int = 3) -> None:
+    """Trace-and-lower and compile times per variant (fresh jits, median)."""
+    params = {k: jnp.asarray(v) for k, v in make_params(case, rng).items()}
+    _, stack = make_stack(params, case, rng)
+    tree = lx.loraify(params, stack)
+    x = jnp.asarray(rng.standard_normal((case.tokens, case.d), dtype=np.float32))
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in variants}
+    for _ in range(rounds):
+        for name in variants:
+            f, args = BUILD[name](case, params, tree, x, rng)
+            t = time.perf_counter()
+            lowered = f.lower(*args)
+            t1 = time.perf_counter()
+            lowered.compile()
+            t2 = time.perf_counter()
+            times[name][0].append(t1 - t)
+            times[name][1].append(t2 - t1)
+    print(
+        f"\nTrace and compile, E {case.e}, {case.tokens} tokens ({rounds} fresh "
+        "jit(s), median; ratio = over base)"
+    )
+    print("| variant | trace+lower ms | ratio | compile ms | ratio |")
+    print("|---|---|---|---|---|")
+    lo_base = float(np.median(times["base"][0]))
+    co_base = float(np.median(times["base"][1]))
+    for name in variants:
+        lo, co = (float(np.median(v)) for v in times[name])
+        print(
+            f"| {name} | {lo * 1e3:.1f} | {lo / lo_base:.2f} | {co * 1e3:.1f} | "
+            f"{co / co_base:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -102,9 +102,11 @@ def init_params(cfg: Config = CONFIG, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def rules(attention: bool = True) -> list[lx.LoraRule]:
+    # Ranks chosen so that no factor stack, seen as `(E, d, n·r)` by the
+    # expert-grouped form (3 adapters), has the shape of an expert weight.
     """Expert weights `(E, d, f)` stacked over the experts; attention 2-D."""
     out = [
-        lx.LoraRule("^(gate|up)$", 2, stack_axes=0, in_axes=1, out_axes=2),
+        lx.LoraRule("^(gate|up)$", 4, stack_axes=0, in_axes=1, out_axes=2),
         lx.LoraRule("^down$", 3, alpha=6.0, stack_axes=0, in_axes=1, out_axes=2),
     ]
     if attention:

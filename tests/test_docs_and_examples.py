@@ -20,6 +20,7 @@ DOCS = [
     "docs/serving.md",
     "docs/variants.md",
     "docs/training.md",
+    "docs/moe.md",
 ]
 
 

@@ -4,11 +4,12 @@ served with adapted attention and expert weights, against float64 NumPy referenc
 that merge each token's own adapter (issue #22).
 
 - one adapter for the whole call (scalar indices, traced as a server passes them)
-  and the base (`-1`): equal to the reference (works today);
+  and the base (`-1`): equal to the reference;
 - per request `(B,)` and per token `(B, T)` indices, through the decoder block and
-  the bare MoE block: written as a user would call them; until per-row adapters
-  through `ragged_dot` land they raise `lx.UnsupportedOperationError` (the
-  `ragged_dot_general` rule accepts scalar indices only);
+  the bare MoE block, written as a user would call them: each row equal to its
+  request's (or token's) reference, with the low-rank term in either form (rows
+  sorted by expert and adapter, `strategy="segment"`; grouped by expert,
+  `strategy="gather"`);
 - the low-rank term is grouped, not dense: with scalar indices the expert weights
   give 9 `ragged_dot_general` equations (per weight: the base, `x·A`, `(x·A)·B`)
   and no `(E, D, F)`-shaped array is built; per token, no weight-shaped array
@@ -132,27 +133,26 @@ def test_one_adapter_for_the_batch_equals_its_merged_model(style, i):
 @pytest.mark.parametrize("style", STYLES)
 def test_per_request_adapters(style):
     """`(B,)` indices, `[0, 2, -1, 1]`: each request its own adapter (or the base)
-    in attention and in the experts. Raises UnsupportedOperationError until
-    per-row adapters through `ragged_dot` land."""
+    in attention and in the experts."""
     tree = lx.loraify(PARAMS, ADAPTERS, PER_REQUEST)
     got = jax.jit(lx.quaxify(_decoder(style)))(tree, X)
     _assert_matches(got, *mm.reference_decoder(PARAMS, ADAPTERS, PER_REQUEST, X, CFG))
 
 
+@pytest.mark.parametrize("strategy", [None, "segment", "gather"])
 @pytest.mark.parametrize("style", STYLES)
-def test_per_token_adapters(style):
-    """`(B, T)` indices, a random adapter (or the base) per token. Raises
-    UnsupportedOperationError until per-row adapters through `ragged_dot` land."""
+def test_per_token_adapters(style, strategy):
+    """`(B, T)` indices, a random adapter (or the base) per token; the per-row
+    term in the form `auto` picks and in each form forced."""
     tree = lx.loraify(PARAMS, ADAPTERS, PER_TOKEN)
-    got = jax.jit(lx.quaxify(_decoder(style)))(tree, X)
+    got = jax.jit(lx.quaxify(_decoder(style), strategy=strategy))(tree, X)
     _assert_matches(got, *mm.reference_decoder(PARAMS, ADAPTERS, PER_TOKEN, X, CFG))
 
 
 @pytest.mark.parametrize("style", STYLES)
 def test_per_token_adapters_in_the_bare_moe_block(style):
     """The MoE block alone (no attention before it), per-token indices: where a
-    failure of the decoder test lies. Raises UnsupportedOperationError until
-    per-row adapters through `ragged_dot` land."""
+    failure of the decoder test lies."""
     tree = lx.loraify(PARAMS, ADAPTERS, PER_TOKEN)
     got = jax.jit(lx.quaxify(_moe(style)))(tree, X)
     _assert_matches(got, *mm.reference_moe(PARAMS, ADAPTERS, PER_TOKEN, X, CFG))
@@ -180,10 +180,13 @@ def test_the_low_rank_term_is_grouped_not_dense(style):
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_the_per_token_low_rank_term_is_not_dense(style):
-    """Raises UnsupportedOperationError until per-row adapters land."""
+@pytest.mark.parametrize("strategy", [None, "segment", "gather"])
+def test_the_per_token_low_rank_term_is_not_dense(style, strategy):
+    """Either form of the per-row term (rows sorted by expert and adapter, or
+    grouped by expert), and the one `auto` picks, builds no weight."""
     tree = lx.loraify(PARAMS, ADAPTERS, PER_TOKEN)
-    jaxpr = jax.make_jaxpr(lx.quaxify(_moe(style)))(tree, X).jaxpr
+    f = lx.quaxify(_moe(style), strategy=strategy)
+    jaxpr = jax.make_jaxpr(f)(tree, X).jaxpr
     ragged = [e for e in walk_eqns(jaxpr) if e.primitive.name == "ragged_dot_general"]
-    assert len(ragged) >= 3  # the base products stay grouped
+    assert len(ragged) == 9  # per expert weight: the base and the two factors
     assert not _weight_shaped(jaxpr)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import quax
 from jaxtyping import ArrayLike
@@ -34,6 +35,7 @@ from .._core.errors import UnsupportedOperationError
 from .._core.indices import clamp_indices, gathered_scale, require_indices, scale_rows
 from .._core.lax import match_varying, ragged_dot_general_p
 from .._core.rows import RowIds, row_positions, tag
+from .strategies import current_strategy
 
 
 def _compute_dtype(x, params):
@@ -154,47 +156,109 @@ def _row_indices(x: RowIds, lora: BatchedLoraArray):
 
 def _per_row_grouped(x: RowIds, lora: BatchedLoraArray, group_sizes, params):
     """`ragged_dot(x, W + s_i·A_i B_i)` with each row's own adapter `i` (see the
-    module docstring): the base grouped product plus the low-rank term grouped by
-    (expert, adapter)."""
+    module docstring): the base grouped product plus the low-rank term, in the
+    form `_form` picks."""
     rows = x.array
     m = rows.shape[0]
     n = lora.n_adapters
     i, mixed = _row_indices(x, lora)
     n_groups = lora.shape[lora.stack_axes[0]]
     dtype, pref = _compute_dtype(rows, params)
-    a = lora.a.reshape((n_groups * n, *lora.a.shape[2:])).astype(dtype)  # (E·n, d, r)
-    b = lora.b.reshape((n_groups * n, *lora.b.shape[2:])).astype(dtype)  # (E·n, r, f)
+    a = lora.a.astype(dtype)  # (E, n, d, r)
+    b = lora.b.astype(dtype)  # (E, n, r, f)
     # A grouped matmul may compute every group against every row and mask the
-    # result (XLA's CPU and GPU lowering do): an adapter holding NaN or Inf would
-    # then reach other adapters' rows. Its factors are zeroed for the product
-    # and its own rows made NaN.
+    # result (XLA's CPU lowering does), and the expert-grouped form multiplies
+    # other adapters' factors by zeros: an adapter holding NaN or Inf would then
+    # reach other adapters' rows. Its factors are zeroed for the product and its
+    # own rows made NaN.
     finite_a, finite_b = jnp.isfinite(a), jnp.isfinite(b)
-    sound = finite_a.all((1, 2)) & finite_b.all((1, 2))  # (E·n,)
+    sound = finite_a.all((2, 3)) & finite_b.all((2, 3))  # (E, n)
     a = jnp.where(finite_a, a, 0)
     b = jnp.where(finite_b, b, 0)
     s = gathered_scale(lora.scale, i)
     s = jnp.where(mixed, jnp.nan, s)
     ends = jnp.cumsum(group_sizes)
     expert = jnp.searchsorted(ends, jnp.arange(m, dtype=ends.dtype), side="right")
+    expert = expert.astype(jnp.int32)
     on_expert = expert < n_groups
     s = jnp.where(on_expert, s, 0)  # rows on no expert: the base result, 0
     j = clamp_indices(i, n).astype(jnp.int32)
     served = on_expert & (s != 0) & jnp.isfinite(s)
-    key = jnp.where(served, expert.astype(jnp.int32) * n + j, n_groups * n)
-    s = jnp.where(served & ~sound[jnp.clip(key, 0, n_groups * n - 1)], jnp.nan, s)
-    order = jnp.argsort(key, stable=True)
-    sizes = jnp.zeros((n_groups * n + 1,), group_sizes.dtype).at[key].add(1)
-    sizes = sizes[: n_groups * n]
+    ok = sound[jnp.clip(expert, 0, n_groups - 1), j]
+    s = jnp.where(served & ~ok, jnp.nan, s)
     step = {**params, "ragged_dot_dimension_numbers": _grouped(
         params["ragged_dot_dimension_numbers"])}  # fmt: skip
     step["preferred_element_type"] = pref
-    xs = jnp.take(rows, order, axis=0, mode="clip").astype(dtype)
-    u = ragged_dot_general_p.bind(*match_varying(xs, a, sizes), **step)
-    v = ragged_dot_general_p.bind(*match_varying(u, b, sizes), **step)
-    v = jnp.zeros_like(v).at[order].set(v, unique_indices=True)
+    xs = jnp.asarray(rows, dtype)
+    if _form(n, lora.rank) == "sorted":
+        v = _sorted_term(xs, a, b, j, expert, served, n_groups, group_sizes, step)
+    else:
+        v = _expert_grouped_term(xs, a, b, j, served, group_sizes, step)
     base = _base(rows, lora, group_sizes, params)
     out = base + scale_rows(v, s[:, None]).astype(base.dtype)
     return tag(out, x.pos[:, :1], x.space)
+
+
+# The expert-grouped form reads every adapter's factors for each row's expert
+# (`n·r` columns): cheapest where the grouped matmul is a masked dense product
+# (XLA's CPU lowering, whose cost grows with the number of groups), and for few,
+# small adapters. Measured by `python -m benchmarks.moe` (both forms).
+EXPERT_GROUPED_MAX_COLUMNS = 512
+
+
+def _form(n: int, rank: int) -> str:
+    """`sorted` or `expert-grouped` (module docstring): the call's strategy
+    (`lx.quaxify(f, strategy=...)`: `segment` sorts, `gather` groups by expert),
+    else by backend and size."""
+    forced = current_strategy()
+    if forced == "dense":
+        raise UnsupportedOperationError(
+            "strategy='dense' builds each row's merged weight, which a grouped "
+            "matmul's per-row adapters never do: use 'segment' (rows sorted by "
+            "expert and adapter), 'gather' (grouped by expert, every adapter's "
+            "columns) or 'auto'."
+        )
+    if forced == "segment":
+        return "sorted"
+    if forced == "gather":
+        return "expert-grouped"
+    cpu = jax.default_backend() == "cpu"
+    return (
+        "expert-grouped" if cpu and n * rank <= EXPERT_GROUPED_MAX_COLUMNS else "sorted"
+    )
+
+
+def _sorted_term(xs, a, b, j, expert, served, n_groups, group_sizes, step):
+    """The rows sorted by (expert, adapter), `ragged_dot` against `A` and `B` seen
+    as `E·n` groups, put back: the low-rank flops alone, plus a gather of `x` and
+    a scatter of the term."""
+    m, n = xs.shape[0], a.shape[1]
+    key = jnp.where(served, expert * n + j, n_groups * n)
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.zeros((n_groups * n + 1,), group_sizes.dtype).at[key].add(1)
+    sizes = sizes[: n_groups * n]
+    a = a.reshape((n_groups * n, *a.shape[2:]))  # (E·n, d, r)
+    b = b.reshape((n_groups * n, *b.shape[2:]))  # (E·n, r, f)
+    xs = jnp.take(xs, order, axis=0, mode="clip")
+    u = ragged_dot_general_p.bind(*match_varying(xs, a, sizes), **step)
+    v = ragged_dot_general_p.bind(*match_varying(u, b, sizes), **step)
+    del m
+    return jnp.zeros_like(v).at[order].set(v, unique_indices=True)
+
+
+def _expert_grouped_term(xs, a, b, j, served, group_sizes, step):
+    """The model's own expert groups: `x · A_e` for all `n` adapters of the row's
+    expert at once (`(E, d, n·r)`), each row's own `r` columns kept, then
+    `· B_e` over `(E, n·r, f)` with the others zero. No sort; `n` times the
+    low-rank flops."""
+    m = xs.shape[0]
+    e, n, d, r = a.shape
+    a_cat = jnp.moveaxis(a, 1, 2).reshape(e, d, n * r)
+    b_cat = b.reshape(e, n * r, b.shape[-1])
+    u = ragged_dot_general_p.bind(*match_varying(xs, a_cat, group_sizes), **step)
+    own = (jnp.arange(n, dtype=jnp.int32) == j[:, None]) & served[:, None]
+    u = jnp.where(own[:, :, None], u.reshape(m, n, r), 0).reshape(m, n * r)
+    return ragged_dot_general_p.bind(*match_varying(u, b_cat, group_sizes), **step)
 
 
 def _ragged(lhs, rhs, group_sizes, params):

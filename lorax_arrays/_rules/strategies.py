@@ -63,6 +63,11 @@ def call_strategy(strategy: str | None):
         _call_strategy.reset(token)
 
 
+def current_strategy() -> str | None:
+    """The strategy forced for this call (`lx.quaxify(f, strategy=...)`), if any."""
+    return _call_strategy.get()
+
+
 @contextlib.contextmanager
 def segment_kernel(kernel: str | None):
     if kernel not in (None, "tiled", "ragged"):
