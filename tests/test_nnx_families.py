@@ -75,6 +75,7 @@ WORKING = [
     "moe-gshard",  # experts a batch axis of dot_general
     "moe-gather",  # w[experts]: the entries' factors gathered per adapter
     "moe-take",  # jnp.take(w, experts, axis=0)
+    "moe-ragged",  # tokens sorted by expert, lax.ragged_dot: rows carry positions
     "deepseek-mla",  # absorbed wkv_b: an out-axis as a dot_general batch axis
     "nnx-mlp",
     "nnx-lm1b",  # nnx.MultiHeadAttention's own cache, made before the call
@@ -105,14 +106,6 @@ UNSUPPORTED = [
         r"entries' adapters.*no low-rank form.*`w\[experts\]`.*"
         r"einsum\('BTD,EDF->BTEF', x, w\)",
         id="moe-onehot-contracts-expert-axis",
-    ),
-    pytest.param(
-        "moe-ragged",
-        r"moe/down_proj",
-        r"`ragged_dot_general` \(`lax.ragged_dot`\) with a BatchedLoraArray "
-        r"\(weight shape \(4, 32, 16\).*which request, and so which adapter, each "
-        r"row belongs to is lost.*`w\[experts\]`",
-        id="moe-ragged-ragged_dot",
     ),
 ]
 

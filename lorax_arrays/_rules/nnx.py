@@ -115,7 +115,12 @@ class NnxAware(eqx.Module):
         # `__self__`, where no pytree traversal finds it: call `__func__` on it.
         method = isinstance(fn, types.MethodType) and is_node(fn.__self__)
         head = fn.__self__ if method else fn
-        leaves, treedef = jtu.tree_flatten((head, args, kwargs), is_leaf=is_node)
+        # A quax value among the arguments (an activation with its rows'
+        # positions) stays whole, for quax to wrap.
+        leaves, treedef = jtu.tree_flatten(
+            (head, args, kwargs),
+            is_leaf=lambda x: is_node(x) or isinstance(x, quax.Value),
+        )
         where = [i for i, leaf in enumerate(leaves) if is_node(leaf)]
         if not where:
             return quax.quaxify(fn, filter_spec)(*args, **kwargs)
