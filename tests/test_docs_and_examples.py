@@ -198,3 +198,13 @@ def test_rl_tenants_example_learns_and_publishes():
     assert len(found) == 3, out
     assert all(float(last) > float(first) for first, last in found), out
     assert "bank versions: [41, 41, 41]" in out, out
+
+
+def test_moe_experts_example_serves_each_request_its_adapter():
+    out = _run(["examples/moe_experts.py", "--steps", "8"])
+    rows = re.findall(r"request \d \(([\w-]+)\): predicts .*= ([\d.e+-]+)", out)
+    assert [name for name, _ in rows] == ["shift-1", "base", "shift-3", "shift-2"]
+    assert all(float(err) < 1e-3 for _, err in rows), out
+    predictions = re.findall(r"predicts (\[[\d, ]+\])", out)
+    assert len(set(predictions)) == 4, out  # the adapters tell the requests apart
+    assert "per-token logits: (4, 6, 64) finite: True" in out, out
