@@ -20,7 +20,7 @@ from lorax_arrays._core import errors
 PACKAGE = Path(lx.__file__).parent
 # Raised and caught inside the rules (a reshape that breaks the low-rank form
 # becomes an UnsupportedOperationError naming why); never reaches a user.
-INTERNAL = {"LayoutError"}
+INTERNAL = {"LayoutError", "RowsNeededError", "CarryLostRowsError"}
 
 RNG = np.random.default_rng(0)
 W = jnp.asarray(RNG.standard_normal((4, 3)), jnp.float32)

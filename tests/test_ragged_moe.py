@@ -224,7 +224,7 @@ def test_a_corrupt_adapter_changes_no_other_row(strategy):
     tree["up"] = eqx.tree_at(lambda w: w.a, up, up.a.at[:, 1].set(jnp.nan))
     tree["down"] = eqx.tree_at(lambda w: w.b, down, down.b.at[:, 1].set(jnp.inf))
     got = np.asarray(jax.jit(lx.quaxify(block, strategy=strategy))(tree, X))
-    np.testing.assert_allclose(np.delete(got, 1, 0), np.delete(clean, 1, 0), 1e-6)
+    np.testing.assert_allclose(np.delete(got, 1, 0), np.delete(clean, 1, 0), 1e-5)
     assert not np.isfinite(got[1]).all()
 
 

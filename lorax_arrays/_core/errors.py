@@ -61,6 +61,21 @@ class LayoutError(ValueError):
     """A layout change that would break the low-rank form; says why."""
 
 
+class RowsNeededError(UnsupportedOperationError):
+    """A grouped matmul with per-row adapters met rows without their positions.
+    `lx.quaxify` catches it to trace again with the arguments tagged; what
+    reaches a user is an `UnsupportedOperationError` saying why."""
+
+
+class CarryLostRowsError(Exception):
+    """A `lax.scan` body lost the row positions of carry `k`: the loop is traced
+    again with that carry plain (internal to `_rules/control.py`)."""
+
+    def __init__(self, k: int):
+        super().__init__(k)
+        self.k = k
+
+
 class SafetensorsError(ValueError):
     """A `.safetensors` file that cannot be read as written."""
 

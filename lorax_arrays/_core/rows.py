@@ -70,6 +70,13 @@ class RowIds(quax.ArrayValue):
         return self.array
 
 
+def live(x: Any) -> bool:
+    """Whether `x` is a `RowIds` whose positions are positions: under
+    differentiation JAX may hand a rule one whose `pos` is a cotangent (`float0`),
+    which stands for no rows."""
+    return isinstance(x, RowIds) and jnp.issubdtype(x.pos.dtype, jnp.integer)
+
+
 def tag(array: Any, pos: Any, space: tuple[int, ...]) -> Any:
     """`array` with positions `pos` (None: `array` untagged)."""
     if pos is None:

@@ -30,8 +30,8 @@ from jax import lax
 from jaxtyping import ArrayLike
 
 from .._core.array import BatchedLoraArray
-from .._core.errors import UnsupportedOperationError
-from .._core.rows import RowIds, reduce_positions, untag
+from .._core.errors import CarryLostRowsError, UnsupportedOperationError
+from .._core.rows import RowIds, live, reduce_positions, untag
 from .quax_compat import quax_default_process, remat_p, scan_quax, unpack_scan_args
 
 
@@ -64,7 +64,7 @@ def _split_for_scan(lora: BatchedLoraArray):
 @quax.register(lax.scan_p, precedence=1)
 def _scan(*args: BatchedLoraArray | quax.ArrayValue | ArrayLike, jaxpr, **params):
     consts, carry, xs = unpack_scan_args(args, {**params, "jaxpr": jaxpr})
-    rows = any(isinstance(c, RowIds) for c in carry)
+    rows = any(live(c) for c in carry)
     if not rows and not any(_stacked(x) for x in xs):
         return scan_quax(*args, jaxpr=jaxpr, **params)
     if rows:
@@ -75,24 +75,19 @@ def _scan(*args: BatchedLoraArray | quax.ArrayValue | ArrayLike, jaxpr, **params
         while True:
             try:
                 return _scan_body(consts, carry, xs, jaxpr, params)
-            except _CarryLostRows as lost:
+            except CarryLostRowsError as lost:
                 carry[lost.k] = untag(carry[lost.k])
     return _scan_body(consts, carry, xs, jaxpr, params)
-
-
-class _CarryLostRows(Exception):
-    def __init__(self, k: int):
-        self.k = k
 
 
 def _settle_carry(k: int, before: Any, after: Any) -> Any:
     """The body's carry `after` in the type of `before`: row positions laid out as
     they came in (reduced where they came in constant, `MIXED` where they then
     differ), dropped where they came in untagged."""
-    if not isinstance(before, RowIds):
+    if not live(before):
         return untag(after)
-    if not isinstance(after, RowIds) or after.space != before.space:
-        raise _CarryLostRows(k)
+    if not live(after) or after.space != before.space:
+        raise CarryLostRowsError(k)
     axes = [d for d in range(after.pos.ndim) if before.pos.shape[d] == 1]
     pos = reduce_positions(after.pos, axes)
     pos = jnp.broadcast_to(jnp.expand_dims(pos, axes), before.pos.shape)

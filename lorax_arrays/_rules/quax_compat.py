@@ -20,7 +20,7 @@ from quax._values import _dense, _DenseArrayValue
 
 from .._core.array import BatchedLoraArray
 from .._core.errors import UnsupportedOperationError
-from .._core.rows import RowIds
+from .._core.rows import RowIds, live
 
 __all__ = [
     "PATCHED_CUSTOM_VJP",
@@ -78,7 +78,7 @@ def _process_custom_vjp_call(
     self, primitive, fun, fwd, bwd, tracers, /, *, out_trees, symbolic_zeros
 ):
     values = [self.to_value(t) for t in tracers]
-    if any(isinstance(v, RowIds) for v in values):
+    if any(live(v) for v in values):
         if not _differentiating(self):
             # Activations carrying their rows' positions (`RowIds`): EasyDeL's
             # and MaxText's token sort is a custom_vjp. With no derivative being
@@ -161,7 +161,11 @@ QUAX_HANDLES_SHARD_MAP = "process_shard_map" in _QuaxTrace.__dict__
 def _process_shard_map(self, primitive, fun, tracers, **params):
     from .shard_map import split_arguments
 
-    values = [self.to_value(t) for t in tracers]
+    # Positions that stand for no rows (cotangents) are dropped.
+    values = [
+        _dense(v.array) if isinstance(v, RowIds) and not live(v) else v
+        for v in (self.to_value(t) for t in tracers)
+    ]
     other = [
         type(v).__name__
         for v in values

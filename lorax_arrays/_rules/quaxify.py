@@ -13,6 +13,7 @@ import numpy as np
 import quax
 
 from .._core.array import BatchedLoraArray
+from .._core.errors import RowsNeededError
 from .._core.rows import RowIds, source_positions, tag, untag
 from .nnx import NnxAware
 from .strategies import call_strategy, check_strategy
@@ -56,11 +57,13 @@ def quaxify(
     - `rows`: whether the arguments carry their rows' positions among the adapter
         indices through the call, for adapted expert weights in a grouped matmul
         (`lax.ragged_dot`), whose rows are tokens sorted by expert (see the docs
-        page "Mixture of experts"). `None` (the default): when an adapted weight
-        with a stack axis (experts) has per-row indices. The arguments tagged are
-        the arrays passed directly (not inside a pytree) whose leading axes are
-        the indices' shape, or a row-major regrouping of it (`(B*T, D)` for
-        `(B, T)` indices), or `T` rows per index (`(B*T, D)` for `(B,)`).
+        page "Mixture of experts"). `None` (the default): when a grouped matmul
+        with per-row adapters needs them (the call is then traced a second time,
+        tagged; a model without one is traced once, untagged). `True`: tagged
+        from the start, whenever an adapted weight has per-row indices. `False`:
+        never. The arguments tagged are the arrays passed directly (not inside a
+        pytree) whose leading axes are the indices' shape, or a row-major
+        regrouping of it (`(B*T, D)` for `(B, T)` indices).
 
     **Returns:**
 
@@ -90,18 +93,14 @@ def _is_lora(x: Any) -> bool:
     return isinstance(x, BatchedLoraArray)
 
 
-def row_space(tree: Any, force: bool = False) -> tuple[int, ...] | None:
-    """The shape of the per-row indices of the adapted weights in `tree` that need
-    row positions (those with a stack axis: experts; any with `force`), or None
+def row_space(tree: Any) -> tuple[int, ...] | None:
+    """The shape of the per-row indices of the adapted weights in `tree`, or None
     when there are none, or when they disagree (then nothing is tagged, and a
     grouped matmul that needs the positions says so)."""
     shapes = {
         tuple(leaf.indices.shape)
         for leaf in jax.tree.leaves(tree, is_leaf=_is_lora)
-        if _is_lora(leaf)
-        and leaf.indices is not None
-        and np.ndim(leaf.indices) > 0
-        and (force or leaf.stack_axes)
+        if _is_lora(leaf) and leaf.indices is not None and np.ndim(leaf.indices) > 0
     }
     return shapes.pop() if len(shapes) == 1 else None
 
@@ -115,10 +114,13 @@ def _tag_argument(x: Any, space: tuple[int, ...]) -> Any:
 
 class _WithRows(eqx.Module):
     """`quaxified`, with its top-level array arguments tagged with their rows'
-    positions (`RowIds`) when an adapted expert weight has per-row indices, and
-    the results untagged. A pytree holding the quaxified function, as quax's
-    own wrapper is, so `eqx.filter_jit(lx.quaxify(model))` traces the model's
-    arrays."""
+    positions (`RowIds`) when a grouped matmul with per-row adapters needs them
+    (`force`: always, when any adapted weight has per-row indices), and the
+    results untagged. Without `force` the call is traced plain first, and again
+    with the arguments tagged only if a grouped matmul asked
+    (`RowsNeededError`): models without one never see a tag. A pytree holding
+    the quaxified function, as quax's own wrapper is, so
+    `eqx.filter_jit(lx.quaxify(model))` traces the model's arrays."""
 
     quaxified: Callable
     force: bool = eqx.field(static=True)
@@ -128,9 +130,14 @@ class _WithRows(eqx.Module):
         return self.quaxified
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        space = row_space((self.quaxified, args, kwargs), self.force)
+        space = row_space((self.quaxified, args, kwargs))
         if space is None:
             return self.quaxified(*args, **kwargs)
+        if not self.force:
+            try:
+                return self.quaxified(*args, **kwargs)
+            except RowsNeededError:
+                pass  # a grouped matmul needs the rows' positions: trace again
         args = tuple(_tag_argument(a, space) for a in args)
         kwargs = {k: _tag_argument(v, space) for k, v in kwargs.items()}
         out = self.quaxified(*args, **kwargs)

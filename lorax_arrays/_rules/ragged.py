@@ -31,10 +31,10 @@ import quax
 from jaxtyping import ArrayLike
 
 from .._core.array import BatchedLoraArray, bind
-from .._core.errors import UnsupportedOperationError
+from .._core.errors import RowsNeededError, UnsupportedOperationError
 from .._core.indices import clamp_indices, gathered_scale, require_indices, scale_rows
 from .._core.lax import match_varying, ragged_dot_general_p
-from .._core.rows import RowIds, row_positions, tag
+from .._core.rows import RowIds, live, row_positions, tag
 from .strategies import current_strategy
 
 
@@ -264,6 +264,8 @@ def _expert_grouped_term(xs, a, b, j, served, group_sizes, step):
 def _ragged(lhs, rhs, group_sizes, params):
     lora = lhs if isinstance(lhs, BatchedLoraArray) else rhs
     idx = require_indices(lora)
+    if isinstance(lhs, RowIds) and not live(lhs):
+        lhs = lhs.array
     if lora is rhs and not isinstance(lhs, BatchedLoraArray):
         x = lhs.array if isinstance(lhs, RowIds) else lhs
         plain = not isinstance(x, quax.Value) and _plain_form(x.shape, lora, params)
@@ -275,7 +277,7 @@ def _ragged(lhs, rhs, group_sizes, params):
         if plain and isinstance(lhs, RowIds):
             return _per_row_grouped(lhs, lora, group_sizes, params)
         if plain:
-            raise UnsupportedOperationError(_ragged_message(lora, _UNTAGGED))
+            raise RowsNeededError(_ragged_message(lora, _UNTAGGED))
     if lora.allow_materialise:
         return BatchedLoraArray.default(
             ragged_dot_general_p, (lhs, rhs, group_sizes), params

@@ -37,6 +37,7 @@ from .._core.rows import (
     agree,
     combine,
     high,
+    live,
     low,
     reduce_positions,
     tag,
@@ -54,10 +55,12 @@ def _shape(x: Any) -> tuple[int, ...]:
 def _apply(primitive, args: Sequence[Any], params: dict) -> Any:
     """Bind `primitive` on `args`' plain arrays (other quax values dispatched to
     their own rules) and tag the result(s) by the primitive's tag rule."""
-    tags = [a.pos if isinstance(a, RowIds) else None for a in args]
-    spaces = {a.space for a in args if isinstance(a, RowIds)}
+    tags = [a.pos if live(a) else None for a in args]
+    spaces = {a.space for a in args if live(a)}
     arrays = [a.array if isinstance(a, RowIds) else a for a in args]
     out = bind(primitive, *arrays, **params)
+    if not spaces:  # cotangents (float0 positions): plain
+        return out
     outs = list(out) if primitive.multiple_results else [out]
     pos = None
     if len(spaces) == 1:  # positions in two row spaces cannot be compared
