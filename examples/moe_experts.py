@@ -87,30 +87,29 @@ RULES = [
 ]
 
 
+OPT = optax.adam(3e-2)
+
+
+@jax.jit
+def train_step(params, adapter, state, tokens, target):
+    def loss(adapter):
+        logits = lx.quaxify(model)(lx.loraify(params, [adapter], 0), tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+
+    value, grads = jax.value_and_grad(loss)(adapter)
+    updates, state = OPT.update(grads, state, adapter)
+    return optax.apply_updates(adapter, updates), state, value
+
+
 def train(params, task: int, steps: int):
     """An adapter trained to predict `(token + task) mod V` (a toy task each)."""
     adapter = lx.init_adapter(params, RULES, key=jax.random.key(task))
     rng = np.random.default_rng(task)
     tokens = jnp.asarray(rng.integers(0, V, (8, 6)), jnp.int32)
     target = (tokens + task) % V
-    opt = optax.adam(3e-2)
-
-    @jax.jit
-    def step(adapter, state):
-        def loss(adapter):
-            tree = lx.loraify(params, [adapter], 0)
-            logits = lx.quaxify(model)(tree, tokens)
-            return optax.softmax_cross_entropy_with_integer_labels(
-                logits, target
-            ).mean()
-
-        value, grads = jax.value_and_grad(loss)(adapter)
-        updates, state = opt.update(grads, state, adapter)
-        return optax.apply_updates(adapter, updates), state, value
-
-    state = opt.init(adapter)
+    state = OPT.init(adapter)
     for _ in range(steps):
-        adapter, state, value = step(adapter, state)
+        adapter, state, value = train_step(params, adapter, state, tokens, target)
     return adapter, float(value)
 
 

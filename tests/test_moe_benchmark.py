@@ -2,8 +2,8 @@
 NumPy-merged weights (the script asserts it), and the table has, for every case, a
 time, a host time and a ratio per adapted variant, and physical bounds of at least
 1 that grow with what the adapters add.
-A second table gives each variant's trace-and-lower and compile times and their
-ratios to the base's."""
+A second table gives the trace-and-lower and compile times of the base and of
+the per-token variant (in quick mode) and their ratios to the base's."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def _check_table(out, variants):
     assert f"checked {len(variants)} variants ({', '.join(variants)})" in out, out
     assert ": ok" in out, out
     table, compiled = tables(out)
-    assert [r[0] for r in compiled[1:]] == variants, compiled
+    assert [r[0] for r in compiled[1:]] == [
+        v for v in variants if v in ("base", "per-token")
+    ], compiled
     for row in compiled[1:]:
         assert all(NUMBER.match(c) for c in row[1:]), row
         assert float(row[1]) > 0 and float(row[3]) > 0

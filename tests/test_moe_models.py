@@ -130,23 +130,19 @@ def test_one_adapter_for_the_batch_equals_its_merged_model(style, i):
     _assert_matches(got, *mm.reference_decoder(PARAMS, ADAPTERS, i, X, CFG))
 
 
+@pytest.mark.parametrize(
+    "which, strategy",
+    [("request", None)] + [("token", s) for s in (None, "segment", "gather")],
+)
 @pytest.mark.parametrize("style", STYLES)
-def test_per_request_adapters(style):
-    """`(B,)` indices, `[0, 2, -1, 1]`: each request its own adapter (or the base)
-    in attention and in the experts."""
-    tree = lx.loraify(PARAMS, ADAPTERS, PER_REQUEST)
-    got = jax.jit(lx.quaxify(_decoder(style)))(tree, X)
-    _assert_matches(got, *mm.reference_decoder(PARAMS, ADAPTERS, PER_REQUEST, X, CFG))
-
-
-@pytest.mark.parametrize("strategy", [None, "segment", "gather"])
-@pytest.mark.parametrize("style", STYLES)
-def test_per_token_adapters(style, strategy):
-    """`(B, T)` indices, a random adapter (or the base) per token; the per-row
-    term in the form `auto` picks and in each form forced."""
-    tree = lx.loraify(PARAMS, ADAPTERS, PER_TOKEN)
+def test_per_row_adapters(style, which, strategy):
+    """Per request, `(B,)` indices `[0, 2, -1, 1]`, or per token, `(B, T)` random
+    ones: each row its own adapter (or the base) in attention and in the experts;
+    per token, the per-row term in the form `auto` picks and in each form forced."""
+    idx = PER_REQUEST if which == "request" else PER_TOKEN
+    tree = lx.loraify(PARAMS, ADAPTERS, idx)
     got = jax.jit(lx.quaxify(_decoder(style), strategy=strategy))(tree, X)
-    _assert_matches(got, *mm.reference_decoder(PARAMS, ADAPTERS, PER_TOKEN, X, CFG))
+    _assert_matches(got, *mm.reference_decoder(PARAMS, ADAPTERS, idx, X, CFG))
 
 
 @pytest.mark.parametrize("style", STYLES)

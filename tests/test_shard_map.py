@@ -21,6 +21,19 @@ from jax.sharding import PartitionSpec as P
 import lorax_arrays as lx
 from tests.scripts import run_devices_json
 
+# Scripts that run in a subprocess define this themselves (they import no test
+# module): an adapter with random, non-zero factors.
+RANDOM_ADAPTER = r"""
+def random_adapter(params, rules, key, seed):
+    fresh = lx.init_adapter(params, rules, key=jax.random.key(key))
+    r = np.random.default_rng(seed)
+    weights = {
+        p: tuple(r.normal(size=np.shape(f)).astype(np.float32) for f in ab)
+        for p, ab in fresh.weights.items()
+    }
+    return eqx.tree_at(lambda ad: ad.weights, fresh, weights)
+"""
+
 # A MoE block: an adapted projection, experts in a shard_map over the expert axis
 # (tokens replicated, each shard its experts' share, summed), an adapted head.
 MODEL = r"""
@@ -43,13 +56,7 @@ rules = [lx.LoraRule("wq", 2), lx.LoraRule("head", 3)]
 
 
 def adapter(seed):
-    fresh = lx.init_adapter(params, rules, key=jax.random.key(seed))
-    r = np.random.default_rng(seed + 10)
-    weights = {
-        p: tuple(r.normal(size=np.shape(f)).astype(np.float32) for f in ab)
-        for p, ab in fresh.weights.items()
-    }
-    return eqx.tree_at(lambda ad: ad.weights, fresh, weights)
+    return random_adapter(params, rules, seed, seed + 10)
 
 
 adapters = [adapter(1), adapter(2)]
@@ -91,6 +98,10 @@ def run(mesh):
     got = jax.jit(lx.quaxify(lambda t, x: forward(t, x, mesh)))(tree, x)
     return np.asarray(got)
 """
+MODEL = MODEL.replace(
+    "import lorax_arrays as lx\n", "import lorax_arrays as lx\n" + RANDOM_ADAPTER, 1
+)
+
 
 SCRIPT = (
     """
@@ -497,13 +508,7 @@ rules = [
 
 
 def adapter(seed):
-    fresh = lx.init_adapter(params, rules, key=jax.random.key(seed))
-    r = np.random.default_rng(seed + 20)
-    weights = {
-        p: tuple(r.normal(size=np.shape(f)).astype(np.float32) for f in ab)
-        for p, ab in fresh.weights.items()
-    }
-    return eqx.tree_at(lambda ad: ad.weights, fresh, weights)
+    return random_adapter(params, rules, seed, seed + 20)
 
 
 adapters = [adapter(1), adapter(2)]
@@ -581,6 +586,9 @@ for name, idx in cases.items():
                     "other_finite": bool(np.isfinite(got[~bad]).all())}
 print(json.dumps(report))
 """
+RAGGED = RAGGED.replace(
+    "import lorax_arrays as lx\n", "import lorax_arrays as lx\n" + RANDOM_ADAPTER, 1
+)
 
 
 def test_per_row_experts_in_a_grouped_matmul_inside_shard_map():
