@@ -482,9 +482,11 @@ def test_an_adapted_weight_over_a_quantised_base_is_refused_in_a_body():
 
 # A grouped-matmul MoE run inside shard_map (EasyDeL's fused_moe, Levanter's
 # Mixtral with a mesh): the tokens split over "d", the experts' hidden axis over
-# "t" (psummed), per-request adapters on the expert weights. The hidden states
-# carry their rows' positions into the body, offset to each shard's share of the
-# indices, through the sort to the grouped matmuls.
+# "t" (psummed), or the experts themselves split over "t" (expert parallel);
+# per-request and per-token adapters on an attention-like projection outside the
+# body and on the expert weights inside it. The hidden states carry their rows'
+# positions into the body, offset to each shard's share of the indices, through
+# the sort to the grouped matmuls.
 RAGGED = r"""
 import json
 import equinox as eqx
@@ -530,12 +532,39 @@ def experts(p, h):
     return jax.lax.psum(out, "t")
 
 
-def forward(p, h, mesh):
+def local_experts(p, h):
+    # Expert parallel (EasyDeL's and MaxText's ragged path): each shard holds
+    # E / 2 experts, routes every token, keeps the token-slots on its experts (the
+    # others sorted past the groups, where the grouped matmul gives 0) and psums.
+    e_local = p["up"].shape[0]
+    n = h.shape[0] * h.shape[1]
+    t = h.reshape(n, D)
+    probs, chosen = jax.lax.top_k(jax.nn.softmax(t @ p["router"]), K)
+    local = chosen.reshape(-1) - jax.lax.axis_index("t") * e_local
+    mine = (local >= 0) & (local < e_local)
+    key = jnp.where(mine, local, e_local)
+    order = jnp.argsort(key)
+    tokens = jnp.repeat(t, K, axis=0)[order]
+    sizes = jnp.bincount(key, length=e_local).astype(jnp.int32)
+    y = jax.lax.ragged_dot(jax.nn.gelu(jax.lax.ragged_dot(tokens, p["up"], sizes)),
+                           p["down"], sizes)
+    y = jnp.take(y, jnp.argsort(order), axis=0).reshape(n, K, D)
+    weights = probs * mine.reshape(n, K)
+    out = jnp.einsum("nkd,nk->nd", y, weights).reshape(h.shape)
+    return jax.lax.psum(out, "t")
+
+
+def forward(p, h, mesh, parallel="tensor"):
     h = h + jnp.tanh(h @ p["wq"])  # an adapted projection outside the body
     moe_p = {k: p[k] for k in ("router", "up", "down")}
-    specs = {"router": P(), "up": P(None, None, "t"), "down": P(None, "t", None)}
+    if parallel == "tensor":  # the experts' hidden axis split
+        body = experts
+        specs = {"router": P(), "up": P(None, None, "t"), "down": P(None, "t", None)}
+    else:  # the experts split
+        body = local_experts
+        specs = {"router": P(), "up": P("t"), "down": P("t")}
     return jax.shard_map(
-        experts, mesh=mesh, in_specs=(specs, P("d")), out_specs=P("d")
+        body, mesh=mesh, in_specs=(specs, P("d")), out_specs=P("d")
     )(moe_p, h)
 
 
@@ -573,10 +602,12 @@ cases = {
     "per_request": np.array([1, -1, 0, 5], np.int32),  # 5: out of range, NaN rows
     "per_token": np.array([[0, 1, -1], [1, 1, 0], [5, 0, 1], [-1, 0, 1]], np.int32),
 }
+cases["per_token_expert_parallel"] = cases["per_token"]
 for name, idx in cases.items():
     tree = lx.loraify(params, adapters, np.zeros(idx.shape, np.int32))
-    step = jax.jit(lambda t, h, i: lx.quaxify(lambda t, h: forward(t, h, mesh))(
-        lx.with_indices(t, i), h))
+    parallel = "expert" if name.endswith("expert_parallel") else "tensor"
+    step = jax.jit(lambda t, h, i: lx.quaxify(
+        lambda t, h: forward(t, h, mesh, parallel))(lx.with_indices(t, i), h))
     got = np.asarray(step(tree, x, jnp.asarray(idx)))
     want = reference(idx)
     bad = np.isnan(want)
@@ -594,7 +625,7 @@ RAGGED = RAGGED.replace(
 def test_per_row_experts_in_a_grouped_matmul_inside_shard_map():
     report = run_devices_json(RAGGED, devices=4)
     assert report["devices"] == 4
-    for case in ("per_request", "per_token"):
+    for case in ("per_request", "per_token", "per_token_expert_parallel"):
         r = report[case]
         assert r["err"] < 1e-5, report
         assert r["bad"] > 0 and r["nan_rows"] and r["other_finite"], report
