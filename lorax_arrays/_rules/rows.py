@@ -30,7 +30,7 @@ from jax._src.core import pvary_p
 from jaxtyping import ArrayLike
 
 from .._core.array import bind
-from .._core.lax import ragged_dot_general_p
+from .._core.lax import match_varying, ragged_dot_general_p
 from .._core.rows import (
     MIXED,
     RowIds,
@@ -329,6 +329,7 @@ def _gather(tags, arrays, params, outs):
         feature = [p.shape[d] == 1 and oshape[d] > 1 for d in range(p.ndim)]
         sizes = [1 if f else s for s, f in zip(params["slice_sizes"], feature)]
         idx = _mask_index_vector(indices, [not feature[d] for d in dn.start_index_map])
+        p, idx = match_varying(p, idx)
         return lax.gather(
             p,
             idx,
@@ -388,13 +389,13 @@ def _scatter(kind: str) -> Rule:
         if kind == "set":
             base = jnp.broadcast_to(p, ptarget) if p is not None else None
             base = jnp.full(ptarget, MIXED, jnp.int32) if base is None else base
-            return lax.scatter(base, idx, u_full, **common)
+            return lax.scatter(*match_varying(base, idx, u_full), **common)
         if u_full is None:  # an untagged update combined in: the operand's rows
             return p
         p0 = jnp.broadcast_to(p, ptarget) if p is not None else None
         top = jnp.full(ptarget, MIXED, jnp.int32) if p0 is None else p0
-        lo = lax.scatter_min(low(top), idx, low(u_full), **common)
-        hi = lax.scatter_max(high(top), idx, high(u_full), **common)
+        lo = lax.scatter_min(*match_varying(low(top), idx, low(u_full)), **common)
+        hi = lax.scatter_max(*match_varying(high(top), idx, high(u_full)), **common)
         return agree(lo, hi)
 
     return rule
@@ -412,7 +413,7 @@ def _sort(tags, arrays, params, outs):
     if p.shape[dim] == 1:  # positions do not vary along the sorted axis
         return [p] * len(outs)
     full = jnp.broadcast_to(p, shape)
-    sorted_all = lax.sort_p.bind(*arrays, full, **params)
+    sorted_all = lax.sort_p.bind(*match_varying(*arrays, full), **params)
     return [sorted_all[-1]] * len(outs)
 
 
