@@ -124,6 +124,9 @@ class _WithRows(eqx.Module):
 
     quaxified: Callable
     force: bool = eqx.field(static=True)
+    # Positional arguments whose every array leaf is tagged (a batch pytree:
+    # the trainer's `loss_fn(tree, batch)`); the others only when an array.
+    whole: tuple[int, ...] = eqx.field(static=True, default=())
 
     @property
     def __wrapped__(self) -> Callable:
@@ -138,10 +141,22 @@ class _WithRows(eqx.Module):
                 return self.quaxified(*args, **kwargs)
             except RowsNeededError:
                 pass  # a grouped matmul needs the rows' positions: trace again
-        args = tuple(_tag_argument(a, space) for a in args)
+        args = tuple(
+            jax.tree.map(lambda x: _tag_argument(x, space), a)
+            if k in self.whole
+            else _tag_argument(a, space)
+            for k, a in enumerate(args)
+        )
         kwargs = {k: _tag_argument(v, space) for k, v in kwargs.items()}
         out = self.quaxified(*args, **kwargs)
         return jax.tree.map(untag, out, is_leaf=lambda x: isinstance(x, RowIds))
+
+
+def quaxify_batch(fn: Callable, batch_arg: int) -> Callable:
+    """`lx.quaxify(fn)` for a function whose argument `batch_arg` is a batch
+    pytree (every array leaf batch-major): its leaves get their rows' positions
+    when a grouped matmul needs them (the trainer's `loss_fn(tree, batch)`)."""
+    return _WithRows(NnxAware(fn, True), False, (batch_arg,))
 
 
 def register(primitive: Any, /, *, precedence: int = 0) -> Callable[[_F], _F]:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from .._adapters.loraify import loraify
 from .._adapters.served import ServedAdapters
 from .._core.lax import explicit_spec
-from .._rules.quaxify import quaxify
+from .._rules.quaxify import quaxify_batch
 from .slots import Leaf, SlotConfig, SlotParams
 
 
@@ -132,7 +132,7 @@ def make_step(
     `step(tree_arrays, batch, ids, weights, config, params, opt_state)` returns
     `(params, opt_state, losses (slots,), finite (slots,))`, the first two
     placed as `shardings` says when given."""
-    run = quaxify(loss_fn)
+    run = quaxify_batch(loss_fn, 1)  # the batch's rows may meet a grouped matmul
 
     def tree_of(arrays):
         full = [static[i] if i in static else x for i, x in enumerate(arrays)]
