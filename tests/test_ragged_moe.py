@@ -457,3 +457,24 @@ def test_tenants_on_expert_weights_train_as_if_alone():
             assert moved.max() > 1e-4  # it trained
             np.testing.assert_allclose(got.weights[path][0], a, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(got.weights[path][1], b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_while_loop_of_moe_layers():
+    """`lax.while_loop` over a per-row MoE layer: the carried hidden state keeps
+    its rows' positions from step to step (quax traces the body until the
+    carry's type settles)."""
+    idx = np.array([0, 2, -1, 1], np.int32)
+    tree = lx.loraify(PARAMS, ADAPTERS, idx)
+
+    def looped(p, x):
+        def body(carry):
+            i, h = carry
+            return i + 1, h + block(p, h)
+
+        return jax.lax.while_loop(lambda c: c[0] < 2, body, (0, x))[1]
+
+    got = np.asarray(jax.jit(lx.quaxify(looped))(tree, X))
+    h = X
+    for _ in range(2):
+        h = h + _rows_serve(idx, jnp.asarray(h))
+    np.testing.assert_allclose(got, h, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """Dispatch rules for higher-order primitives that must keep the low-rank form.
 
-Registers: `scan` (above quax's own rule), `checkpoint` (`remat`). `custom_vjp` is
+Registers: `scan` (above quax's own rule), `while` (above quax's own rule, for
+a carry with row positions), `checkpoint` (`remat`). `custom_vjp` is
 not a rule but a method of quax's trace: `quax_compat.py`. `jit`, `cond`, `while`,
 `custom_jvp` are quax's own rules.
 
@@ -32,7 +33,13 @@ from jaxtyping import ArrayLike
 from .._core.array import BatchedLoraArray
 from .._core.errors import CarryLostRowsError, UnsupportedOperationError
 from .._core.rows import RowIds, live, reduce_positions, untag
-from .quax_compat import quax_default_process, remat_p, scan_quax, unpack_scan_args
+from .quax_compat import (
+    quax_default_process,
+    remat_p,
+    scan_quax,
+    unpack_scan_args,
+    while_quax,
+)
 
 
 def _stacked(x: Any) -> bool:
@@ -92,6 +99,47 @@ def _settle_carry(k: int, before: Any, after: Any) -> Any:
     pos = reduce_positions(after.pos, axes)
     pos = jnp.broadcast_to(jnp.expand_dims(pos, axes), before.pos.shape)
     return RowIds(after.array, pos, before.space)
+
+
+@quax.register(lax.while_p, precedence=1)
+def _while(
+    *args: BatchedLoraArray | quax.ArrayValue | ArrayLike,
+    cond_nconsts,
+    cond_jaxpr,
+    body_nconsts,
+    body_jaxpr,
+):
+    """`lax.while_loop` whose carry holds row positions (a decode loop over a
+    per-row MoE model): the positions laid out as they came in at each step
+    (`_settle_carry`), a carry whose positions the body loses made plain. Any
+    other loop: quax's own rule."""
+    params = dict(
+        cond_nconsts=cond_nconsts,
+        cond_jaxpr=cond_jaxpr,
+        body_nconsts=body_nconsts,
+        body_jaxpr=body_jaxpr,
+    )
+    end = cond_nconsts + body_nconsts
+    cond_consts, body_consts = args[:cond_nconsts], args[cond_nconsts:end]
+    init = list(args[end:])
+    others = [c for c in init if isinstance(c, quax.Value) and not live(c)]
+    if not any(live(c) for c in init) or others:
+        return while_quax(*args, **params)
+    cond_fn = quax.quaxify(jexc.jaxpr_as_fun(cond_jaxpr))
+    body_fn = quax.quaxify(jexc.jaxpr_as_fun(body_jaxpr))
+
+    def cond(carry):
+        return untag(cond_fn(*cond_consts, *carry)[0])
+
+    def body(carry):
+        out = body_fn(*body_consts, *carry)
+        return [_settle_carry(k, c, o) for k, (c, o) in enumerate(zip(carry, out))]
+
+    while True:
+        try:
+            return lax.while_loop(cond, body, init)
+        except CarryLostRowsError as lost:
+            init[lost.k] = untag(init[lost.k])
 
 
 def _scan_body(consts, carry, xs, jaxpr, params):

@@ -14,7 +14,7 @@ import jax._src.core as core
 from jax._src.ad_checkpoint import remat_p
 from quax._compat import unpack_scan_args
 from quax._dispatch import _default_process as quax_default_process
-from quax._primitives import scan_quax
+from quax._primitives import scan_quax, while_quax
 from quax._trace import _QuaxTrace, _QuaxTracer
 from quax._values import _dense, _DenseArrayValue
 
@@ -31,6 +31,7 @@ __all__ = [
     "unpack_scan_args",
     "quax_default_process",
     "scan_quax",
+    "while_quax",
 ]
 
 
