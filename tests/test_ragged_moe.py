@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lorax_arrays as lx
+from tests.fast_init import random_adapters
 
 E, D, F, T, K, B = 4, 6, 5, 7, 2, 4
 RNG = np.random.default_rng(0)
@@ -315,24 +316,7 @@ def test_a_scanned_stack_of_moe_layers():
         lx.LoraRule("up", 2, stack_axes=(0, 1), in_axes=2, out_axes=3),
         lx.LoraRule("down", 3, alpha=6.0, stack_axes=(0, 1), in_axes=2, out_axes=3),
     ]
-    adapters = []
-    for seed in (11, 12):
-        fresh = lx.init_adapter(stacked, rules, key=jax.random.key(seed))
-        r = np.random.default_rng(seed)
-        import equinox as eqx
-
-        adapters.append(
-            eqx.tree_at(
-                lambda ad: ad.weights,
-                fresh,
-                {
-                    path: tuple(
-                        r.normal(size=np.shape(f)).astype(np.float32) for f in ab
-                    )
-                    for path, ab in fresh.weights.items()
-                },
-            )
-        )
+    adapters = random_adapters(stacked, [rules, rules], seed=11, std=1.0)
     idx = np.array([1, -1, 0, 1], np.int32)
 
     def layers(p, x):

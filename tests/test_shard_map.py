@@ -517,30 +517,18 @@ adapters = [adapter(1), adapter(2)]
 x = rng.normal(size=(B, T, D)).astype(np.float32)
 
 
-def experts(p, h):
-    n = h.shape[0] * h.shape[1]
-    t = h.reshape(n, D)
-    probs, chosen = jax.lax.top_k(jax.nn.softmax(t @ p["router"]), K)
-    flat = chosen.reshape(-1)
-    order = jnp.argsort(flat)
-    tokens = jnp.repeat(t, K, axis=0)[order]
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    y = jax.lax.ragged_dot(jax.nn.gelu(jax.lax.ragged_dot(tokens, p["up"], sizes)),
-                           p["down"], sizes)
-    y = jnp.take(y, jnp.argsort(order), axis=0).reshape(n, K, D)
-    out = jnp.einsum("nkd,nk->nd", y, probs).reshape(h.shape)
-    return jax.lax.psum(out, "t")
-
-
-def local_experts(p, h):
-    # Expert parallel (EasyDeL's and MaxText's ragged path): each shard holds
-    # E / 2 experts, routes every token, keeps the token-slots on its experts (the
-    # others sorted past the groups, where the grouped matmul gives 0) and psums.
+def experts(p, h, split_experts):
+    # Tensor parallel: every shard holds every expert, its share of their hidden
+    # axis. Expert parallel (EasyDeL's and MaxText's ragged path): each shard
+    # holds E / 2 experts, routes every token and keeps the token-slots on its
+    # experts (the others sorted past the groups, where the grouped matmul
+    # gives 0). Either way the shards' outputs are psummed.
     e_local = p["up"].shape[0]
     n = h.shape[0] * h.shape[1]
     t = h.reshape(n, D)
     probs, chosen = jax.lax.top_k(jax.nn.softmax(t @ p["router"]), K)
-    local = chosen.reshape(-1) - jax.lax.axis_index("t") * e_local
+    first = jax.lax.axis_index("t") * e_local if split_experts else 0
+    local = chosen.reshape(-1) - first
     mine = (local >= 0) & (local < e_local)
     key = jnp.where(mine, local, e_local)
     order = jnp.argsort(key)
@@ -557,12 +545,12 @@ def local_experts(p, h):
 def forward(p, h, mesh, parallel="tensor"):
     h = h + jnp.tanh(h @ p["wq"])  # an adapted projection outside the body
     moe_p = {k: p[k] for k in ("router", "up", "down")}
-    if parallel == "tensor":  # the experts' hidden axis split
-        body = experts
-        specs = {"router": P(), "up": P(None, None, "t"), "down": P(None, "t", None)}
-    else:  # the experts split
-        body = local_experts
+    split_experts = parallel != "tensor"
+    if split_experts:
         specs = {"router": P(), "up": P("t"), "down": P("t")}
+    else:  # the experts' hidden axis split
+        specs = {"router": P(), "up": P(None, None, "t"), "down": P(None, "t", None)}
+    body = lambda p, h: experts(p, h, split_experts)  # noqa: E731
     return jax.shard_map(
         body, mesh=mesh, in_specs=(specs, P("d")), out_specs=P("d")
     )(moe_p, h)

@@ -74,17 +74,22 @@ def _scan(*args: BatchedLoraArray | quax.ArrayValue | ArrayLike, jaxpr, **params
     rows = any(live(c) for c in carry)
     if not rows and not any(_stacked(x) for x in xs):
         return scan_quax(*args, jaxpr=jaxpr, **params)
-    if rows:
-        # A carry with its rows' positions (a hidden state through a scanned
-        # stack of layers) keeps them only if the body returns them: run the loop
-        # with the carries whose positions the body loses made plain.
-        carry = list(carry)
-        while True:
-            try:
-                return _scan_body(consts, carry, xs, jaxpr, params)
-            except CarryLostRowsError as lost:
-                carry[lost.k] = untag(carry[lost.k])
-    return _scan_body(consts, carry, xs, jaxpr, params)
+    return _until_carry_settles(
+        lambda carry: _scan_body(consts, carry, xs, jaxpr, params), carry
+    )
+
+
+def _until_carry_settles(run, carry):
+    """`run(carry)` (a loop): a carry with its rows' positions (a hidden state
+    through a scanned stack of layers, a decode loop) keeps them only if the
+    body returns them, so the loop is run again with the carries whose positions
+    the body loses made plain."""
+    carry = list(carry)
+    while True:
+        try:
+            return run(carry)
+        except CarryLostRowsError as lost:
+            carry[lost.k] = untag(carry[lost.k])
 
 
 def _settle_carry(k: int, before: Any, after: Any) -> Any:
@@ -121,7 +126,7 @@ def _while(
     )
     end = cond_nconsts + body_nconsts
     cond_consts, body_consts = args[:cond_nconsts], args[cond_nconsts:end]
-    init = list(args[end:])
+    init = args[end:]
     others = [c for c in init if isinstance(c, quax.Value) and not live(c)]
     if not any(live(c) for c in init) or others:
         return while_quax(*args, **params)
@@ -135,11 +140,7 @@ def _while(
         out = body_fn(*body_consts, *carry)
         return [_settle_carry(k, c, o) for k, (c, o) in enumerate(zip(carry, out))]
 
-    while True:
-        try:
-            return lax.while_loop(cond, body, init)
-        except CarryLostRowsError as lost:
-            init[lost.k] = untag(init[lost.k])
+    return _until_carry_settles(lambda carry: lax.while_loop(cond, body, carry), init)
 
 
 def _scan_body(consts, carry, xs, jaxpr, params):

@@ -133,14 +133,19 @@ class _WithRows(eqx.Module):
         return self.quaxified
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        space = row_space((self.quaxified, args, kwargs))
-        if space is None:
-            return self.quaxified(*args, **kwargs)
-        if not self.force:
+        if self.force:
+            space = row_space((self.quaxified, args, kwargs))
+            if space is None:
+                return self.quaxified(*args, **kwargs)
+        else:
+            # The tree is walked for the indices only when a grouped matmul
+            # asked, not on every call.
             try:
                 return self.quaxified(*args, **kwargs)
             except RowsNeededError:
-                pass  # a grouped matmul needs the rows' positions: trace again
+                space = row_space((self.quaxified, args, kwargs))
+                if space is None:
+                    raise
         args = tuple(
             jax.tree.map(lambda x: _tag_argument(x, space), a)
             if k in self.whole

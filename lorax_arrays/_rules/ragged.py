@@ -35,14 +35,8 @@ from .._core.errors import RowsNeededError, UnsupportedOperationError
 from .._core.indices import clamp_indices, gathered_scale, require_indices, scale_rows
 from .._core.lax import match_varying, ragged_dot_general_p
 from .._core.rows import RowIds, live, row_positions, tag
+from .dot import _compute_dtype
 from .strategies import current_strategy
-
-
-def _compute_dtype(x, params):
-    pref = params.get("preferred_element_type")
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return x.dtype, pref
-    return jnp.float32, pref
 
 
 def _ragged_message(lora: BatchedLoraArray, why: str) -> str:
@@ -91,12 +85,19 @@ def _plain_form(x_shape, lora: BatchedLoraArray, params) -> bool:
     )
 
 
-def _grouped(dn):
-    return dn.__class__(
+def _grouped_params(params, pref) -> dict:
+    """The parameters of the low-rank term's grouped products: `x (m, d)`
+    against factors `(groups, d, r)`, in the call's preferred element type."""
+    dn = params["ragged_dot_dimension_numbers"].__class__(
         dot_dimension_numbers=(((1,), (1,)), ((), ())),
         lhs_ragged_dimensions=(0,),
         rhs_group_dimensions=(0,),
     )
+    return {
+        **params,
+        "ragged_dot_dimension_numbers": dn,
+        "preferred_element_type": pref,
+    }
 
 
 def _base(x, lora: BatchedLoraArray, group_sizes, params):
@@ -118,9 +119,7 @@ def _grouped_low_rank(x, lora: BatchedLoraArray, group_sizes, params):
     b = jnp.take(jnp.moveaxis(lora.b, 1, 0), j, axis=0)  # (E, r, f)
     base = _base(x, lora, group_sizes, params)
     dtype, pref = _compute_dtype(x, params)
-    step = {**params, "ragged_dot_dimension_numbers": _grouped(
-        params["ragged_dot_dimension_numbers"])}  # fmt: skip
-    step["preferred_element_type"] = pref
+    step = _grouped_params(params, pref)
     u = ragged_dot_general_p.bind(
         *match_varying(jnp.asarray(x, dtype), a.astype(dtype), group_sizes), **step
     )
@@ -186,9 +185,7 @@ def _per_row_grouped(x: RowIds, lora: BatchedLoraArray, group_sizes, params):
     served = on_expert & (s != 0) & jnp.isfinite(s)
     ok = sound[jnp.clip(expert, 0, n_groups - 1), j]
     s = jnp.where(served & ~ok, jnp.nan, s)
-    step = {**params, "ragged_dot_dimension_numbers": _grouped(
-        params["ragged_dot_dimension_numbers"])}  # fmt: skip
-    step["preferred_element_type"] = pref
+    step = _grouped_params(params, pref)
     xs = jnp.asarray(rows, dtype)
     if _form(n, lora.rank) == "sorted":
         v = _sorted_term(xs, a, b, j, expert, served, n_groups, group_sizes, step)
@@ -232,7 +229,7 @@ def _sorted_term(xs, a, b, j, expert, served, n_groups, group_sizes, step):
     """The rows sorted by (expert, adapter), `ragged_dot` against `A` and `B` seen
     as `E·n` groups, put back: the low-rank flops alone, plus a gather of `x` and
     a scatter of the term."""
-    m, n = xs.shape[0], a.shape[1]
+    n = a.shape[1]
     key = jnp.where(served, expert * n + j, n_groups * n)
     order = jnp.argsort(key, stable=True)
     sizes = jnp.zeros((n_groups * n + 1,), group_sizes.dtype).at[key].add(1)
@@ -242,7 +239,6 @@ def _sorted_term(xs, a, b, j, expert, served, n_groups, group_sizes, step):
     xs = jnp.take(xs, order, axis=0, mode="clip")
     u = ragged_dot_general_p.bind(*match_varying(xs, a, sizes), **step)
     v = ragged_dot_general_p.bind(*match_varying(u, b, sizes), **step)
-    del m
     return jnp.zeros_like(v).at[order].set(v, unique_indices=True)
 
 
